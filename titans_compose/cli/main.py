@@ -1,0 +1,144 @@
+"""The ``titans-compose`` command line.
+
+Subcommands are imported lazily, so ``validate``, ``graph``, ``schema`` and ``ls`` never import torch. Every
+command reports spec problems as located diagnostics with exit status 1; an unexpected failure prints one line
+(exit status 3) and its traceback only with ``--debug``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+#: subcommand -> (module, attribute, one-line help). The help is here so `--help` imports nothing.
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "validate": (
+        "titans_compose.cli.validate",
+        "validate",
+        "Check specs: schema, cross-field rules and graph.",
+    ),
+    "graph": ("titans_compose.cli.graph", "graph", "Print or write a spec's graph IR (DOT, Mermaid or PNG)."),
+    "schema": ("titans_compose.cli.schema", "schema", "Print the JSON Schema of the spec language."),
+    "ls": ("titans_compose.cli.ls", "ls", "List registered names with their parameters and source."),
+}
+
+EXIT_SPEC_ERROR = 1
+EXIT_INTERNAL = 3
+
+
+class LazyGroup(click.Group):
+    """A click group that imports a subcommand's module only when that subcommand runs."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module, attr, _ = COMMANDS[name]
+        return getattr(importlib.import_module(module), attr)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, COMMANDS[name][2]) for name in sorted(COMMANDS)])
+
+    def resolve_command(self, ctx: click.Context, args: list[str]) -> Any:
+        name = args[0] if args else ""
+        if name and not name.startswith("-") and name not in COMMANDS:
+            import difflib
+
+            close = difflib.get_close_matches(name, list(COMMANDS), n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            ctx.fail(f"No such command '{name}'.{hint} Commands: {', '.join(sorted(COMMANDS))}.")
+        return super().resolve_command(ctx, args)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--plugin",
+    "plugins",
+    multiple=True,
+    metavar="MODULE_OR_FILE",
+    help="Load a plug-in (a module name or a .py file with register(registry)). Repeatable.",
+)
+@click.option("--debug", is_flag=True, help="Show tracebacks for internal errors and plug-in failures.")
+@click.version_option(package_name="titans_compose", prog_name="titans-compose")
+@click.pass_context
+def cli(ctx: click.Context, plugins: tuple[str, ...], debug: bool) -> None:
+    """titans_compose: declare Titans neural-memory models in YAML, check them, and compile them."""
+    ctx.ensure_object(dict)
+    ctx.obj["plugins"] = list(plugins)
+    ctx.obj["debug"] = debug
+
+
+def common_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``--plugin`` and ``--debug`` on a subcommand too, so they may follow the subcommand's name."""
+    fn = click.option("--debug", "sub_debug", is_flag=True, help="Show tracebacks for internal errors.")(fn)
+    return click.option(
+        "--plugin",
+        "sub_plugins",
+        multiple=True,
+        metavar="MODULE_OR_FILE",
+        help="Load a plug-in (module name or .py file). Repeatable.",
+    )(fn)
+
+
+def spec_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``--set path=value`` overrides for commands that take a spec."""
+    return click.option(
+        "--set",
+        "overrides",
+        multiple=True,
+        metavar="PATH=VALUE",
+        help="Override a spec value, e.g. --set memory.depth=3. Repeatable.",
+    )(common_options(fn))
+
+
+def settings(ctx: click.Context, sub_plugins: tuple[str, ...], sub_debug: bool) -> tuple[list[str], bool]:
+    """Merge the group's and the subcommand's ``--plugin`` / ``--debug``."""
+    obj = ctx.find_root().obj or {}
+    return [*obj.get("plugins", []), *sub_plugins], bool(obj.get("debug")) or sub_debug
+
+
+def echo_diagnostics(diagnostics: list[Any]) -> None:
+    for d in diagnostics:
+        click.echo(d.render(), err=True)
+
+
+def guarded(ctx: click.Context, debug: bool, body: Callable[[], int]) -> None:
+    """Run ``body``; turn spec errors into diagnostics (exit 1) and anything unexpected into one line (exit 3)."""
+    from titans_compose.errors import SpecError
+
+    try:
+        code = body()
+    except SpecError as exc:
+        echo_diagnostics(exc.diagnostics)
+        ctx.exit(EXIT_SPEC_ERROR)
+    except (click.exceptions.Exit, click.ClickException, click.Abort):
+        raise
+    except Exception as exc:
+        if debug:
+            raise
+        click.echo(f"titans-compose: internal error: {type(exc).__name__}: {exc}", err=True)
+        click.echo("    hint: run again with --debug for the traceback, and please report it", err=True)
+        ctx.exit(EXIT_INTERNAL)
+    ctx.exit(code)
+
+
+def load_registry(plugins: list[str], debug: bool) -> tuple[Any, list[Any]]:
+    from titans_compose.registry import default_registry
+
+    return default_registry(plugins, debug=debug)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="titans-compose")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

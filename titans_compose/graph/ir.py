@@ -1,0 +1,302 @@
+"""The graph IR: a networkx DiGraph of typed operations.
+
+Every node has ``op`` (one of :data:`OPS`), ``params`` (sizes and options it was lowered with), ``spec_path`` and
+``loc`` (where in the spec it came from), ``layer`` (which layer, or None) and, after shape inference, ``shape``.
+Edges carry the input ``port`` they feed and ``recurrent=True`` for the memory state's carry from one chunk to the
+next; every check that needs a DAG ignores recurrent edges.
+
+Shapes are tuples of ints and symbols: ``"B"`` (batch), ``"T"`` (sequence) and ``"T+4"`` (a sequence with a
+4-token prefix). The memory state's shape is a dict from weight name to shape.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import networkx as nx
+
+from titans_compose.errors import Location
+
+Dim = int | str
+Shape = tuple[Dim, ...]
+
+OPS: dict[str, str] = {
+    "input": "token ids [B, T]",
+    "embed": "token embedding",
+    "persistent": "learned persistent memory tokens [N_p, D]",
+    "concat": "prepend a prefix along the sequence",
+    "slice": "drop a prefix along the sequence",
+    "norm": "RMSNorm / LayerNorm / l2 normalisation over the last axis (per head where given)",
+    "proj": "linear projection with optional activation",
+    "conv": "depthwise causal convolution over time",
+    "memory_gates": "inner-loop gates theta (lr), eta (momentum), alpha (forget) per head",
+    "memory_state": "memory weights M and momentum S, carried across chunks",
+    "memory_write": "chunked gradient update of the memory with the keys and values",
+    "memory_read": "retrieval y = M(q)",
+    "attention": "softmax attention (sliding window, full, or MAC segment)",
+    "gate": "elementwise gating: value * form(gate)",
+    "mlp": "block MLP (SwiGLU / GELU)",
+    "add": "residual add",
+    "head": "LM head to vocabulary logits",
+    "output": "model output",
+}
+
+#: ops that only transform one input position by position (op -> that input's port): wiring checks look through
+#: them to find where a tensor comes from. A gate passes its ``value`` through, scaled by its ``gate``.
+TRANSPARENT_OPS: dict[str, str] = {"norm": "x", "proj": "x", "conv": "x", "slice": "x", "gate": "value"}
+
+#: ops with no data input: learned parameters.
+SOURCE_OPS = frozenset({"input", "persistent", "memory_state"})
+
+
+class ShapeError(Exception):
+    """Raised by a shape rule; the shape inference pass reports it at the node's spec location."""
+
+
+def seq_offset(dim: Dim, delta: int) -> Dim:
+    """``T`` + 4 -> ``T+4``; ``T+4`` - 4 -> ``T``; ints add."""
+    if isinstance(dim, int):
+        return dim + delta
+    m = re.fullmatch(r"([A-Za-z_]\w*)(?:\+(\d+))?", dim)
+    if m is None:
+        raise ShapeError(f"cannot offset sequence dimension {dim!r}")
+    total = int(m.group(2) or 0) + delta
+    if total < 0:
+        raise ShapeError(f"sequence dimension {dim} is shorter than the {-delta} tokens removed")
+    return m.group(1) if total == 0 else f"{m.group(1)}+{total}"
+
+
+def fmt_shape(shape: Any) -> str:
+    if isinstance(shape, dict):
+        return ", ".join(f"{k}: {fmt_shape(v)}" for k, v in shape.items())
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+class GraphBuilder:
+    """Adds typed nodes with their spec location; used by the lowering of each block kind."""
+
+    def __init__(self, locate: Callable[[str], Location | None]) -> None:
+        self.graph = nx.DiGraph()
+        self.graph.graph["layers"] = []
+        self._locate = locate
+        self.layer: int | None = None
+        self.prefix = ""
+
+    def add(
+        self,
+        name: str,
+        op: str,
+        spec_path: str,
+        inputs: dict[str, str] | None = None,
+        hint: str = "",
+        **params: Any,
+    ) -> str:
+        """Add node ``name`` (prefixed by the current layer) fed by ``inputs`` (port -> node). Returns its id."""
+        if op not in OPS:
+            raise ValueError(f"unknown op {op!r}")
+        node = f"{self.prefix}{name}"
+        if node in self.graph:
+            raise ValueError(f"node {node!r} added twice")
+        self.graph.add_node(
+            node,
+            op=op,
+            params=params,
+            spec_path=spec_path,
+            loc=self._locate(spec_path),
+            layer=self.layer,
+            hint=hint,
+            shape=None,
+        )
+        for port, src in (inputs or {}).items():
+            self.connect(src, node, port)
+        return node
+
+    def connect(self, src: str, dst: str, port: str, recurrent: bool = False) -> None:
+        if src not in self.graph:
+            raise ValueError(f"edge from unknown node {src!r}")
+        self.graph.add_edge(src, dst, port=port, recurrent=recurrent)
+
+
+def inputs_of(graph: nx.DiGraph, node: str) -> dict[str, str]:
+    """port -> source node of the non-recurrent inputs of ``node``."""
+    return {data["port"]: src for src, _, data in graph.in_edges(node, data=True) if not data.get("recurrent", False)}
+
+
+def origin(graph: nx.DiGraph, node: str, port: str) -> str | None:
+    """Where the tensor feeding ``node``'s ``port`` comes from, looking through :data:`TRANSPARENT_OPS`."""
+    src = inputs_of(graph, node).get(port)
+    seen = set()
+    while src is not None and graph.nodes[src]["op"] in TRANSPARENT_OPS and src not in seen:
+        seen.add(src)
+        src = inputs_of(graph, src).get(TRANSPARENT_OPS[graph.nodes[src]["op"]])
+    return src
+
+
+def dag_view(graph: nx.DiGraph) -> nx.DiGraph:
+    """The graph without its recurrent edges."""
+    return nx.subgraph_view(graph, filter_edge=lambda u, v: not graph.edges[u, v].get("recurrent", False))
+
+
+# ---------------------------------------------------------------------------------------------- shape rules
+
+
+def _need(inputs: dict[str, Any], *ports: str) -> list[Any]:
+    missing = [p for p in ports if p not in inputs]
+    if missing:
+        raise ShapeError(f"missing input port(s) {', '.join(missing)}")
+    return [inputs[p] for p in ports]
+
+
+def _features(shape: Shape, want: int, what: str) -> None:
+    if not shape or shape[-1] != want:
+        raise ShapeError(f"{what} has shape {fmt_shape(shape)} but {want} features are expected")
+
+
+def _same(a: Shape, b: Shape, what: str) -> Shape:
+    if a != b:
+        raise ShapeError(f"{what}: shapes {fmt_shape(a)} and {fmt_shape(b)} differ")
+    return a
+
+
+def _infer_input(p: dict, i: dict) -> Shape:
+    return ("B", "T")
+
+
+def _infer_embed(p: dict, i: dict) -> Shape:
+    (tokens,) = _need(i, "tokens")
+    if len(tokens) != 2:
+        raise ShapeError(f"token ids must be [B, T], got {fmt_shape(tokens)}")
+    return (*tokens, p["dim"])
+
+
+def _infer_persistent(p: dict, i: dict) -> Shape:
+    return (p["tokens"], p["dim"])
+
+
+def _infer_concat(p: dict, i: dict) -> Shape:
+    prefix, x = _need(i, "prefix", "x")
+    if len(prefix) != 2 or len(x) != 3:
+        raise ShapeError(f"concat needs a [N, D] prefix and a [B, T, D] input, got {fmt_shape(prefix)}, {fmt_shape(x)}")
+    _features(x, prefix[-1], "the sequence")
+    return (x[0], seq_offset(x[1], prefix[0]), x[2])
+
+
+def _infer_slice(p: dict, i: dict) -> Shape:
+    (x,) = _need(i, "x")
+    return (x[0], seq_offset(x[1], -p["drop_prefix"]), *x[2:])
+
+
+def _infer_features_in_out(p: dict, i: dict) -> Shape:
+    (x,) = _need(i, "x")
+    _features(x, p["in_features"], "the input")
+    return (*x[:-1], p["out_features"])
+
+
+def _infer_same_features(p: dict, i: dict) -> Shape:
+    (x,) = _need(i, "x")
+    _features(x, p["features"], "the input")
+    return x
+
+
+def _infer_memory_gates(p: dict, i: dict) -> Shape:
+    (x,) = _need(i, "x")
+    _features(x, p["in_features"], "the gate input")
+    return (*x[:-1], p["heads"], len(p["gates"]))
+
+
+def _infer_memory_state(p: dict, i: dict) -> dict[str, Shape]:
+    shapes: dict[str, Shape] = {}
+    for n, (out_f, in_f) in enumerate(p["layers"], start=1):
+        shapes[f"W{n}"] = ("B", p["heads"], out_f, in_f)
+    if p["momentum"]:
+        for n, (out_f, in_f) in enumerate(p["layers"], start=1):
+            shapes[f"S{n}"] = ("B", p["heads"], out_f, in_f)
+    return shapes
+
+
+def _check_state(state: Any, p: dict) -> dict[str, Shape]:
+    if not isinstance(state, dict):
+        raise ShapeError(f"the state input is a tensor {fmt_shape(state)}, not a memory state")
+    expected = _infer_memory_state(p, {})
+    if state != expected:
+        raise ShapeError(f"memory state {fmt_shape(state)} does not match this memory's {fmt_shape(expected)}")
+    return state
+
+
+def _infer_memory_write(p: dict, i: dict) -> dict[str, Shape]:
+    keys, values, gates, state = _need(i, "keys", "values", "gates", "state")
+    width = p["heads"] * p["head_dim"]
+    _features(keys, width, "the keys")
+    _features(values, width, "the values")
+    if keys[:-1] != values[:-1] or gates[:-2] != keys[:-1]:
+        raise ShapeError(
+            f"keys {fmt_shape(keys)}, values {fmt_shape(values)} and gates {fmt_shape(gates)} must cover the same "
+            "batch and sequence"
+        )
+    if gates[-2] != p["heads"]:
+        raise ShapeError(f"gates have {gates[-2]} heads, the memory has {p['heads']}")
+    return _check_state(state, p)
+
+
+def _infer_memory_read(p: dict, i: dict) -> Shape:
+    queries, state = _need(i, "queries", "state")
+    _features(queries, p["heads"] * p["head_dim"], "the queries")
+    _check_state(state, p)
+    return queries
+
+
+def _infer_attention(p: dict, i: dict) -> Shape:
+    (x,) = _need(i, "x")
+    _features(x, p["dim"], "the attention input")
+    if "persistent" in i:
+        _features(i["persistent"], p["dim"], "the persistent tokens")
+    if "memory" in i:
+        _features(i["memory"], p["dim"], "the memory tokens")
+        if i["memory"][:-1] != x[:-1]:
+            raise ShapeError(f"memory tokens {fmt_shape(i['memory'])} and segment {fmt_shape(x)} differ in length")
+    return x
+
+
+def _infer_gate(p: dict, i: dict) -> Shape:
+    value, gate = _need(i, "value", "gate")
+    return _same(value, gate, "value and gate")
+
+
+def _infer_add(p: dict, i: dict) -> Shape:
+    a, b = _need(i, "a", "b")
+    return _same(a, b, "residual add")
+
+
+def _infer_head(p: dict, i: dict) -> Shape:
+    (x,) = _need(i, "x")
+    _features(x, p["dim"], "the final hidden state")
+    return (*x[:-1], p["vocab_size"])
+
+
+def _infer_output(p: dict, i: dict) -> Shape:
+    (x,) = _need(i, "x")
+    return x
+
+
+SHAPE_RULES: dict[str, Callable[[dict, dict], Any]] = {
+    "input": _infer_input,
+    "embed": _infer_embed,
+    "persistent": _infer_persistent,
+    "concat": _infer_concat,
+    "slice": _infer_slice,
+    "norm": _infer_same_features,
+    "proj": _infer_features_in_out,
+    "conv": _infer_same_features,
+    "memory_gates": _infer_memory_gates,
+    "memory_state": _infer_memory_state,
+    "memory_write": _infer_memory_write,
+    "memory_read": _infer_memory_read,
+    "attention": _infer_attention,
+    "gate": _infer_gate,
+    "mlp": _infer_same_features,
+    "add": _infer_add,
+    "head": _infer_head,
+    "output": _infer_output,
+}

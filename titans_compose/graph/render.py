@@ -1,0 +1,145 @@
+"""Rendering the graph IR for people: Graphviz DOT, Mermaid, and PNG (through Graphviz's `dot`, if installed).
+
+Layers become clusters / subgraphs; the memory state's recurrent edge is dashed. Labels show the op, its key
+settings and, after shape inference, the output shape.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+import networkx as nx
+
+from titans_compose.graph.ir import fmt_shape
+
+_DETAIL_KEYS = {
+    "proj": ("role", "out_features", "activation"),
+    "conv": ("kernel",),
+    "norm": ("kind",),
+    "memory_gates": ("gates",),
+    "memory_state": ("init",),
+    "memory_write": ("chunk_size",),
+    "memory_read": ("retrieval",),
+    "attention": ("kind", "window", "segment", "heads"),
+    "gate": ("form",),
+    "mlp": ("kind", "hidden"),
+    "persistent": ("tokens",),
+    "slice": ("drop_prefix",),
+}
+
+
+def _label_parts(node: str, data: dict) -> list[str]:
+    name = node.split(".", 1)[1] if data.get("layer") is not None and "." in node else node
+    params = data.get("params", {})
+    details = []
+    for key in _DETAIL_KEYS.get(data["op"], ()):
+        value = params.get(key)
+        if value is None or (key == "window" and params.get("kind") == "segment"):
+            continue
+        if key == "layers":
+            continue
+        if isinstance(value, list):
+            value = ",".join(map(str, value))
+        details.append(f"{key}={value}")
+    parts = [f"{name} : {data['op']}"]
+    if details:
+        parts.append(" ".join(details))
+    shape = data.get("shape")
+    if isinstance(shape, dict):
+        weights = [f"{k} {s[-2]}x{s[-1]}" for k, s in shape.items() if k.startswith("W")]
+        momentum = " + momentum" if any(k.startswith("S") for k in shape) else ""
+        parts.append(f"state per batch x {next(iter(shape.values()))[1]} heads: {', '.join(weights)}{momentum}")
+    elif shape is not None:
+        parts.append(fmt_shape(shape))
+    return parts
+
+
+def _layers(graph: nx.DiGraph) -> dict[int | None, list[str]]:
+    groups: dict[int | None, list[str]] = {}
+    for node, data in graph.nodes(data=True):
+        groups.setdefault(data.get("layer"), []).append(node)
+    return groups
+
+
+def _layer_title(graph: nx.DiGraph, index: int) -> str:
+    layer = graph.graph["layers"][index]
+    return f"layer {index}: {layer['kind']} (blocks.{layer['block']})"
+
+
+def to_dot(graph: nx.DiGraph) -> str:
+    """Graphviz DOT text of the graph."""
+
+    def q(text: str) -> str:
+        return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    lines = [
+        f"digraph {q(str(graph.graph.get('name', 'model')))} {{",
+        "  rankdir=TB;",
+        '  node [shape=box, fontname="Helvetica", fontsize=10];',
+    ]
+    for layer, nodes in _layers(graph).items():
+        indent = "  "
+        if layer is not None:
+            lines.append(f"  subgraph cluster_{layer} {{")
+            lines.append(f"    label={q(_layer_title(graph, layer))};")
+            indent = "    "
+        for node in nodes:
+            data = graph.nodes[node]
+            style = ', style="rounded,filled", fillcolor="#fde9c9"' if data["op"].startswith("memory") else ""
+            lines.append(f"{indent}{q(node)} [label={q(chr(10).join(_label_parts(node, data)))}{style}];")
+        if layer is not None:
+            lines.append("  }")
+    for u, v, data in graph.edges(data=True):
+        attrs = [f"label={q(data.get('port', ''))}"]
+        if data.get("recurrent"):
+            attrs.append('style=dashed, constraint=false, color="#c05000"')
+        lines.append(f"  {q(u)} -> {q(v)} [{', '.join(attrs)}];")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def to_mermaid(graph: nx.DiGraph) -> str:
+    """Mermaid flowchart text of the graph (renders on GitHub and in most Markdown viewers)."""
+    ids = {node: re.sub(r"\W", "_", node) for node in graph.nodes}
+
+    def label(node: str) -> str:
+        text = "<br/>".join(_label_parts(node, graph.nodes[node]))
+        return text.replace('"', "'")
+
+    lines = ["flowchart TD"]
+    for layer, nodes in _layers(graph).items():
+        indent = "  "
+        if layer is not None:
+            lines.append(f'  subgraph layer{layer}["{_layer_title(graph, layer)}"]')
+            indent = "    "
+        for node in nodes:
+            shape = ('[("', '")]') if graph.nodes[node]["op"] == "memory_state" else ('["', '"]')
+            lines.append(f"{indent}{ids[node]}{shape[0]}{label(node)}{shape[1]}")
+        if layer is not None:
+            lines.append("  end")
+    for u, v, data in graph.edges(data=True):
+        port = data.get("port", "")
+        arrow = f"-. {port} (recurrent) .->" if data.get("recurrent") else f"-- {port} -->"
+        lines.append(f"  {ids[u]} {arrow} {ids[v]}")
+    return "\n".join(lines) + "\n"
+
+
+class GraphvizMissing(RuntimeError):
+    """Graphviz's `dot` program is not installed."""
+
+
+def to_png(graph: nx.DiGraph) -> bytes:
+    """PNG bytes rendered by Graphviz's `dot`; raises :class:`GraphvizMissing` when it is not installed."""
+    dot = shutil.which("dot")
+    if dot is None:
+        raise GraphvizMissing(
+            "PNG output needs Graphviz's `dot` program, which is not installed "
+            "(Debian/Ubuntu: apt-get install graphviz; macOS: brew install graphviz); "
+            "or use --format dot / --format mermaid"
+        )
+    result = subprocess.run([dot, "-Tpng"], input=to_dot(graph).encode(), capture_output=True, timeout=120, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"dot failed: {result.stderr.decode(errors='replace').strip()}")
+    return result.stdout

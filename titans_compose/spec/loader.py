@@ -1,0 +1,261 @@
+"""Loading a spec file into a :class:`SourceDoc`: reading, ``extends`` inheritance, ``--set`` overrides, and the
+merge of model-wide sections into each block.
+
+Inheritance: ``extends: base.yaml`` (or a list, merged left to right) is resolved relative to the file that
+names it; the child is deep-merged over its parents (mappings merge key by key, lists and scalars replace).
+Overrides: ``path=value`` with a dotted path (list items by index, ``blocks.0.kind=mag``) and a YAML value.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+
+from titans_compose.errors import Diagnostic, Location, SpecError
+from titans_compose.spec.source import SourceDoc, dotted, graft, merge, parse_yaml
+
+_MAX_BYTES = 4 * 1024 * 1024
+
+
+def read_spec_file(path: str | os.PathLike[str]) -> SourceDoc:
+    """Read and parse one YAML file (no inheritance). The top level must be a mapping."""
+    name = str(path)
+    p = Path(path)
+    try:
+        if p.is_dir():
+            raise IsADirectoryError(name)
+        if p.stat().st_size > _MAX_BYTES:
+            raise SpecError(
+                [
+                    Diagnostic(
+                        "TC101",
+                        f"{name} is larger than {_MAX_BYTES >> 20} MiB; not a spec",
+                        location=Location(name),
+                    )
+                ]
+            )
+        text = p.read_text(encoding="utf-8")
+    except SpecError:
+        raise
+    except FileNotFoundError:
+        raise SpecError(
+            [
+                Diagnostic(
+                    "TC101",
+                    f"spec file not found: {name}",
+                    location=Location(name),
+                    hint="check the path; relative paths are taken from the current directory",
+                )
+            ]
+        ) from None
+    except IsADirectoryError:
+        raise SpecError(
+            [Diagnostic("TC101", f"{name} is a directory, not a spec file", location=Location(name))]
+        ) from None
+    except UnicodeDecodeError as exc:
+        raise SpecError(
+            [
+                Diagnostic(
+                    "TC101",
+                    f"{name} is not UTF-8 text ({exc.reason} at byte {exc.start})",
+                    location=Location(name),
+                )
+            ]
+        ) from None
+    except OSError as exc:
+        raise SpecError(
+            [Diagnostic("TC101", f"cannot read {name}: {exc.strerror or exc}", location=Location(name))]
+        ) from None
+    doc = parse_yaml(text, name)
+    if not isinstance(doc.data, dict):
+        what = "empty" if doc.data is None else f"a {_yaml_type(doc.data)}"
+        raise SpecError(
+            [
+                Diagnostic(
+                    "TC103",
+                    f"the top level of a spec must be a mapping, but this file is {what}",
+                    location=doc.location(()) or Location(name, 1, 1),
+                    hint="a spec starts with keys such as `model:` and `blocks:`",
+                )
+            ]
+        )
+    return doc
+
+
+def _yaml_type(value: object) -> str:
+    return {list: "list", str: "string", bool: "boolean", int: "number", float: "number"}.get(type(value), "scalar")
+
+
+def load_document(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> SourceDoc:
+    """Read ``path`` with its ``extends`` chain resolved, then apply ``overrides`` (``a.b=value``)."""
+    doc = _load_with_parents(Path(path), str(path), ())
+    problems: list[Diagnostic] = []
+    for arg in overrides:
+        try:
+            apply_override(doc, arg)
+        except SpecError as exc:
+            problems.extend(exc.diagnostics)
+    if problems:
+        raise SpecError(problems)
+    return doc
+
+
+def _load_with_parents(path: Path, shown: str, chain: tuple[Path, ...]) -> SourceDoc:
+    doc = read_spec_file(shown)
+    real = path.resolve()
+    parents = doc.data.pop("extends", None)
+    extends_loc = doc.location(("extends",))
+    doc.locs.pop(("extends",), None)
+    doc.keylocs.pop(("extends",), None)
+    for p in [p for p in doc.locs if p[:1] == ("extends",)]:
+        del doc.locs[p]
+    if parents is None:
+        return doc
+    if isinstance(parents, str):
+        parents = [parents]
+    if not isinstance(parents, list) or not parents or not all(isinstance(p, str) and p for p in parents):
+        raise SpecError(
+            [
+                Diagnostic(
+                    "TC105",
+                    "`extends` must be a file path or a list of file paths",
+                    "extends",
+                    extends_loc,
+                    hint="e.g. `extends: base.yaml` (relative to this file)",
+                )
+            ]
+        )
+    base: SourceDoc | None = None
+    for parent in parents:
+        target = path.parent / parent
+        shown_target = os.path.normpath(os.path.join(os.path.dirname(shown), parent))
+        if target.resolve() in (*chain, real):
+            cycle = " -> ".join(str(c) for c in (*chain, real, target.resolve()))
+            raise SpecError(
+                [
+                    Diagnostic(
+                        "TC104",
+                        f"`extends` cycle: {cycle}",
+                        "extends",
+                        extends_loc,
+                        hint="a spec may not inherit from itself, directly or through its parents",
+                    )
+                ]
+            )
+        if not target.is_file():
+            raise SpecError(
+                [
+                    Diagnostic(
+                        "TC105",
+                        f"`extends` target not found: {shown_target}",
+                        "extends",
+                        extends_loc,
+                        hint="paths in `extends` are relative to the file that names them",
+                    )
+                ]
+            )
+        parent_doc = _load_with_parents(target, shown_target, (*chain, real))
+        base = parent_doc if base is None else merge(base, parent_doc)
+    assert base is not None
+    return merge(base, doc)
+
+
+def parse_override(arg: str) -> tuple[tuple[str | int, ...], object]:
+    """``"memory.depth=3"`` -> ``(("memory", "depth"), 3)``; the value is parsed as YAML (safely)."""
+    where = Location(f"--set {arg}")
+    key, sep, raw = arg.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not all(parts):
+        raise SpecError(
+            [
+                Diagnostic(
+                    "TC106",
+                    f"bad override {arg!r}: expected path=value",
+                    location=where,
+                    hint="e.g. --set memory.depth=3 or --set blocks.0.kind=mag",
+                )
+            ]
+        )
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SpecError(
+            [
+                Diagnostic(
+                    "TC106",
+                    f"bad override value {raw!r}: {problem}",
+                    key,
+                    where,
+                    hint="the value is read as YAML: quote strings with special characters",
+                )
+            ]
+        ) from None
+    path = tuple(int(p) if p.isdigit() else p for p in parts)
+    return path, value
+
+
+def apply_override(doc: SourceDoc, arg: str) -> None:
+    """Set one ``path=value`` override in ``doc``, creating mappings on the way; list items must exist."""
+    path, value = parse_override(arg)
+    where = Location(f"--set {arg}")
+    node = doc.data
+    for depth, part in enumerate(path[:-1]):
+        nxt = path[depth + 1]
+        if isinstance(node, list):
+            if not isinstance(part, int) or not 0 <= part < len(node):
+                raise SpecError(
+                    [
+                        Diagnostic(
+                            "TC106",
+                            f"no item {part} in the list at {dotted(path[:depth]) or '.'} (it has {len(node)})",
+                            dotted(path),
+                            where,
+                        )
+                    ]
+                )
+            node = node[part]
+            continue
+        if not isinstance(node, dict):
+            raise SpecError([Diagnostic("TC106", f"{dotted(path[:depth])} is not a mapping", dotted(path), where)])
+        if part not in node or not isinstance(node[part], dict | list):
+            node[part] = [] if isinstance(nxt, int) else {}
+        node = node[part]
+    last = path[-1]
+    if isinstance(node, list):
+        if not isinstance(last, int) or not 0 <= last < len(node):
+            raise SpecError(
+                [Diagnostic("TC106", f"no item {last} in the list at {dotted(path[:-1])}", dotted(path), where)]
+            )
+    elif not isinstance(node, dict):
+        raise SpecError([Diagnostic("TC106", f"{dotted(path[:-1])} is not a mapping", dotted(path), where)])
+    graft(doc, path, SourceDoc(value, {(): where}, {}))
+    doc.keylocs[path] = where
+
+
+def resolve_blocks(doc: SourceDoc, section_names: dict[str, tuple[str, ...]]) -> SourceDoc:
+    """Merge the model-wide sections into every block that takes them (block values win).
+
+    ``section_names`` maps each registered block kind to the sections it takes; blocks of unknown kind are left
+    as written for validation to report.
+    """
+    out = doc.copy()
+    blocks = out.data.get("blocks")
+    if not isinstance(blocks, list):
+        return out
+    for i, block in enumerate(blocks):
+        if not isinstance(block, dict) or block.get("kind") not in section_names:
+            continue
+        for section in section_names[block["kind"]]:
+            top = doc.data.get(section)
+            if top is None:
+                continue
+            merged = doc.subtree((section,))
+            if section in block:
+                merged = merge(merged, doc.subtree(("blocks", i, section)))
+            graft(out, ("blocks", i, section), merged)
+            out.keylocs.setdefault(("blocks", i, section), doc.location((section,), key=True))
+    return out
