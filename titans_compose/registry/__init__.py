@@ -54,3 +54,11 @@ def default_registry(plugins: Iterable[str] = (), *, debug: bool = False) -> tup
         else:
             _LOADED_TARGETS.add(target)
     return _DEFAULT, problems
+
+
+def reset_default_registry() -> None:
+    """Forget the process-wide registry and its plug-ins; the next :func:`default_registry` call rebuilds it."""
+    global _DEFAULT
+    _DEFAULT = None
+    _DEFAULT_PROBLEMS.clear()
+    _LOADED_TARGETS.clear()

@@ -59,12 +59,14 @@ class Entry:
 
 
 class Registry:
-    """Names per kind. ``version`` increases on every change so that schema-dependent caches can key on it."""
+    """Names per kind. ``version`` increases on every change; ``cache`` holds things derived from the entries
+    (such as the spec model), each stored with the version it was built for."""
 
     def __init__(self) -> None:
         self._entries: dict[str, dict[str, Entry]] = {kind: {} for kind in KINDS}
         self._source = "builtin"
         self.version = 0
+        self.cache: dict[str, tuple[int, Any]] = {}
 
     def register(
         self,

@@ -221,7 +221,19 @@ def apply_override(doc: SourceDoc, arg: str) -> None:
             continue
         if not isinstance(node, dict):
             raise SpecError([Diagnostic("TC106", f"{dotted(path[:depth])} is not a mapping", dotted(path), where)])
-        if part not in node or not isinstance(node[part], dict | list):
+        if part in node and node[part] is not None and not isinstance(node[part], dict | list):
+            raise SpecError(
+                [
+                    Diagnostic(
+                        "TC106",
+                        f"{dotted(path[: depth + 1])} is a {_yaml_type(node[part])}, so it has no '{nxt}'",
+                        dotted(path),
+                        where,
+                        hint=f"set {dotted(path[: depth + 1])} itself, or check the path",
+                    )
+                ]
+            )
+        if node.get(part) is None:
             node[part] = [] if isinstance(nxt, int) else {}
         node = node[part]
     last = path[-1]

@@ -329,13 +329,10 @@ def build_spec_model(registry: Registry) -> type[BaseModel]:
     return spec
 
 
-_CACHE: dict[tuple[int, int], type[BaseModel]] = {}
-
-
 def spec_model(registry: Registry) -> type[BaseModel]:
-    """The ``Spec`` model for ``registry`` in its current state (cached per registry version)."""
-    key = (id(registry), registry.version)
-    if key not in _CACHE:
-        _CACHE.clear()
-        _CACHE[key] = build_spec_model(registry)
-    return _CACHE[key]
+    """The ``Spec`` model for ``registry`` in its current state, cached on the registry per version."""
+    cached = registry.cache.get("spec_model")
+    if cached is None or cached[0] != registry.version:
+        cached = (registry.version, build_spec_model(registry))
+        registry.cache["spec_model"] = cached
+    return cached[1]

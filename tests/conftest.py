@@ -1,0 +1,36 @@
+"""Shared fixtures: the repository's spec folder, a CLI runner, and isolation from installed plug-ins."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SPECS = ROOT / "specs"
+
+# Tests see only the built-ins unless a test installs a plug-in itself.
+os.environ.setdefault("TITANS_COMPOSE_NO_ENTRY_POINTS", "1")
+
+
+def shipped_specs() -> list[Path]:
+    """Every spec file shipped in specs/ (recursively)."""
+    return sorted(SPECS.rglob("*.yaml"))
+
+
+@pytest.fixture
+def runner():
+    from click.testing import CliRunner
+
+    return CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def fresh_default_registry():
+    """Each test starts from a registry with only the built-ins (plug-ins loaded by a test do not leak)."""
+    from titans_compose.registry import reset_default_registry
+
+    reset_default_registry()
+    yield
+    reset_default_registry()
