@@ -59,11 +59,15 @@ def test_merge_keeps_the_winning_values_location():
 
 def test_extends_merges_and_errors_point_into_the_right_file(tmp_path):
     write(tmp_path, "base.yaml", BASE)
-    child = write(tmp_path, "child.yaml", """\
+    child = write(
+        tmp_path,
+        "child.yaml",
+        """\
         extends: base.yaml
         memory:
           depth: 1
-        """)
+        """,
+    )
     loaded = load_spec(child, registry=new_registry())
     memory = loaded.spec.blocks[0].memory
     assert (memory.depth, memory.heads, memory.head_dim) == (1, 2, 32)
@@ -99,8 +103,9 @@ def test_extends_cycle_and_missing_target(tmp_path):
 
 def test_overrides_set_nested_values_list_items_and_report_their_origin(tmp_path):
     path = write(tmp_path, "s.yaml", BASE)
-    loaded = load_spec(path, ["memory.depth=3", "blocks.0.kind=mag", "update.loss={name: huber, delta: 2}"],
-                       registry=new_registry())
+    loaded = load_spec(
+        path, ["memory.depth=3", "blocks.0.kind=mag", "update.loss={name: huber, delta: 2}"], registry=new_registry()
+    )
     block = loaded.spec.blocks[0]
     assert block.kind == "mag" and block.memory.depth == 3 and block.update.loss.delta == 2.0
     with pytest.raises(SpecError) as err:

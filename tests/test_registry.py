@@ -12,13 +12,13 @@ import textwrap
 import pytest
 import torch
 
+from tests.conftest import ROOT, SPECS
 from titans_compose.cli.main import cli
 from titans_compose.errors import SpecError
 from titans_compose.registry import default_registry, new_registry, reset_default_registry
 from titans_compose.registry.core import RuleParams
 from titans_compose.registry.plugins import load_plugin
 from titans_compose.registry.rules import ACTIVATIONS, LOSSES, HuberParams, LpParams
-from tests.conftest import ROOT, SPECS
 
 PLUGIN = '''
 """A throwaway plug-in: a Cauchy loss with a scale parameter."""
@@ -76,11 +76,13 @@ def test_builtins_cover_every_kind():
 
 def test_a_failing_plugin_leaves_nothing_behind(tmp_path):
     bad = tmp_path / "half_plugin.py"
-    bad.write_text(textwrap.dedent('''
+    bad.write_text(
+        textwrap.dedent("""
         def register(registry):
             registry.register("activation", "half_done", object())
             raise RuntimeError("boom")
-    '''))
+    """)
+    )
     registry = new_registry()
     before = registry.names("activation")
     problem = load_plugin(registry, str(bad))
@@ -156,8 +158,13 @@ def _entry_point_env(tmp_path, target: str) -> dict[str, str]:
 def test_entry_point_plugin_is_loaded(tmp_path):
     (tmp_path / "throwaway_cauchy.py").write_text(PLUGIN)
     env = _entry_point_env(tmp_path, "throwaway_cauchy")
-    out = subprocess.run([sys.executable, "-m", "titans_compose.cli.main", "ls", "loss"], env=env,
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "titans_compose.cli.main", "ls", "loss"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert any("cauchy" in line and "plugin throwaway" in line for line in out.stdout.splitlines())
 
@@ -165,8 +172,13 @@ def test_entry_point_plugin_is_loaded(tmp_path):
 def test_broken_entry_point_plugin_is_reported_by_name(tmp_path):
     (tmp_path / "throwaway_broken.py").write_text("def register(registry):\n    raise ValueError('bad')\n")
     env = _entry_point_env(tmp_path, "throwaway_broken:register")
-    out = subprocess.run([sys.executable, "-m", "titans_compose.cli.main", "ls", "block"], env=env,
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "titans_compose.cli.main", "ls", "block"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 1
     assert "plug-in 'throwaway'" in out.stderr and "bad" in out.stderr
     assert "mac" in out.stdout and "Traceback" not in out.stderr
@@ -183,7 +195,7 @@ def test_default_registry_loads_each_plugin_once(tmp_path):
 
 @pytest.mark.parametrize("name", sorted(LOSSES))
 def test_loss_gradients_match_autograd(name):
-    loss, params_model, _ = LOSSES[name]
+    loss, _, _ = LOSSES[name]
     params = {"lp": LpParams(p=2.5), "huber": HuberParams(delta=0.3)}.get(name)
     torch.manual_seed(0)
     err = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
@@ -198,8 +210,12 @@ def test_activation_derivatives_match_autograd(name):
     x = torch.randn(64, dtype=torch.float64, requires_grad=True)
     (auto,) = torch.autograd.grad(act.fn(x).sum(), x)
     torch.testing.assert_close(act.grad(x.detach()), auto, rtol=1e-12, atol=1e-12)
-    reference = {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu,
-                 "relu": torch.relu, "identity": lambda t: t}[name]
+    reference = {
+        "silu": torch.nn.functional.silu,
+        "gelu": torch.nn.functional.gelu,
+        "relu": torch.relu,
+        "identity": lambda t: t,
+    }[name]
     torch.testing.assert_close(act.fn(x), reference(x), rtol=1e-12, atol=1e-12)
 
 

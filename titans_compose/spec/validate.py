@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import re
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from types import SimpleNamespace
 from typing import Annotated, Any, Union, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
@@ -57,16 +58,29 @@ def validate_document(doc: SourceDoc, registry: Registry, source: str) -> Loaded
         spec = model.model_validate(doc.data)
     except ValidationError as exc:
         problems.extend(_from_pydantic(err, doc, model) for err in exc.errors())
-    findings = _cross_field(spec, doc, model)
-    problems.extend(findings)
+    problems.extend(_cross_field(spec, doc, model))
+    problems = [_as_written(d, doc) for d in problems]
     errors = [d for d in problems if d.severity == "error"]
     if errors:
         raise SpecError(dedupe(problems))
     return LoadedSpec(spec, doc, source, registry, dedupe(d for d in problems if d.severity != "error"))
 
 
+def _as_written(diag: Diagnostic, doc: SourceDoc) -> Diagnostic:
+    """Report a value a block inherited from a model-wide section under the path the user wrote it at
+    (``memory.depth``, not ``blocks.2.memory.depth``)."""
+    parts = diag.path.split(".")
+    if len(parts) < 3 or parts[0] != "blocks" or not parts[1].isdigit():
+        return diag
+    written = tuple(parts[2:])
+    if diag.location is None or doc.location(written) != diag.location:
+        return diag
+    return replace(diag, path=".".join(written))
+
+
 def _cross_field(spec: Any, doc: SourceDoc, model: Any) -> list[Diagnostic]:
-    """Cross-field rules for every block valid on its own (all blocks when the whole spec is valid)."""
+    """Cross-field rules for every block. When the spec as a whole is invalid, each block's sections are validated
+    one by one and a rule runs if the sections it reads are valid, so its findings join the field errors."""
     if spec is not None:
         pairs = list(enumerate(spec.blocks))
         top = spec.model
@@ -77,28 +91,29 @@ def _cross_field(spec: Any, doc: SourceDoc, model: Any) -> list[Diagnostic]:
             return []
         pairs = []
         for i, raw in enumerate(doc.data.get("blocks") or []):
-            block_model = model.block_models.get(raw.get("kind")) if isinstance(raw, dict) else None
-            if block_model is None:
-                continue
-            try:
-                pairs.append((i, block_model.model_validate(raw)))
-            except ValidationError:
-                continue
+            if isinstance(raw, dict) and raw.get("kind") in model.block_models:
+                pairs.append((i, _valid_sections(raw, model.section_models)))
     out = []
     for i, block in pairs:
         for finding in check_block(block, top):
             path = ("blocks", i, *finding.path)
             out.append(
                 Diagnostic(
-                    finding.code,
-                    finding.message,
-                    dotted(path),
-                    doc.location(path),
-                    finding.hint,
-                    finding.severity,
+                    finding.code, finding.message, dotted(path), doc.location(path), finding.hint, finding.severity
                 )
             )
     return out
+
+
+def _valid_sections(raw: dict, section_models: dict[str, type[BaseModel]]) -> SimpleNamespace:
+    """The block's sections that validate on their own (the others are None)."""
+    sections = {}
+    for name, section_model in section_models.items():
+        try:
+            sections[name] = section_model.model_validate(raw[name]) if isinstance(raw.get(name), dict) else None
+        except ValidationError:
+            sections[name] = None
+    return SimpleNamespace(**sections)
 
 
 def _from_pydantic(err: dict, doc: SourceDoc, model: type[BaseModel]) -> Diagnostic:

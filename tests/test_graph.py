@@ -1,0 +1,196 @@
+"""The graph IR: lowering of each variant, the passes (on shipped specs and on broken hand-made graphs), the pass
+manager, and rendering."""
+
+from __future__ import annotations
+
+import networkx as nx
+import pytest
+
+from tests.conftest import SPECS
+from titans_compose.errors import Location
+from titans_compose.graph import compile_graph, lower
+from titans_compose.graph.ir import OPS, SHAPE_RULES, GraphBuilder, ShapeError, dag_view, inputs_of, origin, seq_offset
+from titans_compose.graph.passes import DEFAULT_PASSES, Pass, PassManager, check_wiring
+from titans_compose.graph.render import to_dot, to_mermaid
+from titans_compose.registry import new_registry
+from titans_compose.spec import load_spec
+
+VARIANT_SPECS = ["titans_mac_small", "titans_mag_small", "titans_mal_small", "titans_lmm_small", "swa_baseline_small"]
+
+
+def compiled(name, overrides=()):
+    registry = new_registry()
+    loaded = load_spec(SPECS / f"{name}.yaml", overrides, registry=registry)
+    graph, _ = compile_graph(loaded)
+    return graph, registry
+
+
+def node_of(graph, layer, suffix):
+    return f"L{layer}.{suffix}"
+
+
+def test_every_op_has_a_shape_rule():
+    assert set(SHAPE_RULES) == set(OPS)
+
+
+@pytest.mark.parametrize("name", VARIANT_SPECS)
+def test_memory_state_is_carried_by_a_recurrent_edge(name):
+    graph, _ = compiled(name)
+    recurrent = [(u, v) for u, v, d in graph.edges(data=True) if d["recurrent"]]
+    writes = [n for n, d in graph.nodes(data=True) if d["op"] == "memory_write"]
+    states = [n for n, d in graph.nodes(data=True) if d["op"] == "memory_state"]
+    assert sorted(recurrent) == sorted(zip(writes, states, strict=True))
+    assert nx.is_directed_acyclic_graph(dag_view(graph))
+    if recurrent:
+        assert not nx.is_directed_acyclic_graph(graph)  # the recurrence is real, only marked
+
+
+def test_mac_wiring_follows_the_paper():
+    graph, _ = compiled("titans_mac_small")
+    layer = graph.graph["layers"][0]
+    attn = node_of(graph, 0, "attention")
+    assert origin(graph, node_of(graph, 0, "memory.write"), "keys") == attn
+    assert origin(graph, node_of(graph, 0, "memory.write"), "values") == attn
+    ctx_read = origin(graph, attn, "memory")
+    assert ctx_read == node_of(graph, 0, "memory.read_ctx")
+    assert inputs_of(graph, ctx_read)["state"] == node_of(graph, 0, "memory.state")  # the pre-segment state
+    out_read = origin(graph, node_of(graph, 0, "mac_gate"), "gate")
+    assert inputs_of(graph, out_read)["state"] == node_of(graph, 0, "memory.write")  # the updated memory
+    assert inputs_of(graph, attn)["persistent"] == node_of(graph, 0, "persistent")
+    assert origin(graph, attn, "x") == layer["input"]
+    assert graph.nodes[attn]["params"]["order"] == ["persistent", "memory", "segment"]
+
+
+def test_mag_and_lmm_memory_reads_the_block_input():
+    for name in ("titans_mag_small", "titans_lmm_small"):
+        graph, _ = compiled(name)
+        block_input = graph.graph["layers"][1]["input"]
+        assert block_input == graph.graph["layers"][0]["output"]
+        for port in ("keys", "values"):
+            assert origin(graph, node_of(graph, 1, "memory.write"), port) == block_input
+        assert origin(graph, node_of(graph, 1, "memory.read"), "queries") == block_input
+
+
+def test_mal_shapes_carry_the_persistent_prefix():
+    graph, _ = compiled("titans_mal_small")
+    assert graph.nodes["L0.prepend_persistent"]["shape"] == ("B", "T+4", 128)
+    assert graph.nodes["L0.attention"]["shape"] == ("B", "T+4", 128)
+    assert graph.nodes["L0.drop_persistent"]["shape"] == ("B", "T", 128)
+    assert origin(graph, "L0.attention", "x") == "L0.memory.read"
+
+
+def test_memory_state_shapes_follow_depth_and_momentum():
+    graph, _ = compiled("titans_mac_small", ["memory.depth=3", "update.momentum=off"])
+    assert graph.nodes["L0.memory.state"]["shape"] == {
+        "W1": ("B", 2, 256, 64),
+        "W2": ("B", 2, 256, 256),
+        "W3": ("B", 2, 64, 256),
+    }
+    assert graph.nodes["L0.memory.gates"]["shape"] == ("B", "T", 2, 2)  # lr and forget only
+
+
+def test_nodes_carry_their_spec_location():
+    graph, _ = compiled("titans_mac_small")
+    write = graph.nodes["L1.memory.write"]
+    assert write["spec_path"] == "blocks.0.memory"
+    assert write["loc"].file.endswith("titans_mac_small.yaml") and write["loc"].line == 11  # `memory:`
+    assert graph.nodes["L0.attention"]["spec_path"] == "blocks.0.mac"
+
+
+def test_shape_mismatch_is_reported_at_the_memory_section():
+    registry = new_registry()
+    loaded = load_spec(SPECS / "titans_lmm_small.yaml", ["memory.out_proj=false", "memory.heads=4"], registry=registry)
+    graph = lower(loaded)
+    report = PassManager().run(graph, registry)
+    (diag,) = report.diagnostics
+    assert (diag.code, diag.stage, diag.path) == ("TC403", "shape_inference", "blocks.0.memory")
+    assert "[B, T, 256]" in diag.message and "out_proj" in diag.hint
+    assert report.ran == ["acyclic", "reachability", "shape_inference", "wiring"]
+
+
+def test_wiring_pass_catches_a_rewired_mac():
+    graph, registry = compiled("titans_mac_small")
+    graph.remove_edge("L0.attention", "L0.proj_k")
+    graph.add_edge("L0.norm_mix", "L0.proj_k", port="x", recurrent=False)
+    problems = check_wiring(graph, registry)
+    assert [d.code for d in problems] == ["TC404"]
+    assert "keys must come from the attention output" in problems[0].message
+
+
+def test_wiring_pass_catches_a_mag_branch_reading_the_attention():
+    graph, registry = compiled("titans_mag_small")
+    graph.remove_edge("L0.norm_mix", "L0.proj_q")
+    graph.add_edge("L0.attention", "L0.proj_q", port="x", recurrent=False)
+    assert any("queries must come from the block input" in d.message for d in check_wiring(graph, registry))
+
+
+def _tiny_builder():
+    builder = GraphBuilder(lambda path: Location("t.yaml", 7, 3))
+    tokens = builder.add("input", "input", "model")
+    x = builder.add("embed", "embed", "model", {"tokens": tokens}, dim=8)
+    return builder, x
+
+
+def test_cycle_is_found_and_dependent_passes_are_skipped():
+    builder, x = _tiny_builder()
+    a = builder.add("a", "norm", "blocks.0.norm", {"x": x}, features=8)
+    b = builder.add("b", "norm", "blocks.0.norm", {"x": a}, features=8)
+    builder.connect(b, a, "x2")
+    builder.add("head", "head", "model", {"x": b}, dim=8, vocab_size=4)
+    builder.add("out", "output", "model", {"x": "head"})
+    report = PassManager().run(builder.graph, new_registry())
+    assert [d.code for d in report.diagnostics] == ["TC401"]
+    assert report.diagnostics[0].stage == "acyclic" and report.diagnostics[0].location.line == 7
+    assert report.skipped == ["shape_inference", "wiring"]
+
+
+def test_unreachable_and_dead_nodes():
+    builder, x = _tiny_builder()
+    builder.add("dead", "norm", "blocks.0.norm", {"x": x}, features=8)
+    builder.add("orphan_norm", "norm", "blocks.0.norm", {}, features=8)
+    builder.add("head", "head", "model", {"x": x}, dim=8, vocab_size=4)
+    builder.add("out", "output", "model", {"x": "head"})
+    messages = [d.message for d in PassManager().run(builder.graph, new_registry()).diagnostics]
+    assert any("dead (norm): its result never reaches the model output" in m for m in messages)
+    assert any("orphan_norm (norm): not reachable from the model input" in m for m in messages)
+
+
+def test_pass_manager_orders_and_guards_passes():
+    with pytest.raises(ValueError, match="requires"):
+        PassManager([Pass("wiring", check_wiring, ("acyclic",))])
+    with pytest.raises(ValueError, match="duplicate"):
+        PassManager([DEFAULT_PASSES[0], DEFAULT_PASSES[0]])
+
+    def crash(graph, registry):
+        raise RuntimeError("bug in a pass")
+
+    builder, _ = _tiny_builder()
+    report = PassManager([Pass("crashy", crash)]).run(builder.graph, new_registry())
+    assert [(d.code, d.stage) for d in report.diagnostics] == [("TC405", "crashy")]
+    with pytest.raises(RuntimeError):
+        PassManager([Pass("crashy", crash)], debug=True).run(builder.graph, new_registry())
+
+
+def test_seq_offset():
+    assert seq_offset("T", 4) == "T+4"
+    assert seq_offset("T+4", -4) == "T"
+    assert seq_offset(10, -3) == 7
+    with pytest.raises(ShapeError):
+        seq_offset("T", -1)
+
+
+@pytest.mark.parametrize("name", VARIANT_SPECS)
+def test_renderings_show_every_node_and_the_recurrence(name):
+    graph, _ = compiled(name)
+    mermaid = to_mermaid(graph)
+    dot = to_dot(graph)
+    assert mermaid.startswith("flowchart TD")
+    for node in graph.nodes:
+        assert node.replace(".", "_") in mermaid
+        assert f'"{node}"' in dot
+    for i, layer in enumerate(graph.graph["layers"]):
+        assert f"layer {i}: {layer['kind']}" in mermaid
+    n_recurrent = sum(d["recurrent"] for _, _, d in graph.edges(data=True))
+    assert mermaid.count("(recurrent)") == n_recurrent
+    assert dot.count("style=dashed") == n_recurrent
+    assert dot.count("{") == dot.count("}")
