@@ -155,16 +155,17 @@ def _entry_point_env(tmp_path, target: str) -> dict[str, str]:
     return env
 
 
+def _run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    """The CLI in a fresh process (entry points are read once per process)."""
+    return subprocess.run(
+        [sys.executable, "-m", "titans_compose.cli.main", *args], env=env, capture_output=True, text=True, timeout=120
+    )
+
+
 def test_entry_point_plugin_is_loaded(tmp_path):
     (tmp_path / "throwaway_cauchy.py").write_text(PLUGIN)
     env = _entry_point_env(tmp_path, "throwaway_cauchy")
-    out = subprocess.run(
-        [sys.executable, "-m", "titans_compose.cli.main", "ls", "loss"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    out = _run_cli(env, "ls", "loss")
     assert out.returncode == 0, out.stderr
     assert any("cauchy" in line and "plugin throwaway" in line for line in out.stdout.splitlines())
 
@@ -172,13 +173,7 @@ def test_entry_point_plugin_is_loaded(tmp_path):
 def test_broken_entry_point_plugin_is_reported_by_name(tmp_path):
     (tmp_path / "throwaway_broken.py").write_text("def register(registry):\n    raise ValueError('bad')\n")
     env = _entry_point_env(tmp_path, "throwaway_broken:register")
-    out = subprocess.run(
-        [sys.executable, "-m", "titans_compose.cli.main", "ls", "block"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    out = _run_cli(env, "ls", "block")
     assert out.returncode == 1
     assert "plug-in 'throwaway'" in out.stderr and "bad" in out.stderr
     assert "mac" in out.stdout and "Traceback" not in out.stderr

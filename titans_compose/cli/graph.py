@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from titans_compose.cli.main import echo_diagnostics, guarded, load_registry, settings, spec_options
+from titans_compose.cli.main import echo_diagnostics, emit, guarded, load_registry, settings, spec_options
 
 
 @click.command()
@@ -41,7 +41,6 @@ def graph(
     def body() -> int:
         from titans_compose.graph import compile_graph
         from titans_compose.graph.render import GraphvizMissing, to_dot, to_mermaid, to_png
-        from titans_compose.io import atomic_write
         from titans_compose.spec import load_spec
 
         registry, problems = load_registry(plugins, debug)
@@ -57,11 +56,7 @@ def graph(
                 return 1
         else:
             data = to_dot(g) if fmt == "dot" else to_mermaid(g)
-        if output is None:
-            click.echo(data, nl=False)
-        else:
-            atomic_write(output, data)
-            click.echo(f"wrote {output} ({fmt}, {g.number_of_nodes()} nodes)", err=True)
+        emit(output, data, f"{fmt}, {g.number_of_nodes()} nodes")
         return 1 if problems else 0
 
     guarded(ctx, debug, body)

@@ -129,6 +129,17 @@ def guarded(ctx: click.Context, debug: bool, body: Callable[[], int]) -> None:
     ctx.exit(code)
 
 
+def emit(output: str | None, data: str | bytes, note: str) -> None:
+    """Print ``data``, or write it atomically to ``output`` and say so on stderr."""
+    if output is None:
+        click.echo(data, nl=False)
+        return
+    from titans_compose.io import atomic_write
+
+    atomic_write(output, data)
+    click.echo(f"wrote {output} ({note})", err=True)
+
+
 def load_registry(plugins: list[str], debug: bool) -> tuple[Any, list[Any]]:
     from titans_compose.registry import default_registry
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from titans_compose.cli.main import common_options, echo_diagnostics, guarded, load_registry, settings
+from titans_compose.cli.main import common_options, echo_diagnostics, emit, guarded, load_registry, settings
 
 
 @click.command()
@@ -16,17 +16,11 @@ def schema(ctx: click.Context, output: str | None, sub_plugins: tuple[str, ...],
     plugins, debug = settings(ctx, sub_plugins, sub_debug)
 
     def body() -> int:
-        from titans_compose.io import atomic_write
         from titans_compose.spec.schema import json_schema_text
 
         registry, problems = load_registry(plugins, debug)
         echo_diagnostics(problems)
-        text = json_schema_text(registry)
-        if output is None:
-            click.echo(text, nl=False)
-        else:
-            atomic_write(output, text)
-            click.echo(f"wrote {output}", err=True)
+        emit(output, json_schema_text(registry), "JSON Schema")
         return 1 if problems else 0
 
     guarded(ctx, debug, body)

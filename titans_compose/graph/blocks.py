@@ -51,9 +51,10 @@ class BlockKind:
 # ------------------------------------------------------------------------------------------ shared pieces
 
 
-def _norm(ctx: LowerContext, name: str, x: str) -> str:
+def _norm(ctx: LowerContext, name: str, x: str, section: str = "norm") -> str:
+    """The block's pre-norm kind (RMSNorm / LayerNorm) over the model width; settings from ``section``."""
     norm = ctx.block.norm
-    return ctx.add(name, "norm", "norm", {"x": x}, kind=norm.kind, eps=norm.eps, features=ctx.model.dim)
+    return ctx.add(name, "norm", section, {"x": x}, kind=norm.kind, eps=norm.eps, features=ctx.model.dim)
 
 
 def _mlp_sublayer(ctx: LowerContext, x: str) -> str:
@@ -296,24 +297,8 @@ def lower_mag(ctx: LowerContext, x: str) -> str:
     write = _memory_write(ctx, h, dim, state)
     m = _memory_read(ctx, "", h, dim, write, ctx.block.memory.retrieval)
     if mag.norms:
-        y = ctx.add(
-            "mag_norm_attention",
-            "norm",
-            "mag",
-            {"x": y},
-            kind=ctx.block.norm.kind,
-            eps=ctx.block.norm.eps,
-            features=dim,
-        )
-        m = ctx.add(
-            "mag_norm_memory",
-            "norm",
-            "mag",
-            {"x": m},
-            kind=ctx.block.norm.kind,
-            eps=ctx.block.norm.eps,
-            features=dim,
-        )
+        y = _norm(ctx, "mag_norm_attention", y, section="mag")
+        m = _norm(ctx, "mag_norm_memory", m, section="mag")
     o = ctx.add("mag_gate", "gate", "mag", {"value": y, "gate": m}, form=mag.gate, hint=_MEMORY_ADD_HINT)
     out = ctx.add("add_mix", "add", "mag", {"a": x, "b": o})
     return _mlp_sublayer(ctx, out)

@@ -194,24 +194,13 @@ class _Builder:
             return self.scalar(node, path)
         self.active.add(id(node))
         try:
-            if isinstance(node, yaml.SequenceNode):
-                if node.tag != _SEQ_TAG:
-                    self.fail(
-                        "TC108",
-                        f"unsupported YAML tag {node.tag!r}",
-                        node,
-                        path,
-                        "specs use plain YAML: remove the tag",
-                    )
-                return [self.build(item, (*path, i)) for i, item in enumerate(node.value)]
-            if node.tag != _MAP_TAG:
+            sequence = isinstance(node, yaml.SequenceNode)
+            if node.tag != (_SEQ_TAG if sequence else _MAP_TAG):
                 self.fail(
-                    "TC108",
-                    f"unsupported YAML tag {node.tag!r}",
-                    node,
-                    path,
-                    "specs use plain YAML: remove the tag",
+                    "TC108", f"unsupported YAML tag {node.tag!r}", node, path, "specs use plain YAML: remove the tag"
                 )
+            if sequence:
+                return [self.build(item, (*path, i)) for i, item in enumerate(node.value)]
             return self.mapping(node, path)
         finally:
             self.active.discard(id(node))
