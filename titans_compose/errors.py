@@ -79,13 +79,14 @@ class Diagnostic:
     stage: str = ""  # e.g. the graph pass that found it
 
     def render(self) -> str:
+        """One line per diagnostic (user text with line breaks is escaped), then the hint."""
         where = f"{self.location}: " if self.location is not None else ""
-        path = f"{self.path}: " if self.path else ""
+        path = f"{_one_line(self.path)}: " if self.path else ""
         stage = f" (pass: {self.stage})" if self.stage else ""
         kind = "" if self.severity == "error" else f"{self.severity}: "
-        text = f"{where}{path}{kind}{self.message} [{self.code}]{stage}"
+        text = f"{where}{path}{kind}{_one_line(self.message)} [{self.code}]{stage}"
         if self.hint:
-            text += f"\n    hint: {self.hint}"
+            text += f"\n    hint: {_one_line(self.hint)}"
         return text
 
     def sort_key(self) -> tuple:
@@ -113,6 +114,10 @@ class SpecError(Exception):
         return self.render()
 
 
+def _one_line(text: str) -> str:
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
 def dedupe(diagnostics: Iterable[Diagnostic]) -> list[Diagnostic]:
     """Drop repeats of the same problem at the same place (a top-level default seen through several blocks),
     keeping the shortest path, and sort by location."""
@@ -131,6 +136,6 @@ def did_you_mean(word: str, candidates: Sequence[str]) -> str:
     close = difflib.get_close_matches(str(word), candidates, n=3, cutoff=0.6)
     if close:
         return "did you mean " + " or ".join(f"'{c}'" for c in close) + "?"
-    if len(candidates) <= 12:
-        return "valid names: " + ", ".join(candidates)
-    return f"{len(candidates)} valid names; run `titans-compose ls` to see them"
+    if len(candidates) <= 20:
+        return "valid: " + ", ".join(candidates)
+    return "valid: " + ", ".join(candidates[:20]) + f", ... ({len(candidates)} in all)"

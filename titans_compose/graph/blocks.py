@@ -51,10 +51,10 @@ class BlockKind:
 # ------------------------------------------------------------------------------------------ shared pieces
 
 
-def _norm(ctx: LowerContext, name: str, x: str, section: str = "norm") -> str:
+def _norm(ctx: LowerContext, name: str, x: str, section: str = "norm", hint: str = "") -> str:
     """The block's pre-norm kind (RMSNorm / LayerNorm) over the model width; settings from ``section``."""
     norm = ctx.block.norm
-    return ctx.add(name, "norm", section, {"x": x}, kind=norm.kind, eps=norm.eps, features=ctx.model.dim)
+    return ctx.add(name, "norm", section, {"x": x}, hint=hint, kind=norm.kind, eps=norm.eps, features=ctx.model.dim)
 
 
 def _mlp_sublayer(ctx: LowerContext, x: str) -> str:
@@ -298,7 +298,7 @@ def lower_mag(ctx: LowerContext, x: str) -> str:
     m = _memory_read(ctx, "", h, dim, write, ctx.block.memory.retrieval)
     if mag.norms:
         y = _norm(ctx, "mag_norm_attention", y, section="mag")
-        m = _norm(ctx, "mag_norm_memory", m, section="mag")
+        m = _norm(ctx, "mag_norm_memory", m, section="memory", hint=_MEMORY_ADD_HINT)
     o = ctx.add("mag_gate", "gate", "mag", {"value": y, "gate": m}, form=mag.gate, hint=_MEMORY_ADD_HINT)
     out = ctx.add("add_mix", "add", "mag", {"a": x, "b": o})
     return _mlp_sublayer(ctx, out)

@@ -51,8 +51,11 @@ def _at(graph: nx.DiGraph, node: str, code: str, message: str, hint: str = "") -
 
 def check_acyclic(graph: nx.DiGraph, registry: Registry) -> list[Diagnostic]:
     """No cycle may run through non-recurrent edges (only the memory state's carry is recurrent)."""
+    dag = dag_view(graph)
+    if nx.is_directed_acyclic_graph(dag):  # linear time; find_cycle only runs to name a cycle that exists
+        return []
     try:
-        cycle = nx.find_cycle(dag_view(graph))
+        cycle = nx.find_cycle(dag)
     except nx.NetworkXNoCycle:
         return []
     path = " -> ".join([u for u, _ in cycle] + [cycle[0][0]])

@@ -259,7 +259,7 @@ def resolve_blocks(doc: SourceDoc, section_names: dict[str, tuple[str, ...]]) ->
     if not isinstance(blocks, list):
         return out
     for i, block in enumerate(blocks):
-        if not isinstance(block, dict) or block.get("kind") not in section_names:
+        if not isinstance(block, dict) or not isinstance(block.get("kind"), str) or block["kind"] not in section_names:
             continue
         for section in section_names[block["kind"]]:
             top = doc.data.get(section)

@@ -123,28 +123,15 @@ def _replace(out: SourceDoc, path: Path, value: Any, locs: dict[Path, Location],
 
 def parse_yaml(text: str, file: str) -> SourceDoc:
     """Compose ``text`` safely and build a :class:`SourceDoc`; every problem becomes a :class:`SpecError`."""
-    loader = yaml.SafeLoader(text)
+    try:
+        loader = yaml.SafeLoader(text)  # checks the characters at once: a control character fails here
+    except yaml.YAMLError as exc:
+        raise SpecError([_yaml_diagnostic(exc, file, text)]) from None
     try:
         try:
             node = loader.get_single_node()
-        except yaml.MarkedYAMLError as exc:
-            mark = exc.problem_mark or exc.context_mark
-            loc = Location(file, mark.line + 1, mark.column + 1) if mark else Location(file)
-            problem = exc.problem or str(exc)
-            if exc.context and "single document" in exc.context:
-                problem = "the file holds more than one YAML document; a spec is exactly one document"
-            raise SpecError(
-                [
-                    Diagnostic(
-                        "TC102",
-                        f"malformed YAML: {problem}",
-                        location=loc,
-                        hint="check indentation, colons after keys and matching quotes/brackets near this line",
-                    )
-                ]
-            ) from None
         except yaml.YAMLError as exc:
-            raise SpecError([Diagnostic("TC102", f"malformed YAML: {exc}", location=Location(file))]) from None
+            raise SpecError([_yaml_diagnostic(exc, file, text)]) from None
         if node is None:
             return SourceDoc(None, {(): Location(file, 1, 1)})
         builder = _Builder(loader, file)
@@ -154,6 +141,31 @@ def parse_yaml(text: str, file: str) -> SourceDoc:
         return SourceDoc(data, builder.locs, builder.keylocs)
     finally:
         loader.dispose()
+
+
+def _yaml_diagnostic(exc: yaml.YAMLError, file: str, text: str) -> Diagnostic:
+    """A TC102 diagnostic at the YAML error's mark (or, for a character YAML refuses, at that character)."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    loc = Location(file, mark.line + 1, mark.column + 1) if mark else Location(file)
+    if isinstance(exc, yaml.reader.ReaderError):
+        before = text[: exc.position]
+        loc = Location(file, before.count("\n") + 1, exc.position - (before.rfind("\n") + 1) + 1)
+        return Diagnostic(
+            "TC102",
+            f"malformed YAML: {exc.reason} {exc.character!r}",
+            location=loc,
+            hint="YAML allows no control characters: remove it",
+        )
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    context = getattr(exc, "context", None) or ""
+    if "single document" in context:
+        problem = "the file holds more than one YAML document; a spec is exactly one document"
+    return Diagnostic(
+        "TC102",
+        f"malformed YAML: {problem}",
+        location=loc,
+        hint="check indentation, colons after keys and matching quotes/brackets near this line",
+    )
 
 
 class _Builder:

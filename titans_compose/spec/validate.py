@@ -90,8 +90,9 @@ def _cross_field(spec: Any, doc: SourceDoc, model: Any) -> list[Diagnostic]:
         except ValidationError:
             return []
         pairs = []
-        for i, raw in enumerate(doc.data.get("blocks") or []):
-            if isinstance(raw, dict) and raw.get("kind") in model.block_models:
+        blocks = doc.data.get("blocks")
+        for i, raw in enumerate(blocks if isinstance(blocks, list) else []):
+            if isinstance(raw, dict) and isinstance(raw.get("kind"), str) and raw["kind"] in model.block_models:
                 pairs.append((i, _valid_sections(raw, model.section_models)))
     out = []
     for i, block in pairs:
@@ -214,11 +215,15 @@ def _normalise(data: Any, loc: tuple) -> tuple[Path, str | None]:
     Returns the path that exists in ``data`` and, for a missing key, that key."""
     path: list[str | int] = []
     node = data
+    tag_skipped = False  # a union's tag appears once, right after the union's own position
     for idx, el in enumerate(loc):
         last = idx == len(loc) - 1
         if isinstance(node, dict):
-            if isinstance(el, str) and not last and el in (node.get(t) for t in _TAGS if isinstance(node.get(t), str)):
-                continue  # a discriminated union's tag
+            tags = [node.get(t) for t in _TAGS if isinstance(node.get(t), str)]
+            if isinstance(el, str) and not last and not tag_skipped and el in tags:
+                tag_skipped = True
+                continue
+            tag_skipped = False
             if el in node:
                 path.append(el)
                 node = node[el]
@@ -229,6 +234,7 @@ def _normalise(data: Any, loc: tuple) -> tuple[Path, str | None]:
         if isinstance(node, list) and isinstance(el, int) and 0 <= el < len(node):
             path.append(el)
             node = node[el]
+            tag_skipped = False
             continue
         break
     return tuple(path), None
