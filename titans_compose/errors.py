@@ -49,6 +49,7 @@ CODES: dict[str, str] = {
     # warnings (TCW)
     "TCW01": "setting has no effect",
     "TCW02": "setting is likely to hurt training",
+    "TCW03": "setting breaks causality",
 }
 
 

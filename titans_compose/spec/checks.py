@@ -57,3 +57,18 @@ def check_block(block: Any, model: Any) -> Iterator[Finding]:
             "use init: learned (the default) or depth: 1",
             severity="warning",
         )
+    if update is not None and memory is not None and memory.retrieval != "per_chunk":
+        chunked = [
+            name
+            for name in ("lr", "momentum", "forget")
+            if getattr(update, name).gate == "per_chunk" and getattr(getattr(update, name), "enabled", True)
+        ]
+        if chunked:
+            yield Finding(
+                "TCW03",
+                ("update", chunked[0], "gate"),
+                f"per_chunk gates ({', '.join(chunked)}) average over the whole chunk, so with retrieval "
+                f"'{memory.retrieval}' a token's output depends on later tokens of its chunk",
+                "for a causal model use per_token or constant gates, or memory.retrieval: per_chunk",
+                severity="warning",
+            )

@@ -213,6 +213,9 @@ def build_spec_model(registry: Registry) -> type[BaseModel]:
             True, description="project the heads' outputs (heads * head_dim) back to the model width"
         )
         readout_norm: bool = Field(True, description="RMSNorm on the retrieved values before the output gate")
+        checkpoint: bool = Field(
+            False, description="recompute each chunk's intermediates in the backward pass (less memory, more time)"
+        )
         output_gate: Literal["sigmoid", "silu", "none"] = Field(
             "sigmoid", description="gate the retrieved values by a projection of the input: y * gate(W x)"
         )

@@ -1,0 +1,178 @@
+"""NeuralMemory, the module: built from spec sections, backend choice, gate granularities against the reference,
+streaming (pieces, one token at a time, convolution history), document boundaries, gradients to every parameter,
+checkpointing, and finiteness on long and extreme inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import SPECS
+from titans_compose.kernels.dispatch import ENV_VAR, choose_backend
+from titans_compose.nn import NeuralMemory
+from titans_compose.registry import new_registry
+from titans_compose.spec import load_spec
+
+F64 = torch.float64
+SMALL = [
+    "model.dim=24",
+    "memory.heads=2",
+    "memory.head_dim=6",
+    "memory.expansion=2",
+    "memory.chunk_size=4",
+    "memory.residual=true",
+    "memory.output_norm=true",
+]
+
+
+def build(overrides=(), backend=None, seed=0, spec="titans_lmm_small.yaml", dtype=F64) -> NeuralMemory:
+    registry = new_registry()
+    loaded = load_spec(SPECS / spec, [*SMALL, *overrides], registry=registry)
+    torch.manual_seed(seed)
+    module = NeuralMemory.from_block(loaded.spec.blocks[0], loaded.spec.model, registry, backend=backend)
+    return module.to(dtype)
+
+
+def randomise_gates(module: NeuralMemory, scale=0.3) -> None:
+    """Gate projections start at zero (every gate at its initial value); give them data dependence."""
+    with torch.no_grad():
+        for gate in (module.lr_gate, module.momentum_gate, module.forget_gate):
+            if gate is not None and gate.proj is not None:
+                gate.proj.weight.normal_(0, scale)
+
+
+def rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def x_of(length, batch=2, dim=24, seed=1, dtype=F64):
+    return torch.randn(batch, length, dim, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+@pytest.mark.parametrize(
+    "spec", ["titans_lmm_small.yaml", "titans_mac_small.yaml", "titans_mag_small.yaml", "titans_mal_small.yaml"]
+)
+def test_builds_from_every_memory_spec(spec):
+    registry = new_registry()
+    loaded = load_spec(SPECS / spec, registry=registry)
+    module = NeuralMemory.from_block(loaded.spec.blocks[0], loaded.spec.model, registry)
+    y, state = module(torch.randn(1, 20, loaded.spec.model.dim))
+    assert y.shape == (1, 20, loaded.spec.model.dim) and torch.isfinite(y).all()
+    assert module.config.layer_shapes == ((256, 64), (64, 256))
+    assert state.memory.pending_len == 20 % module.config.chunk_size
+
+
+def test_backend_choice_says_why(monkeypatch):
+    assert choose_backend().name == "chunked" and "fast path" in choose_backend().reason
+    monkeypatch.setenv(ENV_VAR, "reference")
+    choice = choose_backend()
+    assert choice.name == "reference" and ENV_VAR in choice.reason
+    assert build().choice.name == "reference"
+    with pytest.raises(ValueError, match="unknown memory backend"):
+        choose_backend("cuda-magic")
+
+
+@pytest.mark.parametrize("granularity", ["per_token", "per_chunk", "constant"])
+@pytest.mark.parametrize("retrieval", ["after", "per_chunk"])
+def test_module_backends_agree_for_every_gate_granularity(granularity, retrieval):
+    overrides = [f"update.{g}.gate={granularity}" for g in ("lr", "momentum", "forget")]
+    overrides.append(f"memory.retrieval={retrieval}")
+    chunked, reference = build(overrides), build(overrides, backend="reference")
+    randomise_gates(chunked)
+    reference.load_state_dict(chunked.state_dict())
+    x = x_of(19)
+    assert rel(chunked(x)[0], reference(x)[0]) < 1e-10
+
+
+def test_per_chunk_gates_are_constant_within_a_chunk():
+    module = build(["update.forget.gate=per_chunk", "update.lr.gate=per_chunk"])
+    randomise_gates(module)
+    theta, _, log_keep = module.gates(x_of(10), offset=0)
+    for series in (theta, log_keep):
+        chunks = series.split(4, dim=1)  # chunk 4: tokens 0-3, 4-7, 8-9
+        assert all(torch.allclose(c, c[:, :1].expand_as(c)) for c in chunks)
+        assert not torch.allclose(chunks[0][:, 0], chunks[1][:, 0])
+
+
+def test_gate_initial_values_follow_the_spec():
+    module = build(["update.forget.half_life=100", "update.lr.init=0.05", "update.momentum.init=0.8"])
+    theta, log_eta, log_keep = module.gates(x_of(3), offset=0)
+    assert torch.allclose(theta, torch.full_like(theta, 0.05))
+    assert torch.allclose(log_eta.exp(), torch.full_like(log_eta, 0.8))
+    assert torch.allclose(log_keep.exp(), torch.full_like(log_keep, 2 ** (-1 / 100)))  # alpha_0 = 1 - 2^(-1/100)
+
+
+@pytest.mark.parametrize("cuts", [[7, 1, 11], [1] * 19, [4, 15]])
+def test_streaming_equals_one_call(cuts):
+    """Pieces of any length (one token at a time included) carry the memory and the convolution history."""
+    module = build(["update.lr.gate=constant"])
+    randomise_gates(module)
+    x = x_of(sum(cuts))
+    whole, _ = module(x)
+    outs, state, start = [], None, 0
+    for n in cuts:
+        y, state = module(x[:, start : start + n], state)
+        outs.append(y)
+        start += n
+    assert rel(torch.cat(outs, 1), whole) < 1e-10
+
+
+def test_document_boundaries_reset_the_memory():
+    module = build()
+    randomise_gates(module)
+    x = x_of(23, batch=1)
+    packed, _ = module(x, cu_seqlens=[0, 5, 5, 17, 23])
+    separate = torch.cat([module(x[:, a:b])[0] for a, b in [(0, 5), (5, 17), (17, 23)]], 1)
+    assert rel(packed, separate) < 1e-12
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        module(x, cu_seqlens=[0, 30])
+
+
+def test_every_parameter_gets_a_gradient():
+    module = build()
+    randomise_gates(module)
+    y, _ = module(x_of(13))
+    y.square().sum().backward()
+    for name, p in module.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_checkpointing_changes_nothing_but_memory():
+    plain, ckpt = build(), build(["memory.checkpoint=true"])
+    ckpt.load_state_dict(plain.state_dict())
+    x = x_of(18)
+    grads = []
+    for module in (plain, ckpt):
+        module.zero_grad()
+        module(x)[0].sum().backward()
+        grads.append([p.grad.clone() for p in module.parameters()])
+    assert rel(plain(x)[0], ckpt(x)[0]) < 1e-12
+    assert all(rel(a, b) < 1e-10 for a, b in zip(*grads, strict=True))
+
+
+def test_sixteen_thousand_tokens_stay_finite():
+    """Default gates, float32, 16K random tokens: no inf or NaN anywhere in the output or the final state."""
+    registry = new_registry()
+    loaded = load_spec(SPECS / "titans_lmm_small.yaml", registry=registry)
+    torch.manual_seed(0)
+    module = NeuralMemory.from_block(loaded.spec.blocks[0], loaded.spec.model, registry)
+    with torch.no_grad():
+        y, state = module(torch.randn(1, 16384, loaded.spec.model.dim))
+    assert torch.isfinite(y).all()
+    assert all(torch.isfinite(w).all() for w in state.memory.weights + state.memory.momentum)
+
+
+@pytest.mark.parametrize("bias", [-30.0, 30.0])
+def test_extreme_inputs_and_saturated_gates_stay_finite(bias):
+    """Inputs of norm ~1e4 and every gate logit at +-30 (alpha, eta, theta at 0 or 1): forward and backward
+    stay finite."""
+    module = build(dtype=torch.float32)
+    with torch.no_grad():
+        for gate in (module.lr_gate, module.momentum_gate, module.forget_gate):
+            gate.bias.fill_(bias)
+    x = (x_of(40, dtype=torch.float32) * 1e4).requires_grad_()
+    y, state = module(x)
+    y.sum().backward()
+    assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in module.parameters() if p.grad is not None)
+    assert all(torch.isfinite(w).all() for w in state.memory.weights)

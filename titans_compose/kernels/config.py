@@ -1,0 +1,79 @@
+"""The structural settings a memory computation depends on, resolved from the spec and the registry.
+
+Both memory paths (the sequential reference and the chunked dual form) take a :class:`MemoryConfig`; the kernel
+generator will key its generated code on the same fields.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from titans_compose.registry.core import Registry
+from titans_compose.registry.rules import Activation, Loss, Optimizer, Retention
+
+RETRIEVALS = ("after", "before", "per_chunk")
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    """One memory head's computation (memory-math.md sections 1 and 3).
+
+    ``layer_shapes`` are the (out, in) shapes of the inner linear layers, first layer first. ``loss_params`` is the
+    loss entry's params model instance (or None). ``ln_eps`` is used when ``output_norm`` is on.
+    """
+
+    layer_shapes: tuple[tuple[int, int], ...]
+    activation: Activation
+    loss: Loss
+    loss_params: Any = None
+    residual: bool = False
+    output_norm: bool = False
+    ln_eps: float = 1e-5
+    momentum: bool = True
+    forget: bool = True
+    chunk_size: int = 16
+    retrieval: str = "after"
+    grad_clip: float | None = None
+    retention: Retention | None = None
+    optimizer: Optimizer | None = None
+    checkpoint: bool = False
+
+    def __post_init__(self) -> None:
+        if self.retrieval not in RETRIEVALS:
+            raise ValueError(f"retrieval must be one of {RETRIEVALS}, got {self.retrieval!r}")
+        if self.chunk_size < 1:
+            raise ValueError("chunk_size must be >= 1")
+        if not self.layer_shapes or self.layer_shapes[0][1] != self.layer_shapes[-1][0]:
+            raise ValueError(f"the memory must map head_dim to head_dim, got layers {self.layer_shapes}")
+
+    @property
+    def depth(self) -> int:
+        return len(self.layer_shapes)
+
+    @property
+    def head_dim(self) -> int:
+        return self.layer_shapes[0][1]
+
+
+def memory_config(memory: Any, update: Any, registry: Registry) -> MemoryConfig:
+    """Resolve a validated ``memory`` and ``update`` section into a :class:`MemoryConfig`."""
+    model = registry.get("memory", memory.model).obj
+    loss_entry = registry.get("loss", update.loss.name)
+    loss_params = update.loss if loss_entry.params is not None else None
+    return MemoryConfig(
+        layer_shapes=tuple(model.layer_shapes(memory)),
+        activation=registry.get("activation", memory.activation).obj,
+        loss=loss_entry.obj,
+        loss_params=loss_params,
+        residual=memory.residual,
+        output_norm=memory.output_norm,
+        momentum=update.momentum.enabled,
+        forget=update.forget.enabled,
+        chunk_size=memory.chunk_size,
+        retrieval=memory.retrieval,
+        grad_clip=update.grad_clip,
+        retention=registry.get("retention", update.forget.rule.name).obj,
+        optimizer=registry.get("optimizer", update.momentum.rule.name).obj,
+        checkpoint=memory.checkpoint,
+    )

@@ -1,0 +1,74 @@
+"""The memory network M at fixed weights: forward, and the hand-written backward that gives every layer's input
+``a_l`` and output error ``delta_l`` (memory-math.md section 2: G_l = delta_l a_l^T for any depth and loss).
+
+Shapes: weights W_l are [N, out, in]; token batches are [N, n, features]. Nothing here depends on the inner update
+rule; both memory paths and the tests use it.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from titans_compose.kernels.config import MemoryConfig
+
+
+def layer_norm(z: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """Gain-free LayerNorm over the last axis; returns (normalised, 1/std)."""
+    mu = z.mean(-1, keepdim=True)
+    centred = z - mu
+    rstd = (centred.square().mean(-1, keepdim=True) + eps).rsqrt()
+    return centred * rstd, rstd
+
+
+def layer_norm_backward(grad: Tensor, normed: Tensor, rstd: Tensor) -> Tensor:
+    """d loss / d z for ``normed = LN(z)`` given d loss / d normed."""
+    return rstd * (grad - grad.mean(-1, keepdim=True) - normed * (grad * normed).mean(-1, keepdim=True))
+
+
+def finish(z_last: Tensor, x: Tensor, cfg: MemoryConfig) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+    """The output transform after the last layer: optional LayerNorm, optional residual x + f(x)."""
+    cache = None
+    out = z_last
+    if cfg.output_norm:
+        out, rstd = layer_norm(z_last, cfg.ln_eps)
+        cache = (out, rstd)
+    if cfg.residual:
+        out = out + x
+    return out, cache
+
+
+def forward(weights: tuple[Tensor, ...] | list[Tensor], x: Tensor, cfg: MemoryConfig) -> Tensor:
+    """M(x) with the given weights."""
+    h = x
+    for i, w in enumerate(weights):
+        z = h @ w.transpose(-1, -2)
+        h = cfg.activation.fn(z) if i < len(weights) - 1 else z
+    return finish(h, x, cfg)[0]
+
+
+def key_path(
+    weights: tuple[Tensor, ...] | list[Tensor], k: Tensor, v: Tensor, cfg: MemoryConfig
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Forward M on keys and back-propagate the loss against values, by hand.
+
+    Returns the inputs ``a_l`` [N, n, in_l] and output errors ``delta_l`` [N, n, out_l] of every layer, so that
+    the per-token gradient of layer l is ``delta_l[t] a_l[t]^T``.
+    """
+    inputs, pre = [k], []
+    h = k
+    last = len(weights) - 1
+    for i, w in enumerate(weights):
+        z = h @ w.transpose(-1, -2)
+        pre.append(z)
+        if i < last:
+            h = cfg.activation.fn(z)
+            inputs.append(h)
+    out, ln_cache = finish(pre[-1], k, cfg)
+    err = cfg.loss.grad(out - v, cfg.loss_params)
+    delta = layer_norm_backward(err, *ln_cache) if ln_cache is not None else err
+    deltas = [delta]
+    for i in range(last - 1, -1, -1):
+        delta = (delta @ weights[i + 1]) * cfg.activation.grad(pre[i])
+        deltas.append(delta)
+    deltas.reverse()
+    return inputs, deltas

@@ -1,0 +1,77 @@
+"""The memory state carried between calls: weights and momentum at the start of the current chunk, and the tokens
+of the chunk that is not finished yet.
+
+Inside a chunk every gradient is taken at the chunk-start weights (memory-math.md section 3), so a chunk that a
+call ends in the middle of cannot be folded into the weights yet: its tokens wait in ``pending`` and the next call
+continues the same chunk. This makes a sequence processed in pieces (down to one token at a time) compute exactly
+what one call computes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Pending:
+    """Keys, values and gates of the unfinished chunk's tokens; [N, p, d], [N, p, d] and [N, p] each.
+    ``log_eta`` / ``log_keep`` are None when momentum / forgetting is off."""
+
+    k: Tensor
+    v: Tensor
+    theta: Tensor
+    log_eta: Tensor | None
+    log_keep: Tensor | None
+
+    def __len__(self) -> int:
+        return self.k.shape[1]
+
+    def extend(self, k: Tensor, v: Tensor, theta: Tensor, log_eta: Tensor | None, log_keep: Tensor | None) -> Pending:
+        def cat(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+            return None if a is None or b is None else torch.cat([a, b], dim=1)
+
+        return Pending(
+            cat(self.k, k),
+            cat(self.v, v),
+            cat(self.theta, theta),
+            cat(self.log_eta, log_eta),
+            cat(self.log_keep, log_keep),
+        )
+
+
+@dataclass(frozen=True)
+class MemoryState:
+    """Per (batch x head) row N: inner weights W_l [N, out, in], momentum S_l (None without momentum), pending."""
+
+    weights: tuple[Tensor, ...]
+    momentum: tuple[Tensor, ...] | None
+    pending: Pending | None = None
+
+    @staticmethod
+    def initial(weights: tuple[Tensor, ...] | list[Tensor], momentum: bool) -> MemoryState:
+        """The state before any token: the given initial weights M_0 and zero momentum S_0."""
+        weights = tuple(weights)
+        return MemoryState(weights, tuple(torch.zeros_like(w) for w in weights) if momentum else None, None)
+
+    @property
+    def pending_len(self) -> int:
+        return 0 if self.pending is None else len(self.pending)
+
+    def detach(self) -> MemoryState:
+        """The same state cut from the autograd graph (for truncated backpropagation through time)."""
+
+        def cut(ts: tuple[Tensor, ...] | None) -> tuple[Tensor, ...] | None:
+            return None if ts is None else tuple(t.detach() for t in ts)
+
+        pending = self.pending
+        if pending is not None:
+            pending = Pending(
+                *(
+                    None if t is None else t.detach()
+                    for t in (pending.k, pending.v, pending.theta, pending.log_eta, pending.log_keep)
+                )
+            )
+        return replace(self, weights=cut(self.weights), momentum=cut(self.momentum), pending=pending)
