@@ -46,31 +46,82 @@ class Coefficients:
     D: Tensor | None  # [N, b]      decay of S^0
     E: Tensor | None  # [N, b, b]   weight of token i's gradient in S_t
 
-    def shifted(self) -> Coefficients:
-        """Row t holds row t-1 (row 0: the chunk-start state A=1, B=0, C=0): for "before" retrieval."""
-
-        def shift(x: Tensor | None, first: float) -> Tensor | None:
-            if x is None:
-                return None
-            pad = torch.full_like(x[:, :1], first)
-            return torch.cat([pad, x[:, :-1]], dim=1)
-
-        return Coefficients(shift(self.A, 1.0), shift(self.C, 0.0), shift(self.B, 0.0), None, None)
-
 
 def coefficients(theta: Tensor, log_eta: Tensor | None, log_keep: Tensor | None) -> Coefficients:
-    """A, B, C, D, E of memory-math.md section 3 from the gates of one chunk ([N, b] each)."""
-    if log_keep is None:
-        log_keep = torch.zeros_like(theta)
-    A = log_keep.cumsum(-1).exp()
-    F = segsum(log_keep).exp()  # F[t, j] = prod_{j < i <= t} (1 - alpha_i)
-    if log_eta is None:
-        return Coefficients(A, F * theta.unsqueeze(-2), None, None, None)
-    P = segsum(log_eta).exp()  # P[j, i] = prod_{i < m <= j} eta_m
-    eta_prod = log_eta.cumsum(-1).exp()  # D_t = prod_{m <= t} eta_m
-    C = (F @ P) * theta.unsqueeze(-2)
-    B = (F @ eta_prod.unsqueeze(-1)).squeeze(-1)
-    return Coefficients(A, C, B, eta_prod, P * theta.unsqueeze(-2))
+    """A, B, C, D, E of memory-math.md section 3 from the gates of one chunk ([..., b] each)."""
+    t = GateTables.build(log_eta, log_keep, theta.shape, theta.dtype, theta.device, "after")
+    ones = torch.ones_like(theta)
+    return Coefficients(
+        ones if t.A is None else t.A,
+        t.FP * theta.unsqueeze(-2),
+        t.B,
+        None if t.eta_prod is None else t.eta_prod,
+        None if t.P is None else t.P * theta.unsqueeze(-2),
+    )
+
+
+@dataclass(frozen=True)
+class GateTables:
+    """What a chunk needs from its gates alone (no state, no theta), built for all chunks at once.
+
+    ``FP[t, i] = sum_{i<=j<=t} F[t, j] P[j, i]`` with ``F = exp(segsum(log keep))`` and ``P = exp(segsum(log eta))``
+    (just F without momentum), so that ``C = FP * theta[i]``. ``*_read`` are the rows the queries read: the same
+    rows for "after", shifted by one for "before" (row 0 = the chunk-start state). Fields are None where a gate is
+    off (no forget: A = 1; no momentum: no B, D, P).
+    """
+
+    A: Tensor | None
+    FP: Tensor
+    B: Tensor | None
+    eta_prod: Tensor | None
+    P: Tensor | None
+    A_read: Tensor | None
+    FP_read: Tensor
+    B_read: Tensor | None
+
+    @staticmethod
+    def build(log_eta: Tensor | None, log_keep: Tensor | None, shape: torch.Size, dtype: torch.dtype,
+              device: torch.device, retrieval: str) -> GateTables:
+        b = shape[-1]
+        F = (segsum(log_keep) if log_keep is not None else _tril_zeros(b, dtype, device).expand(*shape, b)).exp()
+        A = None if log_keep is None else log_keep.cumsum(-1).exp()
+        B = eta_prod = P = None
+        FP = F
+        if log_eta is not None:
+            P = segsum(log_eta).exp()
+            eta_prod = log_eta.cumsum(-1).exp()
+            FP = F @ P
+            B = (F @ eta_prod.unsqueeze(-1)).squeeze(-1)
+        A_read, FP_read, B_read = A, FP, B
+        if retrieval == "before":
+            A_read = _shift(A, 1.0, -1)
+            B_read = _shift(B, 0.0, -1)
+            FP_read = _shift(FP, 0.0, -2)
+        return GateTables(A, FP, B, eta_prod, P, A_read, FP_read, B_read)
+
+    def unbind(self, dim: int) -> list[GateTables]:
+        """Split tables built for [N, chunks, b] gates into one per chunk (one autograd node, not one slice
+        per chunk)."""
+        fields = [None if f is None else f.unbind(dim) for f in self.__dict__.values()]
+        count = len(next(f for f in fields if f is not None))
+        return [GateTables(*(None if f is None else f[i] for f in fields)) for i in range(count)]
+
+
+def _tril_zeros(b: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """0 on and below the diagonal, -inf above (segsum of an all-zero series)."""
+    return torch.zeros(b, b, dtype=dtype, device=device).masked_fill(
+        ~torch.ones(b, b, dtype=torch.bool, device=device).tril(), float("-inf")
+    )
+
+
+def _shift(x: Tensor | None, first: float, axis: int) -> Tensor | None:
+    """Entries moved down by one along the token ``axis`` (-1 for per-token vectors, -2 for the rows of a
+    matrix); the first becomes ``first``."""
+    if x is None:
+        return None
+    axis = x.dim() + axis
+    pad = torch.full_like(x.narrow(axis, 0, 1), first)
+    return torch.cat([pad, x.narrow(axis, 0, x.shape[axis] - 1)], dim=axis)
 
 
 def clip_scale(inputs: list[Tensor], deltas: list[Tensor], max_norm: float) -> Tensor:
@@ -79,77 +130,81 @@ def clip_scale(inputs: list[Tensor], deltas: list[Tensor], max_norm: float) -> T
     return (max_norm * (sq + torch.finfo(sq.dtype).tiny).rsqrt()).clamp(max=1.0)
 
 
-def _read(
-    weights: tuple[Tensor, ...],
-    momentum: tuple[Tensor, ...] | None,
-    q: Tensor,
-    coef: Coefficients,
-    inputs: list[Tensor],
-    deltas: list[Tensor],
-    cfg: MemoryConfig,
-) -> Tensor:
-    """Every query through its own token's weights W_t, as masked b x b products (no per-token weights)."""
+def _col(x: Tensor) -> Tensor:
+    return x[:, None, None] if x.dim() == 1 else x.unsqueeze(-1)
+
+
+def _read(weights: tuple[Tensor, ...], momentum: tuple[Tensor, ...] | None, q: Tensor, tables: GateTables,
+          theta: Tensor, inputs: list[Tensor], deltas: list[Tensor], cfg: MemoryConfig) -> Tensor:
+    """Every query through its own token's weights W_t, as masked b x b products (no per-token weights):
+    Z = diag(A) H W^0T + diag(B) H S^0T - (C o (H A_l^T)) Delta_l per layer (memory-math.md section 3)."""
+    C = tables.FP_read * theta.unsqueeze(-2)
     h = q
     last = len(weights) - 1
     for i, w in enumerate(weights):
-        z = coef.A.unsqueeze(-1) * (h @ w.transpose(-1, -2))
+        z = h @ w.transpose(-1, -2)
+        if tables.A_read is not None:
+            z = z * _col(tables.A_read)
         if momentum is not None:
-            z = z + coef.B.unsqueeze(-1) * (h @ momentum[i].transpose(-1, -2))
-        z = z - (coef.C * (h @ inputs[i].transpose(-1, -2))) @ deltas[i]
+            z = torch.addcmul(z, h @ momentum[i].transpose(-1, -2), _col(tables.B_read))
+        z = torch.baddbmm(z, C * (h @ inputs[i].transpose(-1, -2)), deltas[i], alpha=-1)
         h = cfg.activation.fn(z) if i < last else z
     return mlp.finish(h, q, cfg)[0]
 
 
-def _fold(
-    state: tuple[Tensor, ...],
-    row: Tensor,
-    inputs: list[Tensor],
-    deltas: list[Tensor],
-    scale: Tensor,
-    extra: tuple[Tensor, ...] | None = None,
-    extra_scale: Tensor | None = None,
-) -> tuple[Tensor, ...]:
-    """``scale * X^0 (+ extra_scale * Y^0) - sum_i row_i delta_i a_i^T`` for every layer."""
-    out = []
-    for i, x0 in enumerate(state):
-        update = (deltas[i] * row.unsqueeze(-1)).transpose(-1, -2) @ inputs[i]
-        new = scale[:, None, None] * x0 - update
-        if extra is not None:
-            new = new + extra_scale[:, None, None] * extra[i]
-        out.append(new)
-    return tuple(out)
+def _fold(weights: tuple[Tensor, ...], momentum: tuple[Tensor, ...] | None, tables: GateTables, theta: Tensor,
+          inputs: list[Tensor], deltas: list[Tensor]) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...] | None]:
+    """The chunk-end state: W^b = A_b W^0 + B_b S^0 - sum_i C_{b,i} delta_i a_i^T, S^b = D_b S^0 - sum_i E_{b,i} ..."""
+    c_last = tables.FP[..., -1, :] * theta
+    new_w, new_s = [], []
+    for i, w in enumerate(weights):
+        base = w if tables.A is None else w * _col(tables.A[..., -1])
+        if momentum is not None:
+            base = torch.addcmul(base, momentum[i], _col(tables.B[..., -1]))
+        new_w.append(torch.baddbmm(base, (deltas[i] * c_last.unsqueeze(-1)).transpose(-1, -2), inputs[i], alpha=-1))
+    if momentum is None:
+        return tuple(new_w), None
+    e_last = tables.P[..., -1, :] * theta
+    for i, s_ in enumerate(momentum):
+        base = s_ * _col(tables.eta_prod[..., -1])
+        new_s.append(torch.baddbmm(base, (deltas[i] * e_last.unsqueeze(-1)).transpose(-1, -2), inputs[i], alpha=-1))
+    return tuple(new_w), tuple(new_s)
 
 
-def _chunk(
-    cfg: MemoryConfig,
-    commit: bool,
-    weights: tuple[Tensor, ...],
-    momentum: tuple[Tensor, ...] | None,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    theta: Tensor,
-    log_eta: Tensor | None,
-    log_keep: Tensor | None,
-):
+def _chunk(cfg: MemoryConfig, commit: bool, weights: tuple[Tensor, ...], momentum: tuple[Tensor, ...] | None,
+           q: Tensor, k: Tensor, v: Tensor, theta: Tensor, tables: GateTables):
     inputs, deltas = mlp.key_path(weights, k, v, cfg)
     if cfg.grad_clip is not None:
         theta = theta * clip_scale(inputs, deltas, cfg.grad_clip)
-    coef = coefficients(theta, log_eta, log_keep)
     if cfg.retrieval == "per_chunk":
         y = mlp.forward(weights, q, cfg)
     else:
-        read_coef = coef.shifted() if cfg.retrieval == "before" else coef
-        y = _read(weights, momentum, q, read_coef, inputs, deltas, cfg)
+        y = _read(weights, momentum, q, tables, theta, inputs, deltas, cfg)
     if not commit:
         return y, weights, momentum
-    new_weights = _fold(
-        weights, coef.C[:, -1], inputs, deltas, coef.A[:, -1], momentum, None if momentum is None else coef.B[:, -1]
-    )
-    new_momentum = None
-    if momentum is not None:
-        new_momentum = _fold(momentum, coef.E[:, -1], inputs, deltas, coef.D[:, -1])
+    new_weights, new_momentum = _fold(weights, momentum, tables, theta, inputs, deltas)
     return y, new_weights, new_momentum
+
+
+def _tables(log_eta: Tensor | None, log_keep: Tensor | None, theta: Tensor, b: int, retrieval: str
+            ) -> list[GateTables]:
+    """Gate tables of every chunk: the full chunks in one batched computation, the last partial one alone."""
+    n, total = theta.shape
+    full = total // b * b
+
+    def part(x: Tensor | None, start: int, end: int, shape: tuple[int, ...]) -> Tensor | None:
+        return None if x is None else x[:, start:end].reshape(shape)
+
+    out: list[GateTables] = []
+    if full:
+        shape = (n, full // b, b)
+        out = GateTables.build(part(log_eta, 0, full, shape), part(log_keep, 0, full, shape), torch.Size(shape),
+                               theta.dtype, theta.device, retrieval).unbind(1)
+    if total > full:
+        shape = (n, total - full)
+        out.append(GateTables.build(part(log_eta, full, total, shape), part(log_keep, full, total, shape),
+                                    torch.Size(shape), theta.dtype, theta.device, retrieval))
+    return out
 
 
 def chunked_memory(
@@ -178,30 +233,28 @@ def chunked_memory(
         log_eta = None if log_eta is None else torch.cat([pend.log_eta, log_eta], 1)
         log_keep = None if log_keep is None else torch.cat([pend.log_keep, log_keep], 1)
         q = torch.cat([q.new_zeros(q.shape[0], p, q.shape[2]), q], 1)
-    total, b = k.shape[1], cfg.chunk_size
+    b = cfg.chunk_size
     weights, momentum = state.weights, state.momentum
     outputs = []
     pending = None
-    for start in range(0, total, b):
-        end = min(start + b, total)
-        commit = end - start == b
-        sl = slice(start, end)
-        args = (
-            weights,
-            momentum,
-            q[:, sl],
-            k[:, sl],
-            v[:, sl],
-            theta[:, sl],
-            None if log_eta is None else log_eta[:, sl],
-            None if log_keep is None else log_keep[:, sl],
-        )
+
+    def split(x: Tensor | None) -> list[Tensor | None]:
+        # one split for the whole sequence: slicing chunk by chunk would make autograd scatter each chunk's
+        # gradient into a zero tensor of the full length (quadratic in the sequence length)
+        return [None] * len(keys) if x is None else list(x.split(b, dim=1))
+
+    keys = k.split(b, dim=1)
+    tables = _tables(log_eta, log_keep, theta, b, cfg.retrieval)
+    series = zip(split(q), keys, split(v), split(theta), split(log_eta), split(log_keep), tables, strict=True)
+    for q_c, k_c, v_c, theta_c, log_eta_c, log_keep_c, tables_c in series:
+        commit = k_c.shape[1] == b
+        args = (weights, momentum, q_c, k_c, v_c, theta_c, tables_c)
         if cfg.checkpoint and torch.is_grad_enabled():
             y, weights, momentum = checkpoint(_chunk, cfg, commit, *args, use_reentrant=False)
         else:
             y, weights, momentum = _chunk(cfg, commit, *args)
         outputs.append(y)
         if not commit:
-            pending = Pending(k[:, sl], v[:, sl], theta[:, sl], args[6], args[7])
+            pending = Pending(k_c, v_c, theta_c, log_eta_c, log_keep_c)
     y = torch.cat(outputs, 1)[:, p:] if outputs else q[:, p:]
     return y, MemoryState(weights, momentum, pending)

@@ -7,6 +7,7 @@ rule; both memory paths and the tests use it.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from titans_compose.kernels.config import MemoryConfig
@@ -14,10 +15,9 @@ from titans_compose.kernels.config import MemoryConfig
 
 def layer_norm(z: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """Gain-free LayerNorm over the last axis; returns (normalised, 1/std)."""
-    mu = z.mean(-1, keepdim=True)
-    centred = z - mu
-    rstd = (centred.square().mean(-1, keepdim=True) + eps).rsqrt()
-    return centred * rstd, rstd
+    var, mu = torch.var_mean(z, -1, correction=0, keepdim=True)
+    rstd = (var + eps).rsqrt()
+    return (z - mu) * rstd, rstd
 
 
 def layer_norm_backward(grad: Tensor, normed: Tensor, rstd: Tensor) -> Tensor:
@@ -68,7 +68,7 @@ def key_path(
     delta = layer_norm_backward(err, *ln_cache) if ln_cache is not None else err
     deltas = [delta]
     for i in range(last - 1, -1, -1):
-        delta = (delta @ weights[i + 1]) * cfg.activation.grad(pre[i])
+        delta = cfg.activation.backward(delta @ weights[i + 1], pre[i])
         deltas.append(delta)
     deltas.reverse()
     return inputs, deltas

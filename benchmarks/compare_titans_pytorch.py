@@ -1,0 +1,173 @@
+"""Our NeuralMemory against titans-pytorch's, at equal sizes, on the CPU: forward and forward+backward.
+
+Every configuration runs in a fresh process with 2 threads: one warm-up, then the median of --repeats timed runs,
+tokens per second, and the process's peak RSS. Prints a table and appends it, with the date and the command, to
+benchmarks/RESULTS.md.
+
+titans-pytorch is not a dependency of this project: install it into an environment of its own and point
+--titans-python at that interpreter, e.g.
+
+    python -m venv /tmp/tp && /tmp/tp/bin/pip install torch==2.13.0 titans-pytorch==0.5.5 && /tmp/tp/bin/pip install -e .
+    python benchmarks/compare_titans_pytorch.py --titans-python /tmp/tp/bin/python
+
+Semantics differ and the table says so: ours takes each chunk's gradients at that chunk's start weights (the
+paper's mini-batch GD, sequential across chunks); titans-pytorch 0.5.5 by default takes every chunk's gradients at
+the sequence-start weights and combines them with an associative scan.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "RESULTS.md"
+SPEC = HERE.parent / "specs" / "titans_lmm_small.yaml"
+
+BATCH, DIM, HEADS, HEAD_DIM, DEPTH, EXPANSION = 2, 256, 4, 64, 2, 4
+
+
+def build_ours(chunk: int, retrieval: str):
+    import torch
+
+    from titans_compose.nn import NeuralMemory
+    from titans_compose.registry import new_registry
+    from titans_compose.spec import load_spec
+
+    overrides = [f"model.dim={DIM}", f"memory.heads={HEADS}", f"memory.head_dim={HEAD_DIM}", f"memory.depth={DEPTH}",
+                 f"memory.expansion={EXPANSION}", f"memory.chunk_size={chunk}", f"memory.retrieval={retrieval}",
+                 "memory.activation=gelu", "memory.residual=true", "memory.output_norm=true"]
+    registry = new_registry()
+    loaded = load_spec(SPEC, overrides, registry=registry)
+    module = NeuralMemory.from_block(loaded.spec.blocks[0], loaded.spec.model, registry)
+    return lambda x: module(x)[0], module, torch
+
+
+def build_titans(chunk: int, retrieval: str):
+    import torch
+    from titans_pytorch import MemoryMLP, NeuralMemory
+
+    module = NeuralMemory(dim=DIM, chunk_size=chunk, heads=HEADS, dim_head=HEAD_DIM,
+                          model=MemoryMLP(HEAD_DIM, depth=DEPTH, expansion_factor=EXPANSION))
+    return lambda x: module(x)[0], module, torch
+
+
+def worker(args: argparse.Namespace) -> None:
+    """Time one configuration in this process and print one JSON line."""
+    build = build_ours if args.impl == "ours" else build_titans
+    fn, module, torch = build(args.chunk, args.retrieval)
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    x = torch.randn(BATCH, args.seq, DIM)
+
+    def fwd() -> None:
+        with torch.no_grad():
+            fn(x)
+
+    def fwd_bwd() -> None:
+        module.zero_grad(set_to_none=True)
+        fn(x).square().mean().backward()
+
+    timings = {}
+    for name, step in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
+        step()  # warm-up
+        runs = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            step()
+            runs.append(time.perf_counter() - start)
+        timings[name] = statistics.median(runs)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({**timings, "peak_rss_mb": peak_mb}))
+
+
+def run_point(python: str, impl: str, seq: int, chunk: int, retrieval: str, repeats: int) -> dict:
+    cmd = [python, __file__, "--worker", "--impl", impl, "--seq", str(seq), "--chunk", str(chunk),
+           "--retrieval", retrieval, "--repeats", str(repeats)]
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "PYTHONWARNINGS": "ignore"}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"{impl} seq={seq} chunk={chunk} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--titans-python", default=os.environ.get("TITANS_PYTORCH_PYTHON"),
+                        help="interpreter of an environment with titans-pytorch==0.5.5 and titans_compose installed")
+    parser.add_argument("--seqs", type=int, nargs="+", default=[1024, 4096])
+    parser.add_argument("--chunks", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--retrievals", nargs="+", default=["per_chunk", "after"])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-record", action="store_true", help="do not append to benchmarks/RESULTS.md")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--impl", choices=["ours", "titans"], help=argparse.SUPPRESS)
+    parser.add_argument("--seq", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--chunk", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--retrieval", default="after", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    if not args.titans_python:
+        parser.error("give --titans-python (or TITANS_PYTORCH_PYTHON): see the module docstring for the set-up")
+    from tqdm import tqdm
+
+    points = [(s, c) for s in args.seqs for c in args.chunks]
+    jobs = [("titans", s, c, "per_chunk") for s, c in points] + [
+        ("ours", s, c, r) for s, c in points for r in args.retrievals
+    ]
+    results = {}
+    for impl, s, c, r in tqdm(jobs, desc="configurations", unit="config"):
+        python = args.titans_python if impl == "titans" else sys.executable
+        results[(impl, s, c, r)] = run_point(python, impl, s, c, r, args.repeats)
+
+    header = ("| seq | chunk | ours retrieval | ours fwd+bwd ms | titans fwd+bwd ms | speed-up fwd+bwd | ours fwd ms "
+              "| titans fwd ms | speed-up fwd | ours tok/s fwd+bwd | ours peak RSS MB | titans peak RSS MB |")
+    lines = [header, "|" + "|".join(["---"] * 12) + "|"]
+    for s, c in points:
+        theirs = results[("titans", s, c, "per_chunk")]
+        for r in args.retrievals:
+            ours = results[("ours", s, c, r)]
+            lines.append(
+                f"| {s} | {c} | {r} | {ours['fwd_bwd'] * 1e3:.0f} | {theirs['fwd_bwd'] * 1e3:.0f} "
+                f"| {theirs['fwd_bwd'] / ours['fwd_bwd']:.2f}x | {ours['fwd'] * 1e3:.0f} | {theirs['fwd'] * 1e3:.0f} "
+                f"| {theirs['fwd'] / ours['fwd']:.2f}x | {BATCH * s / ours['fwd_bwd']:.0f} "
+                f"| {ours['peak_rss_mb']:.0f} | {theirs['peak_rss_mb']:.0f} |"
+            )
+    table = "\n".join(lines)
+    print(table)
+    if args.no_record:
+        return
+    import torch
+
+    stamp = dt.date.today().isoformat()
+    command = "python benchmarks/compare_titans_pytorch.py " + " ".join(sys.argv[1:])
+    section = (
+        f"\n## NeuralMemory vs titans-pytorch 0.5.5 on the CPU ({stamp})\n\n"
+        f"Command: `{command}`  \n"
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"2 threads, each configuration in a fresh process, median of {args.repeats} runs after one warm-up.  \n"
+        f"Sizes: batch {BATCH}, width {DIM}, {HEADS} heads x {HEAD_DIM}, memory depth {DEPTH}, expansion "
+        f"{EXPANSION}, GELU, residual + LayerNorm memory on both sides.  \n"
+        "Semantics: ours takes each chunk's gradients at that chunk's start weights (sequential across chunks, "
+        "the paper's mini-batch GD) and reads per token (`after`) or at chunk start (`per_chunk`); titans-pytorch "
+        "takes all gradients at the sequence-start weights (its default) and reads per chunk.\n\n"
+        f"{table}\n"
+    )
+    with RESULTS.open("a") as handle:
+        handle.write(section)
+    print(f"appended to {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
