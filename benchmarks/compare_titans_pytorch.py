@@ -7,7 +7,8 @@ benchmarks/RESULTS.md.
 titans-pytorch is not a dependency of this project: install it into an environment of its own and point
 --titans-python at that interpreter, e.g.
 
-    python -m venv /tmp/tp && /tmp/tp/bin/pip install torch==2.13.0 titans-pytorch==0.5.5 && /tmp/tp/bin/pip install -e .
+    python -m venv /tmp/tp && /tmp/tp/bin/pip install torch==2.13.0 titans-pytorch==0.5.5
+    /tmp/tp/bin/pip install -e .
     python benchmarks/compare_titans_pytorch.py --titans-python /tmp/tp/bin/python
 
 Semantics differ and the table says so: ours takes each chunk's gradients at that chunk's start weights (the
@@ -43,9 +44,18 @@ def build_ours(chunk: int, retrieval: str):
     from titans_compose.registry import new_registry
     from titans_compose.spec import load_spec
 
-    overrides = [f"model.dim={DIM}", f"memory.heads={HEADS}", f"memory.head_dim={HEAD_DIM}", f"memory.depth={DEPTH}",
-                 f"memory.expansion={EXPANSION}", f"memory.chunk_size={chunk}", f"memory.retrieval={retrieval}",
-                 "memory.activation=gelu", "memory.residual=true", "memory.output_norm=true"]
+    overrides = [
+        f"model.dim={DIM}",
+        f"memory.heads={HEADS}",
+        f"memory.head_dim={HEAD_DIM}",
+        f"memory.depth={DEPTH}",
+        f"memory.expansion={EXPANSION}",
+        f"memory.chunk_size={chunk}",
+        f"memory.retrieval={retrieval}",
+        "memory.activation=gelu",
+        "memory.residual=true",
+        "memory.output_norm=true",
+    ]
     registry = new_registry()
     loaded = load_spec(SPEC, overrides, registry=registry)
     module = NeuralMemory.from_block(loaded.spec.blocks[0], loaded.spec.model, registry)
@@ -56,8 +66,13 @@ def build_titans(chunk: int, retrieval: str):
     import torch
     from titans_pytorch import MemoryMLP, NeuralMemory
 
-    module = NeuralMemory(dim=DIM, chunk_size=chunk, heads=HEADS, dim_head=HEAD_DIM,
-                          model=MemoryMLP(HEAD_DIM, depth=DEPTH, expansion_factor=EXPANSION))
+    module = NeuralMemory(
+        dim=DIM,
+        chunk_size=chunk,
+        heads=HEADS,
+        dim_head=HEAD_DIM,
+        model=MemoryMLP(HEAD_DIM, depth=DEPTH, expansion_factor=EXPANSION),
+    )
     return lambda x: module(x)[0], module, torch
 
 
@@ -91,8 +106,21 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def run_point(python: str, impl: str, seq: int, chunk: int, retrieval: str, repeats: int) -> dict:
-    cmd = [python, __file__, "--worker", "--impl", impl, "--seq", str(seq), "--chunk", str(chunk),
-           "--retrieval", retrieval, "--repeats", str(repeats)]
+    cmd = [
+        python,
+        __file__,
+        "--worker",
+        "--impl",
+        impl,
+        "--seq",
+        str(seq),
+        "--chunk",
+        str(chunk),
+        "--retrieval",
+        retrieval,
+        "--repeats",
+        str(repeats),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "PYTHONWARNINGS": "ignore"}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if out.returncode != 0:
@@ -102,8 +130,11 @@ def run_point(python: str, impl: str, seq: int, chunk: int, retrieval: str, repe
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--titans-python", default=os.environ.get("TITANS_PYTORCH_PYTHON"),
-                        help="interpreter of an environment with titans-pytorch==0.5.5 and titans_compose installed")
+    parser.add_argument(
+        "--titans-python",
+        default=os.environ.get("TITANS_PYTORCH_PYTHON"),
+        help="interpreter of an environment with titans-pytorch==0.5.5 and titans_compose installed",
+    )
     parser.add_argument("--seqs", type=int, nargs="+", default=[1024, 4096])
     parser.add_argument("--chunks", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--retrievals", nargs="+", default=["per_chunk", "after"])
@@ -131,8 +162,10 @@ def main() -> None:
         python = args.titans_python if impl == "titans" else sys.executable
         results[(impl, s, c, r)] = run_point(python, impl, s, c, r, args.repeats)
 
-    header = ("| seq | chunk | ours retrieval | ours fwd+bwd ms | titans fwd+bwd ms | speed-up fwd+bwd | ours fwd ms "
-              "| titans fwd ms | speed-up fwd | ours tok/s fwd+bwd | ours peak RSS MB | titans peak RSS MB |")
+    header = (
+        "| seq | chunk | ours retrieval | ours fwd+bwd ms | titans fwd+bwd ms | speed-up fwd+bwd | ours fwd ms "
+        "| titans fwd ms | speed-up fwd | ours tok/s fwd+bwd | ours peak RSS MB | titans peak RSS MB |"
+    )
     lines = [header, "|" + "|".join(["---"] * 12) + "|"]
     for s, c in points:
         theirs = results[("titans", s, c, "per_chunk")]

@@ -80,8 +80,14 @@ class GateTables:
     B_read: Tensor | None
 
     @staticmethod
-    def build(log_eta: Tensor | None, log_keep: Tensor | None, shape: torch.Size, dtype: torch.dtype,
-              device: torch.device, retrieval: str) -> GateTables:
+    def build(
+        log_eta: Tensor | None,
+        log_keep: Tensor | None,
+        shape: torch.Size,
+        dtype: torch.dtype,
+        device: torch.device,
+        retrieval: str,
+    ) -> GateTables:
         b = shape[-1]
         F = (segsum(log_keep) if log_keep is not None else _tril_zeros(b, dtype, device).expand(*shape, b)).exp()
         A = None if log_keep is None else log_keep.cumsum(-1).exp()
@@ -134,8 +140,16 @@ def _col(x: Tensor) -> Tensor:
     return x[:, None, None] if x.dim() == 1 else x.unsqueeze(-1)
 
 
-def _read(weights: tuple[Tensor, ...], momentum: tuple[Tensor, ...] | None, q: Tensor, tables: GateTables,
-          theta: Tensor, inputs: list[Tensor], deltas: list[Tensor], cfg: MemoryConfig) -> Tensor:
+def _read(
+    weights: tuple[Tensor, ...],
+    momentum: tuple[Tensor, ...] | None,
+    q: Tensor,
+    tables: GateTables,
+    theta: Tensor,
+    inputs: list[Tensor],
+    deltas: list[Tensor],
+    cfg: MemoryConfig,
+) -> Tensor:
     """Every query through its own token's weights W_t, as masked b x b products (no per-token weights):
     Z = diag(A) H W^0T + diag(B) H S^0T - (C o (H A_l^T)) Delta_l per layer (memory-math.md section 3)."""
     C = tables.FP_read * theta.unsqueeze(-2)
@@ -152,8 +166,14 @@ def _read(weights: tuple[Tensor, ...], momentum: tuple[Tensor, ...] | None, q: T
     return mlp.finish(h, q, cfg)[0]
 
 
-def _fold(weights: tuple[Tensor, ...], momentum: tuple[Tensor, ...] | None, tables: GateTables, theta: Tensor,
-          inputs: list[Tensor], deltas: list[Tensor]) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...] | None]:
+def _fold(
+    weights: tuple[Tensor, ...],
+    momentum: tuple[Tensor, ...] | None,
+    tables: GateTables,
+    theta: Tensor,
+    inputs: list[Tensor],
+    deltas: list[Tensor],
+) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...] | None]:
     """The chunk-end state: W^b = A_b W^0 + B_b S^0 - sum_i C_{b,i} delta_i a_i^T, S^b = D_b S^0 - sum_i E_{b,i} ..."""
     c_last = tables.FP[..., -1, :] * theta
     new_w, new_s = [], []
@@ -171,8 +191,17 @@ def _fold(weights: tuple[Tensor, ...], momentum: tuple[Tensor, ...] | None, tabl
     return tuple(new_w), tuple(new_s)
 
 
-def _chunk(cfg: MemoryConfig, commit: bool, weights: tuple[Tensor, ...], momentum: tuple[Tensor, ...] | None,
-           q: Tensor, k: Tensor, v: Tensor, theta: Tensor, tables: GateTables):
+def _chunk(
+    cfg: MemoryConfig,
+    commit: bool,
+    weights: tuple[Tensor, ...],
+    momentum: tuple[Tensor, ...] | None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    theta: Tensor,
+    tables: GateTables,
+):
     inputs, deltas = mlp.key_path(weights, k, v, cfg)
     if cfg.grad_clip is not None:
         theta = theta * clip_scale(inputs, deltas, cfg.grad_clip)
@@ -186,8 +215,7 @@ def _chunk(cfg: MemoryConfig, commit: bool, weights: tuple[Tensor, ...], momentu
     return y, new_weights, new_momentum
 
 
-def _tables(log_eta: Tensor | None, log_keep: Tensor | None, theta: Tensor, b: int, retrieval: str
-            ) -> list[GateTables]:
+def _tables(log_eta: Tensor | None, log_keep: Tensor | None, theta: Tensor, b: int, retrieval: str) -> list[GateTables]:
     """Gate tables of every chunk: the full chunks in one batched computation, the last partial one alone."""
     n, total = theta.shape
     full = total // b * b
@@ -198,12 +226,26 @@ def _tables(log_eta: Tensor | None, log_keep: Tensor | None, theta: Tensor, b: i
     out: list[GateTables] = []
     if full:
         shape = (n, full // b, b)
-        out = GateTables.build(part(log_eta, 0, full, shape), part(log_keep, 0, full, shape), torch.Size(shape),
-                               theta.dtype, theta.device, retrieval).unbind(1)
+        out = GateTables.build(
+            part(log_eta, 0, full, shape),
+            part(log_keep, 0, full, shape),
+            torch.Size(shape),
+            theta.dtype,
+            theta.device,
+            retrieval,
+        ).unbind(1)
     if total > full:
         shape = (n, total - full)
-        out.append(GateTables.build(part(log_eta, full, total, shape), part(log_keep, full, total, shape),
-                                    torch.Size(shape), theta.dtype, theta.device, retrieval))
+        out.append(
+            GateTables.build(
+                part(log_eta, full, total, shape),
+                part(log_keep, full, total, shape),
+                torch.Size(shape),
+                theta.dtype,
+                theta.device,
+                retrieval,
+            )
+        )
     return out
 
 

@@ -13,25 +13,27 @@ from torch import Tensor
 from titans_compose.kernels.config import MemoryConfig
 
 
-def layer_norm(z: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """Gain-free LayerNorm over the last axis; returns (normalised, 1/std)."""
-    var, mu = torch.var_mean(z, -1, correction=0, keepdim=True)
-    rstd = (var + eps).rsqrt()
-    return (z - mu) * rstd, rstd
+def layer_norm(z: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Gain-free LayerNorm over the last axis (aten's fused kernel); returns (normalised, mean, 1/std)."""
+    return torch.ops.aten.native_layer_norm(z, [z.shape[-1]], None, None, eps)
 
 
-def layer_norm_backward(grad: Tensor, normed: Tensor, rstd: Tensor) -> Tensor:
-    """d loss / d z for ``normed = LN(z)`` given d loss / d normed."""
-    return rstd * (grad - grad.mean(-1, keepdim=True) - normed * (grad * normed).mean(-1, keepdim=True))
+def layer_norm_backward(grad: Tensor, z: Tensor, mean: Tensor, rstd: Tensor) -> Tensor:
+    """d loss / d z for ``LN(z)`` given d loss / d LN(z): aten's fused backward, whose own derivative (used when
+    the outer loop trains through the inner update) accounts for the mean and std depending on z."""
+    return torch.ops.aten.native_layer_norm_backward(
+        grad, z, [z.shape[-1]], mean, rstd, None, None, [True, False, False]
+    )[0]
 
 
-def finish(z_last: Tensor, x: Tensor, cfg: MemoryConfig) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
-    """The output transform after the last layer: optional LayerNorm, optional residual x + f(x)."""
+def finish(z_last: Tensor, x: Tensor, cfg: MemoryConfig) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor] | None]:
+    """The output transform after the last layer: optional LayerNorm, optional residual x + f(x). The cache holds
+    what the LayerNorm backward needs."""
     cache = None
     out = z_last
     if cfg.output_norm:
-        out, rstd = layer_norm(z_last, cfg.ln_eps)
-        cache = (out, rstd)
+        out, mean, rstd = layer_norm(z_last, cfg.ln_eps)
+        cache = (z_last, mean, rstd)
     if cfg.residual:
         out = out + x
     return out, cache
