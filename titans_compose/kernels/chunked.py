@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from titans_compose.kernels import mlp
 from titans_compose.kernels.config import MemoryConfig
-from titans_compose.kernels.state import MemoryState, Pending
+from titans_compose.kernels.state import MemoryState, Pending, resume
 
 
 def segsum(x: Tensor) -> Tensor:
@@ -265,15 +265,9 @@ def chunked_memory(
     without momentum); ``log_keep``: log(1 - alpha) (None without forgetting). Tokens continue the chunk left
     unfinished in ``state``; a chunk this call leaves unfinished is returned as pending.
     """
-    if (log_eta is None) != (state.momentum is None):
-        raise ValueError("momentum gates and momentum state must be given together")
     p = state.pending_len
-    if p:
-        pend = state.pending
-        k, v = torch.cat([pend.k, k], 1), torch.cat([pend.v, v], 1)
-        theta = torch.cat([pend.theta, theta], 1)
-        log_eta = None if log_eta is None else torch.cat([pend.log_eta, log_eta], 1)
-        log_keep = None if log_keep is None else torch.cat([pend.log_keep, log_keep], 1)
+    k, v, theta, log_eta, log_keep = resume(state, k, v, theta, log_eta, log_keep)
+    if p:  # the unfinished chunk's tokens were read already: their query rows are placeholders, dropped below
         q = torch.cat([q.new_zeros(q.shape[0], p, q.shape[2]), q], 1)
     b = cfg.chunk_size
     weights, momentum = state.weights, state.momentum

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from titans_compose.kernels import mlp
 from titans_compose.kernels.config import MemoryConfig
-from titans_compose.kernels.state import MemoryState, Pending
+from titans_compose.kernels.state import MemoryState, Pending, resume
 
 
 def token_gradient(weights: tuple[Tensor, ...], k: Tensor, v: Tensor, cfg: MemoryConfig) -> tuple[Tensor, ...]:
@@ -44,15 +44,8 @@ def reference_memory(
     cfg: MemoryConfig,
 ) -> tuple[Tensor, MemoryState]:
     """Same contract as :func:`titans_compose.kernels.chunked.chunked_memory`, computed one token at a time."""
-    if (log_eta is None) != (state.momentum is None):
-        raise ValueError("momentum gates and momentum state must be given together")
-    pend = state.pending
     p = state.pending_len
-    if p:
-        k, v = torch.cat([pend.k, k], 1), torch.cat([pend.v, v], 1)
-        theta = torch.cat([pend.theta, theta], 1)
-        log_eta = None if log_eta is None else torch.cat([pend.log_eta, log_eta], 1)
-        log_keep = None if log_keep is None else torch.cat([pend.log_keep, log_keep], 1)
+    k, v, theta, log_eta, log_keep = resume(state, k, v, theta, log_eta, log_keep)
     total, b = k.shape[1], cfg.chunk_size
     w_start, s_start = state.weights, state.momentum  # the chunk-start state
     w, s = w_start, s_start

@@ -29,18 +29,6 @@ class Pending:
     def __len__(self) -> int:
         return self.k.shape[1]
 
-    def extend(self, k: Tensor, v: Tensor, theta: Tensor, log_eta: Tensor | None, log_keep: Tensor | None) -> Pending:
-        def cat(a: Tensor | None, b: Tensor | None) -> Tensor | None:
-            return None if a is None or b is None else torch.cat([a, b], dim=1)
-
-        return Pending(
-            cat(self.k, k),
-            cat(self.v, v),
-            cat(self.theta, theta),
-            cat(self.log_eta, log_eta),
-            cat(self.log_keep, log_keep),
-        )
-
 
 @dataclass(frozen=True)
 class MemoryState:
@@ -75,3 +63,29 @@ class MemoryState:
                 )
             )
         return replace(self, weights=cut(self.weights), momentum=cut(self.momentum), pending=pending)
+
+
+Series = tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]
+
+
+def resume(
+    state: MemoryState, k: Tensor, v: Tensor, theta: Tensor, log_eta: Tensor | None, log_keep: Tensor | None
+) -> Series:
+    """The write inputs of a call with the unfinished chunk's tokens put in front, so that the call continues
+    that chunk; checks that gates and state agree on momentum."""
+    if (log_eta is None) != (state.momentum is None):
+        raise ValueError("momentum gates and momentum state must be given together")
+    if state.pending is None:
+        return k, v, theta, log_eta, log_keep
+    pend = state.pending
+
+    def cat(old: Tensor | None, new: Tensor | None) -> Tensor | None:
+        return None if new is None else torch.cat([old, new], 1)
+
+    return (
+        cat(pend.k, k),
+        cat(pend.v, v),
+        cat(pend.theta, theta),
+        cat(pend.log_eta, log_eta),
+        cat(pend.log_keep, log_keep),
+    )
