@@ -84,7 +84,7 @@ def assert_paths_agree(cfg, T=21, tol=1e-10):
 
 
 @pytest.mark.parametrize(
-    "depth,chunk,retrieval", itertools.product([1, 2, 3], [1, 4, 16], ["after", "before", "per_chunk"])
+    "depth,chunk,retrieval", list(itertools.product([1, 2, 3], [1, 4, 16], ["after", "before", "per_chunk"]))
 )
 def test_chunked_equals_reference_by_depth_chunk_and_retrieval(depth, chunk, retrieval):
     assert_paths_agree(make_cfg(depth, chunk_size=chunk, retrieval=retrieval, residual=True, output_norm=True))
