@@ -1,10 +1,12 @@
 """The memory core: the chunked dual form against the sequential reference (float64, forward and every gradient),
 closed-form special cases, state carrying, and numerical robustness.
 
-Tolerances: float64 forward 1e-10 relative and gradients 1e-8 relative (the two paths differ only in summation
-order; errors we measured are ~1e-14). Realistic gates are used (alpha ~ 0.05, eta ~ 0.9): with extreme forgetting
-the recurrence itself amplifies rounding by ~1e6 (a 1e-14 change of the values moves the reference's own output by
-~6e-9), which no implementation can avoid. Float32 against float64: 2e-4 relative (measured ~2e-6).
+Tolerances: float64 forward 1e-10 relative and gradients 1e-8 relative. The two paths differ in summation order
+and in how gradients are formed (autograd per token against the hand-written backward); the worst forward error
+measured over the full option grid is 1.4e-12. Realistic gates are used (alpha ~ 0.05, eta ~ 0.9, theta <= 0.3):
+with extreme forgetting the recurrence itself amplifies rounding by ~1e6 (a 1e-14 change of the values moves the
+reference's own output by ~6e-9), which no implementation can avoid. Float32 chunked against the float64
+reference: 2e-4 relative (measured 1.8e-6).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ def make_cfg(depth=2, d=8, hidden=12, loss="l2", activation="silu", **kw) -> Mem
     )
 
 
-def make_inputs(cfg: MemoryConfig, T=21, N=3, dtype=F64, seed=0, requires_grad=False):
+def make_inputs(cfg: MemoryConfig, T=21, N=3, dtype=F64, seed=0, requires_grad=False, theta_max=0.3):
     """Unit-norm queries and keys, random values, realistic gates, random initial weights."""
     g = torch.Generator().manual_seed(seed)
     d = cfg.head_dim
@@ -49,7 +51,7 @@ def make_inputs(cfg: MemoryConfig, T=21, N=3, dtype=F64, seed=0, requires_grad=F
         return torch.randn(*shape, generator=g, dtype=dtype)
 
     q, k, v = F.normalize(rand(N, T, d), dim=-1), F.normalize(rand(N, T, d), dim=-1), rand(N, T, d)
-    theta = 0.3 * torch.rand(N, T, generator=g, dtype=dtype)
+    theta = theta_max * torch.rand(N, T, generator=g, dtype=dtype)
     log_eta = F.logsigmoid(rand(N, T) + 2.0) if cfg.momentum else None
     log_keep = F.logsigmoid(rand(N, T) + 3.0) if cfg.forget else None
     weights = [rand(N, o, i) / i**0.5 for o, i in cfg.layer_shapes]
@@ -69,8 +71,8 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
 
 
-def assert_paths_agree(cfg, T=21, tol=1e-10):
-    inputs = make_inputs(cfg, T=T)
+def assert_paths_agree(cfg, T=21, tol=1e-10, theta_max=0.3):
+    inputs = make_inputs(cfg, T=T, theta_max=theta_max)
     y_c, s_c = run(chunked_memory, cfg, *inputs)
     y_r, s_r = run(reference_memory, cfg, *inputs)
     assert torch.isfinite(y_c).all()
@@ -83,33 +85,36 @@ def assert_paths_agree(cfg, T=21, tol=1e-10):
     assert s_c.pending_len == s_r.pending_len == T % cfg.chunk_size
 
 
-@pytest.mark.parametrize(
-    "depth,chunk,retrieval", list(itertools.product([1, 2, 3], [1, 4, 16], ["after", "before", "per_chunk"]))
+FULL_GRID = list(
+    itertools.product(
+        [1, 2, 3],  # depth
+        [True, False],  # momentum
+        [True, False],  # forget
+        [True, False],  # residual
+        [True, False],  # LayerNorm
+        sorted(LOSS_PARAMS),
+        [1, 4, 16],  # chunk size b (T = 21: never a multiple of b > 1)
+        ["after", "before", "per_chunk"],
+    )
 )
-def test_chunked_equals_reference_by_depth_chunk_and_retrieval(depth, chunk, retrieval):
-    assert_paths_agree(make_cfg(depth, chunk_size=chunk, retrieval=retrieval, residual=True, output_norm=True))
 
 
-@pytest.mark.parametrize(
-    "depth,momentum,forget,residual,output_norm,retrieval",
-    list(itertools.product([1, 2], [True, False], [True, False], [True, False], [True, False], ["after", "before"])),
-)
-def test_chunked_equals_reference_for_every_toggle(depth, momentum, forget, residual, output_norm, retrieval):
+@pytest.mark.parametrize("depth,momentum,forget,residual,output_norm,loss,chunk,retrieval", FULL_GRID)
+def test_chunked_equals_reference(depth, momentum, forget, residual, output_norm, loss, chunk, retrieval):
+    """Every combination of the memory options (1728 cases): outputs, chunk-end weights and momentum agree.
+    theta <= 0.1 here: with momentum, no forgetting and no LayerNorm, theta up to 0.3 makes the inner optimisation
+    itself diverge (the reference reaches 1e129 by token 20 and both paths give NaN)."""
     cfg = make_cfg(
         depth,
-        chunk_size=4,
+        loss=loss,
+        chunk_size=chunk,
+        retrieval=retrieval,
         momentum=momentum,
         forget=forget,
         residual=residual,
         output_norm=output_norm,
-        retrieval=retrieval,
     )
-    assert_paths_agree(cfg, T=19)
-
-
-@pytest.mark.parametrize("loss,depth,chunk", list(itertools.product(sorted(LOSS_PARAMS), [1, 2, 3], [1, 16])))
-def test_chunked_equals_reference_for_every_loss(loss, depth, chunk):
-    assert_paths_agree(make_cfg(depth, loss=loss, chunk_size=chunk), T=23)
+    assert_paths_agree(cfg, T=21, theta_max=0.1)
 
 
 @pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
@@ -125,17 +130,28 @@ def test_gradient_clipping_agrees():
     assert rel(run(chunked_memory, cfg, *inputs)[0], unclipped) > 1e-3  # the clip is active
 
 
-@pytest.mark.parametrize(
-    "depth,chunk,retrieval",
-    [(1, 1, "after"), (1, 4, "before"), (2, 4, "after"), (2, 1, "per_chunk"), (3, 4, "after"), (3, 16, "before")],
-)
-def test_every_gradient_agrees(depth, chunk, retrieval):
+GRADIENT_CASES = [
+    *[dict(depth=d, chunk=b, retrieval=r) for d in (1, 2, 3) for b in (1, 4) for r in ("after", "before", "per_chunk")],
+    *[dict(depth=2, chunk=4, retrieval="after", loss=loss) for loss in ("l1", "lp", "huber")],
+    dict(depth=2, chunk=4, retrieval="after", momentum=False),
+    dict(depth=2, chunk=4, retrieval="after", forget=False),
+    dict(depth=2, chunk=4, retrieval="after", momentum=False, forget=False, residual=False, output_norm=False),
+    dict(depth=3, chunk=16, retrieval="before", grad_clip=0.05),
+]
+
+
+@pytest.mark.parametrize("case", GRADIENT_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_every_gradient_agrees(case):
     """d(scalar loss)/d(W_0, q, k, v, theta, log eta, log keep) of the two paths agree to 1e-8 relative; the
-    output is weighted by a random tensor so every position matters."""
-    cfg = make_cfg(depth, chunk_size=chunk, retrieval=retrieval, residual=True, output_norm=depth > 1)
+    output is weighted by a random tensor so every position matters, and the final weights enter the loss."""
+    options = dict(case)
+    depth, chunk, retrieval = options.pop("depth"), options.pop("chunk"), options.pop("retrieval")
+    options.setdefault("residual", True)
+    options.setdefault("output_norm", depth > 1)
+    cfg = make_cfg(depth, chunk_size=chunk, retrieval=retrieval, **options)
     grads = []
     for fn in (chunked_memory, reference_memory):
-        inputs = make_inputs(cfg, T=13, requires_grad=True)
+        inputs = make_inputs(cfg, T=13, requires_grad=True, theta_max=0.1)
         y, state = run(fn, cfg, *inputs)
         weight = torch.randn(y.shape, generator=torch.Generator().manual_seed(7), dtype=F64)
         scalar = (y * weight).sum() + sum(w.square().sum() for w in state.weights)
