@@ -106,6 +106,7 @@ def test_shape_mismatch_is_reported_at_the_memory_section():
     assert (diag.code, diag.stage, diag.path) == ("TC403", "shape_inference", "blocks.0.memory")
     assert "[B, T, 256]" in diag.message and "out_proj" in diag.hint
     assert report.ran == ["acyclic", "reachability", "shape_inference", "wiring"]
+    assert report.skipped == ["backend"]  # shape inference failed
 
 
 def test_wiring_pass_catches_a_rewired_mac():
@@ -141,7 +142,7 @@ def test_cycle_is_found_and_dependent_passes_are_skipped():
     report = PassManager().run(builder.graph, new_registry())
     assert [d.code for d in report.diagnostics] == ["TC401"]
     assert report.diagnostics[0].stage == "acyclic" and report.diagnostics[0].location.line == 7
-    assert report.skipped == ["shape_inference", "wiring"]
+    assert report.skipped == ["shape_inference", "wiring", "backend"]
 
 
 def test_unreachable_and_dead_nodes():
@@ -194,3 +195,18 @@ def test_renderings_show_every_node_and_the_recurrence(name):
     assert mermaid.count("(recurrent)") == n_recurrent
     assert dot.count("style=dashed") == n_recurrent
     assert dot.count("{") == dot.count("}")
+
+
+def test_backend_pass_records_the_choice_and_refuses_unknown_backends(monkeypatch):
+    graph, _ = compiled("titans_mag_small")
+    writes = [d for _, d in graph.nodes(data=True) if d["op"] == "memory_write"]
+    assert writes and all(d["backend"] == "chunked" and "fast path" in d["backend_reason"] for d in writes)
+    assert "backend=chunked" in to_mermaid(graph)
+    monkeypatch.setenv("TITANS_COMPOSE_BACKEND", "reference")
+    graph, _ = compiled("titans_mag_small")
+    assert {d.get("backend") for _, d in graph.nodes(data=True) if d["op"] == "memory_write"} == {"reference"}
+    monkeypatch.setenv("TITANS_COMPOSE_BACKEND", "warp-drive")
+    registry = new_registry()
+    loaded = load_spec(SPECS / "titans_mag_small.yaml", registry=registry)
+    report = PassManager().run(lower(loaded), registry)
+    assert [(d.code, d.stage) for d in report.diagnostics] == [("TC406", "backend")]

@@ -34,7 +34,7 @@ def test_shipped_spec_validates_and_compiles(path):
     loaded = load_spec(path, registry=new_registry())
     assert loaded.warnings == []
     graph, report = compile_graph(loaded)
-    assert report.ran == ["acyclic", "reachability", "shape_inference", "wiring"]
+    assert report.ran == ["acyclic", "reachability", "shape_inference", "wiring", "backend"]
     assert all(data["shape"] is not None for _, data in graph.nodes(data=True))
 
 

@@ -42,6 +42,7 @@ CODES: dict[str, str] = {
     "TC403": "shape mismatch",
     "TC404": "wrong wiring for the block's variant",
     "TC405": "graph pass crashed",
+    "TC406": "unknown memory backend requested",
     # registry and plug-ins (TC5xx)
     "TC501": "plug-in failed to load",
     "TC502": "duplicate registered name",

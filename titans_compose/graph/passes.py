@@ -138,11 +138,28 @@ def check_wiring(graph: nx.DiGraph, registry: Registry) -> list[Diagnostic]:
     return out
 
 
+def select_backends(graph: nx.DiGraph, registry: Registry) -> list[Diagnostic]:
+    """Record on every memory write which implementation will run it, and why."""
+    from titans_compose.kernels.dispatch import BACKENDS, ENV_VAR, choose_backend
+
+    try:
+        choice = choose_backend()
+    except ValueError as exc:
+        return [
+            Diagnostic("TC406", str(exc), hint=f"set {ENV_VAR} to one of {', '.join(sorted(BACKENDS))}, or unset it")
+        ]
+    for _, data in graph.nodes(data=True):
+        if data["op"] == "memory_write":
+            data["backend"], data["backend_reason"] = choice.name, choice.reason
+    return []
+
+
 DEFAULT_PASSES: tuple[Pass, ...] = (
     Pass("acyclic", check_acyclic, doc=check_acyclic.__doc__ or ""),
     Pass("reachability", check_reachability, doc=check_reachability.__doc__ or ""),
     Pass("shape_inference", infer_shapes, ("acyclic",), doc=infer_shapes.__doc__ or ""),
     Pass("wiring", check_wiring, ("acyclic",), doc=check_wiring.__doc__ or ""),
+    Pass("backend", select_backends, ("shape_inference", "wiring"), doc=select_backends.__doc__ or ""),
 )
 
 

@@ -43,6 +43,8 @@ def _label_parts(node: str, data: dict) -> list[str]:
         if isinstance(value, list):
             value = ",".join(map(str, value))
         details.append(f"{key}={value}")
+    if data.get("backend"):
+        details.append(f"backend={data['backend']}")
     parts = [f"{name} : {data['op']}"]
     if details:
         parts.append(" ".join(details))

@@ -1,19 +1,23 @@
 """Which implementation runs the memory, and why.
 
 ``TITANS_COMPOSE_BACKEND=reference|chunked`` forces one (the kernel generator adds ``triton``); otherwise the
-chunked dual form runs everywhere. The choice and its reason are recorded so a build report can show them.
+chunked dual form runs everywhere. The choice and its reason are recorded, on the graph by the ``backend`` pass and
+on each ``NeuralMemory``, so a build report can show them. Choosing imports nothing heavy; the implementation is
+imported when it is first called.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from titans_compose.kernels.chunked import chunked_memory
-from titans_compose.kernels.reference import reference_memory
-
-BACKENDS: dict[str, Callable] = {"chunked": chunked_memory, "reference": reference_memory}
+#: backend name -> (module, function) implementing the memory scan contract of ``chunked_memory``.
+BACKENDS: dict[str, tuple[str, str]] = {
+    "chunked": ("titans_compose.kernels.chunked", "chunked_memory"),
+    "reference": ("titans_compose.kernels.reference", "reference_memory"),
+}
 ENV_VAR = "TITANS_COMPOSE_BACKEND"
 
 
@@ -24,7 +28,8 @@ class BackendChoice:
 
     @property
     def fn(self) -> Callable:
-        return BACKENDS[self.name]
+        module, attr = BACKENDS[self.name]
+        return getattr(importlib.import_module(module), attr)
 
 
 def choose_backend(requested: str | None = None) -> BackendChoice:
