@@ -199,3 +199,25 @@ def test_subtree_rebases_locations():
     sub = doc.subtree(("a", "b"))
     assert isinstance(sub, SourceDoc) and sub.data == {"c": 1}
     assert sub.locs[("c",)].line == 3 and sub.keylocs[("c",)].col == 5
+
+
+def test_cross_field_rules_use_defaults_of_unwritten_sections_when_other_errors_exist(tmp_path):
+    """A typo elsewhere does not hide a cross-field problem that involves a section left at its defaults."""
+    path = write(
+        tmp_path,
+        "s.yaml",
+        """\
+        model: {vocab_size: 256, dim: 128}
+        memory: {chunk_size: 48}
+        blocks:
+          - kind: mac
+            foo: 1
+          - kind: lmm
+        """,
+    )
+    with pytest.raises(SpecError) as err:
+        load_spec(path, registry=new_registry())
+    assert sorted((d.code, d.path) for d in err.value.diagnostics) == [
+        ("TC201", "blocks.0.foo"),
+        ("TC302", "blocks.0.mac.segment"),  # the default segment 128 against chunk 48; the lmm block has no segment
+    ]

@@ -93,7 +93,8 @@ def _cross_field(spec: Any, doc: SourceDoc, model: Any) -> list[Diagnostic]:
         blocks = doc.data.get("blocks")
         for i, raw in enumerate(blocks if isinstance(blocks, list) else []):
             if isinstance(raw, dict) and isinstance(raw.get("kind"), str) and raw["kind"] in model.block_models:
-                pairs.append((i, _valid_sections(raw, model.section_models)))
+                taken = [name for name in model.block_models[raw["kind"]].model_fields if name in model.section_models]
+                pairs.append((i, _valid_sections(raw, {name: model.section_models[name] for name in taken})))
     out = []
     for i, block in pairs:
         for finding in check_block(block, top):
@@ -107,11 +108,11 @@ def _cross_field(spec: Any, doc: SourceDoc, model: Any) -> list[Diagnostic]:
 
 
 def _valid_sections(raw: dict, section_models: dict[str, type[BaseModel]]) -> SimpleNamespace:
-    """The block's sections that validate on their own (the others are None)."""
+    """The sections a block takes, each validated on its own (unwritten ones at their defaults; invalid ones None)."""
     sections = {}
     for name, section_model in section_models.items():
         try:
-            sections[name] = section_model.model_validate(raw[name]) if isinstance(raw.get(name), dict) else None
+            sections[name] = section_model.model_validate(raw.get(name, {}))
         except ValidationError:
             sections[name] = None
     return SimpleNamespace(**sections)
