@@ -210,3 +210,19 @@ def test_backend_pass_records_the_choice_and_refuses_unknown_backends(monkeypatc
     loaded = load_spec(SPECS / "titans_mag_small.yaml", registry=registry)
     report = PassManager().run(lower(loaded), registry)
     assert [(d.code, d.stage) for d in report.diagnostics] == [("TC406", "backend")]
+
+
+def test_repeated_blocks_are_drawn_once_with_a_count():
+    from titans_compose.graph.render import collapse_repeats
+
+    graph, _ = compiled("titans_mac_small", ["blocks=[{kind: mac, repeat: 3}, {kind: attention, repeat: 2}]"])
+    view = collapse_repeats(graph)
+    assert {d["layer"] for _, d in view.nodes(data=True)} == {None, 0, 3}
+    assert view.has_edge("L0.add_mlp", "L3.norm_mix")  # the last mac copy feeds the first attention layer
+    assert view.has_edge("L3.add_mlp", "final_norm") and view.has_edge("embed", "L0.norm_mix")
+    assert nx.is_directed_acyclic_graph(dag_view(view))
+    mermaid = to_mermaid(view)
+    assert "layers 0-2: mac (blocks.0), 3 identical copies" in mermaid
+    assert "layers 3-4: attention (blocks.1), 2 identical copies" in mermaid
+    assert "L1_" not in mermaid and "L4_" not in mermaid
+    assert view.number_of_nodes() == sum(d["layer"] in (None, 0, 3) for _, d in graph.nodes(data=True))

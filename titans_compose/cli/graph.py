@@ -20,6 +20,7 @@ from titans_compose.cli.main import echo_diagnostics, emit, guarded, load_regist
     help="Output format; png needs Graphviz's `dot` and -o.",
 )
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write to this file instead of stdout.")
+@click.option("--all-layers", is_flag=True, help="Draw every copy of a repeated block (by default: one, with a count).")
 @spec_options
 @click.pass_context
 def graph(
@@ -27,6 +28,7 @@ def graph(
     spec: str,
     fmt: str,
     output: str | None,
+    all_layers: bool,
     overrides: tuple[str, ...],
     sub_plugins: tuple[str, ...],
     sub_debug: bool,
@@ -40,7 +42,7 @@ def graph(
 
     def body() -> int:
         from titans_compose.graph import compile_graph
-        from titans_compose.graph.render import GraphvizMissing, to_dot, to_mermaid, to_png
+        from titans_compose.graph.render import GraphvizMissing, collapse_repeats, to_dot, to_mermaid, to_png
         from titans_compose.spec import load_spec
 
         registry, problems = load_registry(plugins, debug)
@@ -48,6 +50,8 @@ def graph(
         loaded = load_spec(spec, overrides, registry=registry)
         echo_diagnostics(loaded.warnings)
         g, _ = compile_graph(loaded, debug=debug)
+        if not all_layers:
+            g = collapse_repeats(g)
         if fmt == "png":
             try:
                 data: str | bytes = to_png(g)

@@ -38,8 +38,6 @@ def _label_parts(node: str, data: dict) -> list[str]:
         value = params.get(key)
         if value is None or (key == "window" and params.get("kind") == "segment"):
             continue
-        if key == "layers":
-            continue
         if isinstance(value, list):
             value = ",".join(map(str, value))
         details.append(f"{key}={value}")
@@ -66,8 +64,43 @@ def _layers(graph: nx.DiGraph) -> dict[int | None, list[str]]:
 
 
 def _layer_title(graph: nx.DiGraph, index: int) -> str:
-    layer = graph.graph["layers"][index]
-    return f"layer {index}: {layer['kind']} (blocks.{layer['block']})"
+    layer = next(rec for rec in graph.graph["layers"] if rec["index"] == index)
+    copies = layer.get("copies", 1)
+    if copies == 1:
+        return f"layer {index}: {layer['kind']} (blocks.{layer['block']})"
+    return f"layers {index}-{index + copies - 1}: {layer['kind']} (blocks.{layer['block']}), {copies} identical copies"
+
+
+def collapse_repeats(graph: nx.DiGraph) -> nx.DiGraph:
+    """A view for people: the copies of a repeated block are drawn once (their layers are identical by
+    construction); the chain between the copies is left out and the title says how many there are."""
+    layers = graph.graph["layers"]
+    first_of: dict[int, int] = {}
+    kept = []
+    for rec in layers:
+        group = [r for r in layers if r["block"] == rec["block"]]
+        first_of[rec["index"]] = group[0]["index"]
+        if rec is group[0]:
+            kept.append({**rec, "copies": len(group)})
+
+    def fold(node: str) -> str:
+        layer = graph.nodes[node].get("layer")
+        if layer is None or first_of[layer] == layer:
+            return node
+        return f"L{first_of[layer]}.{node.split('.', 1)[1]}"
+
+    out = nx.DiGraph(**{**graph.graph, "layers": kept})
+    for node, data in graph.nodes(data=True):
+        if fold(node) == node:
+            out.add_node(node, **data)
+    for u, v, data in graph.edges(data=True):
+        lu, lv = graph.nodes[u].get("layer"), graph.nodes[v].get("layer")
+        if lu is not None and lv is not None and lu != lv and first_of[lu] == first_of[lv]:
+            continue  # the chain from one copy to the next
+        a, b = fold(u), fold(v)
+        if a != b and not out.has_edge(a, b):
+            out.add_edge(a, b, **data)
+    return out
 
 
 def to_dot(graph: nx.DiGraph) -> str:
