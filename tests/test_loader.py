@@ -114,7 +114,9 @@ def test_overrides_set_nested_values_list_items_and_report_their_origin(tmp_path
     assert diag.code == "TC204" and diag.location.file == "--set memory.depth=0"
 
 
-@pytest.mark.parametrize("arg", ["memory.depth", "=3", "a..b=1", "blocks.7.kind=mac", "model.dim.x=1"])
+@pytest.mark.parametrize(
+    "arg", ["memory.depth", "=3", "a..b=1", "blocks.7.kind=mac", "model.dim.x=1", "extends=other.yaml"]
+)
 def test_bad_overrides(tmp_path, arg):
     path = write(tmp_path, "s.yaml", BASE)
     with pytest.raises(SpecError) as err:
@@ -160,7 +162,11 @@ def test_anchors_and_merge_keys_work(tmp_path):
         ("a: 1\na: 2\n", "TC107"),
         ("a: 1\n---\nb: 2\n", "TC102"),
         ("a: [1, 2\n", "TC102"),
+        ("a: " + "[" * 80 + "]" * 80 + "\n", "TC108"),  # nested deeper than any spec
+        ("a: " + "[" * 5000 + "]" * 5000 + "\n", "TC108"),  # deeper than PyYAML's own recursion
+        ("".join("  " * i + "k:\n" for i in range(1500)), "TC108"),
     ],
+    ids=["alias", "tag", "complex_key", "duplicate", "two_documents", "unclosed", "deep", "deeper", "deep_mapping"],
 )
 def test_unsafe_or_broken_yaml(text, code):
     with pytest.raises(SpecError) as err:
@@ -221,3 +227,19 @@ def test_cross_field_rules_use_defaults_of_unwritten_sections_when_other_errors_
         ("TC201", "blocks.0.foo"),
         ("TC302", "blocks.0.mac.segment"),  # the default segment 128 against chunk 48; the lmm block has no segment
     ]
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "update.lr.max_lr=.inf",
+        "update.forget.half_life=.nan",
+        "model.init_std=-.inf",
+        "update.loss={name: huber, delta: .inf}",
+    ],
+)
+def test_non_finite_numbers_are_refused(tmp_path, override):
+    path = write(tmp_path, "s.yaml", BASE)
+    with pytest.raises(SpecError) as err:
+        load_spec(path, [override], registry=new_registry())
+    assert codes(err.value) == ["TC204"]

@@ -32,7 +32,7 @@ KINDS: dict[str, str] = {
 class RuleParams(BaseModel):
     """Base for an entry's spec options: unknown keys are errors, values are checked on assignment."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 @dataclass(frozen=True)

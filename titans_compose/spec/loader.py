@@ -202,6 +202,18 @@ def apply_override(doc: SourceDoc, arg: str) -> None:
     """Set one ``path=value`` override in ``doc``, creating mappings on the way; list items must exist."""
     path, value = parse_override(arg)
     where = Location(f"--set {arg}")
+    if path[0] == "extends":
+        raise SpecError(
+            [
+                Diagnostic(
+                    "TC106",
+                    "`extends` cannot be overridden: inheritance is resolved before --set applies",
+                    "extends",
+                    where,
+                    "edit the file's `extends:` instead",
+                )
+            ]
+        )
     node = doc.data
     for depth, part in enumerate(path[:-1]):
         nxt = path[depth + 1]

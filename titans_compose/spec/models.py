@@ -40,7 +40,7 @@ MAC_ORDER_PARTS = ("persistent", "memory", "segment")
 class Section(BaseModel):
     """Base of every spec model: unknown keys are errors, types are not coerced, values are immutable."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, validate_default=True, allow_inf_nan=False)
 
 
 class ModelSection(Section):

@@ -24,6 +24,7 @@ _MAP_TAG = "tag:yaml.org,2002:map"
 _SEQ_TAG = "tag:yaml.org,2002:seq"
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 _MAX_NODES = 100_000
+_MAX_DEPTH = 64  # a spec nests about six levels; anything far deeper is a mistake or an attack
 
 
 @dataclass
@@ -132,6 +133,8 @@ def parse_yaml(text: str, file: str) -> SourceDoc:
             node = loader.get_single_node()
         except yaml.YAMLError as exc:
             raise SpecError([_yaml_diagnostic(exc, file, text)]) from None
+        except RecursionError:
+            raise SpecError([_too_deep(Location(file))]) from None
         if node is None:
             return SourceDoc(None, {(): Location(file, 1, 1)})
         builder = _Builder(loader, file)
@@ -168,6 +171,16 @@ def _yaml_diagnostic(exc: yaml.YAMLError, file: str, text: str) -> Diagnostic:
     )
 
 
+def _too_deep(where: Location, path: Path = ()) -> Diagnostic:
+    return Diagnostic(
+        "TC108",
+        f"the document nests more than {_MAX_DEPTH} levels deep",
+        dotted(path),
+        where,
+        "a spec is a few levels of mappings and lists; check for runaway brackets or indentation",
+    )
+
+
 class _Builder:
     """Walks a composed YAML node tree into plain data, recording locations and refusing unsafe constructs."""
 
@@ -197,6 +210,10 @@ class _Builder:
                     path,
                     "YAML aliases can multiply a document; a spec never needs this many values",
                 )
+            return None
+        if len(path) > _MAX_DEPTH:
+            if not any(d.code == "TC108" and "nests" in d.message for d in self.diagnostics):
+                self.diagnostics.append(_too_deep(self.loc(node), path[:_MAX_DEPTH]))
             return None
         if id(node) in self.active:
             self.fail("TC108", "recursive YAML alias", node, path, "an anchor may not be used inside itself")
