@@ -176,3 +176,18 @@ def test_extreme_inputs_and_saturated_gates_stay_finite(bias):
     assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
     assert all(torch.isfinite(p.grad).all() for p in module.parameters() if p.grad is not None)
     assert all(torch.isfinite(w).all() for w in state.memory.weights)
+
+
+def test_detached_state_cuts_backpropagation_but_keeps_values():
+    """Truncated backpropagation through time: a detached state continues the stream with the same values, and
+    the next piece's loss no longer reaches the first piece's input."""
+    module = build()
+    randomise_gates(module)
+    x = x_of(14).requires_grad_()
+    _, state = module(x[:, :9])
+    attached, _ = module(x[:, 9:], state)
+    detached, _ = module(x[:, 9:], state.detach())
+    assert torch.equal(attached, detached)
+    (grad_attached,) = torch.autograd.grad(attached.sum(), x)
+    (grad_detached,) = torch.autograd.grad(detached.sum(), x)
+    assert grad_attached[:, :9].abs().sum() > 0 and grad_detached[:, :9].abs().sum() == 0
