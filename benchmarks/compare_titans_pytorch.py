@@ -164,9 +164,10 @@ def main() -> None:
 
     header = (
         "| seq | chunk | ours retrieval | ours fwd+bwd ms | titans fwd+bwd ms | speed-up fwd+bwd | ours fwd ms "
-        "| titans fwd ms | speed-up fwd | ours tok/s fwd+bwd | ours peak RSS MB | titans peak RSS MB |"
+        "| titans fwd ms | speed-up fwd | ours tok/s fwd+bwd | titans tok/s fwd+bwd | ours peak RSS MB "
+        "| titans peak RSS MB |"
     )
-    lines = [header, "|" + "|".join(["---"] * 12) + "|"]
+    lines = [header, "|" + "|".join(["---"] * 13) + "|"]
     for s, c in points:
         theirs = results[("titans", s, c, "per_chunk")]
         for r in args.retrievals:
@@ -175,7 +176,7 @@ def main() -> None:
                 f"| {s} | {c} | {r} | {ours['fwd_bwd'] * 1e3:.0f} | {theirs['fwd_bwd'] * 1e3:.0f} "
                 f"| {theirs['fwd_bwd'] / ours['fwd_bwd']:.2f}x | {ours['fwd'] * 1e3:.0f} | {theirs['fwd'] * 1e3:.0f} "
                 f"| {theirs['fwd'] / ours['fwd']:.2f}x | {BATCH * s / ours['fwd_bwd']:.0f} "
-                f"| {ours['peak_rss_mb']:.0f} | {theirs['peak_rss_mb']:.0f} |"
+                f"| {BATCH * s / theirs['fwd_bwd']:.0f} | {ours['peak_rss_mb']:.0f} | {theirs['peak_rss_mb']:.0f} |"
             )
     table = "\n".join(lines)
     print(table)
