@@ -48,14 +48,15 @@ class Coefficients:
 
 
 def coefficients(theta: Tensor, log_eta: Tensor | None, log_keep: Tensor | None) -> Coefficients:
-    """A, B, C, D, E of memory-math.md section 3 from the gates of one chunk ([..., b] each)."""
+    """A, B, C, D, E of memory-math.md section 3 from the gates of one chunk ([..., b] each), spelled out for
+    inspection and for checking the :class:`GateTables` the hot path uses against the formulas."""
     t = GateTables.build(log_eta, log_keep, theta.shape, theta.dtype, theta.device, "after")
     ones = torch.ones_like(theta)
     return Coefficients(
         ones if t.A is None else t.A,
         t.FP * theta.unsqueeze(-2),
         t.B,
-        None if t.eta_prod is None else t.eta_prod,
+        t.eta_prod,
         None if t.P is None else t.P * theta.unsqueeze(-2),
     )
 
