@@ -341,25 +341,40 @@ def _state_source(graph: nx.DiGraph, read: str) -> str:
     return graph.nodes[inputs_of(graph, read).get("state", read)]["op"]
 
 
+def _the_one(graph: nx.DiGraph, layer: dict, op: str) -> tuple[str | None, list[tuple[str, str]]]:
+    """The layer's single node of ``op``, or None and the problem to report."""
+    found = _layer_nodes(graph, layer, op)
+    if len(found) == 1:
+        return found[0], []
+    return None, [(layer["input"], f"a {layer['kind']} block needs exactly one {op}, found {len(found)}")]
+
+
+def _queries_from_input(graph: nx.DiGraph, layer: dict) -> list[tuple[str, str]]:
+    """Every memory read of the layer takes its queries from the block input."""
+    return [
+        (read, "the memory's queries must come from the block input")
+        for read in _layer_nodes(graph, layer, "memory_read")
+        if origin(graph, read, "queries") != layer["input"]
+    ]
+
+
 def _memory_checks(graph: nx.DiGraph, layer: dict, write_from: str, write_from_name: str) -> list[tuple[str, str]]:
-    problems = []
-    writes = _layer_nodes(graph, layer, "memory_write")
-    if len(writes) != 1:
-        return [(layer["input"], f"a {layer['kind']} block needs exactly one memory write, found {len(writes)}")]
+    write, problems = _the_one(graph, layer, "memory_write")
+    if write is None:
+        return problems
     for port in ("keys", "values"):
-        src = origin(graph, writes[0], port)
+        src = origin(graph, write, port)
         if src != write_from:
-            problems.append((writes[0], f"the memory's {port} must come from {write_from_name}, not from {src}"))
+            problems.append((write, f"the memory's {port} must come from {write_from_name}, not from {src}"))
     return problems
 
 
 def wiring_mac(graph: nx.DiGraph, layer: dict) -> list[tuple[str, str]]:
     """MAC: the context read uses the pre-segment state and feeds the attention's memory tokens; the write takes
     the attention output; the output reads the updated memory."""
-    attn = _layer_nodes(graph, layer, "attention")
-    if len(attn) != 1:
-        return [(layer["input"], f"a mac block needs exactly one attention, found {len(attn)}")]
-    attn = attn[0]
+    attn, problems = _the_one(graph, layer, "attention")
+    if attn is None:
+        return problems
     problems = _memory_checks(graph, layer, attn, "the attention output")
     ctx_read = origin(graph, attn, "memory")
     if ctx_read is None or graph.nodes[ctx_read]["op"] != "memory_read":
@@ -380,45 +395,37 @@ def wiring_mac(graph: nx.DiGraph, layer: dict) -> list[tuple[str, str]]:
 
 def wiring_mag(graph: nx.DiGraph, layer: dict) -> list[tuple[str, str]]:
     """MAG: attention and the memory branch both read the block input; a gate combines them."""
-    attn = _layer_nodes(graph, layer, "attention")
-    if len(attn) != 1:
-        return [(layer["input"], f"a mag block needs exactly one attention, found {len(attn)}")]
-    problems = _memory_checks(graph, layer, layer["input"], "the block input")
-    for read in _layer_nodes(graph, layer, "memory_read"):
-        if origin(graph, read, "queries") != layer["input"]:
-            problems.append((read, "the memory branch's queries must come from the block input"))
-    if origin(graph, attn[0], "x") != layer["input"]:
-        problems.append((attn[0], "the attention must read the block input"))
+    attn, problems = _the_one(graph, layer, "attention")
+    if attn is None:
+        return problems
+    problems = _memory_checks(graph, layer, layer["input"], "the block input") + _queries_from_input(graph, layer)
+    if origin(graph, attn, "x") != layer["input"]:
+        problems.append((attn, "the attention must read the block input"))
     return problems
 
 
 def wiring_mal(graph: nx.DiGraph, layer: dict) -> list[tuple[str, str]]:
     """MAL: the memory layer reads the block input (after the persistent prefix); attention reads the memory."""
-    attn = _layer_nodes(graph, layer, "attention")
-    if len(attn) != 1:
-        return [(layer["input"], f"a mal block needs exactly one attention, found {len(attn)}")]
-    writes = _layer_nodes(graph, layer, "memory_write")
-    src = origin(graph, writes[0], "keys") if len(writes) == 1 else None
+    attn, problems = _the_one(graph, layer, "attention")
+    if attn is None:
+        return problems
+    write, problems = _the_one(graph, layer, "memory_write")
+    if write is None:
+        return problems
+    src = origin(graph, write, "keys")
     if src is not None and graph.nodes[src]["op"] == "concat":
         src = origin(graph, src, "x")
-    problems = (
-        []
-        if src == layer["input"]
-        else [(writes[0] if writes else layer["input"], "the memory layer must read the block input")]
-    )
-    read = origin(graph, attn[0], "x")
+    if src != layer["input"]:
+        problems.append((write, "the memory layer must read the block input"))
+    read = origin(graph, attn, "x")
     if read is None or graph.nodes[read]["op"] != "memory_read":
-        problems.append((attn[0], "the attention must read the memory layer's output"))
+        problems.append((attn, "the attention must read the memory layer's output"))
     return problems
 
 
 def wiring_lmm(graph: nx.DiGraph, layer: dict) -> list[tuple[str, str]]:
     """LMM: the memory writes and reads the block input."""
-    problems = _memory_checks(graph, layer, layer["input"], "the block input")
-    for read in _layer_nodes(graph, layer, "memory_read"):
-        if origin(graph, read, "queries") != layer["input"]:
-            problems.append((read, "the memory's queries must come from the block input"))
-    return problems
+    return _memory_checks(graph, layer, layer["input"], "the block input") + _queries_from_input(graph, layer)
 
 
 def wiring_attention(graph: nx.DiGraph, layer: dict) -> list[tuple[str, str]]:
