@@ -191,3 +191,22 @@ def test_detached_state_cuts_backpropagation_but_keeps_values():
     (grad_attached,) = torch.autograd.grad(attached.sum(), x)
     (grad_detached,) = torch.autograd.grad(detached.sum(), x)
     assert grad_attached[:, :9].abs().sum() > 0 and grad_detached[:, :9].abs().sum() == 0
+
+
+@pytest.mark.parametrize("kernel", [1, 2, 4, 5])
+def test_depthwise_causal_conv_equals_grouped_conv1d(kernel):
+    """The shifted multiply-add convolution equals torch's grouped Conv1d over the same (history-first) input,
+    forward and gradients, in float64."""
+    from titans_compose.nn.memory import _depthwise_causal_conv
+
+    channels, length = 6, 11
+    conv = torch.nn.Conv1d(channels, channels, kernel, groups=channels, bias=False).to(F64)
+    full = torch.randn(2, kernel - 1 + length, channels, dtype=F64, requires_grad=True)
+    ours = _depthwise_causal_conv(full, conv.weight[:, 0, :])
+    theirs = conv(full.transpose(1, 2)).transpose(1, 2)
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(ours)
+    got = torch.autograd.grad(ours, (full, conv.weight), grad)
+    want = torch.autograd.grad(theirs, (full, conv.weight), grad)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
