@@ -7,6 +7,7 @@ package is light: torch is only imported by the parts that build modules.
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 from titans_compose.errors import Diagnostic, Location, SpecError
 from titans_compose.registry import Registry, RuleParams
@@ -25,5 +26,19 @@ __all__ = [
     "RuleParams",
     "SpecError",
     "__version__",
+    "build",
+    "load_build",
     "load_spec",
 ]
+
+#: names imported on first use: they import torch, which ``import titans_compose`` must not. (The module is not
+#: called ``build``: importing it would set ``titans_compose.build`` to the module, hiding the function.)
+_LAZY = {"build": "titans_compose.builder", "load_build": "titans_compose.builder"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'titans_compose' has no attribute {name!r}")

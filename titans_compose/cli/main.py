@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "graph": ("titans_compose.cli.graph", "graph", "Print or write a spec's graph IR (DOT, Mermaid or PNG)."),
     "schema": ("titans_compose.cli.schema", "schema", "Print the JSON Schema of the spec language."),
     "ls": ("titans_compose.cli.ls", "ls", "List registered names with their parameters and source."),
+    "build": ("titans_compose.cli.build", "build", "Compile a spec into a smoke-checked model and a verifiable build."),
 }
 
 EXIT_SPEC_ERROR = 1

@@ -1,0 +1,196 @@
+"""Builds: the report, the build directory and its manifest, verification on load, and the `build` command."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from tests.conftest import ROOT, SPECS
+from titans_compose import builder
+from titans_compose.builder import BUILD_FILES, MANIFEST, BuildError, BuildReport, build, load_build
+from titans_compose.cli.main import cli
+
+MAC = SPECS / "titans_mac_small.yaml"
+
+
+class StandIn(torch.nn.Module):
+    """A tiny language model with the model's interface, so builds are tested without the real model's cost."""
+
+    def __init__(self, graph, loaded):
+        super().__init__()
+        vocab, dim = loaded.spec.model.vocab_size, 8
+        self.embed = torch.nn.Embedding(vocab, dim)
+        self.head = torch.nn.Linear(dim, vocab)
+        self.memory_layers = [f"layers.{rec['index']}" for rec in graph.graph["layers"]]
+
+    def forward(self, tokens):
+        return SimpleNamespace(logits=self.head(self.embed(tokens)), state=None)
+
+    def components(self):
+        return [("embed", self.embed.weight.numel()), ("head", sum(p.numel() for p in self.head.parameters()))]
+
+    def memory_backends(self):
+        return [(layer, "chunked", "the stand-in's reason") for layer in self.memory_layers]
+
+
+@pytest.fixture
+def stand_in(monkeypatch):
+    monkeypatch.setattr(builder, "make_module", StandIn)
+
+
+def sha256(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_build_writes_every_file_and_a_manifest_of_their_hashes(stand_in, tmp_path):
+    out = tmp_path / "b"
+    result = build(MAC, output_dir=out, seed=3)
+    assert sorted(p.name for p in out.iterdir()) == sorted([*BUILD_FILES, MANIFEST])  # no temporary files left
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["format"] == "titans-compose-build" and manifest["format_version"] == 1
+    assert manifest["seed"] == 3 and manifest["spec"] == "titans-mac-small"
+    assert set(manifest["versions"]) == {"titans_compose", "torch", "triton", "python"}
+    assert {name: entry["sha256"] for name, entry in manifest["files"].items()} == {
+        name: sha256(out / name) for name in BUILD_FILES
+    }
+    assert BuildReport.from_json(json.loads((out / "report.json").read_text())) == result.report
+    assert (out / "graph.mmd").read_text().startswith("flowchart TD")
+    assert (out / "graph.dot").read_text().startswith("digraph")
+
+
+def test_report(stand_in):
+    report = build(MAC, seed=1).report
+    assert report.spec_name == "titans-mac-small" and report.spec_source == str(MAC)
+    assert report.parameters == [("embed", 256 * 8), ("head", 8 * 256 + 256)]
+    assert report.total_parameters == 256 * 8 + 8 * 256 + 256
+    assert report.layers == [(0, "mac"), (1, "mac")] and report.graph_nodes > 10
+    assert report.passes == ["acyclic", "reachability", "shape_inference", "wiring", "backend"]
+    assert report.kernels == "kernels: none generated; every memory layer runs the chunked PyTorch path"
+    assert report.smoke.finite and report.smoke.loss > 0 and report.smoke.grad_norm > 0
+
+
+def test_kernels_line_follows_the_backends():
+    assert builder.kernels_line([]) == "kernels: none generated; the model has no memory layers"
+    mixed = builder.kernels_line([("layers.0", "chunked", ""), ("layers.1", "reference", "")])
+    assert mixed == "kernels: none generated; memory layers run PyTorch paths (chunked: layers.0; reference: layers.1)"
+
+
+def test_weights_depend_only_on_the_seed_and_the_smoke_check_leaves_them(stand_in):
+    def weights(seed, smoke):
+        return build(MAC, seed=seed, smoke=smoke).module.state_dict()
+
+    a, b, c = weights(0, True), weights(0, False), weights(1, True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["embed.weight"], c["embed.weight"])
+
+
+def test_a_non_finite_smoke_check_is_an_error(stand_in, tmp_path):
+    class Broken(StandIn):
+        def forward(self, tokens):
+            return SimpleNamespace(logits=super().forward(tokens).logits * float("nan"), state=None)
+
+    builder.make_module = Broken  # undone by the stand_in fixture's monkeypatch
+    with pytest.raises(BuildError, match="smoke check failed: loss nan"):
+        build(MAC, output_dir=tmp_path / "b")
+    assert not (tmp_path / "b").exists()
+
+
+def test_load_build_gives_the_identical_model(stand_in, tmp_path):
+    built = build(MAC, ["memory.depth=3"], output_dir=tmp_path / "b", seed=7)
+    loaded = load_build(tmp_path / "b")
+    assert loaded.report == built.report and loaded.loaded.spec.memory.depth == 3
+    tokens = torch.randint(256, (2, 16), generator=torch.Generator().manual_seed(0))
+    built.module.eval(), loaded.module.eval()
+    with torch.no_grad():
+        assert torch.equal(built.module(tokens).logits, loaded.module(tokens).logits)
+
+
+@pytest.mark.parametrize("name", BUILD_FILES)
+def test_a_changed_or_missing_file_is_refused_by_name(stand_in, tmp_path, name):
+    changed, missing = tmp_path / "changed", tmp_path / "missing"
+    for out in (changed, missing):
+        build(MAC, output_dir=out, smoke=False)
+    with open(changed / name, "ab") as handle:
+        handle.write(b" ")
+    with pytest.raises(BuildError, match=f"{name} does not match its sha256"):
+        load_build(changed)
+    (missing / name).unlink()
+    with pytest.raises(BuildError, match=f"{name} is missing"):
+        load_build(missing)
+
+
+def test_an_unknown_format_or_no_manifest_is_refused(stand_in, tmp_path):
+    out = tmp_path / "b"
+    build(MAC, output_dir=out, smoke=False)
+    manifest = json.loads((out / MANIFEST).read_text())
+    (out / MANIFEST).write_text(json.dumps({**manifest, "format_version": 99}))
+    with pytest.raises(BuildError, match="format version 99"):
+        load_build(out)
+    (out / MANIFEST).unlink()
+    with pytest.raises(BuildError, match="is not a titans-compose build"):
+        load_build(out)
+
+
+def test_output_conflicts_are_refused_and_the_spec_is_never_touched(stand_in, tmp_path):
+    spec = tmp_path / "mine.yaml"
+    spec.write_text(MAC.read_text())
+    before = spec.read_bytes()
+    with pytest.raises(BuildError, match="is a file, not a directory"):
+        build(spec, output_dir=spec)
+    with pytest.raises(BuildError, match=r"is not empty and holds no manifest\.json"):
+        build(spec, output_dir=tmp_path)
+    assert spec.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["mine.yaml"]
+    out = tmp_path / "b"
+    build(spec, output_dir=out, seed=0, smoke=False)
+    build(spec, output_dir=out, seed=1, smoke=False)  # an earlier build may be replaced
+    assert json.loads((out / MANIFEST).read_text())["seed"] == 1 and load_build(out).report.seed == 1
+
+
+def test_cli_prints_the_report_it_writes(stand_in, runner, tmp_path):
+    out = tmp_path / "b"
+    result = runner.invoke(cli, ["build", str(MAC), "-o", str(out), "--seed", "2", "--set", "memory.depth=3"])
+    assert result.exit_code == 0, result.output
+    report = load_build(out).report
+    assert result.output == f"{report.summary()}\nwrote {out}/ (manifest.json lists every file with its sha256)\n"
+    assert report.seed == 2 and "memory backends:\n  layers.0: chunked (the stand-in's reason)" in result.output
+    assert "  total" in result.output and report.kernels in result.output and "smoke check: loss" in result.output
+
+
+def test_cli_default_directory_and_no_smoke(stand_in, runner, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(cli, ["build", str(MAC), "--no-smoke"])
+    assert result.exit_code == 0, result.output
+    assert "smoke check: skipped" in result.output and load_build(tmp_path / "build" / "titans-mac-small").report
+
+
+def test_cli_errors(stand_in, runner, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {vocab_size: 256, dim: 64}\nblocks:\n  - kind: mac\n    memory: {depht: 2}\n")
+    result = runner.invoke(cli, ["build", str(bad), "-o", str(tmp_path / "b")])
+    assert result.exit_code == 1 and f"{bad}:4:14: blocks.0.memory.depht: unknown key 'depht'" in result.output
+    conflict = runner.invoke(cli, ["build", str(MAC), "-o", str(bad)])
+    assert conflict.exit_code == 1 and "is a file, not a directory" in conflict.output
+    assert not (tmp_path / "b").exists()
+
+
+def test_importing_the_package_imports_no_torch_and_exports_the_functions():
+    script = textwrap.dedent("""
+        import sys
+        import titans_compose
+        print("torch imported:", "torch" in sys.modules)
+        import titans_compose.builder
+        from titans_compose import build, load_build
+        print(build is titans_compose.builder.build, load_build is titans_compose.builder.load_build)
+    """)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == ["torch imported: False", "True True"]

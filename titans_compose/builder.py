@@ -1,0 +1,351 @@
+"""Building a spec: compile it into a PyTorch module, check that it can train, and keep a verifiable record.
+
+:func:`build` loads a spec, compiles its graph, builds the module with weights that depend only on the seed, runs a
+one-step smoke check and, given a directory, writes the build there. A build directory holds ``spec.resolved.yaml``,
+``weights.safetensors`` (the initial weights), ``graph.dot``, ``graph.mmd``, ``report.json`` and, written last,
+``manifest.json`` with the sha256 of every other file, so a build with a manifest is complete and any later change
+is detected. :func:`load_build` verifies a build directory and rebuilds the identical module from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import networkx as nx
+import torch
+from safetensors import TensorSpec, serialize
+from safetensors.torch import load as load_tensors
+
+from titans_compose.errors import SpecError
+from titans_compose.io import atomic_write
+from titans_compose.spec import LoadedSpec, load_spec
+
+FORMAT = "titans-compose-build"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SPEC_FILE = "spec.resolved.yaml"
+WEIGHTS_FILE = "weights.safetensors"
+REPORT_FILE = "report.json"
+#: every file of a build except the manifest, which lists their hashes
+BUILD_FILES = (SPEC_FILE, WEIGHTS_FILE, "graph.dot", "graph.mmd", REPORT_FILE)
+#: the smoke check's random token batch: [batch, time]
+SMOKE_SHAPE = (2, 32)
+
+
+class BuildError(RuntimeError):
+    """A build could not be made, written or loaded; the message says which file or check and why."""
+
+
+@dataclass(frozen=True)
+class SmokeCheck:
+    """One forward and backward pass on random tokens: the next-token loss, the gradient norm, and the time taken."""
+
+    loss: float
+    finite: bool
+    grad_norm: float
+    seconds: float
+
+
+@dataclass
+class BuildReport:
+    """What was built: the spec, parameter counts, the graph, the memory backends, kernels and the smoke check."""
+
+    spec_name: str
+    spec_source: str
+    seed: int
+    parameters: list[tuple[str, int]]  # (component, count)
+    total_parameters: int
+    layers: list[tuple[int, str]]  # (index, block kind)
+    graph_nodes: int
+    passes: list[str]
+    backends: list[tuple[str, str, str]]  # (memory layer, backend, reason)
+    kernels: str
+    smoke: SmokeCheck | None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> BuildReport:
+        smoke = data["smoke"]
+        return cls(
+            **{
+                **data,
+                "parameters": [tuple(p) for p in data["parameters"]],
+                "layers": [tuple(layer) for layer in data["layers"]],
+                "backends": [tuple(b) for b in data["backends"]],
+                "smoke": None if smoke is None else SmokeCheck(**smoke),
+            }
+        )
+
+    def summary(self) -> str:
+        """The report as the text ``titans-compose build`` prints."""
+        width = max([len("total"), *(len(name) for name, _ in self.parameters)])
+        lines = [f"built {self.spec_name} from {self.spec_source} (seed {self.seed})", "parameters:"]
+        lines += [f"  {name:<{width}}  {count:>12,}" for name, count in self.parameters]
+        lines.append(f"  {'total':<{width}}  {self.total_parameters:>12,}")
+        kinds = ", ".join(f"{index}: {kind}" for index, kind in self.layers)
+        lines.append(f"layers: {len(self.layers)} ({kinds}); {self.graph_nodes} graph nodes")
+        lines.append(f"passes: {', '.join(self.passes)}")
+        if self.backends:
+            lines.append("memory backends:")
+            lines += [f"  {layer}: {backend} ({reason})" for layer, backend, reason in self.backends]
+        lines.append(self.kernels)
+        if self.smoke is None:
+            lines.append("smoke check: skipped")
+        else:
+            s = self.smoke
+            lines.append(
+                f"smoke check: loss {s.loss:.4f}, {'finite' if s.finite else 'NOT finite'}, "
+                f"grad norm {s.grad_norm:.4f}, {s.seconds:.2f} s"
+            )
+        return "\n".join(lines)
+
+
+@dataclass
+class BuildResult:
+    """A built model with its report, graph IR and loaded spec; ``path`` is the build directory, if one was written."""
+
+    module: torch.nn.Module
+    report: BuildReport
+    graph: nx.DiGraph
+    loaded: LoadedSpec
+    path: Path | None = None
+
+
+def make_module(graph: nx.DiGraph, loaded: LoadedSpec) -> torch.nn.Module:
+    """The PyTorch model for a compiled graph."""
+    from titans_compose.nn.model import TitansLM
+
+    return TitansLM.from_graph(graph, loaded)
+
+
+def kernels_line(backends: Sequence[tuple[str, str, str]]) -> str:
+    """Which kernels the build generated, read from the memory backends. No backend generates one yet (the kernel
+    generator is to come), so every memory layer runs a PyTorch path; the line says which."""
+    if not backends:
+        return "kernels: none generated; the model has no memory layers"
+    names = sorted({backend for _, backend, _ in backends})
+    if len(names) == 1:
+        return f"kernels: none generated; every memory layer runs the {names[0]} PyTorch path"
+    per = "; ".join(f"{name}: {', '.join(lay for lay, b, _ in backends if b == name)}" for name in names)
+    return f"kernels: none generated; memory layers run PyTorch paths ({per})"
+
+
+def smoke_check(module: torch.nn.Module, vocab_size: int, seed: int) -> SmokeCheck:
+    """One forward and backward pass on a random token batch with the next-token cross-entropy loss.
+
+    Gradients are cleared afterwards and no step is taken, so the weights are unchanged. Raises :class:`BuildError`
+    if the loss or the gradient is not finite: such a model cannot train.
+    """
+    tokens = torch.randint(vocab_size, SMOKE_SHAPE, generator=torch.Generator().manual_seed(seed))
+    start = time.perf_counter()
+    logits = module(tokens).logits
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+    loss.backward()
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads else 0.0
+    seconds = time.perf_counter() - start
+    module.zero_grad(set_to_none=True)
+    loss_value, norm_value = float(loss.detach()), float(grad_norm)
+    finite = math.isfinite(loss_value) and math.isfinite(norm_value)
+    if not finite:
+        raise BuildError(
+            f"smoke check failed: loss {loss_value}, gradient norm {norm_value} on a random "
+            f"{SMOKE_SHAPE[0]}x{SMOKE_SHAPE[1]} token batch; the model as specified cannot train"
+        )
+    return SmokeCheck(loss_value, finite, norm_value, seconds)
+
+
+def build(
+    spec: str | os.PathLike[str] | LoadedSpec,
+    overrides: Sequence[str] = (),
+    plugins: Sequence[str] = (),
+    *,
+    output_dir: str | os.PathLike[str] | None = None,
+    seed: int = 0,
+    smoke: bool = True,
+) -> BuildResult:
+    """Compile ``spec`` (a path, with ``overrides`` and ``plugins``, or an already loaded spec) into a module.
+
+    Torch is seeded with ``seed`` before the module is built, so the weights depend only on the spec and the seed.
+    With ``smoke`` a forward and backward pass checks the model can train. With ``output_dir`` the build is written
+    there (see the module docstring); a path that is a file, or a non-empty directory that is not a build, is
+    refused before anything is built. Raises :class:`SpecError` for spec problems, :class:`BuildError` otherwise.
+    """
+    target = None if output_dir is None else Path(output_dir)
+    if target is not None:
+        check_output_dir(target)
+    loaded = spec if isinstance(spec, LoadedSpec) else _load(spec, overrides, plugins)
+    from titans_compose.graph import compile_graph
+
+    graph, passes = compile_graph(loaded)
+    torch.manual_seed(seed)
+    module = make_module(graph, loaded)
+    weights = {name: t.detach().cpu().clone().contiguous() for name, t in module.state_dict().items()}
+    check = smoke_check(module, loaded.spec.model.vocab_size, seed) if smoke else None
+    backends = [tuple(b) for b in module.memory_backends()]
+    report = BuildReport(
+        spec_name=spec_name(loaded),
+        spec_source=loaded.source,
+        seed=seed,
+        parameters=[tuple(c) for c in module.components()],
+        total_parameters=sum(p.numel() for p in module.parameters()),
+        layers=[(rec["index"], rec["kind"]) for rec in graph.graph["layers"]],
+        graph_nodes=graph.number_of_nodes(),
+        passes=list(passes.ran),
+        backends=backends,
+        kernels=kernels_line(backends),
+        smoke=check,
+    )
+    result = BuildResult(module, report, graph, loaded)
+    if target is not None:
+        write_build(result, weights, target, plugins)
+        result.path = target
+    return result
+
+
+def spec_name(loaded: LoadedSpec) -> str:
+    """The spec's ``name``, or its file name without the extension."""
+    return loaded.spec.name or Path(loaded.source).stem
+
+
+def _load(path: str | os.PathLike[str], overrides: Sequence[str], plugins: Sequence[str]) -> LoadedSpec:
+    from titans_compose.registry import default_registry
+
+    registry, problems = default_registry(plugins)
+    if problems:
+        raise SpecError(problems)
+    return load_spec(path, overrides, registry=registry)
+
+
+def check_output_dir(path: Path) -> None:
+    """Refuse to write a build onto a file, or into a non-empty directory that is not already a build."""
+    if path.exists() and not path.is_dir():
+        raise BuildError(f"{path} is a file, not a directory: choose another output directory")
+    if path.is_dir() and any(path.iterdir()) and _read_manifest(path) is None:
+        raise BuildError(
+            f"{path} is not empty and holds no {MANIFEST} of a titans-compose build: refusing to write into it "
+            "(choose an empty or new directory)"
+        )
+
+
+def _read_manifest(path: Path) -> dict[str, Any] | None:
+    """The build manifest in ``path``, or None if there is none or it is not ours."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) and manifest.get("format") == FORMAT else None
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _package_version(name: str) -> str | None:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """``tensors`` (contiguous, on the CPU) in the safetensors format. Like ``safetensors.torch.save`` this hands the
+    tensors' memory to the serializer, but not through NumPy, which ``save`` needs and this project does not."""
+    if sys.byteorder != "little":
+        raise BuildError("writing weights needs a little-endian machine (the safetensors byte order)")
+    specs = {
+        name: TensorSpec(
+            dtype=str(t.dtype).removeprefix("torch."),
+            shape=list(t.shape),
+            data_ptr=t.data_ptr(),
+            data_len=t.numel() * t.element_size(),
+        )
+        for name, t in tensors.items()
+    }
+    return serialize(specs, metadata=metadata)
+
+
+def write_build(result: BuildResult, weights: dict[str, torch.Tensor], path: Path, plugins: Sequence[str]) -> None:
+    """Write the build files atomically, then the manifest with their hashes, so a manifest means a whole build."""
+    from titans_compose.cli.validate import resolved_yaml
+    from titans_compose.graph.render import collapse_repeats, to_dot, to_mermaid
+
+    shown = collapse_repeats(result.graph)
+    files: dict[str, bytes] = {
+        SPEC_FILE: resolved_yaml(result.loaded).encode("utf-8"),
+        WEIGHTS_FILE: safetensors_bytes(weights, metadata={"format": FORMAT, "seed": str(result.report.seed)}),
+        "graph.dot": to_dot(shown).encode("utf-8"),
+        "graph.mmd": to_mermaid(shown).encode("utf-8"),
+        REPORT_FILE: (json.dumps(result.report.to_json(), indent=2) + "\n").encode("utf-8"),
+    }
+    for name, data in files.items():
+        atomic_write(path / name, data)
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "spec": result.report.spec_name,
+        "seed": result.report.seed,
+        "plugins": list(plugins),
+        "versions": {
+            "titans_compose": _package_version("titans_compose"),
+            "torch": torch.__version__,
+            "triton": _package_version("triton"),
+            "python": platform.python_version(),
+        },
+        "files": {name: {"sha256": _sha256(data), "bytes": len(data)} for name, data in files.items()},
+    }
+    atomic_write(path / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+
+
+def load_build(path: str | os.PathLike[str], plugins: Sequence[str] = ()) -> BuildResult:
+    """Verify the build in ``path`` and rebuild its module with the saved weights.
+
+    Every file must match the manifest's sha256 and the format version must be this one; a missing or changed file
+    is refused with a :class:`BuildError` naming it. The module is rebuilt from ``spec.resolved.yaml`` (``plugins``
+    must provide any plug-in names it uses) and the weights are loaded strictly. The report is the one recorded.
+    """
+    root = Path(path)
+    manifest = _read_manifest(root)
+    if manifest is None:
+        raise BuildError(f"{root} is not a titans-compose build: no readable {MANIFEST}")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise BuildError(
+            f"{root / MANIFEST}: build format version {manifest.get('format_version')!r}; "
+            f"this titans-compose reads version {FORMAT_VERSION}: build the spec again"
+        )
+    listed = manifest.get("files", {})
+    data: dict[str, bytes] = {}
+    for name in BUILD_FILES:
+        if name not in listed:
+            raise BuildError(f"{root / MANIFEST} does not list {name}: the manifest is incomplete")
+        try:
+            data[name] = (root / name).read_bytes()
+        except FileNotFoundError:
+            raise BuildError(f"{root / name} is missing: the build is incomplete") from None
+        if _sha256(data[name]) != listed[name].get("sha256"):
+            raise BuildError(f"{root / name} does not match its sha256 in {MANIFEST}: it changed after the build")
+    from titans_compose.graph import compile_graph
+
+    loaded = _load(root / SPEC_FILE, (), plugins)
+    graph, _ = compile_graph(loaded)
+    torch.manual_seed(manifest["seed"])
+    module = make_module(graph, loaded)
+    try:
+        module.load_state_dict(load_tensors(data[WEIGHTS_FILE]), strict=True)
+    except RuntimeError as exc:
+        raise BuildError(f"{root / WEIGHTS_FILE} does not fit the model of {SPEC_FILE}: {exc}") from None
+    report = BuildReport.from_json(json.loads(data[REPORT_FILE]))
+    return BuildResult(module, report, graph, loaded, root)

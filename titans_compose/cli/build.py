@@ -1,0 +1,56 @@
+"""``titans-compose build``: compile a spec into a PyTorch model, smoke-check it and write a verifiable build."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from titans_compose.cli.main import echo_diagnostics, guarded, load_registry, settings, spec_options
+
+
+@click.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(),
+    help="Build directory (default: build/<spec name>/). It must be new, empty, or an earlier build.",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the initial weights.")
+@click.option("--no-smoke", is_flag=True, help="Skip the one-step forward/backward smoke check.")
+@spec_options
+@click.pass_context
+def build(
+    ctx: click.Context,
+    spec: str,
+    output: str | None,
+    seed: int,
+    no_smoke: bool,
+    overrides: tuple[str, ...],
+    sub_plugins: tuple[str, ...],
+    sub_debug: bool,
+) -> None:
+    """Build SPEC: the model, its report, and a build directory that `load_build` verifies and reloads."""
+    plugins, debug = settings(ctx, sub_plugins, sub_debug)
+
+    def body() -> int:
+        from titans_compose.builder import BuildError, build, spec_name
+        from titans_compose.spec import load_spec
+
+        registry, problems = load_registry(plugins, debug)
+        echo_diagnostics(problems)
+        if problems:
+            return 1
+        loaded = load_spec(spec, overrides, registry=registry)
+        echo_diagnostics(loaded.warnings)
+        out = Path(output) if output is not None else Path("build") / spec_name(loaded)
+        try:
+            result = build(loaded, plugins=plugins, output_dir=out, seed=seed, smoke=not no_smoke)
+        except BuildError as exc:
+            raise click.ClickException(str(exc)) from None
+        click.echo(result.report.summary())
+        click.echo(f"wrote {out}/ (manifest.json lists every file with its sha256)")
+        return 0
+
+    guarded(ctx, debug, body)
