@@ -131,6 +131,13 @@ def make_module(graph: nx.DiGraph, loaded: LoadedSpec) -> torch.nn.Module:
     return TitansLM.from_graph(graph, loaded)
 
 
+def seeded_module(graph: nx.DiGraph, loaded: LoadedSpec, seed: int) -> torch.nn.Module:
+    """The module with weights drawn from torch's generator seeded with ``seed``; the caller's random state is kept."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return make_module(graph, loaded)
+
+
 def kernels_line(backends: Sequence[tuple[str, str, str]]) -> str:
     """Which kernels the build generated, read from the memory backends. No backend generates one yet (the kernel
     generator is to come), so every memory layer runs a PyTorch path; the line says which."""
@@ -179,7 +186,7 @@ def build(
 ) -> BuildResult:
     """Compile ``spec`` (a path, with ``overrides`` and ``plugins``, or an already loaded spec) into a module.
 
-    Torch is seeded with ``seed`` before the module is built, so the weights depend only on the spec and the seed.
+    The module's weights are drawn with torch seeded by ``seed``, so they depend only on the spec and the seed.
     With ``smoke`` a forward and backward pass checks the model can train. With ``output_dir`` the build is written
     there (see the module docstring); a path that is a file, or a non-empty directory that is not a build, is
     refused before anything is built. Raises :class:`SpecError` for spec problems, :class:`BuildError` otherwise.
@@ -191,8 +198,7 @@ def build(
     from titans_compose.graph import compile_graph
 
     graph, passes = compile_graph(loaded)
-    torch.manual_seed(seed)
-    module = make_module(graph, loaded)
+    module = seeded_module(graph, loaded, seed)
     weights = {name: t.detach().cpu().clone().contiguous() for name, t in module.state_dict().items()}
     check = smoke_check(module, loaded.spec.model.vocab_size, seed) if smoke else None
     backends = [tuple(b) for b in module.memory_backends()]
@@ -314,8 +320,9 @@ def load_build(path: str | os.PathLike[str], plugins: Sequence[str] = ()) -> Bui
     """Verify the build in ``path`` and rebuild its module with the saved weights.
 
     Every file must match the manifest's sha256 and the format version must be this one; a missing or changed file
-    is refused with a :class:`BuildError` naming it. The module is rebuilt from ``spec.resolved.yaml`` (``plugins``
-    must provide any plug-in names it uses) and the weights are loaded strictly. The report is the one recorded.
+    is refused with a :class:`BuildError` naming it. The module is rebuilt from ``spec.resolved.yaml`` with
+    ``plugins`` (by default those the build was made with) and the weights are loaded strictly. The report is the
+    one recorded at build time.
     """
     root = Path(path)
     manifest = _read_manifest(root)
@@ -339,10 +346,9 @@ def load_build(path: str | os.PathLike[str], plugins: Sequence[str] = ()) -> Bui
             raise BuildError(f"{root / name} does not match its sha256 in {MANIFEST}: it changed after the build")
     from titans_compose.graph import compile_graph
 
-    loaded = _load(root / SPEC_FILE, (), plugins)
+    loaded = _load(root / SPEC_FILE, (), plugins or manifest.get("plugins", ()))
     graph, _ = compile_graph(loaded)
-    torch.manual_seed(manifest["seed"])
-    module = make_module(graph, loaded)
+    module = seeded_module(graph, loaded, manifest["seed"])
     try:
         module.load_state_dict(load_tensors(data[WEIGHTS_FILE]), strict=True)
     except RuntimeError as exc:
