@@ -35,6 +35,10 @@ def build(
     plugins, debug = settings(ctx, sub_plugins, sub_debug)
 
     def body() -> int:
+        import warnings
+
+        # torch's CPU wheel warns at import when NumPy is absent; nothing here needs NumPy.
+        warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
         from titans_compose.builder import BuildError, build, spec_name
         from titans_compose.spec import load_spec
 
