@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from titans_compose.kernels import mlp
+from titans_compose.kernels import chunk_write, mlp
 from titans_compose.kernels.config import MemoryConfig
 from titans_compose.kernels.state import MemoryState, Pending, resume
 
@@ -192,6 +192,20 @@ def _fold(
     return tuple(new_w), tuple(new_s)
 
 
+def _last_row(
+    tables: GateTables, theta: Tensor
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """What the chunk-end fold takes from the gate tables: c = C_{b,.}, e = E_{b,.}, keep = A_b, carry = B_b,
+    decay = D_b (None where a gate is off)."""
+    c = tables.FP[..., -1, :] * theta
+    if tables.P is None:
+        e = carry = decay = None
+    else:
+        e, carry, decay = tables.P[..., -1, :] * theta, tables.B[..., -1], tables.eta_prod[..., -1]
+    keep = None if tables.A is None else tables.A[..., -1]
+    return c, e, keep, carry, decay
+
+
 def _chunk(
     cfg: MemoryConfig,
     commit: bool,
@@ -203,6 +217,14 @@ def _chunk(
     theta: Tensor,
     tables: GateTables,
 ):
+    if commit and chunk_write.supported(cfg):
+        inputs, deltas, new_weights, new_momentum = chunk_write.chunk_write(
+            weights, momentum, k, v, *_last_row(tables, theta), cfg
+        )
+        y = mlp.forward(weights, q, cfg) if cfg.retrieval == "per_chunk" else None
+        if y is None:
+            y = _read(weights, momentum, q, tables, theta, inputs, deltas, cfg)
+        return y, new_weights, new_momentum
     inputs, deltas = mlp.key_path(weights, k, v, cfg)
     if cfg.grad_clip is not None:
         theta = theta * clip_scale(inputs, deltas, cfg.grad_clip)

@@ -48,6 +48,14 @@ def forward(weights: tuple[Tensor, ...] | list[Tensor], x: Tensor, cfg: MemoryCo
     return finish(h, x, cfg)[0]
 
 
+def output_error(z_last: Tensor, k: Tensor, v: Tensor, cfg: MemoryConfig) -> Tensor:
+    """The loss gradient with respect to the last linear layer's output ``z_last`` (through the optional
+    LayerNorm; the residual adds ``k``): the last layer's error delta_L."""
+    out, ln_cache = finish(z_last, k, cfg)
+    err = cfg.loss.grad(out - v, cfg.loss_params)
+    return layer_norm_backward(err, *ln_cache) if ln_cache is not None else err
+
+
 def key_path(
     weights: tuple[Tensor, ...] | list[Tensor], k: Tensor, v: Tensor, cfg: MemoryConfig
 ) -> tuple[list[Tensor], list[Tensor]]:
@@ -65,9 +73,7 @@ def key_path(
         if i < last:
             h = cfg.activation.fn(z)
             inputs.append(h)
-    out, ln_cache = finish(pre[-1], k, cfg)
-    err = cfg.loss.grad(out - v, cfg.loss_params)
-    delta = layer_norm_backward(err, *ln_cache) if ln_cache is not None else err
+    delta = output_error(pre[-1], k, v, cfg)
     deltas = [delta]
     for i in range(last - 1, -1, -1):
         delta = cfg.activation.backward(delta @ weights[i + 1], pre[i])

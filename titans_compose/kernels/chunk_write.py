@@ -1,0 +1,190 @@
+"""One chunk's write (the key path at the chunk-start weights and the chunk-end fold) as a single autograd node
+with a hand-written backward.
+
+Forward (memory-math.md sections 2-3): a_1 = k, z_l = a_l W_l^T, a_{l+1} = act(z_l); delta_L = the loss gradient at
+the output (through LayerNorm / residual); m_l = delta_{l+1} W_{l+1}, delta_l = m_l * act'(z_l); then
+
+    W'_l = keep W_l + carry S_l - (c * delta_l)^T a_l,      S'_l = decay S_l - (e * delta_l)^T a_l
+
+with the last-row gate coefficients keep = A_b, carry = B_b, decay = D_b, c = C_{b,.}, e = E_{b,.}. The node also
+returns every a_l and delta_l, which per-token retrieval reads.
+
+Plain autograd differentiates this through the double backward of the hand-written key-path backward: dozens of
+broadcast multiplies and reductions per chunk. The backward below walks the same graph in reverse by hand:
+
+1. the fold: gS_l = carry gW'_l + decay gS'_l; g keep / carry / decay are inner products with W_l, S_l; with
+   P_l = a_l gW'_l^T and Q_l = a_l gS'_l^T: g delta_l -= c P_l + e Q_l, g c = -sum(delta_l P_l), g e likewise,
+   and g a_l -= (c delta_l) gW'_l + (e delta_l) gS'_l;
+2. the error recursion, first layer up: g m_l = act'(z_l) g delta_l, g z_l += the second-order term (autograd on
+   the elementwise activation backward alone), g delta_{l+1} += g m_l W_{l+1}^T, g W_{l+1} += delta_{l+1}^T g m_l;
+3. the output error delta_L(z_L, k, v): autograd on the elementwise loss / LayerNorm head alone;
+4. the key-path forward, last layer down: g W_l += g z_l^T a_l, g a_l += g z_l W_l, g z_{l-1} += act'(.) g a_l.
+
+Every matmul is a batched matmul of the chunk's [N, b, features] blocks; only elementwise pieces use local autograd,
+so any activation or loss whose elementwise backward is differentiable works. The backward is first order
+(``once_differentiable``): training through the memory needs no more; a double backward of the outer loss
+runs through the plain autograd path of :mod:`chunked` (``create_graph`` callers can force it with
+``TITANS_COMPOSE_CHUNK_BACKWARD=autograd``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from titans_compose.kernels import mlp
+from titans_compose.kernels.config import MemoryConfig
+
+ENV_VAR = "TITANS_COMPOSE_CHUNK_BACKWARD"
+
+
+def supported(cfg: MemoryConfig) -> bool:
+    """Whether the hand-written backward applies: everything but the per-token gradient clip (whose norm couples
+    all layers' errors) and an explicit request for the plain autograd path."""
+    return cfg.grad_clip is None and os.environ.get(ENV_VAR, "manual") != "autograd"
+
+
+def _col(x: Tensor) -> Tensor:
+    return x[:, None, None]
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """Per-row inner product of two [N, m, n] tensors."""
+    return (a * b).sum((1, 2))
+
+
+def _vjp(output: Tensor, inputs: tuple[Tensor, ...], grad: Tensor) -> tuple[Tensor | None, ...]:
+    """Vector-Jacobian product of a local elementwise graph; zeros where the output is piecewise constant in an
+    input (ReLU's and l1's derivatives), None where an input is not used at all."""
+    if not output.requires_grad:
+        return tuple(torch.zeros_like(t) for t in inputs)
+    grads = torch.autograd.grad(output, inputs, grad, allow_unused=True)
+    return tuple(
+        g if g is not None or t is not inputs[0] else torch.zeros_like(t) for g, t in zip(grads, inputs, strict=True)
+    )
+
+
+class _ChunkWrite(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, cfg, layers, k, v, c, e, keep, carry, decay, *state):  # type: ignore[override]
+        weights, momentum = state[:layers], state[layers:] or None
+        inputs, pre, mids = [k], [], []
+        h = k
+        for i, w in enumerate(weights):
+            z = torch.bmm(h, w.transpose(1, 2))
+            pre.append(z)
+            if i < layers - 1:
+                h = cfg.activation.fn(z)
+                inputs.append(h)
+        deltas = [mlp.output_error(pre[-1], k, v, cfg)]
+        for i in range(layers - 2, -1, -1):
+            m = torch.bmm(deltas[0], weights[i + 1])
+            mids.insert(0, m)
+            deltas.insert(0, cfg.activation.backward(m, pre[i]))
+        new_w, new_s = [], []
+        for i, w in enumerate(weights):
+            base = w if keep is None else w * _col(keep)
+            if momentum is not None:
+                base = torch.addcmul(base, momentum[i], _col(carry))
+            new_w.append(torch.baddbmm(base, (deltas[i] * c.unsqueeze(-1)).transpose(1, 2), inputs[i], alpha=-1))
+            if momentum is not None:
+                s = momentum[i] * _col(decay)
+                new_s.append(torch.baddbmm(s, (deltas[i] * e.unsqueeze(-1)).transpose(1, 2), inputs[i], alpha=-1))
+        ctx.cfg, ctx.layers, ctx.has_keep, ctx.has_momentum = cfg, layers, keep is not None, momentum is not None
+        ctx.save_for_backward(
+            k, v, c, e, keep, carry, decay, *weights, *(momentum or ()), *pre, *mids, *inputs[1:], *deltas
+        )
+        return (*new_w, *new_s, *inputs[1:], *deltas)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads):  # type: ignore[override]
+        cfg, n = ctx.cfg, ctx.layers
+        has_m = ctx.has_momentum
+        saved = list(ctx.saved_tensors)
+        k, v, c, e, keep, carry, decay = saved[:7]
+        rest = saved[7:]
+        weights, rest = rest[:n], rest[n:]
+        momentum, rest = (rest[:n], rest[n:]) if has_m else (None, rest)
+        pre, rest = rest[:n], rest[n:]
+        mids, rest = rest[: n - 1], rest[n - 1 :]
+        inputs = [k, *rest[: n - 1]]
+        deltas = rest[n - 1 :]
+        g_new_w, grads = grads[:n], grads[n:]
+        g_new_s, grads = (grads[:n], grads[n:]) if has_m else (None, grads)
+        g_inputs_ext, g_deltas = grads[: n - 1], list(grads[n - 1 :])
+
+        # 1. the fold
+        c_col, e_col = c.unsqueeze(-1), None if e is None else e.unsqueeze(-1)
+        g_w = [g if keep is None else g * _col(keep) for g in g_new_w]
+        g_s = g_keep = g_carry = g_decay = None
+        if ctx.has_keep:
+            g_keep = sum(_dot(w, g) for w, g in zip(weights, g_new_w, strict=True))
+        if has_m:
+            g_s = [torch.addcmul(gs * _col(decay), gw, _col(carry)) for gw, gs in zip(g_new_w, g_new_s, strict=True)]
+            g_carry = sum(_dot(s, g) for s, g in zip(momentum, g_new_w, strict=True))
+            g_decay = sum(_dot(s, g) for s, g in zip(momentum, g_new_s, strict=True))
+        g_c = torch.zeros_like(c)
+        g_e = None if e is None else torch.zeros_like(e)
+        g_inputs = []
+        for i in range(n):
+            a, d = inputs[i], deltas[i]
+            p = torch.bmm(a, g_new_w[i].transpose(1, 2))
+            g_c -= (d * p).sum(-1)
+            g_deltas[i] = torch.addcmul(g_deltas[i], p, c_col, value=-1)
+            g_a = torch.bmm(d * c_col, g_new_w[i]).neg_()
+            if has_m:
+                q = torch.bmm(a, g_new_s[i].transpose(1, 2))
+                g_e -= (d * q).sum(-1)
+                g_deltas[i] = torch.addcmul(g_deltas[i], q, e_col, value=-1)
+                g_a = torch.baddbmm(g_a, d * e_col, g_new_s[i], alpha=-1)
+            g_inputs.append(g_a if i == 0 else g_a + g_inputs_ext[i - 1])
+
+        # 2. the error recursion delta_l = act.backward(m_l, z_l), first layer up
+        g_pre: list[Tensor | None] = [None] * n
+        for i in range(n - 1):
+            g_m = cfg.activation.backward(g_deltas[i], pre[i])
+            with torch.enable_grad():
+                z = pre[i].detach().requires_grad_()
+                (g_pre[i],) = _vjp(cfg.activation.backward(mids[i], z), (z,), g_deltas[i])
+            g_deltas[i + 1] = torch.baddbmm(g_deltas[i + 1], g_m, weights[i + 1].transpose(1, 2))
+            g_w[i + 1] = torch.baddbmm(g_w[i + 1], deltas[i + 1].transpose(1, 2), g_m)
+
+        # 3. the output error delta_L(z_L, k, v)
+        with torch.enable_grad():
+            z, k_, v_ = (t.detach().requires_grad_() for t in (pre[-1], k, v))
+            g_z_last, g_k_residual, g_v = _vjp(mlp.output_error(z, k_, v_, cfg), (z, k_, v_), g_deltas[-1])
+        g_pre[-1] = g_z_last
+
+        # 4. the key-path forward, last layer down
+        for i in range(n - 1, -1, -1):
+            g_z = g_pre[i]
+            g_w[i] = torch.baddbmm(g_w[i], g_z.transpose(1, 2), inputs[i])
+            g_inputs[i] = torch.baddbmm(g_inputs[i], g_z, weights[i])
+            if i > 0:
+                g_pre[i - 1] = g_pre[i - 1] + cfg.activation.backward(g_inputs[i], pre[i - 1])
+        g_k = g_inputs[0] if g_k_residual is None else g_inputs[0] + g_k_residual
+        return (None, None, g_k, g_v, g_c, g_e, g_keep, g_carry, g_decay, *g_w, *(g_s or ()))
+
+
+def chunk_write(
+    weights: tuple[Tensor, ...],
+    momentum: tuple[Tensor, ...] | None,
+    k: Tensor,
+    v: Tensor,
+    c: Tensor,
+    e: Tensor | None,
+    keep: Tensor | None,
+    carry: Tensor | None,
+    decay: Tensor | None,
+    cfg: MemoryConfig,
+) -> tuple[list[Tensor], list[Tensor], tuple[Tensor, ...], tuple[Tensor, ...] | None]:
+    """Key path and fold of one full chunk. Returns (inputs a_l, errors delta_l, new weights, new momentum)."""
+    n = len(weights)
+    out = _ChunkWrite.apply(cfg, n, k, v, c, e, keep, carry, decay, *weights, *(momentum or ()))
+    new_w, out = out[:n], out[n:]
+    new_s, out = (out[:n], out[n:]) if momentum is not None else (None, out)
+    return [k, *out[: n - 1]], list(out[n - 1 :]), tuple(new_w), None if new_s is None else tuple(new_s)
