@@ -1,0 +1,178 @@
+"""Offline byte-level training data: a text corpus as bytes (vocabulary 256) and a random-window batch sampler.
+
+The default corpus is the Python standard library's own ``.py`` files, present on every machine that runs Python,
+so training works with no download. Any text file or directory can be used instead. Files are split into training
+and validation by a hash of their path relative to the corpus root, so the split does not depend on which other
+files exist, on the order of the directory listing, or on the machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+#: bytes read from the start of a file to decide whether it is text
+SNIFF_BYTES = 4096
+
+
+class DataError(ValueError):
+    """A corpus could not be read or holds no usable text; the message names the path."""
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Token ids ``tokens`` [B, T] and, optionally, ``loss_mask`` [B, T]: which tokens are next-token targets.
+
+    ``loss_mask[:, t]`` says whether predicting ``tokens[:, t]`` (from the logits at ``t - 1``) counts in the loss;
+    column 0 is never a target. ``None`` means every token from position 1 on.
+    """
+
+    tokens: torch.Tensor
+    loss_mask: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A byte corpus split by file: ``train`` and ``val`` are uint8 tensors; ``files`` counts (train, val) files."""
+
+    train: torch.Tensor
+    val: torch.Tensor
+    source: str
+    files: tuple[int, int]
+
+    def describe(self) -> str:
+        return (
+            f"{self.source}: {self.files[0]} train files ({self.train.numel():,} bytes), "
+            f"{self.files[1]} validation files ({self.val.numel():,} bytes)"
+        )
+
+
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed from ``parts`` (e.g. a base seed, a stream name and a step): distinct streams never overlap."""
+    digest = hashlib.sha256(repr(parts).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def generator(*parts: object) -> torch.Generator:
+    """A CPU ``torch.Generator`` seeded with :func:`derive_seed` of ``parts``."""
+    return torch.Generator().manual_seed(derive_seed(*parts))
+
+
+def stdlib_dir() -> Path:
+    """The directory of the running Python's standard library."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def is_validation(relative: str, val_percent: float) -> bool:
+    """Whether the file at ``relative`` (a POSIX path under the corpus root) belongs to the validation split."""
+    bucket = int.from_bytes(hashlib.sha256(relative.encode("utf-8")).digest()[:4], "little") % 10_000
+    return bucket < val_percent * 100
+
+
+def _text_files(root: Path, pattern: str) -> list[Path]:
+    return sorted((p for p in root.rglob(pattern) if p.is_file()), key=lambda p: p.relative_to(root).as_posix())
+
+
+def _read_text(path: Path) -> bytes | None:
+    """The file's bytes if it looks like text (no NUL byte at its start), else ``None``; unreadable files are None."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    return None if b"\0" in data[:SNIFF_BYTES] or not data.strip() else data
+
+
+def load_corpus(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    max_bytes: int = 8_000_000,
+    val_percent: float = 5.0,
+) -> Corpus:
+    """Read a byte corpus and split it by file.
+
+    ``path`` is a text file, a directory (every text file under it, sorted by relative path), or ``None`` for the
+    standard library's ``.py`` files. Reading stops once ``max_bytes`` are collected, so loading is fast; the cut is
+    deterministic. A file lands in validation when a hash of its relative path says so (``val_percent`` of files).
+    A single file, or a directory whose hash puts nothing on one side, is split by bytes instead: the last
+    ``val_percent`` of the text is the validation part. Raises :class:`DataError` if there is no text.
+    """
+    if max_bytes < 2:
+        raise DataError(f"max_bytes must be at least 2, got {max_bytes}")
+    if path is None:
+        root, files, source = stdlib_dir(), None, "python stdlib"
+    else:
+        root = Path(path)
+        if not root.exists():
+            raise DataError(f"{root}: no such file or directory")
+        files, source = ([root] if root.is_file() else None), str(root)
+    if files is None:
+        files = _text_files(root, "*.py" if path is None else "*")
+    parts: dict[bool, list[bytes]] = {False: [], True: []}
+    counts = {False: 0, True: 0}
+    total = 0
+    for file in files:
+        data = _read_text(file)
+        if data is None:
+            continue
+        data = data[: max_bytes - total]
+        relative = file.name if file == root else file.relative_to(root).as_posix()
+        side = is_validation(relative, val_percent)
+        parts[side].append(data)
+        counts[side] += 1
+        total += len(data)
+        if total >= max_bytes:
+            break
+    if total == 0:
+        raise DataError(f"{root}: no text found (no readable file without NUL bytes)")
+    train, val = b"\n".join(parts[False]), b"\n".join(parts[True])
+    if not train or not val:
+        text = train or val
+        cut = max(1, min(len(text) - 1, round(len(text) * (1 - val_percent / 100))))
+        train, val = text[:cut], text[cut:]
+    return Corpus(_bytes_tensor(train), _bytes_tensor(val), source, (counts[False], counts[True]))
+
+
+def _bytes_tensor(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+def encode(text: str) -> torch.Tensor:
+    """UTF-8 bytes of ``text`` as a long tensor of token ids (vocabulary 256)."""
+    return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
+
+
+def decode(tokens: torch.Tensor) -> str:
+    """The text of a 1-D tensor of byte token ids (invalid UTF-8 replaced)."""
+    return bytes(tokens.to(torch.uint8).tolist()).decode("utf-8", errors="replace")
+
+
+def random_windows(data: torch.Tensor, batch: int, length: int, gen: torch.Generator) -> torch.Tensor:
+    """``batch`` windows of ``length`` consecutive bytes of ``data`` at random offsets, as a long tensor [B, length]."""
+    if data.numel() < length:
+        raise DataError(f"the text has {data.numel():,} bytes, fewer than one window of {length}")
+    starts = torch.randint(data.numel() - length + 1, (batch, 1), generator=gen)
+    return data[starts + torch.arange(length)].long()
+
+
+class WindowSampler:
+    """Language-modelling batches: random windows of a byte tensor, each step's batch a function of (seed, step).
+
+    Deriving every batch from the step, not from a running generator, makes resumed training see exactly the
+    batches an uninterrupted run sees, with no sampler state to save.
+    """
+
+    def __init__(self, data: torch.Tensor, batch: int, seq_len: int, seed: int = 0, stream: str = "train") -> None:
+        if batch < 1 or seq_len < 2:
+            raise DataError(f"need batch >= 1 and seq_len >= 2, got batch {batch}, seq_len {seq_len}")
+        if data.numel() < seq_len:
+            raise DataError(f"the {stream} text has {data.numel():,} bytes, fewer than one window of {seq_len}")
+        self.data, self.batch, self.seq_len, self.seed, self.stream = data, batch, seq_len, seed, stream
+
+    def __call__(self, step: int) -> Batch:
+        gen = generator(self.seed, self.stream, step)
+        return Batch(random_windows(self.data, self.batch, self.seq_len, gen))

@@ -1,0 +1,183 @@
+"""A small training loop: AdamW, linear warm-up then cosine decay, gradient clipping, evaluation and checkpoints.
+
+The model contract is the one every titans_compose language model follows: ``model(tokens)`` with a long tensor
+[B, T] returns an object with ``.logits`` [B, T, V]. Batches come from a function of the step number (see
+:class:`~titans_compose.train.data.WindowSampler`), so a resumed run sees exactly the batches an uninterrupted
+run sees; with the model, optimizer and RNG states restored from the checkpoint, its losses are bit-identical.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from titans_compose.train.checkpoint import load_checkpoint, save_checkpoint
+from titans_compose.train.data import Batch
+
+#: the learning rate at the end of the cosine decay, as a fraction of the peak
+FINAL_LR_FRACTION = 0.1
+
+BatchSource = Callable[[int], Batch]
+EvalFn = Callable[[torch.nn.Module], dict[str, float]]
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss is not finite); the message says at which step."""
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One optimisation step: its number (1-based), the training loss, the learning rate used, tokens per second."""
+
+    step: int
+    loss: float
+    lr: float
+    tokens_per_s: float
+
+
+@dataclass
+class TrainResult:
+    """The per-step history, the evaluations as ``(step, metrics)``, and the last checkpoint written (if any)."""
+
+    history: list[StepRecord] = field(default_factory=list)
+    evals: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+    checkpoint: Path | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"history": [asdict(r) for r in self.history], "evals": [[s, m] for s, m in self.evals]}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TrainResult:
+        return cls([StepRecord(**r) for r in data["history"]], [(s, dict(m)) for s, m in data["evals"]])
+
+
+def lr_at(step: int, *, lr: float, warmup: int, steps: int) -> float:
+    """The learning rate for 1-based ``step``: linear warm-up over ``warmup`` steps to ``lr``, then a cosine decay
+    reaching ``FINAL_LR_FRACTION * lr`` at ``steps``."""
+    if step <= warmup:
+        return lr * step / warmup
+    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return lr * (FINAL_LR_FRACTION + (1 - FINAL_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW parameter groups: weight decay on matrices (parameters with two or more dimensions) except embedding
+    tables; none on vectors (norm scales, biases, gate parameters) and embeddings. A parameter shared by an
+    embedding and an output layer (tied weights) counts as an embedding."""
+    embeddings = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    decay, no_decay = [], []
+    for p in model.parameters():  # each shared parameter once, in registration order
+        if p.requires_grad:
+            (decay if p.ndim >= 2 and id(p) not in embeddings else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lm_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """Mean next-token cross entropy (nats per token) of ``model`` on ``batch``, over the targets ``loss_mask``
+    selects (every token from position 1 on without a mask)."""
+    device = next(model.parameters()).device
+    tokens = batch.tokens.to(device)
+    logits = model(tokens).logits[:, :-1]
+    losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1), reduction="none")
+    if batch.loss_mask is None:
+        return losses.mean()
+    mask = batch.loss_mask[:, 1:].reshape(-1).to(device)
+    if not bool(mask.any()):
+        raise TrainingError("the batch's loss mask selects no target token")
+    return losses[mask].mean()
+
+
+def train(
+    model: torch.nn.Module,
+    batches: BatchSource,
+    *,
+    steps: int,
+    lr: float = 1e-3,
+    warmup: int = 0,
+    weight_decay: float = 0.1,
+    grad_clip: float | None = 1.0,
+    eval_every: int = 0,
+    eval_fn: EvalFn | None = None,
+    checkpoint_dir: str | os.PathLike[str] | None = None,
+    checkpoint_every: int = 0,
+    resume: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    """Train ``model`` for ``steps`` optimisation steps on ``batches(step)`` (step 1, 2, ...) and return the history.
+
+    AdamW (betas 0.9/0.95) with :func:`param_groups`' weight decay and :func:`lr_at`'s schedule; gradients are
+    clipped to total norm ``grad_clip`` (``None``: no clipping). Every ``eval_every`` steps and after the last one,
+    ``eval_fn(model)`` runs in eval mode without gradients. With ``checkpoint_dir`` a checkpoint is written every
+    ``checkpoint_every`` steps (0: only at the end) and after the last step; ``resume`` continues from the newest
+    one there (raising :class:`~titans_compose.train.checkpoint.CheckpointError` if there is none). Raises
+    :class:`TrainingError` on a non-finite loss.
+    """
+    if steps < 1 or warmup < 0 or eval_every < 0 or checkpoint_every < 0 or lr <= 0:
+        raise ValueError(
+            f"need steps >= 1, lr > 0 and warmup, eval_every, checkpoint_every >= 0; got steps {steps}, lr {lr}, "
+            f"warmup {warmup}, eval_every {eval_every}, checkpoint_every {checkpoint_every}"
+        )
+    if resume and checkpoint_dir is None:
+        raise ValueError("resume needs a checkpoint_dir")
+    optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.95))
+    result, start = TrainResult(), 0
+    if resume:
+        state = load_checkpoint(checkpoint_dir, model=model, optimizer=optimizer)  # type: ignore[arg-type]
+        start, result = state["step"], TrainResult.from_json(state)
+
+    def checkpoint(step: int) -> None:
+        result.checkpoint = save_checkpoint(
+            checkpoint_dir,  # type: ignore[arg-type]
+            step=step,
+            model=model,
+            optimizer=optimizer,
+            state={"steps": steps, **result.to_json()},
+        )
+
+    def evaluate(step: int) -> None:
+        if eval_fn is None:
+            return
+        model.eval()
+        with torch.no_grad():
+            result.evals.append((step, {k: float(v) for k, v in eval_fn(model).items()}))
+        model.train()
+
+    from tqdm.auto import tqdm
+
+    model.train()
+    bar = tqdm(total=steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
+    try:
+        for step in range(start + 1, steps + 1):
+            began = time.perf_counter()
+            batch = batches(step)
+            rate = lr_at(step, lr=lr, warmup=warmup, steps=steps)
+            for group in optimizer.param_groups:
+                group["lr"] = rate
+            loss = lm_loss(model, batch)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise TrainingError(f"the training loss is {value} at step {step}: lower the learning rate")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            optimizer.step()
+            speed = batch.tokens.numel() / max(time.perf_counter() - began, 1e-9)
+            result.history.append(StepRecord(step, value, rate, speed))
+            bar.update(1)
+            bar.set_postfix(loss=f"{value:.4f}", tok_s=f"{speed:,.0f}")
+            if step == steps or (eval_every and step % eval_every == 0):
+                evaluate(step)
+            if checkpoint_dir is not None and (step == steps or (checkpoint_every and step % checkpoint_every == 0)):
+                checkpoint(step)
+    finally:
+        bar.close()
+    return result
