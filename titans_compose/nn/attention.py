@@ -9,6 +9,8 @@ positions as it would in the paper's concatenation.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -25,29 +27,46 @@ def rope(x: Tensor, positions: Tensor, theta: float) -> Tensor:
     return torch.cat([rotated, x[..., 2 * half :]], dim=-1)
 
 
-def window_mask(length: int, prefix: int, window: int | None, device: torch.device) -> Tensor:
-    """[length, prefix + length] boolean mask: query i sees every prefix key and sequence keys j with
-    i - window < j <= i (all j <= i when ``window`` is None)."""
-    i = torch.arange(length, device=device)[:, None]
-    j = torch.arange(length, device=device)[None, :]
+def window_mask(length: int, prefix: int, window: int | None, device: torch.device, past: int = 0) -> Tensor:
+    """[length, prefix + past + length] boolean mask: query i (at sequence index past + i, after ``past`` cached
+    keys) sees every prefix key and sequence keys j with past + i - window < j <= past + i (all j <= past + i when
+    ``window`` is None)."""
+    i = torch.arange(past, past + length, device=device)[:, None]
+    j = torch.arange(past + length, device=device)[None, :]
     seen = j <= i
     if window is not None:
         seen = seen & (j > i - window)
     return torch.cat([torch.ones(length, prefix, dtype=torch.bool, device=device), seen], dim=1)
 
 
-def segment_mask(length: int, prefix: int, causal_memory: bool, order: list[str], device: torch.device) -> Tensor:
-    """[length, keys] mask for one MAC segment of ``length`` tokens: the persistent prefix always, the memory
-    tokens h_j for j <= i (or all of them when not ``causal_memory``), segment tokens j <= i; keys in ``order``."""
-    i = torch.arange(length, device=device)[:, None]
-    j = torch.arange(length, device=device)[None, :]
+def segment_mask(
+    length: int, prefix: int, causal_memory: bool, order: list[str], device: torch.device, past: int = 0
+) -> Tensor:
+    """[length, keys] mask for ``length`` tokens of one MAC segment after its first ``past`` tokens: the persistent
+    prefix always, the memory tokens h_j for j <= i (or all of them when not ``causal_memory``), segment tokens
+    j <= i; keys in ``order``."""
+    i = torch.arange(past, past + length, device=device)[:, None]
+    j = torch.arange(past + length, device=device)[None, :]
     causal = j <= i
     parts = {
         "persistent": torch.ones(length, prefix, dtype=torch.bool, device=device),
-        "memory": causal if causal_memory else torch.ones(length, length, dtype=torch.bool, device=device),
+        "memory": causal if causal_memory else torch.ones_like(causal),
         "segment": causal,
     }
     return torch.cat([parts[name] for name in order], dim=1)
+
+
+@dataclass(frozen=True)
+class KVCache:
+    """Sliding-window / full attention keys and values (RoPE applied) of the last sequence tokens, [B, heads, m, d]
+    each, and how many sequence tokens came before this call (their positions)."""
+
+    keys: Tensor
+    values: Tensor
+    seen: int
+
+    def detach(self) -> KVCache:
+        return KVCache(self.keys.detach(), self.values.detach(), self.seen)
 
 
 class Attention(nn.Module):
@@ -56,6 +75,11 @@ class Attention(nn.Module):
     ``kind``: ``sliding_window``, ``full`` or ``segment`` (MAC). ``forward(x, persistent=None, memory=None)``:
     ``x`` [B, T, dim]; ``persistent`` [N_p, dim] learned tokens; ``memory`` [B, T, dim] MAC memory tokens (one per
     position, read before each segment). Returns [B, T, dim] at the positions of ``x``.
+
+    RoPE positions of a MAC segment follow the concatenation of its parts at their actual lengths; with
+    ``full_segment_positions`` the memory tokens and the segment take ``segment`` positions each even when the
+    segment is not full, so a token's positions do not depend on how many tokens follow it in its segment (what
+    streaming and generation need: the model sets it).
     """
 
     def __init__(
@@ -71,6 +95,7 @@ class Attention(nn.Module):
         segment: int | None = None,
         order: list[str] | None = None,
         causal_memory_tokens: bool = True,
+        full_segment_positions: bool = False,
     ) -> None:
         super().__init__()
         if kind not in ("sliding_window", "full", "segment"):
@@ -81,6 +106,7 @@ class Attention(nn.Module):
         self.window = window if kind == "sliding_window" else None
         self.use_rope, self.rope_theta = rope, rope_theta
         self.segment, self.order, self.causal_memory = segment, order, causal_memory_tokens
+        self.full_segment_positions = full_segment_positions
         self.q = nn.Linear(dim, heads * head_dim, bias=False)
         self.kv = nn.Linear(dim, 2 * heads * head_dim, bias=False)
         self.out = nn.Linear(heads * head_dim, dim, bias=False)
@@ -89,40 +115,81 @@ class Attention(nn.Module):
         b, n, _ = t.shape
         return t.view(b, n, self.heads, self.head_dim).transpose(1, 2)
 
-    def _attend(self, queries: Tensor, keys: Tensor, q_pos: Tensor, k_pos: Tensor, mask: Tensor) -> Tensor:
-        """queries [B, n, dim] against key sources [B, m, dim] with a [n, m] mask."""
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+        """Split-head q [B, h, n, d] against k, v [B, h, m, d] with a [n, m] mask -> [B, n, dim]."""
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out(y.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1))
+
+    def _project(self, queries: Tensor, keys: Tensor, q_pos: Tensor, k_pos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Split-head q, k, v of query sources [B, n, dim] and key sources [B, m, dim], RoPE at the positions."""
         q = self._split(self.q(queries))
         k, v = (self._split(t) for t in self.kv(keys).chunk(2, dim=-1))
         if self.use_rope:
             q, k = rope(q, q_pos, self.rope_theta), rope(k, k_pos, self.rope_theta)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.out(y.transpose(1, 2).reshape(queries.shape[0], queries.shape[1], -1))
+        return q, k, v
 
     def forward(self, x: Tensor, persistent: Tensor | None = None, memory: Tensor | None = None) -> Tensor:
+        if self.kind != "segment":
+            return self.forward_cached(x, persistent)[0]
+        if memory is None:
+            raise ValueError("segment attention needs the memory tokens")
+        outs = [
+            self.forward_segment(
+                x[:, start : start + self.segment], persistent, memory[:, start : start + self.segment]
+            )
+            for start in range(0, x.shape[1], self.segment)
+        ]
+        return torch.cat(outs, dim=1)
+
+    def forward_cached(
+        self, x: Tensor, persistent: Tensor | None = None, cache: KVCache | None = None
+    ) -> tuple[Tensor, KVCache]:
+        """Sliding-window / full attention of ``x`` continuing after the tokens in ``cache``; returns the output and
+        the cache for the next call (the last ``window - 1`` tokens' keys and values: all a later query can see)."""
+        batch, length, _ = x.shape
+        n_p = 0 if persistent is None else persistent.shape[0]
+        seen = 0 if cache is None else cache.seen
+        positions = torch.arange(n_p + seen, n_p + seen + length, device=x.device)
+        q, k, v = self._project(x, x, positions, positions)
+        if cache is not None:
+            k, v = torch.cat([cache.keys, k], 2), torch.cat([cache.values, v], 2)
+        past = k.shape[2] - length
+        keep = k.shape[2] if self.window is None else min(self.window - 1, k.shape[2])
+        new_cache = KVCache(k[:, :, k.shape[2] - keep :], v[:, :, v.shape[2] - keep :], seen + length)
+        if persistent is not None:
+            prefix = persistent.unsqueeze(0)
+            _, pk, pv = self._project(prefix[:, :0], prefix, positions[:0], torch.arange(n_p, device=x.device))
+            k = torch.cat([pk.expand(batch, -1, -1, -1), k], 2)
+            v = torch.cat([pv.expand(batch, -1, -1, -1), v], 2)
+        mask = window_mask(length, n_p, self.window, x.device, past=past)
+        return self._attend(q, k, v, mask), new_cache
+
+    def forward_segment(
+        self,
+        x: Tensor,
+        persistent: Tensor | None,
+        memory: Tensor,
+        past: tuple[Tensor, Tensor] | None = None,
+    ) -> Tensor:
+        """MAC attention for tokens ``x`` (memory tokens ``memory``) of one segment whose earlier tokens and memory
+        tokens are ``past`` (None at the segment start): keys [persistent || memory || segment] in ``order``."""
         batch, length, _ = x.shape
         prefix = x.new_zeros(0, x.shape[-1]) if persistent is None else persistent
         n_p = prefix.shape[0]
-        prefix = prefix.unsqueeze(0).expand(batch, -1, -1)
-        if self.kind != "segment":
-            positions = torch.arange(n_p + length, device=x.device)
-            keys = torch.cat([prefix, x], dim=1)
-            mask = window_mask(length, n_p, self.window, x.device)
-            return self._attend(x, keys, positions[n_p:], positions, mask)
-        if memory is None:
-            raise ValueError("segment attention needs the memory tokens")
-        outs = []
-        for start in range(0, length, self.segment):
-            seg = x[:, start : start + self.segment]
-            mem = memory[:, start : start + self.segment]
-            n = seg.shape[1]
-            parts = {"persistent": prefix, "memory": mem, "segment": seg}
-            keys = torch.cat([parts[name] for name in self.order], dim=1)
-            offsets, pos = {}, 0
-            for name in self.order:
-                offsets[name] = pos
-                pos += parts[name].shape[1]
-            k_pos = torch.arange(pos, device=x.device)
-            q_pos = k_pos[offsets["segment"] : offsets["segment"] + n]
-            mask = segment_mask(n, n_p, self.causal_memory, self.order, x.device)
-            outs.append(self._attend(seg, keys, q_pos, k_pos, mask))
-        return torch.cat(outs, dim=1)
+        done = 0
+        if past is not None:
+            done = past[0].shape[1]
+            x_all, mem_all = torch.cat([past[0], x], 1), torch.cat([past[1], memory], 1)
+        else:
+            x_all, mem_all = x, memory
+        parts = {"persistent": prefix.unsqueeze(0).expand(batch, -1, -1), "memory": mem_all, "segment": x_all}
+        keys = torch.cat([parts[name] for name in self.order], dim=1)
+        offsets, pos = {}, 0
+        for name in self.order:
+            offsets[name] = pos
+            pos += self.segment if self.full_segment_positions and name != "persistent" else parts[name].shape[1]
+        k_pos = torch.cat([torch.arange(parts[name].shape[1], device=x.device) + offsets[name] for name in self.order])
+        q_pos = torch.arange(length, device=x.device) + offsets["segment"] + done
+        q, k, v = self._project(x, keys, q_pos, k_pos)
+        mask = segment_mask(length, n_p, self.causal_memory, self.order, x.device, past=done)
+        return self._attend(q, k, v, mask)

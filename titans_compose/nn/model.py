@@ -1,0 +1,668 @@
+"""``TitansLM``: a language model assembled node by node from the checked graph IR.
+
+Every graph node becomes one module (:data:`NODE_MODULES` maps op -> class) built from the node's ``params``;
+the modules run in the graph's topological order, wired by its edges, so changing the spec (and so the graph)
+changes the model. Nodes that carry something from one call to the next (causal convolutions, the memory state,
+attention caches, MAC's segment-start memory, MAL's persistent prefix) keep it in a :class:`ModelState`, keyed by
+node id, so a stream processed in pieces of any sizes computes what one call computes.
+
+MAC layers (those with a ``segment`` attention node) run segment by segment: the context read uses the memory as it
+was at the segment start (memory-math.md section 5), so every call is cut at the segment boundaries and the layer's
+nodes run once per piece, the memory state flowing from piece to piece.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import networkx as nx
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from titans_compose.graph.ir import dag_view, inputs_of
+from titans_compose.kernels import mlp as memory_mlp
+from titans_compose.kernels.config import MemoryConfig, memory_config
+from titans_compose.kernels.dispatch import BackendChoice, choose_backend
+from titans_compose.kernels.state import MemoryState
+from titans_compose.nn.attention import Attention
+from titans_compose.nn.memory import _chunk_log_mean, _depthwise_causal_conv, _Gate, _logit
+from titans_compose.registry.core import Registry
+from titans_compose.spec.validate import LoadedSpec
+
+
+def _detach(value: Any) -> Any:
+    """``value`` cut from the autograd graph: tensors, states with ``detach()``, and tuples / lists / dicts of them."""
+    if isinstance(value, Tensor) or hasattr(value, "detach"):
+        return value.detach()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_detach(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _detach(v) for k, v in value.items()}
+    return value
+
+
+@dataclass(frozen=True)
+class ModelState:
+    """What a stream carries between calls: ``position`` (tokens seen, for RoPE and segment / chunk grids),
+    ``batch`` rows, and ``nodes``: per node id (``L<layer>.<name>``) that node's state (memory weights, momentum and
+    pending chunk tokens; convolution history; attention cache; MAC segment-start weights)."""
+
+    position: int
+    batch: int
+    nodes: dict[str, Any]
+
+    def detach(self) -> ModelState:
+        """The same state cut from the autograd graph (truncated backpropagation through time)."""
+        return ModelState(self.position, self.batch, _detach(self.nodes))
+
+
+@dataclass
+class LMOutput:
+    """Logits [B, T, vocab] and the state after the last token."""
+
+    logits: Tensor
+    state: ModelState
+
+
+@dataclass(frozen=True)
+class Step:
+    """Where a piece of the stream starts: ``position`` (tokens before it) and, in a MAC layer, the position inside
+    the segment."""
+
+    position: int
+    segment_pos: int = 0
+
+
+# --------------------------------------------------------------------------------------------- node modules
+
+
+class Node(nn.Module):
+    """One graph node. ``run(inputs, state, step) -> (output, new state)``; ``inputs`` maps port -> value."""
+
+    stateful: ClassVar[bool] = False
+
+    def __init__(self, params: dict[str, Any], ctx: BuildContext) -> None:
+        super().__init__()
+
+    def run(self, inputs: dict[str, Any], state: Any, step: Step) -> tuple[Any, Any]:
+        raise NotImplementedError
+
+
+@dataclass
+class BuildContext:
+    """What building a node may need besides its params: the registry, the layer's block spec, shared modules."""
+
+    registry: Registry
+    block: Any
+    embedding: nn.Embedding | None
+
+
+class Embed(Node):
+    def __init__(self, params: dict[str, Any], ctx: BuildContext) -> None:
+        super().__init__(params, ctx)
+        self.embedding = nn.Embedding(params["vocab_size"], params["dim"])
+        nn.init.normal_(self.embedding.weight, std=0.02)
+
+    def run(self, inputs: dict[str, Any], state: Any, step: Step) -> tuple[Tensor, Any]:
+        return self.embedding(inputs["tokens"]), None
+
+
+class Head(Node):
+    """Logits; with ``tied`` the embedding matrix is the output matrix."""
+
+    def __init__(self, params: dict[str, Any], ctx: BuildContext) -> None:
+        super().__init__(params, ctx)
+        self.proj = None if params["tied"] else nn.Linear(params["dim"], params["vocab_size"], bias=False)
+        self._tied = [ctx.embedding] if params["tied"] else []  # a list: not registered twice as a submodule
+
+    def run(self, inputs: dict[str, Any], state: Any, step: Step) -> tuple[Tensor, Any]:
+        weight = self._tied[0].weight if self.proj is None else self.proj.weight
+        return F.linear(inputs["x"], weight), None
+
+
+class Persistent(Node):
+    def __init__(self, params: dict[str, Any], ctx: BuildContext) -> None:
+        super().__init__(params, ctx)
+        self.tokens = nn.Parameter(torch.randn(params["tokens"], params["dim"]))
+
+    def run(self, inputs: dict[str, Any], state: Any, step: Step) -> tuple[Tensor, Any]:
+        return self.tokens, None
+
+
+class Concat(Node):
+    """Prepend the prefix, only at the very start of the stream (MAL's persistent tokens)."""
+
+    def run(self, inputs: dict[str, Any], state: Any, step: Step) -> tuple[Tensor, Any]:
+        x = inputs["x"]
+        if step.position > 0:
+            return x, None
+        return torch.cat([inputs["prefix"].expand(x.shape[0], -1, -1), x], 1), None
+
+
+class Slice(Node):
+    """Drop the prefix positions, which only the stream's first piece has."""
+
+    def __init__(self, params: dict[str, Any], ctx: BuildContext) -> None:
+        super().__init__(params, ctx)
+        self.drop = params["drop_prefix"]
+
+    def run(self, inputs: dict[str, Any], state: Any, step: Step) -> tuple[Tensor, Any]:
+        return (inputs["x"] if step.position > 0 else inputs["x"][:, self.drop :]), None
+
+
+class Norm(Node):
+    """RMSNorm / LayerNorm over the features, RMSNorm with per-head gains, or l2 normalisation per head."""
+
+    def __init__(self, params: dict[str, Any], ctx: BuildContext) -> None:
+        super().__init__(params, ctx)
+        self.kind, self.heads = params["kind"], params.get("per_head") or 1
+        self.eps = params.get("eps", 1e-6)
+        features = params["features"]
+        self.norm: nn.Module | None = None
+        self.gain: nn.Parameter | None = None
+        if self.kind == "l2":
+            return
+        if self.heads > 1 or self.kind not in ("rmsnorm", "layernorm"):
+            if self.kind != "rmsnorm":
+                raise ValueError(f"norm node: per-head {self.kind} is not supported")
+            self.gain = nn.Parameter(torch.ones(self.heads, features // self.heads))
+        elif self.kind == "rmsnorm":
+            self.norm = nn.RMSNorm(features, eps=self.eps)
+        else:
+            self.norm = nn.LayerNorm(features, eps=self.eps)
+
+    def run(self, inputs: dict[str, Any], state: Any, step: Step) -> tuple[Tensor, Any]:
+        x = inputs["x"]
+        if self.norm is not None:
+            return self.norm(x), None
+        h = x.unflatten(-1, (self.heads, -1))
+        if self.gain is None:
+            h = F.normalize(h, dim=-1, eps=1e-6)
+        else:
+            h = h * torch.rsqrt(h.square().mean(-1, keepdim=True) + self.eps) * self.gain
+        return h.flatten(-2), None
+
+
+class Proj(Node):
+    def __init__(self, params: dict[str, Any], ctx: BuildContext) -> None:
+        super().__init__(params, ctx)
+        self.linear = nn.Linear(params["in_features"], params["out_features"], bias=False)
+        self.activation = ctx.registry.get("activation", params["activation"]).obj.fn
+
+    def run(self, inputs: dict[str, Any], state: Any, step: Step) -> tuple[Tensor, Any]:
+        return self.activation(self.linear(inputs["x"])), None
+
+
+class Conv(Node):
+    """Depthwise causal convolution over time; the state is the last ``kernel - 1`` inputs."""
+
+    stateful = True
+
+    def __init__(self, params: dict[str, Any], ctx: BuildContext) -> None:
+        super().__init__(params, ctx)
+        features, self.kernel = params["features"], params["kernel"]
+        self.conv = nn.Conv1d(features, features, self.kernel, groups=features, bias=False)
+
+    def run(self, inputs: dict[str, Any], state: Tensor | None, step: Step) -> tuple[Tensor, Tensor]:
+        x = inputs["x"]
+        history = self.kernel - 1
+        prev = x.new_zeros(x.shape[0], history, x.shape[2]) if state is None else state
+        full = torch.cat([prev, x], 1)
+        return _depthwise_causal_conv(full, self.conv.weight[:, 0, :]), full[:, full.shape[1] - history :]
+
+
+class MemoryGates(Node):
+    """theta, log eta, log(1 - alpha) per (batch x head) row and token; per-chunk gates average on the chunk grid,
+    which continues the pending tokens of the memory state (port ``state``, added when the model is built)."""
+
+    def __init__(self, params: dict[str, Any], ctx: BuildContext) -> None:
+        super().__init__(params, ctx)
+        dim, self.heads, gates = params["in_features"], params["heads"], params["gates"]
+        lr, momentum, forget = params["lr"], params["momentum"], params["forget"]
+        self.chunk = ctx.block.memory.chunk_size
+        self.max_lr = lr["max_lr"]
+        self.lr_gate = _Gate(dim, self.heads, lr["gate"], _logit(lr["init"] / lr["max_lr"]))
+        self.momentum_gate = (
+            _Gate(dim, self.heads, momentum["gate"], _logit(momentum["init"])) if "momentum" in gates else None
+        )
+        keep0 = 2.0 ** (-1.0 / forget["half_life"])
+        self.forget_gate = _Gate(dim, self.heads, forget["gate"], _logit(1.0 - keep0)) if "forget" in gates else None
+
+    def _series(self, gate: _Gate | None, x: Tensor, log_fn: Any, offset: int) -> Tensor | None:
+        if gate is None:
+            return None
+        logs = log_fn(gate(x))
+        if gate.granularity == "per_chunk":
+            logs = _chunk_log_mean(logs, offset, self.chunk)
+        return logs.transpose(1, 2).reshape(-1, x.shape[1])
+
+    def run(self, inputs: dict[str, Any], state: Any, step: Step) -> tuple[tuple, Any]:
+        x, offset = inputs["x"], inputs["state"].pending_len
+        theta = self.max_lr * self._series(self.lr_gate, x, F.logsigmoid, offset).exp()
+        log_eta = self._series(self.momentum_gate, x, F.logsigmoid, offset)
+        log_keep = self._series(self.forget_gate, x, lambda z: F.logsigmoid(-z), offset)
+        return (theta, log_eta, log_keep), None
+
+
+def _to_heads(t: Tensor, heads: int) -> Tensor:
+    """[B, T, H*d] -> [B*H, T, d]."""
+    b, n, _ = t.shape
+    return t.view(b, n, heads, -1).transpose(1, 2).reshape(b * heads, n, -1)
+
+
+def _from_heads(t: Tensor, heads: int) -> Tensor:
+    """[B*H, T, d] -> [B, T, H*d]."""
+    bh, n, d = t.shape
+    return t.view(bh // heads, heads, n, d).transpose(1, 2).reshape(bh // heads, n, heads * d)
+
+
+class MemoryStateNode(Node):
+    """The memory's initial weights M_0 (learned, or fixed at zero) and the state carried along the stream."""
+
+    stateful = True
+
+    def __init__(self, params: dict[str, Any], ctx: BuildContext) -> None:
+        super().__init__(params, ctx)
+        self.heads, self.momentum = params["heads"], params["momentum"]
+        self.init_weights = nn.ParameterList()
+        for out_f, in_f in params["layers"]:
+            w = torch.randn(self.heads, out_f, in_f) / in_f**0.5
+            if params["init"] == "zero":
+                w.zero_()
+            self.init_weights.append(nn.Parameter(w, requires_grad=params["init"] == "learned"))
+
+    def initial(self, batch: int) -> MemoryState:
+        weights = [
+            w.unsqueeze(0).expand(batch, *w.shape).reshape(batch * self.heads, *w.shape[1:]) for w in self.init_weights
+        ]
+        return MemoryState.initial(weights, self.momentum)
+
+    def run(self, inputs: dict[str, Any], state: MemoryState | None, step: Step) -> tuple[MemoryState, Any]:
+        raise RuntimeError("the memory state node is read by the layer, not run")  # see Layer._run_piece
+
+
+@dataclass(frozen=True)
+class _Write:
+    """A memory write waiting for its read: the write's module and inputs (the kernel reads and writes together)."""
+
+    node: MemoryWrite
+    k: Tensor
+    v: Tensor
+    gates: tuple
+    state: MemoryState
+
+
+class MemoryWrite(Node):
+    """The chunked gradient update of the memory; it runs together with the read that takes its state."""
+
+    def __init__(self, params: dict[str, Any], ctx: BuildContext) -> None:
+        super().__init__(params, ctx)
+        self.heads = params["heads"]
+        self.config = _memory_config(params, ctx)
+        self.choice: BackendChoice = choose_backend(params.get("backend"))
+        if params.get("backend_reason"):
+            self.choice = dataclasses.replace(self.choice, reason=params["backend_reason"])
+
+    def run(self, inputs: dict[str, Any], state: Any, step: Step) -> tuple[_Write, Any]:
+        k, v = _to_heads(inputs["keys"], self.heads), _to_heads(inputs["values"], self.heads)
+        return _Write(self, k, v, inputs["gates"], inputs["state"]), None
+
+    def apply(self, write: _Write, q: Tensor, retrieval: str) -> tuple[Tensor, MemoryState]:
+        """Read ``q`` [B*H, T, d] with ``retrieval`` while writing: (y, the state after the write)."""
+        cfg = dataclasses.replace(self.config, retrieval=retrieval)
+        return self.choice.fn(q, write.k, write.v, *write.gates, write.state, cfg)
+
+
+def _memory_config(params: dict[str, Any], ctx: BuildContext) -> MemoryConfig:
+    """The block's memory configuration with the sizes and options the graph node was lowered with."""
+    block = ctx.block
+    return dataclasses.replace(
+        memory_config(block.memory, block.update, ctx.registry),
+        layer_shapes=tuple(tuple(s) for s in params["layers"]),
+        activation=ctx.registry.get("activation", params["activation"]).obj,
+        residual=params["residual"],
+        output_norm=params["output_norm"],
+        momentum=params["momentum"],
+    )
+
+
+class MemoryRead(Node):
+    """y = M(q). Fed by a write: the write runs with this read's retrieval. Fed by the state (MAC's context read,
+    ``retrieval: segment_start``): reads the memory as it was when the current segment began."""
+
+    stateful = True
+
+    def __init__(self, params: dict[str, Any], ctx: BuildContext) -> None:
+        super().__init__(params, ctx)
+        self.heads, self.retrieval = params["heads"], params["retrieval"]
+        self.config = _memory_config(params, ctx)
+
+    def run(self, inputs: dict[str, Any], state: Any, step: Step) -> tuple[Any, Any]:
+        q = _to_heads(inputs["queries"], self.heads)
+        source = inputs["state"]
+        if isinstance(source, _Write):
+            y, new = source.node.apply(source, q, self.retrieval)
+            return (_from_heads(y, self.heads), new), None
+        if step.segment_pos == 0 or state is None:
+            if source.pending is not None:
+                raise ValueError("a segment must start on a memory chunk boundary (segment a multiple of chunk_size)")
+            state = source.weights
+        return _from_heads(memory_mlp.forward(state, q, self.config), self.heads), state
+
+
+class AttentionNode(Node):
+    """The attention of a block (nn/attention.py). Its state: the KV cache (sliding window / full), or the current
+    segment's tokens and memory tokens so far (MAC)."""
+
+    stateful = True
+
+    def __init__(self, params: dict[str, Any], ctx: BuildContext) -> None:
+        super().__init__(params, ctx)
+        self.attention = Attention(
+            params["dim"],
+            params["heads"],
+            params["head_dim"],
+            params["kind"],
+            window=params.get("window"),
+            rope=params["rope"],
+            rope_theta=params["rope_theta"],
+            segment=params.get("segment"),
+            order=params.get("order"),
+            causal_memory_tokens=params.get("causal_memory_tokens", True),
+            full_segment_positions=True,
+        )
+
+    def run(self, inputs: dict[str, Any], state: Any, step: Step) -> tuple[Tensor, Any]:
+        x, persistent = inputs["x"], inputs.get("persistent")
+        if self.attention.kind != "segment":
+            return self.attention.forward_cached(x, persistent, state)
+        past = None if step.segment_pos == 0 else state
+        if past is not None and not self.attention.causal_memory:
+            raise ValueError(
+                "MAC with causal_memory_tokens: false lets a token see later memory tokens of its segment, so a "
+                "stream cannot stop inside a segment: give whole segments, or turn causal_memory_tokens on"
+            )
+        y = self.attention.forward_segment(x, persistent, inputs["memory"], past)
+        new = (
+            (x, inputs["memory"])
+            if past is None
+            else (torch.cat([past[0], x], 1), torch.cat([past[1], inputs["memory"]], 1))
+        )
+        return y, new
+
+
+class Gate(Node):
+    """value * form(gate): identity (MAC's y * M(y)), linear, sigmoid or silu."""
+
+    FORMS: ClassVar[dict[str, Any]] = {"identity": None, "linear": None, "sigmoid": torch.sigmoid, "silu": F.silu}
+
+    def __init__(self, params: dict[str, Any], ctx: BuildContext) -> None:
+        super().__init__(params, ctx)
+        if params["form"] not in self.FORMS:
+            raise ValueError(f"gate node: unknown form {params['form']!r}")
+        self.fn = self.FORMS[params["form"]]
+
+    def run(self, inputs: dict[str, Any], state: Any, step: Step) -> tuple[Tensor, Any]:
+        g = inputs["gate"]
+        return inputs["value"] * (g if self.fn is None else self.fn(g)), None
+
+
+class MLP(Node):
+    """SwiGLU: W2(silu(W1 x) * W3 x); GELU: W2(gelu(W1 x))."""
+
+    def __init__(self, params: dict[str, Any], ctx: BuildContext) -> None:
+        super().__init__(params, ctx)
+        dim, hidden, self.kind = params["features"], params["hidden"], params["kind"]
+        self.up = nn.Linear(dim, hidden * (2 if self.kind == "swiglu" else 1), bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def run(self, inputs: dict[str, Any], state: Any, step: Step) -> tuple[Tensor, Any]:
+        h = self.up(inputs["x"])
+        if self.kind == "swiglu":
+            a, b = h.chunk(2, -1)
+            h = F.silu(a) * b
+        else:
+            h = F.gelu(h)
+        return self.down(h), None
+
+
+class Add(Node):
+    def run(self, inputs: dict[str, Any], state: Any, step: Step) -> tuple[Tensor, Any]:
+        return inputs["a"] + inputs["b"], None
+
+
+NODE_MODULES: dict[str, type[Node]] = {
+    "embed": Embed,
+    "persistent": Persistent,
+    "concat": Concat,
+    "slice": Slice,
+    "norm": Norm,
+    "proj": Proj,
+    "conv": Conv,
+    "memory_gates": MemoryGates,
+    "memory_state": MemoryStateNode,
+    "memory_write": MemoryWrite,
+    "memory_read": MemoryRead,
+    "attention": AttentionNode,
+    "gate": Gate,
+    "mlp": MLP,
+    "add": Add,
+    "head": Head,
+}
+"""The module each graph op becomes (``input`` and ``output`` are the model's own argument and result)."""
+
+
+def _key(node: str) -> str:
+    """A node id as a module name (no dots)."""
+    return node.replace(".", "__")
+
+
+# --------------------------------------------------------------------------------------------- layers and model
+
+
+class _LayerProgram:
+    """One layer's nodes in topological order with their input ports. A MAC layer (a ``segment`` attention) runs
+    once per piece of the call that lies within one segment."""
+
+    def __init__(self, graph: nx.DiGraph, record: dict, order: list[str], modules: nn.ModuleDict) -> None:
+        self.input, self.output, self.modules = record["input"], record["output"], modules
+        nodes = [n for n in order if graph.nodes[n]["layer"] == record["index"]]
+        self.program = [(n, inputs_of(graph, n)) for n in nodes]
+        self.read_updates: dict[str, str] = {}  # read fed by a write -> the memory state node it updates
+        self.segment: int | None = None
+        for node, ports in self.program:
+            op, params = graph.nodes[node]["op"], graph.nodes[node]["params"]
+            if op == "attention" and params["kind"] == "segment":
+                self.segment = params["segment"]
+            elif op == "memory_write":
+                self._ports(ports["gates"])["state"] = ports["state"]
+            elif op == "memory_read" and graph.nodes[ports["state"]]["op"] == "memory_write":
+                self.read_updates[node] = inputs_of(graph, ports["state"])["state"]
+
+    def _ports(self, node: str) -> dict[str, str]:
+        return next(ports for n, ports in self.program if n == node)
+
+    def run(self, x: Tensor, cur: dict[str, Any], position: int) -> Tensor:
+        """The layer's output for ``x`` [B, T, D] starting ``position`` tokens into the stream; updates ``cur``."""
+        if self.segment is None:
+            return self._piece(x, cur, Step(position))
+        outs, start = [], 0
+        while start < x.shape[1]:
+            pos = position + start
+            seg_pos = pos % self.segment
+            n = min(self.segment - seg_pos, x.shape[1] - start)
+            outs.append(self._piece(x[:, start : start + n], cur, Step(pos, seg_pos)))
+            start += n
+        return torch.cat(outs, 1)
+
+    def _piece(self, x: Tensor, cur: dict[str, Any], step: Step) -> Tensor:
+        env: dict[str, Any] = {self.input: x}
+        for node, ports in self.program:
+            module = self.modules[_key(node)]
+            if isinstance(module, MemoryStateNode):
+                env[node] = cur[node] if cur.get(node) is not None else module.initial(x.shape[0])
+                continue
+            out, new = module.run({port: env[src] for port, src in ports.items()}, cur.get(node), step)
+            if node in self.read_updates:
+                out, cur[self.read_updates[node]] = out
+            env[node] = out
+            if module.stateful:
+                cur[node] = new
+        return env[self.output]
+
+
+def _component(node: str, data: dict) -> str:
+    """The part of the model a node's parameters count towards (see :meth:`TitansLM.components`)."""
+    op, layer = data["op"], data["layer"]
+    if layer is None:
+        return {"embed": "embedding", "head": "head"}.get(op, "final_norm")
+    name = node.split(".", 1)[1]
+    if op in ("attention", "persistent"):
+        part = "attention"
+    elif op == "mlp" or name == "norm_mlp":
+        part = "mlp"
+    elif op.startswith("memory") or op in ("proj", "conv") or name.startswith(("memory.", "l2norm_")):
+        part = "memory"
+    else:
+        part = "norms"
+    return f"layer{layer}.{part}"
+
+
+class TitansLM(nn.Module):
+    """The language model of a checked graph: one module per node (``self.nodes``, keyed by node id with ``.`` as
+    ``__``), run in topological order. ``forward(tokens, state=None) -> LMOutput``."""
+
+    def __init__(self, graph: nx.DiGraph, loaded: LoadedSpec) -> None:
+        super().__init__()
+        dag = dag_view(graph)
+        order = list(nx.lexicographical_topological_sort(dag, key=str))
+        records = graph.graph["layers"]
+        self.nodes = nn.ModuleDict()
+        self._graph_info = {n: graph.nodes[n] for n in order}
+        embedding = None
+        for node in order:
+            data = graph.nodes[node]
+            if data["op"] in ("input", "output"):
+                continue
+            block = None if data["layer"] is None else loaded.spec.blocks[records[data["layer"]]["block"]]
+            params = dict(data["params"])
+            if data["op"] == "memory_write":
+                params.update(backend=data.get("backend"), backend_reason=data.get("backend_reason"))
+            module = NODE_MODULES[data["op"]](params, BuildContext(loaded.registry, block, embedding))
+            if isinstance(module, Embed):
+                embedding = module.embedding
+            self.nodes[_key(node)] = module
+        self.vocab_size = loaded.spec.model.vocab_size
+        self.layers = [_LayerProgram(graph, rec, order, self.nodes) for rec in records]
+
+        def unit(n: str) -> Any:
+            layer = graph.nodes[n]["layer"]
+            return n if layer is None else ("layer", layer)
+
+        units = nx.DiGraph()
+        units.add_nodes_from(unit(n) for n in order)
+        units.add_edges_from((unit(a), unit(b)) for a, b in dag.edges if unit(a) != unit(b))
+        self.plan = list(nx.lexicographical_topological_sort(units, key=str))
+        self.ports = {n: inputs_of(graph, n) for n in order}
+
+    @classmethod
+    def from_graph(cls, graph: nx.DiGraph, loaded: LoadedSpec) -> TitansLM:
+        """The model of ``graph`` (from :func:`titans_compose.graph.compile_graph`) and its ``loaded`` spec."""
+        return cls(graph, loaded)
+
+    def initial_state(self, batch: int) -> ModelState:
+        """The state before any token; every node starts from its initial value when it first runs."""
+        return ModelState(0, batch, {})
+
+    def _check(self, tokens: Tensor, state: ModelState | None) -> None:
+        if not isinstance(tokens, Tensor) or tokens.dtype != torch.long or tokens.dim() != 2 or tokens.shape[1] == 0:
+            what = (
+                f"{tokens.dtype} tensor of shape {tuple(tokens.shape)}" if isinstance(tokens, Tensor) else type(tokens)
+            )
+            raise ValueError(f"tokens must be a LongTensor [batch, length] with length >= 1, got {what}")
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab_size):
+            raise ValueError(
+                f"token ids must lie in [0, {self.vocab_size}), got {int(tokens.min())}..{int(tokens.max())}"
+            )
+        if state is not None and state.batch != tokens.shape[0]:
+            raise ValueError(f"the state is for a batch of {state.batch} rows, the tokens have {tokens.shape[0]}")
+
+    def forward(self, tokens: Tensor, state: ModelState | None = None) -> LMOutput:
+        """Logits for ``tokens`` [B, T] continuing the stream of ``state`` (None: a new stream)."""
+        self._check(tokens, state)
+        position = 0 if state is None else state.position
+        cur: dict[str, Any] = {} if state is None else dict(state.nodes)
+        env: dict[str, Any] = {}
+        step = Step(position)
+        for unit in self.plan:
+            if isinstance(unit, tuple):
+                program = self.layers[unit[1]]
+                env[program.output] = program.run(env[program.input], cur, position)
+                continue
+            op = self._graph_info[unit]["op"]
+            if op == "input":
+                env[unit] = tokens
+            elif op == "output":
+                env[unit] = env[self.ports[unit]["x"]]
+            else:
+                inputs = {port: env[src] for port, src in self.ports[unit].items()}
+                env[unit] = self.nodes[_key(unit)].run(inputs, None, step)[0]
+        logits = next(env[n] for n in self.plan if isinstance(n, str) and self._graph_info[n]["op"] == "output")
+        return LMOutput(logits, ModelState(position + tokens.shape[1], tokens.shape[0], cur))
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt: Tensor,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """``prompt`` [B, T0] followed by ``max_new_tokens`` tokens, each from the cached state (no recomputation):
+        greedy at ``temperature`` 0, else sampled from softmax(logits / temperature), restricted to the ``top_k``
+        most likely tokens if given."""
+        if max_new_tokens < 0 or temperature < 0 or (top_k is not None and top_k < 1):
+            raise ValueError("max_new_tokens and temperature must be >= 0 and top_k >= 1")
+        out = self(prompt)
+        tokens = [prompt]
+        for i in range(max_new_tokens):
+            logits = out.logits[:, -1].float()
+            if temperature == 0:
+                nxt = logits.argmax(-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = logits.topk(min(top_k, logits.shape[-1]), -1).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator)
+            tokens.append(nxt)
+            if i + 1 < max_new_tokens:
+                out = self(nxt, out.state)
+        return torch.cat(tokens, 1)
+
+    def components(self) -> list[tuple[str, int]]:
+        """(component, parameter count) in model order: embedding, per layer attention / memory / mlp / norms,
+        final norm, head (0 when tied to the embedding)."""
+        counts: dict[str, int] = {}
+        for node, data in self._graph_info.items():
+            if data["op"] in ("input", "output"):
+                continue
+            n = sum(p.numel() for p in self.nodes[_key(node)].parameters())
+            if n or data["op"] == "head":
+                name = _component(node, data)
+                counts[name] = counts.get(name, 0) + n
+
+        def rank(name: str) -> tuple[int, int]:
+            first = {"embedding": -1, "final_norm": len(self.layers), "head": len(self.layers) + 1}
+            return (first[name], 0) if name in first else (int(name[5 : name.index(".")]), 0)
+
+        return sorted(counts.items(), key=lambda item: rank(item[0]))
+
+    def memory_backends(self) -> list[tuple[str, str, str]]:
+        """(memory write node, backend name, why) for every memory layer."""
+        writes = [n for n, d in self._graph_info.items() if d["op"] == "memory_write"]
+        return [(n, self.nodes[_key(n)].choice.name, self.nodes[_key(n)].choice.reason) for n in writes]
