@@ -58,6 +58,7 @@ def test_build_writes_every_file_and_a_manifest_of_their_hashes(stand_in, tmp_pa
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["format"] == "titans-compose-build" and manifest["format_version"] == 1
     assert manifest["seed"] == 3 and manifest["spec"] == "titans-mac-small"
+    assert manifest["spec_sha256"] == builder.spec_hash(result.loaded) == builder.spec_hash(load_build(out).loaded)
     assert set(manifest["versions"]) == {"titans_compose", "torch", "triton", "python"}
     assert {name: entry["sha256"] for name, entry in manifest["files"].items()} == {
         name: sha256(out / name) for name in BUILD_FILES
@@ -72,16 +73,20 @@ def test_report(stand_in):
     assert report.spec_name == "titans-mac-small" and report.spec_source == str(MAC)
     assert report.parameters == [("embed", 256 * 8), ("head", 8 * 256 + 256)]
     assert report.total_parameters == 256 * 8 + 8 * 256 + 256
-    assert report.layers == [(0, "mac"), (1, "mac")] and report.graph_nodes > 10
+    (_, _, nodes), _ = report.layers
+    assert report.layers == [(0, "mac", nodes), (1, "mac", nodes)] and report.graph_nodes > 2 * nodes > 10
     assert report.passes == ["acyclic", "reachability", "shape_inference", "wiring", "backend"]
-    assert report.kernels == "kernels: none generated; every memory layer runs the chunked PyTorch path"
+    assert report.kernels == (
+        "kernels: none generated (every memory layer runs the chunked PyTorch path; "
+        "the Triton generator is not part of this build)"
+    )
     assert report.smoke.finite and report.smoke.loss > 0 and report.smoke.grad_norm > 0
 
 
 def test_kernels_line_follows_the_backends():
-    assert builder.kernels_line([]) == "kernels: none generated; the model has no memory layers"
+    assert builder.kernels_line([]) == "kernels: none generated (the model has no memory layers)"
     mixed = builder.kernels_line([("layers.0", "chunked", ""), ("layers.1", "reference", "")])
-    assert mixed == "kernels: none generated; memory layers run PyTorch paths (chunked: layers.0; reference: layers.1)"
+    assert mixed.startswith("kernels: none generated (memory layers run PyTorch paths (chunked: layers.0; reference:")
 
 
 def test_weights_depend_only_on_the_seed_and_the_smoke_check_leaves_them(stand_in):
@@ -140,6 +145,32 @@ def test_an_unknown_format_or_no_manifest_is_refused(stand_in, tmp_path):
         load_build(out)
 
 
+def test_a_spec_that_resolves_differently_is_refused(stand_in, tmp_path):
+    out = tmp_path / "b"
+    build(MAC, output_dir=out, smoke=False)
+    spec = (out / "spec.resolved.yaml").read_text().replace("depth: 2", "depth: 3")
+    (out / "spec.resolved.yaml").write_text(spec)
+    manifest = json.loads((out / MANIFEST).read_text())
+    manifest["files"]["spec.resolved.yaml"]["sha256"] = hashlib.sha256(spec.encode()).hexdigest()
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(BuildError, match="no longer resolves to the spec that was built"):
+        load_build(out)
+
+
+def test_an_interrupted_rebuild_leaves_no_manifest(stand_in, tmp_path, monkeypatch):
+    out = tmp_path / "b"
+    build(MAC, output_dir=out, smoke=False)
+
+    def fail(path, data):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(builder, "atomic_write", fail)
+    with pytest.raises(OSError, match="disk full"):
+        build(MAC, output_dir=out, seed=1, smoke=False)
+    with pytest.raises(BuildError, match="is not a titans-compose build"):
+        load_build(out)
+
+
 def test_output_conflicts_are_refused_and_the_spec_is_never_touched(stand_in, tmp_path):
     spec = tmp_path / "mine.yaml"
     spec.write_text(MAC.read_text())
@@ -153,6 +184,12 @@ def test_output_conflicts_are_refused_and_the_spec_is_never_touched(stand_in, tm
     build(spec, output_dir=out, seed=0, smoke=False)
     build(spec, output_dir=out, seed=1, smoke=False)  # an earlier build may be replaced
     assert json.loads((out / MANIFEST).read_text())["seed"] == 1 and load_build(out).report.seed == 1
+    with pytest.raises(BuildError, match="would overwrite the spec itself"):
+        build(out / "spec.resolved.yaml", output_dir=out)
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(BuildError, match=r"also holds notes\.txt, which the build did not write"):
+        build(spec, output_dir=out)
+    assert (out / "notes.txt").read_text() == "mine" and load_build(out).report.seed == 1
 
 
 def test_cli_prints_the_report_it_writes(stand_in, runner, tmp_path):
@@ -177,6 +214,13 @@ def test_cli_default_directory_and_no_smoke(stand_in, runner, tmp_path, monkeypa
     result = runner.invoke(cli, ["build", str(MAC), "--no-smoke"])
     assert result.exit_code == 0, result.output
     assert "smoke check: skipped" in result.output and load_build(tmp_path / "build" / "titans-mac-small").report
+
+
+def test_cli_graph_prints_the_mermaid_text(stand_in, runner, tmp_path):
+    result = runner.invoke(cli, ["build", str(MAC), "-o", str(tmp_path / "b"), "--graph", "--no-smoke"])
+    assert result.exit_code == 0, result.output
+    mermaid = (tmp_path / "b" / "graph.mmd").read_text()
+    assert f"graph nodes in all)\n{mermaid}" in result.output and " nodes\n" not in result.output
 
 
 def test_cli_errors(stand_in, runner, tmp_path):

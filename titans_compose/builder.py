@@ -3,8 +3,9 @@
 :func:`build` loads a spec, compiles its graph, builds the module with weights that depend only on the seed, runs a
 one-step smoke check and, given a directory, writes the build there. A build directory holds ``spec.resolved.yaml``,
 ``weights.safetensors`` (the initial weights), ``graph.dot``, ``graph.mmd``, ``report.json`` and, written last,
-``manifest.json`` with the sha256 of every other file, so a build with a manifest is complete and any later change
-is detected. :func:`load_build` verifies a build directory and rebuilds the identical module from it.
+``manifest.json`` with the sha256 of every other file and of the resolved spec, so a build with a manifest is
+complete and any later change is detected. :func:`load_build` verifies a build directory and rebuilds the identical
+module from it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 import platform
 import sys
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -39,8 +41,8 @@ WEIGHTS_FILE = "weights.safetensors"
 REPORT_FILE = "report.json"
 #: every file of a build except the manifest, which lists their hashes
 BUILD_FILES = (SPEC_FILE, WEIGHTS_FILE, "graph.dot", "graph.mmd", REPORT_FILE)
-#: the smoke check's random token batch: [batch, time]
-SMOKE_SHAPE = (2, 32)
+#: the smoke check's random token batch [batch, time]: long enough to cross chunk and segment boundaries
+SMOKE_SHAPE = (2, 64)
 
 
 class BuildError(RuntimeError):
@@ -66,7 +68,7 @@ class BuildReport:
     seed: int
     parameters: list[tuple[str, int]]  # (component, count)
     total_parameters: int
-    layers: list[tuple[int, str]]  # (index, block kind)
+    layers: list[tuple[int, str, int]]  # (index, block kind, graph nodes)
     graph_nodes: int
     passes: list[str]
     backends: list[tuple[str, str, str]]  # (memory layer, backend, reason)
@@ -89,14 +91,18 @@ class BuildReport:
             }
         )
 
-    def summary(self) -> str:
-        """The report as the text ``titans-compose build`` prints."""
+    def summary(self, graph: str | None = None) -> str:
+        """The report as the text ``titans-compose build`` prints; ``graph`` (e.g. Mermaid text) replaces the table
+        of layers."""
         width = max([len("total"), *(len(name) for name, _ in self.parameters)])
         lines = [f"built {self.spec_name} from {self.spec_source} (seed {self.seed})", "parameters:"]
         lines += [f"  {name:<{width}}  {count:>12,}" for name, count in self.parameters]
         lines.append(f"  {'total':<{width}}  {self.total_parameters:>12,}")
-        kinds = ", ".join(f"{index}: {kind}" for index, kind in self.layers)
-        lines.append(f"layers: {len(self.layers)} ({kinds}); {self.graph_nodes} graph nodes")
+        lines.append(f"layers: {len(self.layers)} ({self.graph_nodes} graph nodes in all)")
+        if graph is None:
+            lines += [f"  {index:<3} {kind:<10} {nodes:>3} nodes" for index, kind, nodes in self.layers]
+        else:
+            lines.append(graph.rstrip("\n"))
         lines.append(f"passes: {', '.join(self.passes)}")
         if self.backends:
             lines.append("memory backends:")
@@ -139,15 +145,17 @@ def seeded_module(graph: nx.DiGraph, loaded: LoadedSpec, seed: int) -> torch.nn.
 
 
 def kernels_line(backends: Sequence[tuple[str, str, str]]) -> str:
-    """Which kernels the build generated, read from the memory backends. No backend generates one yet (the kernel
-    generator is to come), so every memory layer runs a PyTorch path; the line says which."""
+    """Which kernels the build generated, read from the memory backends. No backend generates one yet (the Triton
+    generator is a later issue), so every memory layer runs a PyTorch path; the line says which."""
     if not backends:
-        return "kernels: none generated; the model has no memory layers"
+        return "kernels: none generated (the model has no memory layers)"
     names = sorted({backend for _, backend, _ in backends})
     if len(names) == 1:
-        return f"kernels: none generated; every memory layer runs the {names[0]} PyTorch path"
-    per = "; ".join(f"{name}: {', '.join(lay for lay, b, _ in backends if b == name)}" for name in names)
-    return f"kernels: none generated; memory layers run PyTorch paths ({per})"
+        paths = f"every memory layer runs the {names[0]} PyTorch path"
+    else:
+        per = "; ".join(f"{name}: {', '.join(lay for lay, b, _ in backends if b == name)}" for name in names)
+        paths = f"memory layers run PyTorch paths ({per})"
+    return f"kernels: none generated ({paths}; the Triton generator is not part of this build)"
 
 
 def smoke_check(module: torch.nn.Module, vocab_size: int, seed: int) -> SmokeCheck:
@@ -191,10 +199,10 @@ def build(
     there (see the module docstring); a path that is a file, or a non-empty directory that is not a build, is
     refused before anything is built. Raises :class:`SpecError` for spec problems, :class:`BuildError` otherwise.
     """
+    loaded = spec if isinstance(spec, LoadedSpec) else _load(spec, overrides, plugins)
     target = None if output_dir is None else Path(output_dir)
     if target is not None:
-        check_output_dir(target)
-    loaded = spec if isinstance(spec, LoadedSpec) else _load(spec, overrides, plugins)
+        check_output_dir(target, Path(loaded.source))
     from titans_compose.graph import compile_graph
 
     graph, passes = compile_graph(loaded)
@@ -202,13 +210,14 @@ def build(
     weights = {name: t.detach().cpu().clone().contiguous() for name, t in module.state_dict().items()}
     check = smoke_check(module, loaded.spec.model.vocab_size, seed) if smoke else None
     backends = [tuple(b) for b in module.memory_backends()]
+    sizes = Counter(layer for _, layer in graph.nodes(data="layer"))
     report = BuildReport(
         spec_name=spec_name(loaded),
         spec_source=loaded.source,
         seed=seed,
         parameters=[tuple(c) for c in module.components()],
         total_parameters=sum(p.numel() for p in module.parameters()),
-        layers=[(rec["index"], rec["kind"]) for rec in graph.graph["layers"]],
+        layers=[(rec["index"], rec["kind"], sizes[rec["index"]]) for rec in graph.graph["layers"]],
         graph_nodes=graph.number_of_nodes(),
         passes=list(passes.ran),
         backends=backends,
@@ -236,14 +245,28 @@ def _load(path: str | os.PathLike[str], overrides: Sequence[str], plugins: Seque
     return load_spec(path, overrides, registry=registry)
 
 
-def check_output_dir(path: Path) -> None:
-    """Refuse to write a build onto a file, or into a non-empty directory that is not already a build."""
+def check_output_dir(path: Path, spec: Path) -> None:
+    """Refuse to write a build onto a file, over the ``spec`` being built, or into a non-empty directory that is not
+    exactly an earlier build (a manifest of ours and only the files it lists)."""
     if path.exists() and not path.is_dir():
         raise BuildError(f"{path} is a file, not a directory: choose another output directory")
-    if path.is_dir() and any(path.iterdir()) and _read_manifest(path) is None:
+    if spec.resolve() in {(path / name).resolve() for name in (*BUILD_FILES, MANIFEST)}:
+        raise BuildError(
+            f"building {spec} into {path} would overwrite the spec itself: choose another output directory"
+        )
+    if not path.is_dir() or not any(path.iterdir()):
+        return
+    manifest = _read_manifest(path)
+    if manifest is None:
         raise BuildError(
             f"{path} is not empty and holds no {MANIFEST} of a titans-compose build: refusing to write into it "
             "(choose an empty or new directory)"
+        )
+    foreign = sorted(p.name for p in path.iterdir() if p.name != MANIFEST and p.name not in manifest.get("files", {}))
+    if foreign:
+        raise BuildError(
+            f"{path} is an earlier build but also holds {', '.join(foreign)}, which the build did not write: "
+            "refusing to replace it (move those files or choose another output directory)"
         )
 
 
@@ -258,6 +281,13 @@ def _read_manifest(path: Path) -> dict[str, Any] | None:
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def spec_hash(loaded: LoadedSpec) -> str:
+    """The sha256 of the resolved spec as canonical JSON: equal for equal models, whatever file or layout they
+    were written in."""
+    data = loaded.spec.model_dump(mode="json", exclude={"extends"})
+    return _sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode("utf-8"))
 
 
 def _package_version(name: str) -> str | None:
@@ -297,12 +327,15 @@ def write_build(result: BuildResult, weights: dict[str, torch.Tensor], path: Pat
         "graph.mmd": to_mermaid(shown).encode("utf-8"),
         REPORT_FILE: (json.dumps(result.report.to_json(), indent=2) + "\n").encode("utf-8"),
     }
+    # an earlier build's manifest goes first: until the new one is written the directory is visibly incomplete
+    (path / MANIFEST).unlink(missing_ok=True)
     for name, data in files.items():
         atomic_write(path / name, data)
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "spec": result.report.spec_name,
+        "spec_sha256": spec_hash(result.loaded),
         "seed": result.report.seed,
         "plugins": list(plugins),
         "versions": {
@@ -347,6 +380,11 @@ def load_build(path: str | os.PathLike[str], plugins: Sequence[str] = ()) -> Bui
     from titans_compose.graph import compile_graph
 
     loaded = _load(root / SPEC_FILE, (), plugins or manifest.get("plugins", ()))
+    if spec_hash(loaded) != manifest.get("spec_sha256"):
+        raise BuildError(
+            f"{root / SPEC_FILE} no longer resolves to the spec that was built (its spec_sha256 in {MANIFEST} "
+            "differs): this titans-compose reads the spec differently; build the spec again"
+        )
     graph, _ = compile_graph(loaded)
     module = seeded_module(graph, loaded, manifest["seed"])
     try:

@@ -19,6 +19,7 @@ from titans_compose.cli.main import echo_diagnostics, guarded, load_registry, se
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the initial weights.")
 @click.option("--no-smoke", is_flag=True, help="Skip the one-step forward/backward smoke check.")
+@click.option("--graph", "show_graph", is_flag=True, help="Print the graph as Mermaid text instead of the layer table.")
 @spec_options
 @click.pass_context
 def build(
@@ -27,6 +28,7 @@ def build(
     output: str | None,
     seed: int,
     no_smoke: bool,
+    show_graph: bool,
     overrides: tuple[str, ...],
     sub_plugins: tuple[str, ...],
     sub_debug: bool,
@@ -53,7 +55,12 @@ def build(
             result = build(loaded, plugins=plugins, output_dir=out, seed=seed, smoke=not no_smoke)
         except BuildError as exc:
             raise click.ClickException(str(exc)) from None
-        click.echo(result.report.summary())
+        graph = None
+        if show_graph:
+            from titans_compose.graph.render import collapse_repeats, to_mermaid
+
+            graph = to_mermaid(collapse_repeats(result.graph))
+        click.echo(result.report.summary(graph))
         click.echo(f"wrote {out}/ (manifest.json lists every file with its sha256)")
         return 0
 
