@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,6 +25,15 @@ from titans_compose.train import (
 from titans_compose.train.data import decode, encode, is_validation
 from titans_compose.train.loop import param_groups
 from titans_compose.train.tasks import REPEAT_FILLER
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: one thread avoids contention on a shared machine (and is faster)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 class TinyLM(torch.nn.Module):
@@ -252,3 +262,74 @@ def test_missing_or_corrupted_checkpoint_is_a_clear_error(tmp_path: Path) -> Non
     train(tiny(), repeat_source(), steps=1, checkpoint_dir=other, progress=False)
     with pytest.raises(CheckpointError, match="does not fit the model"):
         train(TinyLM(dim=16), repeat_source(), steps=2, checkpoint_dir=other, resume=True, progress=False)
+
+
+# --- the train command (with the build tests' stand-in model, so it runs in a moment) ------------------------------
+
+
+@pytest.fixture
+def stand_in(monkeypatch):
+    from tests.test_build import StandIn
+    from titans_compose import builder
+
+    monkeypatch.setattr(builder, "make_module", StandIn)
+
+
+def invoke(runner, out: Path, *args: str):
+    from tests.conftest import SPECS
+    from titans_compose.cli.main import cli
+
+    small = ["--seq-len", "32", "--batch", "2", "--max-mb", "0.2", "--no-progress", "--eval-batches", "1"]
+    return runner.invoke(cli, ["train", str(SPECS / "titans_mac_small.yaml"), "-o", str(out), *small, *args])
+
+
+def test_cli_trains_and_writes_metrics(stand_in, runner, tmp_path: Path) -> None:
+    result = invoke(runner, tmp_path, "--steps", "6", "--eval-every", "3")
+    assert result.exit_code == 0, result.output
+    assert "trained 6 steps: lm on python stdlib" in result.output and "val_bits_per_byte" in result.output
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert [r["step"] for r in metrics["history"]] == list(range(1, 7))
+    assert [s for s, _ in metrics["evals"]] == [3, 6]
+    final = metrics["final"]
+    assert final["val_bits_per_byte"] == pytest.approx(final["val_loss"] / math.log(2))
+    rows = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert rows[0] == "step,loss,lr,tokens_per_s,val_bits_per_byte,val_loss" and len(rows) == 7
+    assert (tmp_path / "build" / "manifest.json").is_file() and (tmp_path / "checkpoints" / "latest.json").is_file()
+
+
+def test_cli_resume_continues_the_run_with_its_settings(stand_in, runner, tmp_path: Path) -> None:
+    assert invoke(runner, tmp_path, "--steps", "4", "--weight-decay", "0.05", "--warmup", "1").exit_code == 0
+    first = json.loads((tmp_path / "metrics.json").read_text())["history"]
+    result = invoke(runner, tmp_path, "--steps", "4")
+    assert result.exit_code == 2 and "Invalid value for '--out'" in result.output and "--resume" in result.output
+    result = invoke(runner, tmp_path, "--steps", "4", "--resume", "--weight-decay", "0.2")
+    assert result.exit_code == 2 and "--weight-decay 0.2 (the run has 0.05)" in result.output
+    result = invoke(runner, tmp_path, "--resume", "--steps", "7")  # --weight-decay and --warmup are the run's
+    assert result.exit_code == 0, result.output
+    history = json.loads((tmp_path / "metrics.json").read_text())["history"]
+    assert [r["step"] for r in history] == list(range(1, 8)) and history[:4] == first
+
+
+@pytest.mark.parametrize("task", ["passkey", "mqar"])
+def test_cli_tasks_report_accuracy(stand_in, runner, tmp_path: Path, task: str) -> None:
+    result = invoke(runner, tmp_path, "--task", task, "--steps", "2", "--seq-len", "160")
+    assert result.exit_code == 0, result.output
+    final = json.loads((tmp_path / "metrics.json").read_text())["final"]
+    assert set(final) == {"val_answer_loss", "val_accuracy"} and 0.0 <= final["val_accuracy"] <= 1.0
+
+
+def test_cli_errors_name_the_option(stand_in, runner, tmp_path: Path) -> None:
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "x.dat").write_bytes(b"\0" * 64)
+    cases = [
+        (["--data", str(tmp_path / "missing")], "'--data'"),
+        (["--data", str(tmp_path / "bin")], "'--data': "),
+        (["--task", "passkey", "--seq-len", "20"], "'--seq-len'"),
+        (["--task", "mqar", "--pairs", "2", "--queries", "3"], "'--queries'"),
+        (["--resume"], "'--resume'"),
+        (["--steps", "0"], "'--steps'"),
+        (["--lr", "0"], "'--lr'"),
+    ]
+    for args, option in cases:
+        result = invoke(runner, tmp_path / "run", *args)
+        assert result.exit_code == 2 and f"Invalid value for {option}" in result.output, (args, result.output)

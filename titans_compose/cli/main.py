@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "schema": ("titans_compose.cli.schema", "schema", "Print the JSON Schema of the spec language."),
     "ls": ("titans_compose.cli.ls", "ls", "List registered names with their parameters and source."),
     "build": ("titans_compose.cli.build", "build", "Compile a spec into a smoke-checked model and a verifiable build."),
+    "train": ("titans_compose.cli.train", "train", "Train a spec's model on offline text or a long-context task."),
 }
 
 EXIT_SPEC_ERROR = 1

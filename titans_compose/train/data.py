@@ -18,6 +18,8 @@ import torch
 
 #: bytes read from the start of a file to decide whether it is text
 SNIFF_BYTES = 4096
+#: directories never read: installed packages and byte-code caches
+SKIPPED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
 
 
 class DataError(ValueError):
@@ -74,8 +76,14 @@ def is_validation(relative: str, val_percent: float) -> bool:
     return bucket < val_percent * 100
 
 
-def _text_files(root: Path, pattern: str) -> list[Path]:
-    return sorted((p for p in root.rglob(pattern) if p.is_file()), key=lambda p: p.relative_to(root).as_posix())
+def _corpus_files(root: Path, suffix: str) -> list[Path]:
+    """Files under ``root`` ending in ``suffix``, sorted by relative path. Hidden directories (``.git``) and
+    installed packages (``site-packages``, ``dist-packages``: not part of the standard library) are skipped."""
+    found = []
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in SKIPPED_DIRS]
+        found += [Path(folder, name) for name in names if name.endswith(suffix)]
+    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
 def _read_text(path: Path) -> bytes | None:
@@ -95,10 +103,11 @@ def load_corpus(
 ) -> Corpus:
     """Read a byte corpus and split it by file.
 
-    ``path`` is a text file, a directory (every text file under it, sorted by relative path), or ``None`` for the
-    standard library's ``.py`` files. Reading stops once ``max_bytes`` are collected, so loading is fast; the cut is
-    deterministic. A file lands in validation when a hash of its relative path says so (``val_percent`` of files).
-    A single file, or a directory whose hash puts nothing on one side, is split by bytes instead: the last
+    ``path`` is a text file, a directory (every text file under it, sorted by relative path; hidden directories
+    skipped), or ``None`` for the standard library's ``.py`` files (without installed packages). Reading stops once
+    ``max_bytes`` are collected, so loading is fast; the cut is deterministic. A file lands in validation when a
+    hash of its relative path says so (``val_percent`` of files). A single file, or a directory whose hash puts
+    nothing on one side, is split by bytes instead: the last
     ``val_percent`` of the text is the validation part. Raises :class:`DataError` if there is no text.
     """
     if max_bytes < 2:
@@ -111,7 +120,7 @@ def load_corpus(
             raise DataError(f"{root}: no such file or directory")
         files, source = ([root] if root.is_file() else None), str(root)
     if files is None:
-        files = _text_files(root, "*.py" if path is None else "*")
+        files = _corpus_files(root, ".py" if path is None else "")
     parts: dict[bool, list[bytes]] = {False: [], True: []}
     counts = {False: 0, True: 0}
     total = 0

@@ -80,19 +80,24 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def lm_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-    """Mean next-token cross entropy (nats per token) of ``model`` on ``batch``, over the targets ``loss_mask``
-    selects (every token from position 1 on without a mask)."""
-    device = next(model.parameters()).device
-    tokens = batch.tokens.to(device)
-    logits = model(tokens).logits[:, :-1]
-    losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1), reduction="none")
+def next_token_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Mean next-token cross entropy (nats per token) of ``logits`` [B, T, V] on ``batch``, over the targets
+    ``loss_mask`` selects (every token from position 1 on without a mask)."""
+    tokens = batch.tokens.to(logits.device)
+    flat = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    losses = F.cross_entropy(flat, tokens[:, 1:].reshape(-1), reduction="none")
     if batch.loss_mask is None:
         return losses.mean()
-    mask = batch.loss_mask[:, 1:].reshape(-1).to(device)
+    mask = batch.loss_mask[:, 1:].reshape(-1).to(logits.device)
     if not bool(mask.any()):
         raise TrainingError("the batch's loss mask selects no target token")
     return losses[mask].mean()
+
+
+def lm_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """:func:`next_token_loss` of ``model`` on ``batch``, run on the model's device."""
+    device = next(model.parameters()).device
+    return next_token_loss(model(batch.tokens.to(device)).logits, batch)
 
 
 def train(

@@ -1,0 +1,294 @@
+"""``titans-compose train``: build a spec's model and train it on offline bytes or a synthetic long-context task."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import click
+
+from titans_compose.cli.main import echo_diagnostics, guarded, load_registry, settings, spec_options
+
+#: run options that must not change when a run is resumed (the batches and the model would differ)
+FIXED_ON_RESUME = (
+    "spec",
+    "overrides",
+    "task",
+    "data",
+    "max_mb",
+    "batch",
+    "seq_len",
+    "lr",
+    "warmup",
+    "weight_decay",
+    "grad_clip",
+    "seed",
+    "depth",
+    "digits",
+    "pairs",
+    "queries",
+)
+
+
+@click.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option(
+    "--data",
+    type=click.Path(exists=True, path_type=Path),
+    help="A text file or directory (default: the Python standard library's .py files). For the tasks it is the "
+    "haystack filler (default: a repeated sentence).",
+)
+@click.option("--task", type=click.Choice(["lm", "passkey", "mqar"]), default="lm", show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=200, show_default=True)
+@click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True, help="Sequences per step.")
+@click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True, help="Tokens per sequence.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
+@click.option("--warmup", type=click.IntRange(min=0), help="Warm-up steps [default: steps/10, at most 100].")
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=0.1, show_default=True)
+@click.option("--grad-clip", type=click.FloatRange(min=0), default=1.0, show_default=True, help="0: no clipping.")
+@click.option(
+    "--eval-every", type=click.IntRange(min=0), help="Evaluate and checkpoint every N steps [default: steps/5]."
+)
+@click.option("--eval-batches", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--depth", type=click.FloatRange(0, 1), help="passkey: needle depth in [0, 1] [default: random].")
+@click.option("--digits", type=click.IntRange(1, 18), default=5, show_default=True, help="passkey: key digits.")
+@click.option("--pairs", type=click.IntRange(1, 676), default=16, show_default=True, help="mqar: key-value pairs.")
+@click.option("--queries", type=click.IntRange(min=1), default=4, show_default=True, help="mqar: queries.")
+@click.option(
+    "--max-mb", type=click.FloatRange(min=0, min_open=True), default=8.0, show_default=True, help="Text to read, MB."
+)
+@click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), help="Run directory [runs/<spec>].")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its newest checkpoint.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the weights, batches and dropout.")
+@click.option("--device", default=None, help="torch device [default: cuda if available, else cpu].")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@spec_options
+@click.pass_context
+def train(ctx: click.Context, spec: str, sub_plugins: tuple[str, ...], sub_debug: bool, **options: Any) -> None:
+    """Train SPEC's model on byte-level text (--task lm) or a synthetic task, with checkpoints and metrics in --out.
+
+    lm reports validation loss and bits per byte; passkey and mqar report exact-match accuracy on held-out batches.
+    """
+    plugins, debug = settings(ctx, sub_plugins, sub_debug)
+    # paths as absolute strings, so that resuming from another directory compares equal
+    options["spec"] = str(Path(spec).resolve())
+    options["data"] = None if options["data"] is None else str(options["data"].resolve())
+    options["overrides"] = list(options["overrides"])
+
+    def body() -> int:
+        import warnings
+
+        # torch's CPU wheel warns at import when NumPy is absent; nothing here needs NumPy.
+        warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+        from titans_compose.builder import BuildError, build, spec_name
+        from titans_compose.spec import load_spec
+
+        registry, problems = load_registry(plugins, debug)
+        echo_diagnostics(problems)
+        if problems:
+            return 1
+        given = list(options["overrides"])
+        loaded = load_spec(spec, given, registry=registry)
+        out = options["out"] or Path("runs") / spec_name(loaded)
+        resolve_run(ctx, out, options)
+        if options["overrides"] != given:  # resuming a run made with other --set values: rebuild its spec
+            loaded = load_spec(spec, options["overrides"], registry=registry)
+        echo_diagnostics(loaded.warnings)
+        if options["warmup"] is None:
+            options["warmup"] = min(100, options["steps"] // 10)
+        if options["eval_every"] is None:
+            options["eval_every"] = max(1, options["steps"] // 5)
+        config = {k: v for k, v in options.items() if k not in ("out", "resume", "device", "no_progress")}
+        source, val_batches, describe = make_task(options)
+        try:
+            built = build(loaded, plugins=plugins, output_dir=out / "build", seed=options["seed"])
+        except BuildError as exc:
+            raise click.ClickException(str(exc)) from None
+        return run(built.module, source, val_batches, describe, options, config, out)
+
+    guarded(ctx, debug, body)
+
+
+def resolve_run(ctx: click.Context, out: Path, options: dict[str, Any]) -> None:
+    """Check ``out`` against ``--resume`` and, when resuming, take the run's settings from its ``config.json``.
+
+    A new run must not start over an existing one, and a resumed run must exist. A resumed run keeps the settings
+    that decide its batches and model (:data:`FIXED_ON_RESUME`; one given with another value is an error); the
+    others (``--steps``, ``--eval-every``, ``--eval-batches``) may change. Settings not given are the run's.
+    """
+    from titans_compose.train.checkpoint import LATEST
+
+    has_checkpoint = (out / "checkpoints" / LATEST).is_file()
+    if options["resume"] and not has_checkpoint:
+        raise click.BadParameter(f"no checkpoint in {out / 'checkpoints'} to resume from", param_hint="'--resume'")
+    if not options["resume"]:
+        if has_checkpoint:
+            raise click.BadParameter(
+                f"{out} already holds a run: pass --resume to continue it, or choose another --out",
+                param_hint="'--out'",
+            )
+        return
+    try:
+        saved = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise click.ClickException(f"cannot resume: {out / 'config.json'} is missing or unreadable ({exc})") from None
+    changed = []
+    for key, value in saved.items():
+        if key not in options:
+            continue
+        if ctx.get_parameter_source(key) in (None, click.core.ParameterSource.DEFAULT):
+            options[key] = value
+        elif key in FIXED_ON_RESUME and value != options[key]:
+            changed.append(f"--{key.replace('_', '-')} {options[key]!r} (the run has {value!r})")
+    if changed:
+        raise click.UsageError(f"--resume continues a run with its own settings; these differ: {', '.join(changed)}")
+
+
+def make_task(options: dict[str, Any]) -> tuple[Any, Any, str]:
+    """The training batch source, the validation batches and a one-line description for the chosen task."""
+    import torch
+
+    from titans_compose.train.data import DataError, WindowSampler, derive_seed, load_corpus
+    from titans_compose.train.tasks import mqar_batch, mqar_len, passkey_batch, passkey_min_len
+
+    task, batch, seq_len, seed = options["task"], options["batch"], options["seq_len"], options["seed"]
+    corpus = None
+    if task == "lm" or options["data"] is not None:
+        try:
+            corpus = load_corpus(options["data"], max_bytes=int(options["max_mb"] * 1e6))
+        except DataError as exc:
+            raise click.BadParameter(str(exc), param_hint="'--data'") from None
+    n_eval = options["eval_batches"]
+
+    if task == "lm":
+        try:
+            train_src = WindowSampler(corpus.train, batch, seq_len, seed, "train")
+            val_src = WindowSampler(corpus.val, batch, seq_len, seed, "val")
+        except DataError as exc:
+            raise click.BadParameter(str(exc), param_hint="'--seq-len'") from None
+        return train_src, [val_src(i) for i in range(n_eval)], f"lm on {corpus.describe()}"
+
+    filler = "repeat" if corpus is None else corpus.train
+    if task == "passkey":
+        if seq_len < passkey_min_len(options["digits"]):
+            raise click.BadParameter(
+                f"{seq_len} is too short for a {options['digits']}-digit pass key (at least "
+                f"{passkey_min_len(options['digits'])})",
+                param_hint="'--seq-len'",
+            )
+
+        def make(step: int, stream: str) -> Any:
+            gen_seed = derive_seed(seed, stream, step)
+            return passkey_batch(
+                batch, seq_len, depth=options["depth"], digits=options["digits"], filler=filler, seed=gen_seed
+            )
+
+        depth = "random" if options["depth"] is None else options["depth"]
+        describe = f"passkey: {options['digits']} digits in {seq_len} bytes, depth {depth}"
+    else:
+        pairs, queries = options["pairs"], options["queries"]
+        if queries > pairs:
+            raise click.BadParameter(f"{queries} queries of {pairs} pairs: at most --pairs", param_hint="'--queries'")
+        if seq_len < mqar_len(pairs, queries):
+            raise click.BadParameter(
+                f"{seq_len} is too short for {pairs} pairs and {queries} queries (at least {mqar_len(pairs, queries)})",
+                param_hint="'--seq-len'",
+            )
+
+        def make(step: int, stream: str) -> Any:
+            gen_seed = derive_seed(seed, stream, step)
+            return mqar_batch(batch, pairs=pairs, queries=queries, seq_len=seq_len, filler=filler, seed=gen_seed)
+
+        describe = f"mqar: {pairs} pairs, {queries} queries in {seq_len} bytes"
+    if isinstance(filler, torch.Tensor) and filler.numel() < seq_len:
+        raise click.BadParameter(f"the text has fewer than {seq_len} bytes", param_hint="'--data'")
+    return (lambda step: make(step, "train")), [make(i, "val") for i in range(n_eval)], describe
+
+
+def evaluate(model: Any, batches: list[Any]) -> dict[str, float]:
+    """Mean validation loss over ``batches`` (with bits per byte: tokens are bytes) or, for task batches, the loss on
+    the answers and the exact-match accuracy."""
+    from titans_compose.train.loop import next_token_loss
+    from titans_compose.train.tasks import TaskBatch, exact_match
+
+    device = next(model.parameters()).device
+    loss = accuracy = 0.0
+    for b in batches:
+        logits = model(b.tokens.to(device)).logits
+        loss += float(next_token_loss(logits, b)) / len(batches)
+        if isinstance(b, TaskBatch):
+            accuracy += exact_match(logits, b) / len(batches)
+    if isinstance(batches[0], TaskBatch):
+        return {"val_answer_loss": loss, "val_accuracy": accuracy}
+    return {"val_loss": loss, "val_bits_per_byte": loss / math.log(2)}
+
+
+def run(
+    module: Any,
+    source: Any,
+    val_batches: list[Any],
+    describe: str,
+    options: dict[str, Any],
+    config: dict[str, Any],
+    out: Path,
+) -> int:
+    """Train, write ``config.json``, ``metrics.json`` and ``metrics.csv`` to ``out`` and print a summary."""
+    import csv
+    import io
+
+    import torch
+
+    from titans_compose.io import atomic_write
+    from titans_compose.train.checkpoint import CheckpointError
+    from titans_compose.train.loop import TrainingError, train
+
+    device = options["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        module = module.to(device)
+    except (RuntimeError, ValueError) as exc:
+        raise click.BadParameter(str(exc), param_hint="'--device'") from None
+    if not options["resume"]:
+        atomic_write(out / "config.json", json.dumps(config, indent=2) + "\n")
+    torch.manual_seed(options["seed"])
+    click.echo(f"training on {device}: {describe}", err=True)
+    try:
+        result = train(
+            module,
+            source,
+            steps=options["steps"],
+            lr=options["lr"],
+            warmup=options["warmup"],
+            weight_decay=options["weight_decay"],
+            grad_clip=options["grad_clip"] or None,
+            eval_every=options["eval_every"],
+            eval_fn=lambda model: evaluate(model, val_batches),
+            checkpoint_dir=out / "checkpoints",
+            checkpoint_every=options["eval_every"],
+            resume=options["resume"],
+            progress=not options["no_progress"],
+        )
+    except (CheckpointError, TrainingError) as exc:
+        raise click.ClickException(str(exc)) from None
+    final = result.evals[-1][1] if result.evals else {}
+    atomic_write(
+        out / "metrics.json",
+        json.dumps({"config": config, "task": describe, "final": final, **result.to_json()}, indent=1) + "\n",
+    )
+    eval_at = dict(result.evals)
+    names = sorted({k for _, m in result.evals for k in m})
+    table = io.StringIO()
+    writer = csv.writer(table, lineterminator="\n")
+    writer.writerow(["step", "loss", "lr", "tokens_per_s", *names])
+    for r in result.history:
+        writer.writerow([r.step, r.loss, r.lr, r.tokens_per_s, *(eval_at.get(r.step, {}).get(n, "") for n in names)])
+    atomic_write(out / "metrics.csv", table.getvalue())
+    tail = result.history[-10:]
+    speed = sum(r.tokens_per_s for r in tail) / len(tail)
+    click.echo(f"trained {options['steps']} steps: {describe}")
+    click.echo(f"  train loss {sum(r.loss for r in tail) / len(tail):.4f} (mean of the last {len(tail)} steps)")
+    click.echo("  " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()))
+    click.echo(f"  {speed:,.0f} tokens/s on {device}")
+    click.echo(f"wrote {out}/ (config.json, metrics.json, metrics.csv, build/, checkpoints/)")
+    return 0
