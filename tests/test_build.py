@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests.conftest import ROOT, SPECS
+from tests.conftest import ROOT, SPECS, shipped_specs
 from titans_compose import builder
 from titans_compose.builder import BUILD_FILES, MANIFEST, BuildError, BuildReport, build, load_build
 from titans_compose.cli.main import cli
@@ -233,9 +233,8 @@ def test_cli_errors(stand_in, runner, tmp_path):
     assert not (tmp_path / "b").exists()
 
 
-@pytest.mark.parametrize("spec", sorted(SPECS.glob("*.yaml")), ids=lambda p: p.stem)
+@pytest.mark.parametrize("spec", shipped_specs(), ids=lambda p: p.stem)
 def test_every_shipped_spec_builds_and_reloads_identically(runner, tmp_path, spec):
-    pytest.importorskip("titans_compose.nn.model", reason="the model (titans_compose/nn/model.py) is not there yet")
     out = tmp_path / "b"
     result = runner.invoke(cli, ["build", str(spec), "-o", str(out)])
     assert result.exit_code == 0, result.output
