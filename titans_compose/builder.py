@@ -198,7 +198,10 @@ def build(
     With ``smoke`` a forward and backward pass checks the model can train. With ``output_dir`` the build is written
     there (see the module docstring); a path that is a file, or a non-empty directory that is not a build, is
     refused before anything is built. Raises :class:`SpecError` for spec problems, :class:`BuildError` otherwise.
+    With a loaded spec, ``plugins`` only names the plug-ins it was loaded with (for :func:`load_build`).
     """
+    if isinstance(spec, LoadedSpec) and overrides:
+        raise ValueError("overrides apply when a spec is loaded: pass them to load_spec, or pass the spec's path")
     loaded = spec if isinstance(spec, LoadedSpec) else _load(spec, overrides, plugins)
     target = None if output_dir is None else Path(output_dir)
     if target is not None:
