@@ -333,3 +333,39 @@ def test_cli_errors_name_the_option(stand_in, runner, tmp_path: Path) -> None:
     for args, option in cases:
         result = invoke(runner, tmp_path / "run", *args)
         assert result.exit_code == 2 and f"Invalid value for {option}" in result.output, (args, result.output)
+
+
+# --- the real model ------------------------------------------------------------------------------------------------
+
+#: a narrow one-layer version of a shipped spec, so the real TitansLM trains here in a second
+NARROW = ("model.dim=32", "memory.head_dim=16", "memory.heads=1", "attention.heads=2", "blocks.0.repeat=1")
+
+
+def test_titans_lm_resumes_bit_exactly(tmp_path: Path) -> None:
+    from tests.conftest import SPECS
+    from titans_compose.builder import build
+
+    def model(seed: int) -> torch.nn.Module:
+        return build(SPECS / "titans_mac_small.yaml", NARROW, seed=seed, smoke=False).module
+
+    source = repeat_source(batch=2, seq_len=32)
+    kwargs = {"steps": 4, "lr": 3e-3, "checkpoint_every": 2, "progress": False}
+    full = train(model(0), source, **kwargs)
+
+    def interrupted(step: int) -> Batch:
+        if step == 3:
+            raise Interrupt
+        return source(step)
+
+    with pytest.raises(Interrupt):
+        train(model(0), interrupted, checkpoint_dir=tmp_path, **kwargs)
+    resumed = train(model(1), source, checkpoint_dir=tmp_path, resume=True, **kwargs)
+    assert [r.loss for r in resumed.history] == [r.loss for r in full.history]
+    assert full.history[-1].loss < full.history[0].loss
+
+
+def test_cli_trains_the_real_model(runner, tmp_path: Path) -> None:
+    sets = [arg for item in NARROW for arg in ("--set", item)]
+    result = invoke(runner, tmp_path, "--task", "passkey", "--steps", "2", "--seq-len", "64", *sets)
+    assert result.exit_code == 0, result.output
+    assert "val_accuracy" in result.output and (tmp_path / "checkpoints" / "step-00000002.safetensors").is_file()
