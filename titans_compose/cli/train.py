@@ -5,11 +5,17 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from titans_compose.cli.main import echo_diagnostics, guarded, load_registry, settings, spec_options
+
+if TYPE_CHECKING:  # torch is imported only when the command runs
+    import torch
+
+    from titans_compose.train.data import Batch
+    from titans_compose.train.loop import BatchSource
 
 #: run options that must not change when a run is resumed (the batches and the model would differ)
 FIXED_ON_RESUME = (
@@ -146,7 +152,7 @@ def resolve_run(ctx: click.Context, out: Path, options: dict[str, Any]) -> None:
         raise click.UsageError(f"--resume continues a run with its own settings; these differ: {', '.join(changed)}")
 
 
-def make_task(options: dict[str, Any]) -> tuple[Any, Any, str]:
+def make_task(options: dict[str, Any]) -> tuple[BatchSource, list[Batch], str]:
     """The training batch source, the validation batches and a one-line description for the chosen task."""
     import torch
 
@@ -179,7 +185,7 @@ def make_task(options: dict[str, Any]) -> tuple[Any, Any, str]:
                 param_hint="'--seq-len'",
             )
 
-        def make(step: int, stream: str) -> Any:
+        def make(step: int, stream: str) -> Batch:
             gen_seed = derive_seed(seed, stream, step)
             return passkey_batch(
                 batch, seq_len, depth=options["depth"], digits=options["digits"], filler=filler, seed=gen_seed
@@ -197,7 +203,7 @@ def make_task(options: dict[str, Any]) -> tuple[Any, Any, str]:
                 param_hint="'--seq-len'",
             )
 
-        def make(step: int, stream: str) -> Any:
+        def make(step: int, stream: str) -> Batch:
             gen_seed = derive_seed(seed, stream, step)
             return mqar_batch(batch, pairs=pairs, queries=queries, seq_len=seq_len, filler=filler, seed=gen_seed)
 
@@ -207,7 +213,7 @@ def make_task(options: dict[str, Any]) -> tuple[Any, Any, str]:
     return (lambda step: make(step, "train")), [make(i, "val") for i in range(n_eval)], describe
 
 
-def evaluate(model: Any, batches: list[Any]) -> dict[str, float]:
+def evaluate(model: torch.nn.Module, batches: list[Batch]) -> dict[str, float]:
     """Mean validation loss over ``batches`` (with bits per byte: tokens are bytes) or, for task batches, the loss on
     the answers and the exact-match accuracy."""
     from titans_compose.train.loop import next_token_loss
@@ -226,9 +232,9 @@ def evaluate(model: Any, batches: list[Any]) -> dict[str, float]:
 
 
 def run(
-    module: Any,
-    source: Any,
-    val_batches: list[Any],
+    module: torch.nn.Module,
+    source: BatchSource,
+    val_batches: list[Batch],
     describe: str,
     options: dict[str, Any],
     config: dict[str, Any],

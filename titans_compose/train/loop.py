@@ -69,14 +69,17 @@ def lr_at(step: int, *, lr: float, warmup: int, steps: int) -> float:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW parameter groups: weight decay on matrices (parameters with two or more dimensions) except embedding
-    tables; none on vectors (norm scales, biases, gate parameters) and embeddings. A parameter shared by an
-    embedding and an output layer (tied weights) counts as an embedding."""
-    embeddings = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    """AdamW parameter groups: weight decay on the weights of linear and convolution layers only; none on
+    embeddings, biases, norm gains, persistent tokens, the memory's initial weights or gate biases (decaying those
+    towards zero changes what they mean rather than regularising). A weight shared by an embedding and an output
+    layer (tied weights) counts as an embedding."""
+    layers = (torch.nn.Linear, torch.nn.modules.conv._ConvNd)
+    decayed = {id(m.weight) for m in model.modules() if isinstance(m, layers)}
+    decayed -= {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     decay, no_decay = [], []
     for p in model.parameters():  # each shared parameter once, in registration order
         if p.requires_grad:
-            (decay if p.ndim >= 2 and id(p) not in embeddings else no_decay).append(p)
+            (decay if id(p) in decayed else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
