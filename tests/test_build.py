@@ -15,9 +15,11 @@ import pytest
 import torch
 
 from tests.conftest import ROOT, SPECS, shipped_specs
+from tests.test_registry import PLUGIN
 from titans_compose import builder
 from titans_compose.builder import BUILD_FILES, MANIFEST, BuildError, BuildReport, build, load_build
 from titans_compose.cli.main import cli
+from titans_compose.registry import reset_default_registry
 
 MAC = SPECS / "titans_mac_small.yaml"
 
@@ -236,6 +238,22 @@ def test_cli_graph_prints_the_mermaid_text(stand_in, runner, tmp_path):
     assert result.exit_code == 0, result.output
     mermaid = (tmp_path / "b" / "graph.mmd").read_text()
     assert f"graph nodes in all)\n{mermaid}" in result.output and " nodes\n" not in result.output
+
+
+def test_load_build_reuses_the_builds_plugins(runner, tmp_path, monkeypatch):
+    plugin, out = tmp_path / "cauchy_plugin.py", tmp_path / "b"
+    plugin.write_text(PLUGIN)
+    monkeypatch.chdir(tmp_path)
+    args = ["build", str(MAC), "-o", "b", "--plugin", plugin.name, "--set", "update.loss=cauchy", "--no-smoke"]
+    assert runner.invoke(cli, args).exit_code == 0
+    monkeypatch.chdir(ROOT)  # the plug-in is found from another directory
+    reset_default_registry()  # as in a fresh process: only the built-ins, until the manifest's plug-in is loaded
+    reloaded = load_build(out)
+    assert reloaded.loaded.spec.update.loss.name == "cauchy"
+    tokens = torch.randint(256, (1, 20), generator=torch.Generator().manual_seed(2))
+    again = build(MAC, ["update.loss=cauchy"], [str(plugin)], smoke=False).module
+    with torch.no_grad():
+        assert torch.equal(again(tokens).logits, reloaded.module(tokens).logits)
 
 
 def test_cli_errors(stand_in, runner, tmp_path):

@@ -340,7 +340,8 @@ def write_build(result: BuildResult, weights: dict[str, torch.Tensor], path: Pat
         "spec": result.report.spec_name,
         "spec_sha256": spec_hash(result.loaded),
         "seed": result.report.seed,
-        "plugins": list(plugins),
+        # plug-in files by absolute path, so that load_build finds them from any working directory
+        "plugins": [str(Path(p).resolve()) if Path(p).is_file() else p for p in plugins],
         "versions": {
             "titans_compose": _package_version("titans_compose"),
             "torch": torch.__version__,
