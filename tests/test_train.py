@@ -264,15 +264,11 @@ def test_missing_or_corrupted_checkpoint_is_a_clear_error(tmp_path: Path) -> Non
         train(TinyLM(dim=16), repeat_source(), steps=2, checkpoint_dir=other, resume=True, progress=False)
 
 
-# --- the train command (with the build tests' stand-in model, so it runs in a moment) ------------------------------
+# --- the train command (the real model, narrowed so that it trains here in a moment) -------------------------------
 
 
-@pytest.fixture
-def stand_in(monkeypatch):
-    from tests.test_build import StandIn
-    from titans_compose import builder
-
-    monkeypatch.setattr(builder, "make_module", StandIn)
+#: a narrow one-layer version of a shipped spec, so the real TitansLM trains here in a second
+NARROW = ("model.dim=32", "memory.head_dim=16", "memory.heads=1", "attention.heads=2", "blocks.0.repeat=1")
 
 
 def invoke(runner, out: Path, *args: str):
@@ -280,10 +276,11 @@ def invoke(runner, out: Path, *args: str):
     from titans_compose.cli.main import cli
 
     small = ["--seq-len", "32", "--batch", "2", "--max-mb", "0.2", "--no-progress", "--eval-batches", "1"]
-    return runner.invoke(cli, ["train", str(SPECS / "titans_mac_small.yaml"), "-o", str(out), *small, *args])
+    sets = [arg for item in NARROW for arg in ("--set", item)]
+    return runner.invoke(cli, ["train", str(SPECS / "titans_mac_small.yaml"), "-o", str(out), *small, *sets, *args])
 
 
-def test_cli_trains_and_writes_metrics(stand_in, runner, tmp_path: Path) -> None:
+def test_cli_trains_and_writes_metrics(runner, tmp_path: Path) -> None:
     result = invoke(runner, tmp_path, "--steps", "6", "--eval-every", "3")
     assert result.exit_code == 0, result.output
     assert "trained 6 steps: lm on python stdlib" in result.output and "val_bits_per_byte" in result.output
@@ -297,7 +294,7 @@ def test_cli_trains_and_writes_metrics(stand_in, runner, tmp_path: Path) -> None
     assert (tmp_path / "build" / "manifest.json").is_file() and (tmp_path / "checkpoints" / "latest.json").is_file()
 
 
-def test_cli_resume_continues_the_run_with_its_settings(stand_in, runner, tmp_path: Path) -> None:
+def test_cli_resume_continues_the_run_with_its_settings(runner, tmp_path: Path) -> None:
     assert invoke(runner, tmp_path, "--steps", "4", "--weight-decay", "0.05", "--warmup", "1").exit_code == 0
     first = json.loads((tmp_path / "metrics.json").read_text())["history"]
     result = invoke(runner, tmp_path, "--steps", "4")
@@ -311,14 +308,14 @@ def test_cli_resume_continues_the_run_with_its_settings(stand_in, runner, tmp_pa
 
 
 @pytest.mark.parametrize("task", ["passkey", "mqar"])
-def test_cli_tasks_report_accuracy(stand_in, runner, tmp_path: Path, task: str) -> None:
+def test_cli_tasks_report_accuracy(runner, tmp_path: Path, task: str) -> None:
     result = invoke(runner, tmp_path, "--task", task, "--steps", "2", "--seq-len", "160")
     assert result.exit_code == 0, result.output
     final = json.loads((tmp_path / "metrics.json").read_text())["final"]
     assert set(final) == {"val_answer_loss", "val_accuracy"} and 0.0 <= final["val_accuracy"] <= 1.0
 
 
-def test_cli_errors_name_the_option(stand_in, runner, tmp_path: Path) -> None:
+def test_cli_errors_name_the_option(runner, tmp_path: Path) -> None:
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "x.dat").write_bytes(b"\0" * 64)
     cases = [
@@ -335,10 +332,7 @@ def test_cli_errors_name_the_option(stand_in, runner, tmp_path: Path) -> None:
         assert result.exit_code == 2 and f"Invalid value for {option}" in result.output, (args, result.output)
 
 
-# --- the real model ------------------------------------------------------------------------------------------------
-
-#: a narrow one-layer version of a shipped spec, so the real TitansLM trains here in a second
-NARROW = ("model.dim=32", "memory.head_dim=16", "memory.heads=1", "attention.heads=2", "blocks.0.repeat=1")
+# --- the real model in the loop ---------------------------------------------------------------------------------
 
 
 def test_titans_lm_resumes_bit_exactly(tmp_path: Path) -> None:
@@ -362,10 +356,3 @@ def test_titans_lm_resumes_bit_exactly(tmp_path: Path) -> None:
     resumed = train(model(1), source, checkpoint_dir=tmp_path, resume=True, **kwargs)
     assert [r.loss for r in resumed.history] == [r.loss for r in full.history]
     assert full.history[-1].loss < full.history[0].loss
-
-
-def test_cli_trains_the_real_model(runner, tmp_path: Path) -> None:
-    sets = [arg for item in NARROW for arg in ("--set", item)]
-    result = invoke(runner, tmp_path, "--task", "passkey", "--steps", "2", "--seq-len", "64", *sets)
-    assert result.exit_code == 0, result.output
-    assert "val_accuracy" in result.output and (tmp_path / "checkpoints" / "step-00000002.safetensors").is_file()
