@@ -51,7 +51,8 @@ class BuildError(RuntimeError):
 
 @dataclass(frozen=True)
 class SmokeCheck:
-    """One forward and backward pass on random tokens: the next-token loss, the gradient norm, and the time taken."""
+    """One forward and backward pass on random tokens: the next-token loss, the gradient norm, and the time taken
+    (the model's first call, so it includes torch's one-time set-up)."""
 
     loss: float
     finite: bool
