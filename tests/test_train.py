@@ -307,9 +307,9 @@ def test_cli_resume_continues_the_run_with_its_settings(runner, tmp_path: Path) 
     assert [r["step"] for r in history] == list(range(1, 8)) and history[:4] == first
 
 
-@pytest.mark.parametrize("task", ["passkey", "mqar"])
-def test_cli_tasks_report_accuracy(runner, tmp_path: Path, task: str) -> None:
-    result = invoke(runner, tmp_path, "--task", task, "--steps", "2", "--seq-len", "160")
+@pytest.mark.parametrize(("task", "loss_on"), [("passkey", "answer"), ("mqar", "all")])
+def test_cli_tasks_report_accuracy(runner, tmp_path: Path, task: str, loss_on: str) -> None:
+    result = invoke(runner, tmp_path, "--task", task, "--steps", "2", "--seq-len", "160", "--loss-on", loss_on)
     assert result.exit_code == 0, result.output
     final = json.loads((tmp_path / "metrics.json").read_text())["final"]
     assert set(final) == {"val_answer_loss", "val_accuracy"} and 0.0 <= final["val_accuracy"] <= 1.0

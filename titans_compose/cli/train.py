@@ -35,6 +35,7 @@ FIXED_ON_RESUME = (
     "digits",
     "pairs",
     "queries",
+    "loss_on",
 )
 
 
@@ -62,6 +63,13 @@ FIXED_ON_RESUME = (
 @click.option("--digits", type=click.IntRange(1, 18), default=5, show_default=True, help="passkey: key digits.")
 @click.option("--pairs", type=click.IntRange(1, 676), default=16, show_default=True, help="mqar: key-value pairs.")
 @click.option("--queries", type=click.IntRange(min=1), default=4, show_default=True, help="mqar: queries.")
+@click.option(
+    "--loss-on",
+    type=click.Choice(["answer", "all"]),
+    default="answer",
+    show_default=True,
+    help="passkey/mqar: train on the answer tokens only, or on every token.",
+)
 @click.option(
     "--max-mb", type=click.FloatRange(min=0, min_open=True), default=8.0, show_default=True, help="Text to read, MB."
 )
@@ -177,6 +185,7 @@ def make_task(options: dict[str, Any]) -> tuple[BatchSource, list[Batch], str]:
         return train_src, [val_src(i) for i in range(n_eval)], f"lm on {corpus.describe()}"
 
     filler = "repeat" if corpus is None else corpus.train
+    loss_on = options["loss_on"]  # validation scores the answers either way
     if task == "passkey":
         if seq_len < passkey_min_len(options["digits"]):
             raise click.BadParameter(
@@ -188,7 +197,13 @@ def make_task(options: dict[str, Any]) -> tuple[BatchSource, list[Batch], str]:
         def make(step: int, stream: str) -> Batch:
             gen_seed = derive_seed(seed, stream, step)
             return passkey_batch(
-                batch, seq_len, depth=options["depth"], digits=options["digits"], filler=filler, seed=gen_seed
+                batch,
+                seq_len,
+                depth=options["depth"],
+                digits=options["digits"],
+                filler=filler,
+                loss_on=loss_on if stream == "train" else "answer",
+                seed=gen_seed,
             )
 
         depth = "random" if options["depth"] is None else options["depth"]
@@ -205,7 +220,15 @@ def make_task(options: dict[str, Any]) -> tuple[BatchSource, list[Batch], str]:
 
         def make(step: int, stream: str) -> Batch:
             gen_seed = derive_seed(seed, stream, step)
-            return mqar_batch(batch, pairs=pairs, queries=queries, seq_len=seq_len, filler=filler, seed=gen_seed)
+            return mqar_batch(
+                batch,
+                pairs=pairs,
+                queries=queries,
+                seq_len=seq_len,
+                filler=filler,
+                loss_on=loss_on if stream == "train" else "answer",
+                seed=gen_seed,
+            )
 
         describe = f"mqar: {pairs} pairs, {queries} queries in {seq_len} bytes"
     if isinstance(filler, torch.Tensor) and filler.numel() < seq_len:

@@ -159,7 +159,7 @@ def load_checkpoint(
     except (ValueError, KeyError) as exc:
         raise CheckpointError(f"{where} does not fit the optimizer: {exc}") from None
     torch.set_rng_state(tensors["rng/cpu"])
-    cuda = [tensors[f"rng/cuda/{i}"] for i in range(len([k for k in tensors if k.startswith("rng/cuda/")]))]
+    cuda = sorted((int(k.rsplit("/", 1)[1]), v) for k, v in tensors.items() if k.startswith("rng/cuda/"))
     if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
+        torch.cuda.set_rng_state_all([state for _, state in cuda])
     return {"step": record["step"], **record["state"]}

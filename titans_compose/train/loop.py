@@ -35,7 +35,8 @@ class TrainingError(RuntimeError):
 
 @dataclass(frozen=True)
 class StepRecord:
-    """One optimisation step: its number (1-based), the training loss, the learning rate used, tokens per second."""
+    """One optimisation step: its number (1-based), the training loss, the learning rate used, and the tokens per
+    second of the whole step (making the batch, forward, backward and update)."""
 
     step: int
     loss: float
@@ -73,7 +74,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     embeddings, biases, norm gains, persistent tokens, the memory's initial weights or gate biases (decaying those
     towards zero changes what they mean rather than regularising). A weight shared by an embedding and an output
     layer (tied weights) counts as an embedding."""
-    layers = (torch.nn.Linear, torch.nn.modules.conv._ConvNd)
+    layers = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
     decayed = {id(m.weight) for m in model.modules() if isinstance(m, layers)}
     decayed -= {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     decay, no_decay = [], []
@@ -125,8 +126,9 @@ def train(
     clipped to total norm ``grad_clip`` (``None``: no clipping). Every ``eval_every`` steps and after the last one,
     ``eval_fn(model)`` runs in eval mode without gradients. With ``checkpoint_dir`` a checkpoint is written every
     ``checkpoint_every`` steps (0: only at the end) and after the last step; ``resume`` continues from the newest
-    one there (raising :class:`~titans_compose.train.checkpoint.CheckpointError` if there is none). Raises
-    :class:`TrainingError` on a non-finite loss.
+    one there (raising :class:`~titans_compose.train.checkpoint.CheckpointError` if there is none); with the same
+    arguments it reproduces the uninterrupted run exactly on the CPU (a different ``steps`` continues on the new
+    schedule). Raises :class:`TrainingError` on a non-finite loss.
     """
     if steps < 1 or warmup < 0 or eval_every < 0 or checkpoint_every < 0 or lr <= 0:
         raise ValueError(
@@ -178,6 +180,8 @@ def train(
             if grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             optimizer.step()
+            if loss.is_cuda:  # kernels run asynchronously: wait for them, so the step's time is its own
+                torch.cuda.synchronize(loss.device)
             speed = batch.tokens.numel() / max(time.perf_counter() - began, 1e-9)
             result.history.append(StepRecord(step, value, rate, speed))
             bar.update(1)
