@@ -48,6 +48,7 @@ class Corpus:
     files: tuple[int, int]
 
     def describe(self) -> str:
+        """One line: the source and the size of each split."""
         return (
             f"{self.source}: {self.files[0]} train files ({self.train.numel():,} bytes), "
             f"{self.files[1]} validation files ({self.val.numel():,} bytes)"
@@ -107,20 +108,16 @@ def load_corpus(
     skipped), or ``None`` for the standard library's ``.py`` files (without installed packages). Reading stops once
     ``max_bytes`` are collected, so loading is fast; the cut is deterministic. A file lands in validation when a
     hash of its relative path says so (``val_percent`` of files). A single file, or a directory whose hash puts
-    nothing on one side, is split by bytes instead: the last
-    ``val_percent`` of the text is the validation part. Raises :class:`DataError` if there is no text.
+    nothing on one side, is split by bytes instead: the last ``val_percent`` of the text is the validation part.
+    Raises :class:`DataError` if there is no text.
     """
     if max_bytes < 2:
         raise DataError(f"max_bytes must be at least 2, got {max_bytes}")
-    if path is None:
-        root, files, source = stdlib_dir(), None, "python stdlib"
-    else:
-        root = Path(path)
-        if not root.exists():
-            raise DataError(f"{root}: no such file or directory")
-        files, source = ([root] if root.is_file() else None), str(root)
-    if files is None:
-        files = _corpus_files(root, ".py" if path is None else "")
+    root = stdlib_dir() if path is None else Path(path)
+    if not root.exists():
+        raise DataError(f"{root}: no such file or directory")
+    files = [root] if root.is_file() else _corpus_files(root, ".py" if path is None else "")
+    source = "python stdlib" if path is None else str(root)
     parts: dict[bool, list[bytes]] = {False: [], True: []}
     counts = {False: 0, True: 0}
     total = 0

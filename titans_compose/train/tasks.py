@@ -51,8 +51,8 @@ def passkey_min_len(digits: int) -> int:
 
 
 def filler_tokens(filler: Filler, batch: int, length: int, gen: torch.Generator) -> torch.Tensor:
-    """[batch, length] filler: the repeated pass-key sentence at a random phase per row, random digits separated by
-    spaces every few bytes, or random windows of a corpus byte tensor."""
+    """[batch, length] filler: the repeated pass-key sentences at a random phase per row, random digits with about
+    one byte in five a space (a haystack of distractor numbers), or random windows of a corpus byte tensor."""
     if isinstance(filler, torch.Tensor):
         return random_windows(filler, batch, length, gen)
     if filler == "repeat":
@@ -195,8 +195,9 @@ def exact_match(logits: torch.Tensor, batch: TaskBatch) -> float:
     n_groups = int(group.max()) + 1
     if n_groups <= 0:
         raise ValueError("the batch has no answers to score")
+    slot = torch.where(group >= 0, group, n_groups)  # non-answer positions go to a spare column, dropped below
     errors = torch.zeros(group.shape[0], n_groups + 1, dtype=torch.long, device=logits.device)
-    errors.scatter_add_(1, torch.where(group >= 0, group, n_groups), wrong.long())
-    present = torch.zeros_like(errors, dtype=torch.bool).scatter_(1, torch.where(group >= 0, group, n_groups), True)
+    errors.scatter_add_(1, slot, wrong.long())
+    present = torch.zeros_like(errors, dtype=torch.bool).scatter_(1, slot, True)
     scored = present[:, :n_groups]
     return float(((errors[:, :n_groups] == 0) & scored).sum() / scored.sum())
