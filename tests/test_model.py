@@ -31,6 +31,15 @@ SMALL = {
 }
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The models here are tiny: one intra-op thread is fastest, and on a shared machine extra threads only spin."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def build(tmp_path, kind: str, overrides: list[str] = (), dtype: torch.dtype = torch.float64, seed: int = 0):
     """A 2-layer model of block ``kind`` at the SMALL sizes, with --set style ``overrides``."""
     path = tmp_path / f"{kind}.yaml"

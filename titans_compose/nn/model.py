@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import networkx as nx
 import torch
@@ -29,13 +29,15 @@ from titans_compose.kernels.dispatch import BackendChoice, choose_backend
 from titans_compose.kernels.state import MemoryState
 from titans_compose.nn.attention import Attention
 from titans_compose.nn.memory import _chunk_log_mean, _depthwise_causal_conv, _Gate, _logit
-from titans_compose.registry.core import Registry
-from titans_compose.spec.validate import LoadedSpec
+
+if TYPE_CHECKING:
+    from titans_compose.registry.core import Registry
+    from titans_compose.spec.validate import LoadedSpec
 
 
 def _detach(value: Any) -> Any:
     """``value`` cut from the autograd graph: tensors, states with ``detach()``, and tuples / lists / dicts of them."""
-    if isinstance(value, Tensor) or hasattr(value, "detach"):
+    if hasattr(value, "detach"):
         return value.detach()
     if isinstance(value, (tuple, list)):
         return type(value)(_detach(v) for v in value)
@@ -69,10 +71,11 @@ class LMOutput:
 
 @dataclass(frozen=True)
 class Step:
-    """Where a piece of the stream starts: ``position`` (tokens before it) and, in a MAC layer, the position inside
-    the segment."""
+    """Where a piece of the stream starts: ``position`` (tokens before it), ``batch`` rows and, in a MAC layer, the
+    position inside the segment."""
 
     position: int
+    batch: int
     segment_pos: int = 0
 
 
@@ -154,25 +157,26 @@ class Slice(Node):
 
 
 class Norm(Node):
-    """RMSNorm / LayerNorm over the features, RMSNorm with per-head gains, or l2 normalisation per head."""
+    """RMSNorm / LayerNorm over the features; with ``per_head``, l2 normalisation or RMSNorm with per-head gains."""
 
     def __init__(self, params: dict[str, Any], ctx: BuildContext) -> None:
         super().__init__(params, ctx)
-        self.kind, self.heads = params["kind"], params.get("per_head") or 1
+        self.kind, self.heads = params["kind"], params.get("per_head")
         self.eps = params.get("eps", 1e-6)
         features = params["features"]
         self.norm: nn.Module | None = None
         self.gain: nn.Parameter | None = None
-        if self.kind == "l2":
-            return
-        if self.heads > 1 or self.kind not in ("rmsnorm", "layernorm"):
-            if self.kind != "rmsnorm":
-                raise ValueError(f"norm node: per-head {self.kind} is not supported")
-            self.gain = nn.Parameter(torch.ones(self.heads, features // self.heads))
+        if self.kind == "l2" or self.heads is not None:
+            if self.heads is None or self.kind not in ("l2", "rmsnorm"):
+                raise ValueError(f"norm node: {self.kind} per head {self.heads} is not supported")
+            if self.kind == "rmsnorm":
+                self.gain = nn.Parameter(torch.ones(self.heads, features // self.heads))
         elif self.kind == "rmsnorm":
             self.norm = nn.RMSNorm(features, eps=self.eps)
-        else:
+        elif self.kind == "layernorm":
             self.norm = nn.LayerNorm(features, eps=self.eps)
+        else:
+            raise ValueError(f"norm node: unknown kind {self.kind!r}")
 
     def run(self, inputs: dict[str, Any], state: Any, step: Step) -> tuple[Tensor, Any]:
         x = inputs["x"]
@@ -280,8 +284,10 @@ class MemoryStateNode(Node):
         ]
         return MemoryState.initial(weights, self.momentum)
 
-    def run(self, inputs: dict[str, Any], state: MemoryState | None, step: Step) -> tuple[MemoryState, Any]:
-        raise RuntimeError("the memory state node is read by the layer, not run")  # see Layer._run_piece
+    def run(self, inputs: dict[str, Any], state: MemoryState | None, step: Step) -> tuple[MemoryState, MemoryState]:
+        """The state before this piece (the write that takes it returns the next one through its read)."""
+        state = self.initial(step.batch) if state is None else state
+        return state, state
 
 
 @dataclass(frozen=True)
@@ -488,13 +494,13 @@ class _LayerProgram:
     def run(self, x: Tensor, cur: dict[str, Any], position: int) -> Tensor:
         """The layer's output for ``x`` [B, T, D] starting ``position`` tokens into the stream; updates ``cur``."""
         if self.segment is None:
-            return self._piece(x, cur, Step(position))
+            return self._piece(x, cur, Step(position, x.shape[0]))
         outs, start = [], 0
         while start < x.shape[1]:
             pos = position + start
             seg_pos = pos % self.segment
             n = min(self.segment - seg_pos, x.shape[1] - start)
-            outs.append(self._piece(x[:, start : start + n], cur, Step(pos, seg_pos)))
+            outs.append(self._piece(x[:, start : start + n], cur, Step(pos, x.shape[0], seg_pos)))
             start += n
         return torch.cat(outs, 1)
 
@@ -502,9 +508,6 @@ class _LayerProgram:
         env: dict[str, Any] = {self.input: x}
         for node, ports in self.program:
             module = self.modules[_key(node)]
-            if isinstance(module, MemoryStateNode):
-                env[node] = cur[node] if cur.get(node) is not None else module.initial(x.shape[0])
-                continue
             out, new = module.run({port: env[src] for port, src in ports.items()}, cur.get(node), step)
             if node in self.read_updates:
                 out, cur[self.read_updates[node]] = out
@@ -567,6 +570,7 @@ class TitansLM(nn.Module):
         units.add_edges_from((unit(a), unit(b)) for a, b in dag.edges if unit(a) != unit(b))
         self.plan = list(nx.lexicographical_topological_sort(units, key=str))
         self.ports = {n: inputs_of(graph, n) for n in order}
+        self.output = next(n for n in order if graph.nodes[n]["op"] == "output")
 
     @classmethod
     def from_graph(cls, graph: nx.DiGraph, loaded: LoadedSpec) -> TitansLM:
@@ -596,7 +600,7 @@ class TitansLM(nn.Module):
         position = 0 if state is None else state.position
         cur: dict[str, Any] = {} if state is None else dict(state.nodes)
         env: dict[str, Any] = {}
-        step = Step(position)
+        step = Step(position, tokens.shape[0])
         for unit in self.plan:
             if isinstance(unit, tuple):
                 program = self.layers[unit[1]]
@@ -610,8 +614,7 @@ class TitansLM(nn.Module):
             else:
                 inputs = {port: env[src] for port, src in self.ports[unit].items()}
                 env[unit] = self.nodes[_key(unit)].run(inputs, None, step)[0]
-        logits = next(env[n] for n in self.plan if isinstance(n, str) and self._graph_info[n]["op"] == "output")
-        return LMOutput(logits, ModelState(position + tokens.shape[1], tokens.shape[0], cur))
+        return LMOutput(env[self.output], ModelState(position + tokens.shape[1], tokens.shape[0], cur))
 
     @torch.no_grad()
     def generate(
@@ -630,11 +633,11 @@ class TitansLM(nn.Module):
         out = self(prompt)
         tokens = [prompt]
         for i in range(max_new_tokens):
-            logits = out.logits[:, -1].float()
+            logits = out.logits[:, -1]
             if temperature == 0:
                 nxt = logits.argmax(-1, keepdim=True)
             else:
-                logits = logits / temperature
+                logits = logits.float() / temperature
                 if top_k is not None:
                     kth = logits.topk(min(top_k, logits.shape[-1]), -1).values[:, -1:]
                     logits = logits.masked_fill(logits < kth, float("-inf"))
