@@ -392,12 +392,11 @@ class AttentionNode(Node):
                 "stream cannot stop inside a segment: give whole segments, or turn causal_memory_tokens on"
             )
         y = self.attention.forward_segment(x, persistent, inputs["memory"], past)
-        new = (
-            (x, inputs["memory"])
-            if past is None
-            else (torch.cat([past[0], x], 1), torch.cat([past[1], inputs["memory"]], 1))
-        )
-        return y, new
+        if step.segment_pos + x.shape[1] == self.attention.segment:
+            return y, None  # the segment is complete: the next one starts afresh
+        if past is None:
+            return y, (x, inputs["memory"])
+        return y, (torch.cat([past[0], x], 1), torch.cat([past[1], inputs["memory"]], 1))
 
 
 class Gate(Node):
@@ -487,6 +486,8 @@ class _LayerProgram:
                 self._ports(ports["gates"])["state"] = ports["state"]
             elif op == "memory_read" and graph.nodes[ports["state"]]["op"] == "memory_write":
                 self.read_updates[node] = inputs_of(graph, ports["state"])["state"]
+            elif op == "memory_read" and params["retrieval"] != "segment_start":
+                raise ValueError(f"{node}: a read of the memory state itself must be a segment_start read")
 
     def _ports(self, node: str) -> dict[str, str]:
         return next(ports for n, ports in self.program if n == node)
