@@ -1,0 +1,187 @@
+"""Does the long-term memory remember? Tiny MAC, MAG, MAL, LMM and sliding-window-only models trained on pass-key
+retrieval with the needle far beyond the attention window, and on real text.
+
+For every variant (the shipped specs, shrunk to one size by the same overrides): train on pass-key sequences
+whose needle lies anywhere in the context, then score exact-match accuracy (every answer digit right, teacher-forced
+argmax, which equals greedy decoding for an answer that ends the sequence) with the needle at the very start, at
+several context lengths: the distance from the needle to the answer is then about the context length, at least
+4x the attention window. Separately, a copy of each model is trained for a few steps on the Python standard
+library's source (bytes) and its validation loss is reported in bits per byte.
+
+Prints a table, writes a plot (benchmarks/long_context.png, needs matplotlib: `pip install matplotlib`), and
+appends the table with the date and the command to benchmarks/RESULTS.md.
+
+    python benchmarks/long_context.py                     # the recorded run
+    python benchmarks/long_context.py --steps 20 --lm-steps 5 --no-record   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from titans_compose.builder import build
+from titans_compose.train.data import WindowSampler, load_corpus
+from titans_compose.train.loop import lm_loss, train
+from titans_compose.train.tasks import exact_match, passkey_batch
+
+HERE = Path(__file__).resolve().parent
+SPECS = HERE.parent / "specs"
+RESULTS = HERE / "RESULTS.md"
+PLOT = HERE / "long_context.png"
+
+WINDOW = 16
+#: the same tiny size for every variant: width 64, 2 layers, 2 memory heads of 32, window 16, 16-token MAC segments
+COMMON = ["model.dim=64", "blocks.0.repeat=2"]
+MEMORY = ["memory.heads=2", "memory.head_dim=32", "memory.chunk_size=8"]
+ATTENTION = ["attention.heads=2", f"attention.window={WINDOW}"]
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "MAC": ("titans_mac_small.yaml", [*COMMON, *MEMORY, *ATTENTION, f"mac.segment={WINDOW}"]),
+    "MAG": ("titans_mag_small.yaml", [*COMMON, *MEMORY, *ATTENTION]),
+    "MAL": ("titans_mal_small.yaml", [*COMMON, *MEMORY, *ATTENTION]),
+    "LMM": ("titans_lmm_small.yaml", [*COMMON, *MEMORY]),
+    "SWA": ("swa_baseline_small.yaml", [*COMMON, *ATTENTION]),
+}
+
+
+def passkey_accuracy(model: torch.nn.Module, seq_len: int, digits: int, samples: int, seed: int) -> float:
+    """Exact-match accuracy with the needle at the start of a ``seq_len``-token context (held-out seeds)."""
+    correct = 0.0
+    batch = 32
+    for i in range(math.ceil(samples / batch)):
+        task = passkey_batch(batch, seq_len, depth=0.0, digits=digits, seed=10_000 + seed * 1000 + i)
+        with torch.no_grad():
+            correct += exact_match(model(task.tokens).logits, task) * batch
+    return correct / (math.ceil(samples / batch) * batch)
+
+
+def run_variant(name: str, args: argparse.Namespace) -> dict:
+    torch.set_num_threads(args.threads)
+    spec, overrides = VARIANTS[name]
+    progress = args.jobs == 1
+    torch.manual_seed(args.seed)
+    model = build(SPECS / spec, overrides, seed=args.seed, smoke=False).module
+    params = sum(p.numel() for p in model.parameters())
+
+    def batches(step: int):
+        return passkey_batch(args.batch, args.train_len, digits=args.digits, seed=args.seed * 1_000_003 + step)
+
+    started = time.perf_counter()
+    result = train(model, batches, steps=args.steps, lr=args.lr, warmup=args.steps // 10, progress=progress)
+    minutes = (time.perf_counter() - started) / 60
+    model.eval()
+    accuracy = {n: passkey_accuracy(model, n, args.digits, args.samples, args.seed) for n in args.lengths}
+    curve = [(r.step, r.loss) for r in result.history]
+
+    lm_model = build(SPECS / spec, overrides, seed=args.seed, smoke=False).module
+    corpus = load_corpus(max_bytes=2_000_000)
+    sampler = WindowSampler(corpus.train, args.batch, args.train_len, seed=args.seed)
+    train(lm_model, sampler, steps=args.lm_steps, lr=args.lr, warmup=args.lm_steps // 10, progress=progress)
+    val = WindowSampler(corpus.val, args.batch, args.train_len, seed=args.seed, stream="val")
+    lm_model.eval()
+    with torch.no_grad():
+        nats = sum(float(lm_loss(lm_model, val(i))) for i in range(1, 9)) / 8
+    return {
+        "params": params,
+        "minutes": minutes,
+        "accuracy": accuracy,
+        "curve": curve,
+        "bpb": nats / math.log(2),
+    }
+
+
+def plot(results: dict[str, dict], lengths: list[int], digits: int) -> str:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "no plot: matplotlib is not installed (pip install matplotlib)"
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, r in results.items():
+        left.plot(lengths, [r["accuracy"][n] for n in lengths], marker="o", label=name)
+        steps, losses = zip(*r["curve"], strict=True)
+        right.plot(steps, losses, label=name)
+    left.axhline(10.0**-digits, color="grey", linestyle=":", label="chance")
+    left.set(xlabel="context length (needle at the start)", ylabel="pass-key exact match", ylim=(-0.02, 1.02))
+    left.set_title(f"pass key beyond a {WINDOW}-token window")
+    right.set(xlabel="training step", ylabel="answer loss (nats)", yscale="log")
+    right.set_title("training curve")
+    for ax in (left, right):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = PLOT.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, PLOT)
+    return f"plot: {PLOT.relative_to(HERE.parent)}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--steps", type=int, default=400, help="pass-key training steps per variant")
+    parser.add_argument("--lm-steps", type=int, default=150, help="real-text training steps per variant")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--train-len", type=int, default=128, help="training context length")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[64, 128, 256], help="evaluated context lengths")
+    parser.add_argument("--digits", type=int, default=2)
+    parser.add_argument("--samples", type=int, default=256, help="evaluation sequences per length")
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per variant")
+    parser.add_argument("--jobs", type=int, default=2, help="variants trained at once, each in its own process")
+    parser.add_argument("--no-record", action="store_true", help="do not append to benchmarks/RESULTS.md")
+    args = parser.parse_args()
+    if min(args.lengths) < 4 * WINDOW:
+        parser.error(f"every evaluated length must put the needle at least 4x the window ({4 * WINDOW}) away")
+    from concurrent.futures import ProcessPoolExecutor
+
+    from tqdm import tqdm
+
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        futures = {name: pool.submit(run_variant, name, args) for name in args.variants}
+        results = {name: f.result() for name, f in tqdm(futures.items(), desc="variants", unit="variant")}
+    header = (
+        "| variant | parameters | train min | "
+        + " | ".join(f"acc @ {n}" for n in args.lengths)
+        + " | final answer loss | val bits/byte |"
+    )
+    lines = [header, "|" + "|".join(["---"] * (5 + len(args.lengths))) + "|"]
+    for name, r in results.items():
+        accs = " | ".join(f"{r['accuracy'][n]:.2f}" for n in args.lengths)
+        final = sum(loss for _, loss in r["curve"][-20:]) / len(r["curve"][-20:])
+        lines.append(f"| {name} | {r['params']:,} | {r['minutes']:.1f} | {accs} | {final:.3f} | {r['bpb']:.3f} |")
+    table = "\n".join(lines)
+    print(table)
+    print(plot(results, args.lengths, args.digits))
+    if args.no_record:
+        return
+    command = "python benchmarks/long_context.py " + " ".join(sys.argv[1:])
+    section = (
+        f"\n## Pass-key retrieval beyond the window, and real-text loss ({dt.date.today().isoformat()})\n\n"
+        f"Command: `{command}`  \n"
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.jobs} variants at "
+        f"once with {args.threads} thread(s) each.  \n"
+        f"Models: width 64, 2 layers, attention window {WINDOW} (MAC segments {WINDOW}), memory 2 heads x 32, depth 2, "
+        f"chunk 8; {args.steps} pass-key steps of {args.batch} x {args.train_len} tokens ({args.digits}-digit keys, "
+        f"needle anywhere, loss on the answer), lr {args.lr}. Accuracy: exact match over {args.samples} held-out "
+        f"sequences with the needle at the start (chance {10.0**-args.digits:g}). Val bits/byte: a separate copy "
+        f"trained {args.lm_steps} steps on the standard library's source.\n\n{table}\n"
+    )
+    with RESULTS.open("a") as handle:
+        handle.write(section)
+    print(f"appended to {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
