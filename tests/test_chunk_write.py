@@ -3,7 +3,8 @@
 Both differentiate the identical chunked computation, so they may differ only by summation order: every gradient
 (initial weights, q, k, v, theta, log eta, log keep) and the carried state's gradients must agree to 1e-10
 relative. The grid covers depth, activation, loss, momentum / forget, residual / LayerNorm, retrieval and chunk
-sizes that do not divide the length (theta <= 0.1: a deep linear memory without norms diverges at 0.3); the sequential reference is checked separately in test_memory_core.py.
+sizes that do not divide the length (theta <= 0.1: a deep linear memory without norms diverges at 0.3);
+the sequential reference is checked separately in test_memory_core.py.
 """
 
 from __future__ import annotations
