@@ -67,6 +67,31 @@ def _vjp(output: Tensor, inputs: tuple[Tensor, ...], grad: Tensor) -> tuple[Tens
     )
 
 
+def fold(
+    weights: tuple[Tensor, ...],
+    momentum: tuple[Tensor, ...] | None,
+    inputs: list[Tensor],
+    deltas: list[Tensor],
+    c: Tensor,
+    e: Tensor | None,
+    keep: Tensor | None,
+    carry: Tensor | None,
+    decay: Tensor | None,
+) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...] | None]:
+    """The chunk-end state: W'_l = keep W_l + carry S_l - (c delta_l)^T a_l, S'_l = decay S_l - (e delta_l)^T a_l
+    (keep / carry / decay [N] and c / e [N, b]: the last rows of the gate tables; None where a gate is off)."""
+    new_w, new_s = [], []
+    for i, w in enumerate(weights):
+        base = w if keep is None else w * _col(keep)
+        if momentum is not None:
+            base = torch.addcmul(base, momentum[i], _col(carry))
+        new_w.append(torch.baddbmm(base, (deltas[i] * c.unsqueeze(-1)).transpose(1, 2), inputs[i], alpha=-1))
+        if momentum is not None:
+            s = momentum[i] * _col(decay)
+            new_s.append(torch.baddbmm(s, (deltas[i] * e.unsqueeze(-1)).transpose(1, 2), inputs[i], alpha=-1))
+    return tuple(new_w), None if momentum is None else tuple(new_s)
+
+
 class _ChunkWrite(torch.autograd.Function):
     @staticmethod
     def forward(ctx, cfg, layers, k, v, c, e, keep, carry, decay, *state):  # type: ignore[override]
@@ -84,20 +109,12 @@ class _ChunkWrite(torch.autograd.Function):
             m = torch.bmm(deltas[0], weights[i + 1])
             mids.insert(0, m)
             deltas.insert(0, cfg.activation.backward(m, pre[i]))
-        new_w, new_s = [], []
-        for i, w in enumerate(weights):
-            base = w if keep is None else w * _col(keep)
-            if momentum is not None:
-                base = torch.addcmul(base, momentum[i], _col(carry))
-            new_w.append(torch.baddbmm(base, (deltas[i] * c.unsqueeze(-1)).transpose(1, 2), inputs[i], alpha=-1))
-            if momentum is not None:
-                s = momentum[i] * _col(decay)
-                new_s.append(torch.baddbmm(s, (deltas[i] * e.unsqueeze(-1)).transpose(1, 2), inputs[i], alpha=-1))
+        new_w, new_s = fold(weights, momentum, inputs, deltas, c, e, keep, carry, decay)
         ctx.cfg, ctx.layers, ctx.has_keep, ctx.has_momentum = cfg, layers, keep is not None, momentum is not None
         ctx.save_for_backward(
             k, v, c, e, keep, carry, decay, *weights, *(momentum or ()), *pre, *mids, *inputs[1:], *deltas
         )
-        return (*new_w, *new_s, *inputs[1:], *deltas)
+        return (*new_w, *(new_s or ()), *inputs[1:], *deltas)
 
     @staticmethod
     @once_differentiable

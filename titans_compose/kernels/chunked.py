@@ -167,31 +167,6 @@ def _read(
     return mlp.finish(h, q, cfg)[0]
 
 
-def _fold(
-    weights: tuple[Tensor, ...],
-    momentum: tuple[Tensor, ...] | None,
-    tables: GateTables,
-    theta: Tensor,
-    inputs: list[Tensor],
-    deltas: list[Tensor],
-) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...] | None]:
-    """The chunk-end state: W^b = A_b W^0 + B_b S^0 - sum_i C_{b,i} delta_i a_i^T, S^b = D_b S^0 - sum_i E_{b,i} ..."""
-    c_last = tables.FP[..., -1, :] * theta
-    new_w, new_s = [], []
-    for i, w in enumerate(weights):
-        base = w if tables.A is None else w * _col(tables.A[..., -1])
-        if momentum is not None:
-            base = torch.addcmul(base, momentum[i], _col(tables.B[..., -1]))
-        new_w.append(torch.baddbmm(base, (deltas[i] * c_last.unsqueeze(-1)).transpose(-1, -2), inputs[i], alpha=-1))
-    if momentum is None:
-        return tuple(new_w), None
-    e_last = tables.P[..., -1, :] * theta
-    for i, s_ in enumerate(momentum):
-        base = s_ * _col(tables.eta_prod[..., -1])
-        new_s.append(torch.baddbmm(base, (deltas[i] * e_last.unsqueeze(-1)).transpose(-1, -2), inputs[i], alpha=-1))
-    return tuple(new_w), tuple(new_s)
-
-
 def _last_row(
     tables: GateTables, theta: Tensor
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
@@ -217,24 +192,26 @@ def _chunk(
     theta: Tensor,
     tables: GateTables,
 ):
-    if commit and chunk_write.supported(cfg):
+    """One chunk: its retrieved values and, when ``commit`` (a full chunk), the chunk-end state. A full chunk's
+    write runs as one node with a hand-written backward where :func:`chunk_write.supported` says so."""
+    manual = commit and chunk_write.supported(cfg)
+    if manual:
         inputs, deltas, new_weights, new_momentum = chunk_write.chunk_write(
             weights, momentum, k, v, *_last_row(tables, theta), cfg
         )
-        y = mlp.forward(weights, q, cfg) if cfg.retrieval == "per_chunk" else None
-        if y is None:
-            y = _read(weights, momentum, q, tables, theta, inputs, deltas, cfg)
-        return y, new_weights, new_momentum
-    inputs, deltas = mlp.key_path(weights, k, v, cfg)
-    if cfg.grad_clip is not None:
-        theta = theta * clip_scale(inputs, deltas, cfg.grad_clip)
+    else:
+        inputs, deltas = mlp.key_path(weights, k, v, cfg)
+        if cfg.grad_clip is not None:
+            theta = theta * clip_scale(inputs, deltas, cfg.grad_clip)
     if cfg.retrieval == "per_chunk":
         y = mlp.forward(weights, q, cfg)
     else:
         y = _read(weights, momentum, q, tables, theta, inputs, deltas, cfg)
+    if manual:
+        return y, new_weights, new_momentum
     if not commit:
         return y, weights, momentum
-    new_weights, new_momentum = _fold(weights, momentum, tables, theta, inputs, deltas)
+    new_weights, new_momentum = chunk_write.fold(weights, momentum, inputs, deltas, *_last_row(tables, theta))
     return y, new_weights, new_momentum
 
 
