@@ -19,6 +19,18 @@ def shipped_specs() -> list[Path]:
     return sorted(SPECS.rglob("*.yaml"))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny models: one intra-op thread is fastest, and on a shared machine extra threads only spin.
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def runner():
     from click.testing import CliRunner

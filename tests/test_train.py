@@ -26,14 +26,7 @@ from titans_compose.train.data import decode, encode, is_validation
 from titans_compose.train.loop import param_groups
 from titans_compose.train.tasks import REPEAT_FILLER
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one thread avoids contention on a shared machine (and is faster)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class TinyLM(torch.nn.Module):
