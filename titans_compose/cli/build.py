@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from titans_compose.cli.main import echo_diagnostics, guarded, load_registry, settings, spec_options
+from titans_compose.cli.main import echo_diagnostics, guarded, model_registry, settings, spec_options
 
 
 @click.command()
@@ -37,16 +37,11 @@ def build(
     plugins, debug = settings(ctx, sub_plugins, sub_debug)
 
     def body() -> int:
-        import warnings
-
-        # torch's CPU wheel warns at import when NumPy is absent; nothing here needs NumPy.
-        warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
         from titans_compose.builder import BuildError, build, spec_name
         from titans_compose.spec import load_spec
 
-        registry, problems = load_registry(plugins, debug)
-        echo_diagnostics(problems)
-        if problems:
+        registry = model_registry(plugins, debug)
+        if registry is None:
             return 1
         loaded = load_spec(spec, overrides, registry=registry)
         echo_diagnostics(loaded.warnings)

@@ -148,6 +148,18 @@ def load_registry(plugins: list[str], debug: bool) -> tuple[Any, list[Any]]:
     return default_registry(plugins, debug=debug)
 
 
+def model_registry(plugins: list[str], debug: bool) -> Any | None:
+    """The registry for a command that builds torch modules, or None after printing why a plug-in failed.
+
+    Also silences torch's import-time warning about a missing NumPy (the CPU wheel warns; nothing here needs it)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+    registry, problems = load_registry(plugins, debug)
+    echo_diagnostics(problems)
+    return None if problems else registry
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="titans-compose")

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from titans_compose.cli.main import echo_diagnostics, guarded, load_registry, settings, spec_options
+from titans_compose.cli.main import echo_diagnostics, guarded, model_registry, settings, spec_options
 
 if TYPE_CHECKING:  # torch is imported only when the command runs
     import torch
@@ -92,16 +92,11 @@ def train(ctx: click.Context, spec: str, sub_plugins: tuple[str, ...], sub_debug
     options["overrides"] = list(options["overrides"])
 
     def body() -> int:
-        import warnings
-
-        # torch's CPU wheel warns at import when NumPy is absent; nothing here needs NumPy.
-        warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
         from titans_compose.builder import BuildError, build, spec_name
         from titans_compose.spec import load_spec
 
-        registry, problems = load_registry(plugins, debug)
-        echo_diagnostics(problems)
-        if problems:
+        registry = model_registry(plugins, debug)
+        if registry is None:
             return 1
         given = list(options["overrides"])
         loaded = load_spec(spec, given, registry=registry)
