@@ -20,7 +20,9 @@ class MemoryConfig:
     """One memory head's computation (memory-math.md sections 1 and 3).
 
     ``layer_shapes`` are the (out, in) shapes of the inner linear layers, first layer first. ``loss_params`` is the
-    loss entry's params model instance (or None). ``ln_eps`` is used when ``output_norm`` is on.
+    loss entry's params model instance (or None). ``ln_eps`` is used when ``output_norm`` is on. ``names`` holds the
+    registry names of the activation and the loss, and ``gates`` the granularity of the (lr, momentum, forget)
+    gates; the kernel generator keys its code on them (a config made by hand may leave them empty).
     """
 
     layer_shapes: tuple[tuple[int, int], ...]
@@ -38,6 +40,8 @@ class MemoryConfig:
     retention: Retention | None = None
     optimizer: Optimizer | None = None
     checkpoint: bool = False
+    names: tuple[str, str] | None = None
+    gates: tuple[str, str, str] = ("per_token", "per_token", "per_token")
 
     def __post_init__(self) -> None:
         if self.retrieval not in RETRIEVALS:
@@ -76,4 +80,6 @@ def memory_config(memory: Any, update: Any, registry: Registry) -> MemoryConfig:
         retention=registry.get("retention", update.forget.rule.name).obj,
         optimizer=registry.get("optimizer", update.momentum.rule.name).obj,
         checkpoint=memory.checkpoint,
+        names=(memory.activation, update.loss.name),
+        gates=(update.lr.gate, update.momentum.gate, update.forget.gate),
     )
