@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "ls": ("titans_compose.cli.ls", "ls", "List registered names with their parameters and source."),
     "build": ("titans_compose.cli.build", "build", "Compile a spec into a smoke-checked model and a verifiable build."),
     "train": ("titans_compose.cli.train", "train", "Train a spec's model on offline text or a long-context task."),
+    "cache": ("titans_compose.cli.cache", "cache", "List or clear the cached generated kernel sources."),
 }
 
 EXIT_SPEC_ERROR = 1
