@@ -320,12 +320,11 @@ def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
 
 def write_build(result: BuildResult, weights: dict[str, torch.Tensor], path: Path, plugins: Sequence[str]) -> None:
     """Write the build files atomically, then the manifest with their hashes, so a manifest means a whole build."""
-    from titans_compose.cli.validate import resolved_yaml
     from titans_compose.graph.render import collapse_repeats, to_dot, to_mermaid
 
     shown = collapse_repeats(result.graph)
     files: dict[str, bytes] = {
-        SPEC_FILE: resolved_yaml(result.loaded).encode("utf-8"),
+        SPEC_FILE: result.loaded.resolved_yaml().encode("utf-8"),
         WEIGHTS_FILE: safetensors_bytes(weights, metadata={"format": FORMAT, "seed": str(result.report.seed)}),
         "graph.dot": to_dot(shown).encode("utf-8"),
         "graph.mmd": to_mermaid(shown).encode("utf-8"),

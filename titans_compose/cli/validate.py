@@ -3,16 +3,8 @@
 from __future__ import annotations
 
 import click
-import yaml
 
 from titans_compose.cli.main import echo_diagnostics, guarded, load_registry, settings, spec_options
-
-
-def resolved_yaml(loaded: object) -> str:
-    """The fully resolved spec (every default filled in) as YAML."""
-    data = loaded.spec.model_dump(mode="json", exclude={"extends"})  # type: ignore[attr-defined]
-    header = f"# {loaded.source} fully resolved by titans-compose (every default shown)\n"  # type: ignore[attr-defined]
-    return header + yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=100)
 
 
 @click.command()
@@ -49,7 +41,7 @@ def validate(
                 continue
             echo_diagnostics(loaded.warnings)
             if resolved:
-                click.echo(resolved_yaml(loaded))
+                click.echo(loaded.resolved_yaml())
             else:
                 layers = len(graph.graph["layers"])
                 click.echo(

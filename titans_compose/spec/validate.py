@@ -48,6 +48,14 @@ class LoadedSpec:
         parts = tuple(int(p) if p.isdigit() else p for p in path.split(".")) if path else ()
         return self.doc.location(parts, key=True) or self.doc.location(parts)
 
+    def resolved_yaml(self) -> str:
+        """The fully resolved spec (every default filled in) as YAML, with a header naming its source."""
+        import yaml
+
+        data = self.spec.model_dump(mode="json", exclude={"extends"})
+        header = f"# {self.source} fully resolved by titans-compose (every default shown)\n"
+        return header + yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=100)
+
 
 def validate_document(doc: SourceDoc, registry: Registry, source: str) -> LoadedSpec:
     """Validate a resolved document; raise :class:`SpecError` with all diagnostics if anything is wrong."""
