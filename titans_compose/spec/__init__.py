@@ -6,7 +6,7 @@ import os
 from collections.abc import Sequence
 
 from titans_compose.registry import Registry, default_registry
-from titans_compose.spec.loader import load_document, resolve_blocks
+from titans_compose.spec.loader import Override, load_document, resolve_blocks
 from titans_compose.spec.validate import LoadedSpec, validate_document
 
 __all__ = ["LoadedSpec", "load_spec"]
@@ -14,7 +14,7 @@ __all__ = ["LoadedSpec", "load_spec"]
 
 def load_spec(
     path: str | os.PathLike[str],
-    overrides: Sequence[str] = (),
+    overrides: Sequence[Override] = (),
     *,
     registry: Registry | None = None,
 ) -> LoadedSpec:

@@ -19,6 +19,9 @@ from titans_compose.spec.source import SourceDoc, dotted, graft, merge, parse_ya
 
 _MAX_BYTES = 4 * 1024 * 1024
 
+#: an override ``path=value``, alone (located at ``--set path=value``) or with the location it was written at
+Override = str | tuple[str, Location]
+
 
 def read_spec_file(path: str | os.PathLike[str]) -> SourceDoc:
     """Read and parse one YAML file (no inheritance). The top level must be a mapping."""
@@ -89,13 +92,15 @@ def _yaml_type(value: object) -> str:
     return {list: "list", str: "string", bool: "boolean", int: "number", float: "number"}.get(type(value), "scalar")
 
 
-def load_document(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> SourceDoc:
-    """Read ``path`` with its ``extends`` chain resolved, then apply ``overrides`` (``a.b=value``)."""
+def load_document(path: str | os.PathLike[str], overrides: Sequence[Override] = ()) -> SourceDoc:
+    """Read ``path`` with its ``extends`` chain resolved, then apply ``overrides`` (``a.b=value``, or a pair of it
+    and the location it was written at, e.g. a line of a sweep file)."""
     doc = _load_with_parents(Path(path), str(path), ())
     problems: list[Diagnostic] = []
-    for arg in overrides:
+    for override in overrides:
+        arg, where = (override, None) if isinstance(override, str) else override
         try:
-            apply_override(doc, arg)
+            apply_override(doc, arg, where)
         except SpecError as exc:
             problems.extend(exc.diagnostics)
     if problems:
@@ -163,9 +168,10 @@ def _load_with_parents(path: Path, shown: str, chain: tuple[Path, ...]) -> Sourc
     return merge(base, doc)
 
 
-def parse_override(arg: str) -> tuple[tuple[str | int, ...], object]:
-    """``"memory.depth=3"`` -> ``(("memory", "depth"), 3)``; the value is parsed as YAML (safely)."""
-    where = Location(f"--set {arg}")
+def parse_override(arg: str, where: Location | None = None) -> tuple[tuple[str | int, ...], object]:
+    """``"memory.depth=3"`` -> ``(("memory", "depth"), 3)``; the value is parsed as YAML (safely). Problems are
+    located at ``where`` (default: the ``--set`` argument itself)."""
+    where = where or Location(f"--set {arg}")
     key, sep, raw = arg.partition("=")
     parts = key.strip().split(".")
     if not sep or not all(parts):
@@ -198,10 +204,11 @@ def parse_override(arg: str) -> tuple[tuple[str | int, ...], object]:
     return path, value
 
 
-def apply_override(doc: SourceDoc, arg: str) -> None:
-    """Set one ``path=value`` override in ``doc``, creating mappings on the way; list items must exist."""
-    path, value = parse_override(arg)
-    where = Location(f"--set {arg}")
+def apply_override(doc: SourceDoc, arg: str, where: Location | None = None) -> None:
+    """Set one ``path=value`` override in ``doc``, creating mappings on the way; list items must exist. The value
+    and any problem are located at ``where`` (default: the ``--set`` argument itself)."""
+    where = where or Location(f"--set {arg}")
+    path, value = parse_override(arg, where)
     if path[0] == "extends":
         raise SpecError(
             [

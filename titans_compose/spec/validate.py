@@ -65,7 +65,7 @@ def validate_document(doc: SourceDoc, registry: Registry, source: str) -> Loaded
     try:
         spec = model.model_validate(doc.data)
     except ValidationError as exc:
-        problems.extend(_from_pydantic(err, doc, model) for err in exc.errors())
+        problems.extend(pydantic_diagnostic(err, doc, model) for err in exc.errors())
     problems.extend(_cross_field(spec, doc, model))
     problems = [_as_written(d, doc) for d in problems]
     errors = [d for d in problems if d.severity == "error"]
@@ -126,7 +126,9 @@ def _valid_sections(raw: dict, section_models: dict[str, type[BaseModel]]) -> Si
     return SimpleNamespace(**sections)
 
 
-def _from_pydantic(err: dict, doc: SourceDoc, model: type[BaseModel]) -> Diagnostic:
+def pydantic_diagnostic(err: dict, doc: SourceDoc, model: type[BaseModel]) -> Diagnostic:
+    """One pydantic error of validating ``doc.data`` against ``model`` as a located diagnostic (any model whose
+    unknown keys are errors: the spec, or a sweep file)."""
     path, leaf = _normalise(doc.data, err["loc"])
     kind = err["type"]
     ctx = err.get("ctx") or {}
