@@ -39,6 +39,11 @@ FIXED_ON_RESUME = (
 )
 
 
+def default_warmup(steps: int) -> int:
+    """The warm-up when none is given: a tenth of the steps, at most 100."""
+    return min(100, steps // 10)
+
+
 @click.command()
 @click.argument("spec", type=click.Path(dir_okay=False))
 @click.option(
@@ -106,7 +111,7 @@ def train(ctx: click.Context, spec: str, sub_plugins: tuple[str, ...], sub_debug
             loaded = load_spec(spec, options["overrides"], registry=registry)
         echo_diagnostics(loaded.warnings)
         if options["warmup"] is None:
-            options["warmup"] = min(100, options["steps"] // 10)
+            options["warmup"] = default_warmup(options["steps"])
         if options["eval_every"] is None:
             options["eval_every"] = max(1, options["steps"] // 5)
         config = {k: v for k, v in options.items() if k not in ("out", "resume", "device", "no_progress")}
@@ -308,10 +313,9 @@ def run(
     for r in result.history:
         writer.writerow([r.step, r.loss, r.lr, r.tokens_per_s, *(eval_at.get(r.step, {}).get(n, "") for n in names)])
     atomic_write(out / "metrics.csv", table.getvalue())
-    tail = result.history[-10:]
-    speed = sum(r.tokens_per_s for r in tail) / len(tail)
+    loss, speed = result.recent(10)
     click.echo(f"trained {options['steps']} steps: {describe}")
-    click.echo(f"  train loss {sum(r.loss for r in tail) / len(tail):.4f} (mean of the last {len(tail)} steps)")
+    click.echo(f"  train loss {loss:.4f} (mean of the last {min(10, len(result.history))} steps)")
     click.echo("  " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()))
     click.echo(f"  {speed:,.0f} tokens/s on {device}")
     click.echo(f"wrote {out}/ (config.json, metrics.json, metrics.csv, build/, checkpoints/)")

@@ -59,6 +59,11 @@ class TrainResult:
     def from_json(cls, data: dict[str, Any]) -> TrainResult:
         return cls([StepRecord(**r) for r in data["history"]], [(s, dict(m)) for s, m in data["evals"]])
 
+    def recent(self, n: int = 10) -> tuple[float, float]:
+        """The mean training loss and tokens per second of the last ``n`` steps (at least one step must exist)."""
+        tail = self.history[-n:]
+        return sum(r.loss for r in tail) / len(tail), sum(r.tokens_per_s for r in tail) / len(tail)
+
 
 def lr_at(step: int, *, lr: float, warmup: int, steps: int) -> float:
     """The learning rate for 1-based ``step``: linear warm-up over ``warmup`` steps to ``lr``, then a cosine decay
@@ -119,6 +124,7 @@ def train(
     checkpoint_every: int = 0,
     resume: bool = False,
     progress: bool = True,
+    time_limit: float | None = None,
 ) -> TrainResult:
     """Train ``model`` for ``steps`` optimisation steps on ``batches(step)`` (step 1, 2, ...) and return the history.
 
@@ -128,7 +134,9 @@ def train(
     ``checkpoint_every`` steps (0: only at the end) and after the last step; ``resume`` continues from the newest
     one there (raising :class:`~titans_compose.train.checkpoint.CheckpointError` if there is none); with the same
     arguments it reproduces the uninterrupted run exactly on the CPU (a different ``steps`` continues on the new
-    schedule). Raises :class:`TrainingError` on a non-finite loss.
+    schedule). With ``time_limit`` (seconds), training ends after the first step that finishes past it, which then
+    counts as the last step (evaluated and checkpointed); the schedule still spans ``steps``. Raises
+    :class:`TrainingError` on a non-finite loss.
     """
     if steps < 1 or warmup < 0 or eval_every < 0 or checkpoint_every < 0 or lr <= 0:
         raise ValueError(
@@ -164,6 +172,7 @@ def train(
 
     model.train()
     bar = tqdm(total=steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
+    started = time.perf_counter()
     try:
         for step in range(start + 1, steps + 1):
             began = time.perf_counter()
@@ -186,10 +195,13 @@ def train(
             result.history.append(StepRecord(step, value, rate, speed))
             bar.update(1)
             bar.set_postfix(loss=f"{value:.4f}", tok_s=f"{speed:,.0f}")
-            if step == steps or (eval_every and step % eval_every == 0):
+            last = step == steps or (time_limit is not None and time.perf_counter() - started >= time_limit)
+            if last or (eval_every and step % eval_every == 0):
                 evaluate(step)
-            if checkpoint_dir is not None and (step == steps or (checkpoint_every and step % checkpoint_every == 0)):
+            if checkpoint_dir is not None and (last or (checkpoint_every and step % checkpoint_every == 0)):
                 checkpoint(step)
+            if last:
+                break
     finally:
         bar.close()
     return result
