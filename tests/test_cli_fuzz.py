@@ -12,7 +12,6 @@ import os
 import re
 import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,14 +20,13 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from tests.conftest import SPECS, shipped_specs
 from titans_compose.cli.main import cli
 from titans_compose.errors import CODES, SpecError
 from titans_compose.graph import compile_graph
 from titans_compose.registry import KINDS, new_registry
 from titans_compose.spec import load_spec
 from titans_compose.spec.schema import json_schema
-
-SPECS = Path(__file__).resolve().parent.parent / "specs"
 
 # TC_FUZZ_EXAMPLES=2000 for a longer run
 EXAMPLES = int(os.environ.get("TC_FUZZ_EXAMPLES", "75"))
@@ -71,7 +69,7 @@ TOP_KEYS = ("model", "blocks", "memory", "update", "attention", "mac", "mag", "m
 def _shipped() -> dict[str, Any]:
     """The shipped specs that stand alone (no `extends`), as plain data."""
     out = {}
-    for path in sorted(SPECS.rglob("*.yaml")):
+    for path in shipped_specs():
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
         if "extends" not in data:
             out[str(path.relative_to(SPECS))] = data
