@@ -1,0 +1,83 @@
+"""``titans-compose sweep``: build, train and evaluate every point of a sweep file, with resumable results."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from titans_compose.cli.main import common_options, echo_diagnostics, guarded, model_registry, settings
+
+
+@click.command()
+@click.argument("sweep_file", metavar="SWEEP", type=click.Path(dir_okay=False))
+@click.option(
+    "-o",
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Results directory [default: sweeps/<sweep name>]. Finished points there are not run again.",
+)
+@click.option("--retry-failed", is_flag=True, help="Run the points recorded as failed again.")
+@click.option("--dry-run", is_flag=True, help="Validate every point and list them; run nothing.")
+@click.option("--device", default=None, help="torch device [default: cuda if available, else cpu].")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@common_options
+@click.pass_context
+def sweep(
+    ctx: click.Context,
+    sweep_file: str,
+    out: Path | None,
+    retry_failed: bool,
+    dry_run: bool,
+    device: str | None,
+    no_progress: bool,
+    sub_plugins: tuple[str, ...],
+    sub_debug: bool,
+) -> None:
+    """Run SWEEP: every point (base spec x variants x grid x zip) is validated first, then built and, with a
+    `train` section, trained for its budget and evaluated. Writes results.json, results.csv and plot.png to --out
+    and prints the table; an interrupted sweep resumes from its results."""
+    plugins, debug = settings(ctx, sub_plugins, sub_debug)
+
+    def body() -> int:
+        from titans_compose.sweep import SweepError, load_plan, make_sweep_task, plot, run_sweep, table
+
+        registry = model_registry(plugins, debug)
+        if registry is None:
+            return 1
+        plan = load_plan(sweep_file, registry)
+        echo_diagnostics(plan.warnings)
+        task = make_sweep_task(plan)
+        what = "built only" if task is None else task.describe
+        click.echo(f"sweep {plan.name}: {len(plan.points)} points from {plan.base} ({what})", err=True)
+        if dry_run:
+            for p in plan.points:
+                click.echo(f"{p.key}  {p.point.name}")
+            return 0
+        import torch
+
+        target = out or Path("sweeps") / plan.name
+        try:
+            records = run_sweep(
+                plan,
+                target,
+                plugins=plugins,
+                device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
+                retry_failed=retry_failed,
+                progress=not no_progress,
+                task=task,
+            )
+        except SweepError as exc:
+            raise click.ClickException(str(exc)) from None
+        except KeyboardInterrupt:
+            click.echo(f"\ninterrupted: finished points are in {target}; run the same command to resume", err=True)
+            return 130
+        click.echo(table(records))
+        click.echo(plot(records, target / "plot.png", f"{plan.name}: {what}"), err=True)
+        failed = sum(r["status"] != "ok" for r in records)
+        click.echo(
+            f"wrote {target}/ (results.json, results.csv); {len(records) - failed} ok, {failed} failed", err=True
+        )
+        return 0
+
+    guarded(ctx, debug, body)
