@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "build": ("titans_compose.cli.build", "build", "Compile a spec into a smoke-checked model and a verifiable build."),
     "train": ("titans_compose.cli.train", "train", "Train a spec's model on offline text or a long-context task."),
     "cache": ("titans_compose.cli.cache", "cache", "List or clear the cached generated kernel sources."),
+    "sweep": ("titans_compose.cli.sweep", "sweep", "Build, train and compare every point of a sweep file."),
 }
 
 EXIT_SPEC_ERROR = 1
