@@ -588,7 +588,8 @@ class TitansLM(nn.Module):
                 f"{tokens.dtype} tensor of shape {tuple(tokens.shape)}" if isinstance(tokens, Tensor) else type(tokens)
             )
             raise ValueError(f"tokens must be a LongTensor [batch, length] with length >= 1, got {what}")
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab_size):
+        tracing = torch.compiler.is_compiling()  # torch.compile / torch.export: the ids' values are not known
+        if tokens.numel() and not tracing and (int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab_size):
             raise ValueError(
                 f"token ids must lie in [0, {self.vocab_size}), got {int(tokens.min())}..{int(tokens.max())}"
             )
