@@ -16,7 +16,7 @@ import torch
 
 from tests.conftest import ROOT, SPECS, shipped_specs
 from tests.test_registry import PLUGIN
-from titans_compose import builder
+from titans_compose import builder, manifest
 from titans_compose.builder import BUILD_FILES, MANIFEST, BuildError, BuildReport, build, load_build
 from titans_compose.cli.main import cli
 from titans_compose.registry import reset_default_registry
@@ -181,7 +181,7 @@ def test_an_interrupted_rebuild_leaves_no_manifest(stand_in, tmp_path, monkeypat
     def fail(path, data):
         raise OSError("disk full")
 
-    monkeypatch.setattr(builder, "atomic_write", fail)
+    monkeypatch.setattr(manifest, "atomic_write", fail)
     with pytest.raises(OSError, match="disk full"):
         build(MAC, output_dir=out, seed=1, smoke=False)
     with pytest.raises(BuildError, match="is not a titans-compose build"):

@@ -10,17 +10,14 @@ module from it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
-import platform
 import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +27,12 @@ from safetensors import TensorSpec, serialize
 from safetensors.torch import load as load_tensors
 
 from titans_compose.errors import SpecError
-from titans_compose.io import atomic_write
+from titans_compose.manifest import MANIFEST, read_verified, sha256, versions, write_with_manifest
+from titans_compose.manifest import check_output_dir as check_dir
 from titans_compose.spec import LoadedSpec, load_spec
 
 FORMAT = "titans-compose-build"
 FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 SPEC_FILE = "spec.resolved.yaml"
 WEIGHTS_FILE = "weights.safetensors"
 REPORT_FILE = "report.json"
@@ -252,53 +249,14 @@ def _load(path: str | os.PathLike[str], overrides: Sequence[str], plugins: Seque
 def check_output_dir(path: Path, spec: Path) -> None:
     """Refuse to write a build onto a file, over the ``spec`` being built, or into a non-empty directory that is not
     exactly an earlier build (a manifest of ours and only the files it lists)."""
-    if path.exists() and not path.is_dir():
-        raise BuildError(f"{path} is a file, not a directory: choose another output directory")
-    if spec.resolve() in {(path / name).resolve() for name in (*BUILD_FILES, MANIFEST)}:
-        raise BuildError(
-            f"building {spec} into {path} would overwrite the spec itself: choose another output directory"
-        )
-    if not path.is_dir() or not any(path.iterdir()):
-        return
-    manifest = _read_manifest(path)
-    if manifest is None:
-        raise BuildError(
-            f"{path} is not empty and holds no {MANIFEST} of a titans-compose build: refusing to write into it "
-            "(choose an empty or new directory)"
-        )
-    foreign = sorted(p.name for p in path.iterdir() if p.name != MANIFEST and p.name not in manifest.get("files", {}))
-    if foreign:
-        raise BuildError(
-            f"{path} is an earlier build but also holds {', '.join(foreign)}, which the build did not write: "
-            "refusing to replace it (move those files or choose another output directory)"
-        )
-
-
-def _read_manifest(path: Path) -> dict[str, Any] | None:
-    """The build manifest in ``path``, or None if there is none or it is not ours."""
-    try:
-        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return manifest if isinstance(manifest, dict) and manifest.get("format") == FORMAT else None
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+    check_dir(path, FORMAT, "build", BuildError, BUILD_FILES, spec)
 
 
 def spec_hash(loaded: LoadedSpec) -> str:
     """The sha256 of the resolved spec as canonical JSON: equal for equal models, whatever file or layout they
     were written in."""
     data = loaded.spec.model_dump(mode="json", exclude={"extends"})
-    return _sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode("utf-8"))
-
-
-def _package_version(name: str) -> str | None:
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return None
+    return sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode("utf-8"))
 
 
 def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
@@ -330,27 +288,21 @@ def write_build(result: BuildResult, weights: dict[str, torch.Tensor], path: Pat
         "graph.mmd": to_mermaid(shown).encode("utf-8"),
         REPORT_FILE: (json.dumps(result.report.to_json(), indent=2) + "\n").encode("utf-8"),
     }
-    # an earlier build's manifest goes first: until the new one is written the directory is visibly incomplete
-    (path / MANIFEST).unlink(missing_ok=True)
-    for name, data in files.items():
-        atomic_write(path / name, data)
-    manifest = {
+    header = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "spec": result.report.spec_name,
         "spec_sha256": spec_hash(result.loaded),
         "seed": result.report.seed,
-        # plug-in files by absolute path, so that load_build finds them from any working directory
-        "plugins": [str(Path(p).resolve()) if Path(p).is_file() else p for p in plugins],
-        "versions": {
-            "titans_compose": _package_version("titans_compose"),
-            "torch": torch.__version__,
-            "triton": _package_version("triton"),
-            "python": platform.python_version(),
-        },
-        "files": {name: {"sha256": _sha256(data), "bytes": len(data)} for name, data in files.items()},
+        "plugins": plugin_paths(plugins),
+        "versions": versions(),
     }
-    atomic_write(path / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    write_with_manifest(path, files, header)
+
+
+def plugin_paths(plugins: Sequence[str]) -> list[str]:
+    """Plug-in files by absolute path (modules by name), so that a loader finds them from any working directory."""
+    return [str(Path(p).resolve()) if Path(p).is_file() else p for p in plugins]
 
 
 def load_build(path: str | os.PathLike[str], plugins: Sequence[str] = ()) -> BuildResult:
@@ -362,25 +314,9 @@ def load_build(path: str | os.PathLike[str], plugins: Sequence[str] = ()) -> Bui
     one recorded at build time.
     """
     root = Path(path)
-    manifest = _read_manifest(root)
-    if manifest is None:
-        raise BuildError(f"{root} is not a titans-compose build: no readable {MANIFEST}")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise BuildError(
-            f"{root / MANIFEST}: build format version {manifest.get('format_version')!r}; "
-            f"this titans-compose reads version {FORMAT_VERSION}: build the spec again"
-        )
-    listed = manifest.get("files", {})
-    data: dict[str, bytes] = {}
-    for name in BUILD_FILES:
-        if name not in listed:
-            raise BuildError(f"{root / MANIFEST} does not list {name}: the manifest is incomplete")
-        try:
-            data[name] = (root / name).read_bytes()
-        except FileNotFoundError:
-            raise BuildError(f"{root / name} is missing: the build is incomplete") from None
-        if _sha256(data[name]) != listed[name].get("sha256"):
-            raise BuildError(f"{root / name} does not match its sha256 in {MANIFEST}: it changed after the build")
+    manifest, data = read_verified(
+        root, FORMAT, FORMAT_VERSION, list(BUILD_FILES), what="build", remedy="build the spec again", error=BuildError
+    )
     from titans_compose.graph import compile_graph
 
     loaded = _load(root / SPEC_FILE, (), plugins or manifest.get("plugins", ()))
