@@ -317,19 +317,34 @@ def load_build(path: str | os.PathLike[str], plugins: Sequence[str] = ()) -> Bui
     manifest, data = read_verified(
         root, FORMAT, FORMAT_VERSION, list(BUILD_FILES), what="build", remedy="build the spec again", error=BuildError
     )
+    module, graph, loaded = restore(root, manifest, data[WEIGHTS_FILE], plugins, "build the spec again", BuildError)
+    report = BuildReport.from_json(json.loads(data[REPORT_FILE]))
+    return BuildResult(module, report, graph, loaded, root)
+
+
+def restore(
+    root: Path,
+    manifest: dict[str, Any],
+    weights: bytes,
+    plugins: Sequence[str],
+    remedy: str,
+    error: type[Exception],
+) -> tuple[torch.nn.Module, nx.DiGraph, LoadedSpec]:
+    """The module of a verified directory (a build or an exported artifact): ``spec.resolved.yaml`` loaded with
+    ``plugins`` (by default the manifest's), checked against the manifest's ``spec_sha256``, compiled, and given
+    ``weights`` (safetensors bytes) strictly. Raises ``error`` naming the file that does not fit."""
     from titans_compose.graph import compile_graph
 
     loaded = _load(root / SPEC_FILE, (), plugins or manifest.get("plugins", ()))
     if spec_hash(loaded) != manifest.get("spec_sha256"):
-        raise BuildError(
+        raise error(
             f"{root / SPEC_FILE} no longer resolves to the spec that was built (its spec_sha256 in {MANIFEST} "
-            "differs): this titans-compose reads the spec differently; build the spec again"
+            f"differs): this titans-compose reads the spec differently; {remedy}"
         )
     graph, _ = compile_graph(loaded)
     module = seeded_module(graph, loaded, manifest["seed"])
     try:
-        module.load_state_dict(load_tensors(data[WEIGHTS_FILE]), strict=True)
+        module.load_state_dict(load_tensors(weights), strict=True)
     except RuntimeError as exc:
-        raise BuildError(f"{root / WEIGHTS_FILE} does not fit the model of {SPEC_FILE}: {exc}") from None
-    report = BuildReport.from_json(json.loads(data[REPORT_FILE]))
-    return BuildResult(module, report, graph, loaded, root)
+        raise error(f"{root / WEIGHTS_FILE} does not fit the model of {SPEC_FILE}: {exc}") from None
+    return module, graph, loaded
