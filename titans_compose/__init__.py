@@ -27,13 +27,14 @@ __all__ = [
     "SpecError",
     "__version__",
     "build",
+    "load",
     "load_build",
     "load_spec",
 ]
 
 #: names imported on first use: they import torch, which ``import titans_compose`` must not. (The module is not
 #: called ``build``: importing it would set ``titans_compose.build`` to the module, hiding the function.)
-_LAZY = {"build": "titans_compose.builder", "load_build": "titans_compose.builder"}
+_LAZY = {"build": "titans_compose.builder", "load_build": "titans_compose.builder", "load": "titans_compose.export"}
 
 
 def __getattr__(name: str) -> Any:

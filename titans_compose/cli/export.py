@@ -1,0 +1,78 @@
+"""``titans-compose export``: a self-contained, verifiable artifact of a spec's or a build's model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from titans_compose.cli.main import guarded, model_registry, settings, spec_options
+
+
+def _shape(text: str) -> tuple[int, int]:
+    batch, sep, tokens = text.partition("x")
+    if not sep or not batch.isdigit() or not tokens.isdigit() or int(batch) < 1 or int(tokens) < 1:
+        raise click.BadParameter(f"{text!r}: expected BATCHxTOKENS, e.g. 2x64", param_hint="'--example'")
+    return int(batch), int(tokens)
+
+
+@click.command()
+@click.argument("source", metavar="SPEC|BUILD_DIR", type=click.Path(exists=True))
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Artifact directory (new or empty).")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["artifact", "torch-export"]),
+    default="artifact",
+    show_default=True,
+    help="torch-export also writes program.pt2, an ExportedProgram of the forward, checked against the module.",
+)
+@click.option("--example", default="2x64", show_default=True, help="torch-export: the BATCHxTOKENS traced.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the initial weights of a SPEC.")
+@spec_options
+@click.pass_context
+def export(
+    ctx: click.Context,
+    source: str,
+    out: Path,
+    fmt: str,
+    example: str,
+    seed: int,
+    overrides: tuple[str, ...],
+    sub_plugins: tuple[str, ...],
+    sub_debug: bool,
+) -> None:
+    """Export SPEC (its initial weights) or a BUILD_DIR (verified) to --out: the resolved spec, safetensors weights
+    and a manifest of hashes and versions that `titans_compose.load(OUT)` verifies and loads as a plain nn.Module."""
+    plugins, debug = settings(ctx, sub_plugins, sub_debug)
+    shape = _shape(example)
+
+    def body() -> int:
+        from titans_compose.builder import BuildError
+        from titans_compose.export import ExportError
+        from titans_compose.export import export as run
+
+        if model_registry(plugins, debug) is None:
+            return 1
+        try:
+            done = run(
+                source,
+                out,
+                overrides=overrides,
+                plugins=plugins,
+                seed=seed,
+                torch_export=fmt != "artifact",
+                example=shape,
+            )
+        except (BuildError, ExportError) as exc:
+            raise click.ClickException(str(exc)) from None
+        files = ", ".join(done.manifest["files"])
+        click.echo(f"wrote {out}/ ({files}; {len(done.manifest['kernels'])} generated kernel sources; manifest.json)")
+        if done.program_max_diff is not None:
+            click.echo(
+                f"program.pt2 checked: logits equal the module's (max abs difference {done.program_max_diff:.3g})"
+            )
+        click.echo(f"load it with: titans_compose.load({str(out)!r})")
+        return 0
+
+    guarded(ctx, debug, body)

@@ -1,0 +1,249 @@
+"""Exporting a model to train it elsewhere: a self-contained, verifiable artifact directory and its loader.
+
+An artifact holds ``spec.resolved.yaml`` (every default written out), ``weights.safetensors`` (the module's current
+weights) and, written last, ``manifest.json`` with the format version, the versions of titans_compose, torch, triton
+and Python that wrote it, the generated kernel sources the model uses (none yet: every memory layer runs a PyTorch
+path) and the sha256 of every file. With ``torch_export`` it also holds ``program.pt2``: a
+:class:`torch.export.ExportedProgram` of the forward pass (tokens [B, T] -> logits, batch size dynamic, T fixed at
+export) on the chunked PyTorch path, checked at export to give the module's outputs.
+
+:func:`load` verifies every hash and the versions, rebuilds the module from the spec and loads the weights: no
+pickle is involved. ``program.pt2`` is torch.export's archive: the graph as JSON, plain tensors as raw bytes, and
+any sample inputs or tensor subclasses pickled; the artifact saves no sample inputs and the model has no tensor
+subclasses, and :func:`load_program` refuses an archive that would need unpickling.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from titans_compose.builder import (
+    FORMAT as BUILD_FORMAT,
+)
+from titans_compose.builder import (
+    SPEC_FILE,
+    WEIGHTS_FILE,
+    build,
+    load_build,
+    plugin_paths,
+    restore,
+    safetensors_bytes,
+    spec_hash,
+    spec_name,
+)
+from titans_compose.manifest import (
+    MANIFEST,
+    check_output_dir,
+    package_version,
+    read_manifest,
+    read_verified,
+    versions,
+)
+from titans_compose.manifest import write_with_manifest as write_files
+from titans_compose.spec import LoadedSpec
+
+FORMAT = "titans-compose-artifact"
+FORMAT_VERSION = 1
+PROGRAM_FILE = "program.pt2"
+WHAT = "exported artifact"
+REMEDY = "export the model again with this titans-compose"
+#: the default example batch the program is traced with: [batch, tokens]
+EXAMPLE_SHAPE = (2, 64)
+
+
+class ExportError(RuntimeError):
+    """An artifact could not be written or loaded; the message names the file and says why."""
+
+
+@dataclass
+class Exported:
+    """What :func:`export_module` wrote: the directory, its manifest, and (with a program) the largest absolute
+    difference between the program's and the module's logits on the check batches."""
+
+    path: Path
+    manifest: dict[str, Any]
+    program_max_diff: float | None = None
+
+
+class Logits(torch.nn.Module):
+    """``model(tokens).logits``: the forward pass as a function of tensors only, which torch.export needs."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model(tokens).logits
+
+
+def kernel_sources(module: torch.nn.Module) -> dict[str, bytes]:
+    """The generated kernel sources ``module`` runs, by file name. No memory layer runs a generated kernel yet (each
+    runs a PyTorch path), so there are none; the artifact lists them under ``kernels/`` when there are."""
+    return {}
+
+
+def _major_minor(text: str | None) -> tuple[str, ...]:
+    return tuple((text or "").split("+")[0].split(".")[:2])
+
+
+def _program(module: torch.nn.Module, example: tuple[int, int], vocab: int) -> tuple[bytes, float]:
+    """``program.pt2`` of ``module``'s forward, traced on ``example`` tokens with a dynamic batch size, and the
+    largest difference from the module's logits, checked on the program as saved (reloaded from its bytes) at two
+    batch sizes. Raises :class:`ExportError` if the outputs differ."""
+    wrapper = Logits(module).eval()
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(vocab, (b, example[1]), generator=gen) for b in (example[0], example[0] + 1)]
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    with torch.no_grad():
+        program = torch.export.export(wrapper, (batches[0],), dynamic_shapes={"tokens": {0: batch}})
+        program.example_inputs = None  # sample inputs would be saved with pickle
+        buffer = io.BytesIO()
+        torch.export.save(program, buffer)
+        data = buffer.getvalue()
+        reloaded = torch.export.load(io.BytesIO(data)).module()
+        diff = max(float((reloaded(t) - wrapper(t)).abs().max()) for t in batches)
+    if diff > 1e-5:
+        raise ExportError(
+            f"the exported program's logits differ from the module's by up to {diff:.3g}: not writing {PROGRAM_FILE}"
+        )
+    return data, diff
+
+
+def export_module(
+    module: torch.nn.Module,
+    loaded: LoadedSpec,
+    out: str | os.PathLike[str],
+    *,
+    plugins: Sequence[str] = (),
+    seed: int = 0,
+    torch_export: bool = False,
+    example: tuple[int, int] = EXAMPLE_SHAPE,
+) -> Exported:
+    """Write ``module`` (a model of ``loaded``, e.g. after training) as an artifact in ``out`` (new, empty, or an
+    earlier artifact). ``plugins`` are those the spec needs; with ``torch_export`` the forward is also exported
+    (traced with ``example`` = (batch, tokens) and checked against the module)."""
+    target = Path(out)
+    check_output_dir(target, FORMAT, WHAT, ExportError, (SPEC_FILE, WEIGHTS_FILE, PROGRAM_FILE, MANIFEST))
+    module = module.cpu()
+    weights = {name: t.detach().clone().contiguous() for name, t in module.state_dict().items()}
+    files = {
+        SPEC_FILE: loaded.resolved_yaml().encode("utf-8"),
+        WEIGHTS_FILE: safetensors_bytes(weights, metadata={"format": FORMAT}),
+    }
+    kernels = kernel_sources(module)
+    files.update({f"kernels/{name}": source for name, source in kernels.items()})
+    header: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "spec": spec_name(loaded),
+        "spec_sha256": spec_hash(loaded),
+        "seed": seed,
+        "plugins": plugin_paths(plugins),
+        "versions": versions(),
+        "kernels": sorted(f"kernels/{name}" for name in kernels),
+        "program": None,
+    }
+    diff = None
+    if torch_export:
+        files[PROGRAM_FILE], diff = _program(module, example, loaded.spec.model.vocab_size)
+        header["program"] = {
+            "file": PROGRAM_FILE,
+            "input": "tokens: int64 [batch, tokens], batch dynamic",
+            "tokens": example[1],
+            "output": "logits: [batch, tokens, vocab_size]",
+            "max_abs_diff": diff,
+        }
+    write_files(target, files, header)
+    return Exported(target, {**header, "files": sorted(files)}, diff)
+
+
+def export(
+    source: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    overrides: Sequence[str] = (),
+    plugins: Sequence[str] = (),
+    seed: int = 0,
+    torch_export: bool = False,
+    example: tuple[int, int] = EXAMPLE_SHAPE,
+) -> Exported:
+    """Export ``source``: a build directory (verified; its weights) or a spec (built with ``overrides`` and
+    ``seed``; its initial weights). See :func:`export_module`."""
+    path = Path(source)
+    if path.is_dir():
+        if overrides:
+            raise ExportError(f"{path} is a build: --set applies to a spec, not to a build's fixed model")
+        built = load_build(path, plugins)  # verified; plug-ins default to the build's own
+        made_with = (read_manifest(path, BUILD_FORMAT) or {}).get("plugins", [])
+        plugins, seed = plugins or made_with, built.report.seed
+    else:
+        built = build(path, overrides, plugins, seed=seed, smoke=False)
+    return export_module(
+        built.module, built.loaded, out, plugins=plugins, seed=seed, torch_export=torch_export, example=example
+    )
+
+
+def _verify(path: str | os.PathLike[str], names: list[str]) -> tuple[Path, dict[str, Any], dict[str, bytes]]:
+    """The artifact's manifest and the bytes of ``names``, verified; refuses another titans_compose release."""
+    root = Path(path)
+    manifest, data = read_verified(root, FORMAT, FORMAT_VERSION, names, what=WHAT, remedy=REMEDY, error=ExportError)
+    made = manifest.get("versions", {}).get("titans_compose")
+    running = package_version("titans_compose")
+    if _major_minor(made) != _major_minor(running):
+        raise ExportError(
+            f"{root / MANIFEST}: the artifact was written by titans_compose {made}, this is {running}: the spec "
+            f"language and the modules may differ between releases; {REMEDY}"
+        )
+    return root, manifest, data
+
+
+def load(path: str | os.PathLike[str], plugins: Sequence[str] = ()) -> torch.nn.Module:
+    """The model of the artifact in ``path`` as a plain ``nn.Module`` (``model(tokens).logits``), with its weights,
+    for any training loop or ``torch.compile``. Every file is checked against the manifest (a changed, missing or
+    unlisted file, another format version or another titans_compose release is refused with an
+    :class:`ExportError` naming the file). ``plugins`` default to those it was exported with."""
+    root, manifest, data = _verify(path, [SPEC_FILE, WEIGHTS_FILE])
+    module, _, _ = restore(root, manifest, data[WEIGHTS_FILE], plugins, REMEDY, ExportError)
+    return module
+
+
+def _check_no_pickle(archive: bytes, where: Path) -> None:
+    """Refuse a torch.export archive that holds pickled payloads (sample inputs, tensor subclasses)."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(archive)) as z:
+            names = z.namelist()
+            sample = [n for n in names if "/sample_inputs/" in n]
+            configs = [n for n in names if n.endswith(("_weights_config.json", "_constants_config.json"))]
+            pickled = [n for n in sample if z.getinfo(n).file_size]
+            for name in configs:
+                entries = json.loads(z.read(name)).get("config", {})
+                pickled += [f"{name}: {k}" for k, v in entries.items() if not isinstance(v, dict) or v["use_pickle"]]
+    except (zipfile.BadZipFile, ValueError, KeyError) as exc:
+        raise ExportError(f"{where} is not a torch.export archive this titans-compose can check: {exc}") from None
+    if not configs:
+        raise ExportError(f"{where} has no weights index this titans-compose can check: {REMEDY}")
+    if pickled:
+        raise ExportError(f"{where} holds pickled data ({', '.join(pickled[:3])}): refusing to load it")
+
+
+def load_program(path: str | os.PathLike[str]) -> torch.export.ExportedProgram:
+    """The ``program.pt2`` of an artifact exported with ``torch_export``, after the same checks as :func:`load`,
+    a check that this torch is the release that wrote it, and a check that loading it unpickles nothing."""
+    root, manifest, data = _verify(path, [PROGRAM_FILE])
+    made = manifest.get("versions", {}).get("torch")
+    if _major_minor(made) != _major_minor(torch.__version__):
+        raise ExportError(
+            f"{root / PROGRAM_FILE} was saved by torch {made}, this is torch {torch.__version__}: torch.export "
+            f"archives are read by the release that wrote them; load the artifact with titans_compose.load, or {REMEDY}"
+        )
+    _check_no_pickle(data[PROGRAM_FILE], root / PROGRAM_FILE)
+    return torch.export.load(io.BytesIO(data[PROGRAM_FILE]))
