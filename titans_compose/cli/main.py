@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("titans_compose.cli.train", "train", "Train a spec's model on offline text or a long-context task."),
     "cache": ("titans_compose.cli.cache", "cache", "List or clear the cached generated kernel sources."),
     "sweep": ("titans_compose.cli.sweep", "sweep", "Build, train and compare every point of a sweep file."),
+    "export": ("titans_compose.cli.export", "export", "Export a model as a verifiable artifact to train elsewhere."),
 }
 
 EXIT_SPEC_ERROR = 1
