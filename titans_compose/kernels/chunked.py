@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from titans_compose.kernels import chunk_write, mlp
 from titans_compose.kernels.config import MemoryConfig
 from titans_compose.kernels.state import MemoryState, Pending, resume
+from titans_compose.registry.rules import RETENTIONS
 
 
 def segsum(x: Tensor) -> Tensor:
@@ -249,6 +250,15 @@ def _tables(log_eta: Tensor | None, log_keep: Tensor | None, theta: Tensor, b: i
     return out
 
 
+def log_factor(cfg: MemoryConfig, log_keep: Tensor | None) -> Tensor | None:
+    """The log of the factor the retention rule keeps of the weights per token, from the forget gate's
+    log(1 - alpha): the gate's own value for the built-in decay (exact, even as alpha -> 1), else the rule's
+    ``log_keep(alpha)`` (what the sequential reference's ``keep(W, alpha)`` multiplies by)."""
+    if log_keep is None or cfg.retention in (None, RETENTIONS["decay"][0]):
+        return log_keep
+    return cfg.retention.log_keep(-torch.expm1(log_keep))
+
+
 def chunked_memory(
     q: Tensor,
     k: Tensor,
@@ -262,7 +272,8 @@ def chunked_memory(
     """Run the memory over a sequence: returns the retrieved values [N, T, d] and the state after it.
 
     ``q, k, v``: [N, T, d]; ``theta``: inner learning rates [N, T]; ``log_eta``: log momentum decay (None
-    without momentum); ``log_keep``: log(1 - alpha) (None without forgetting). Tokens continue the chunk left
+    without momentum); ``log_keep``: log(1 - alpha) of the forget gate (None without forgetting), which the
+    retention rule turns into the weights' decay (:func:`log_factor`). Tokens continue the chunk left
     unfinished in ``state``; a chunk this call leaves unfinished is returned as pending.
     """
     p = state.pending_len
@@ -280,7 +291,7 @@ def chunked_memory(
         return [None] * len(keys) if x is None else list(x.split(b, dim=1))
 
     keys = k.split(b, dim=1)
-    tables = _tables(log_eta, log_keep, theta, b, cfg.retrieval)
+    tables = _tables(log_eta, log_factor(cfg, log_keep), theta, b, cfg.retrieval)
     series = zip(split(q), keys, split(v), split(theta), split(log_eta), split(log_keep), tables, strict=True)
     for q_c, k_c, v_c, theta_c, log_eta_c, log_keep_c, tables_c in series:
         commit = k_c.shape[1] == b
