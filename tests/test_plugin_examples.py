@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -28,9 +29,10 @@ TINY = ["model.dim=32", "memory.heads=1", "memory.head_dim=16", "memory.expansio
 
 
 def test_the_example_package_installs_and_its_rules_work_from_the_entry_point(tmp_path):
-    target = tmp_path / "site"
+    source, target = tmp_path / "package", tmp_path / "site"
+    shutil.copytree(PACKAGE, source)  # setuptools builds in the source tree: keep the repository clean
     install = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-build-isolation"]
-    done = subprocess.run([*install, "--target", str(target), str(PACKAGE)], capture_output=True, text=True)
+    done = subprocess.run([*install, "--target", str(target), str(source)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert list(target.glob("titans_compose_huber_memory-*.dist-info"))
     script = textwrap.dedent(
