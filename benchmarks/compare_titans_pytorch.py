@@ -33,6 +33,8 @@ import sys
 import time
 from pathlib import Path
 
+from titans_compose.kernels.flops import chunk_matmuls
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "RESULTS.md"
 SPEC = HERE.parent / "specs" / "titans_lmm_small.yaml"
@@ -79,32 +81,11 @@ def build_titans(chunk: int, retrieval: str):
     return lambda x: module(x)[0], module, torch
 
 
-def forward_matmuls(cfg, rows: int, b: int) -> list[tuple[int, int, int, int]]:
-    """The batched matmuls [rows, m, k] x [rows, k, n] that one chunk of our memory's forward cannot avoid
-    (memory-math.md section 3): the key path at the chunk-start weights, the errors sent back through each layer,
-    the retrieval, and the chunk-end fold of W (and S with momentum)."""
-    shapes = []
-    layers = cfg.layer_shapes
-    for out_f, in_f in layers:
-        shapes.append((rows, b, in_f, out_f))  # key path a_l W_l^T
-    for out_f, in_f in layers[1:]:
-        shapes.append((rows, b, out_f, in_f))  # error delta_{l+1} W_{l+1}
-    for out_f, in_f in layers:
-        shapes.append((rows, b, in_f, out_f))  # retrieval through W^0
-        if cfg.retrieval != "per_chunk":
-            if cfg.momentum:
-                shapes.append((rows, b, in_f, out_f))  # diag(B) H S^0T
-            shapes += [(rows, b, in_f, b), (rows, b, b, out_f)]  # (C o H A^T) Delta
-    for out_f, in_f in layers:
-        shapes += [(rows, out_f, b, in_f)] * (2 if cfg.momentum else 1)  # fold W (and S)
-    return shapes
-
-
 def matmul_floor(cfg, rows: int, seq: int, repeats: int, torch) -> dict:
     """Seconds for the unavoidable matmuls of our memory core over ``seq`` tokens: every forward matmul once
     (forward) and with its two gradient matmuls (forward+backward). No elementwise work: a lower bound."""
     b = cfg.chunk_size
-    shapes = forward_matmuls(cfg, rows, b)
+    shapes = chunk_matmuls(cfg, rows, b)
     tensors = [(torch.randn(r, m, k), torch.randn(r, k, n), torch.randn(r, m, n)) for r, m, k, n in shapes]
     chunks = -(-seq // b)
 
