@@ -22,7 +22,7 @@ import click
 from titans_compose.errors import Diagnostic, Location, SpecError
 from titans_compose.io import atomic_write
 from titans_compose.spec import LoadedSpec
-from titans_compose.sweep.plan import Plan, Point
+from titans_compose.sweep.plan import Plan, Point, yaml_value
 
 FORMAT = "titans-compose-sweep"
 FORMAT_VERSION = 1
@@ -174,8 +174,6 @@ def write_results(plan: Plan, records: list[dict[str, Any]], out: Path, task: Ta
 
 
 def yaml_cell(value: Any) -> str:
-    from titans_compose.sweep.plan import yaml_value
-
     return "" if value is None else yaml_value(value)
 
 
