@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from tests.conftest import SPECS
 from titans_compose.cli.main import cli
 from titans_compose.errors import SpecError
 from titans_compose.registry import new_registry
-from titans_compose.sweep import load_plan, run_sweep
+from titans_compose.sweep import load_plan, plot, run_sweep, table
 from titans_compose.sweep.plan import point_key
 from titans_compose.sweep.run import make_sweep_task, run_point
 from titans_compose.train.loop import train
@@ -201,3 +202,19 @@ def test_a_time_limit_ends_training_after_the_step_that_passes_it():
         time_limit=0.0,
     )
     assert len(result.history) == 1 and result.evals == [(1, {"x": 1.0})]
+
+
+def test_the_plot_is_optional(tmp_path, monkeypatch):
+    records = [
+        {"name": "a", "status": "ok", "val_accuracy": 0.5, "tokens_per_s": 10.0, "parameters": 3},
+        {"name": "b", "status": "failed", "error": "ValueError: no"},
+    ]
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    assert (
+        plot(records, tmp_path / "p.png", "t")
+        == "no plot: matplotlib is not installed (pip install matplotlib to get one)"
+    )
+    assert not (tmp_path / "p.png").exists()
+    text = table(records).splitlines()
+    assert text[0].split() == ["point", "params", "tok/s", "accuracy", "status"]
+    assert text[-1] == "failed: b: ValueError: no"
