@@ -6,6 +6,14 @@ kernel generator pairs each with its Triton expression.
 
 Conventions (docs/memory-math.md): ``err = M(k) - v``; a loss's ``grad`` is dl/d(output) per element, which is all
 the inner update needs (section 2: every per-token gradient is a sum of outer products driven by this error).
+
+Triton expressions (optional fields ``triton_*``): single Python/Triton expressions that the kernel generator
+(:mod:`titans_compose.codegen.emit`) inlines as small ``@triton.jit`` helpers. An activation's expressions are in
+the variable ``x`` (a float32 block); a loss's are in ``e`` (the error ``M(k) - v``) and may name the loss's
+parameters as ``str.format`` fields (``{p}``, ``{delta}``), substituted as float constants from the kernel key.
+Available names: ``tl`` (triton.language), core builtins only (tl.exp, tl.log, tl.where, tl.abs, tl.maximum,
+tl.math.erf, ...; not the ``@triton.jit`` helpers of triton.language.standard such as tl.sigmoid, which cannot run
+under the CPU interpreter in every process). A rule without them runs on the PyTorch paths only.
 """
 
 from __future__ import annotations
@@ -25,20 +33,30 @@ Fn = Callable[..., Any]
 @dataclass(frozen=True)
 class Loss:
     """A per-token associative loss: ``value(err, params)`` sums over the feature axis (last),
-    ``grad(err, params)`` is its elementwise derivative with respect to the memory output."""
+    ``grad(err, params)`` is its elementwise derivative with respect to the memory output.
+
+    ``triton_grad`` / ``triton_grad2``: Triton expressions in ``e`` for ``grad`` and its derivative (the generated
+    backward needs the second derivative of the loss); parameters as ``{name}`` format fields."""
 
     value: Fn
     grad: Fn
+    triton_grad: str | None = None
+    triton_grad2: str | None = None
 
 
 @dataclass(frozen=True)
 class Activation:
     """An elementwise activation, its derivative, and optionally a fused ``backward(g, x) = g * grad(x)`` (the dual
-    form back-propagates through the activation by hand; a fused op saves memory traffic on the hot path)."""
+    form back-propagates through the activation by hand; a fused op saves memory traffic on the hot path), and
+    optionally its Triton expressions (module docstring)."""
 
     fn: Fn
     grad: Fn
     fused_backward: Fn | None = None
+    #: Triton expressions in ``x`` for ``fn``, its derivative and its second derivative (all three or none).
+    triton_fn: str | None = None
+    triton_grad: str | None = None
+    triton_grad2: str | None = None
 
     def backward(self, g: Any, x: Any) -> Any:
         """``g * fn'(x)``."""
@@ -106,12 +124,38 @@ def _huber_grad(err: Any, params: HuberParams) -> Any:
     return err.clamp(-params.delta, params.delta)
 
 
+_TL_SIGN = "tl.where(e > 0, 1.0, tl.where(e < 0, -1.0, 0.0))"
+_TL_LOG_ABS = "tl.log(tl.where(e == 0, 1.0, tl.abs(e)))"  # log|e|, finite at e = 0
+
 LOSSES: dict[str, tuple[Loss, type[RuleParams] | None, str]] = {
-    "l2": (Loss(_l2_value, _l2_grad), None, "||M(k) - v||^2 summed over features, no 1/2 (the paper's loss)"),
-    "l1": (Loss(_l1_value, _l1_grad), None, "sum |M(k) - v| (robust to outlier values)"),
-    "lp": (Loss(_lp_value, _lp_grad), LpParams, "sum |M(k) - v|^p, p >= 1 (MIRAS lp attentional bias)"),
+    "l2": (
+        Loss(_l2_value, _l2_grad, triton_grad="2.0 * e", triton_grad2="2.0 + 0.0 * e"),
+        None,
+        "||M(k) - v||^2 summed over features, no 1/2 (the paper's loss)",
+    ),
+    "l1": (
+        Loss(_l1_value, _l1_grad, triton_grad=_TL_SIGN, triton_grad2="0.0 * e"),
+        None,
+        "sum |M(k) - v| (robust to outlier values)",
+    ),
+    "lp": (
+        Loss(
+            _lp_value,
+            _lp_grad,
+            # |e|^(p-1) as exp((p-1) log|e|); at e = 0 the sign makes it 0 like torch's p * 0^(p-1) * sign(0)
+            triton_grad=f"{{p}} * tl.exp(({{p}} - 1.0) * {_TL_LOG_ABS}) * {_TL_SIGN}",
+            triton_grad2=f"tl.where(e == 0, 0.0, {{p}} * ({{p}} - 1.0) * tl.exp(({{p}} - 2.0) * {_TL_LOG_ABS}))",
+        ),
+        LpParams,
+        "sum |M(k) - v|^p, p >= 1 (MIRAS lp attentional bias)",
+    ),
     "huber": (
-        Loss(_huber_value, _huber_grad),
+        Loss(
+            _huber_value,
+            _huber_grad,
+            triton_grad="tl.minimum(tl.maximum(e, -{delta}), {delta})",
+            triton_grad2="tl.where(tl.abs(e) <= {delta}, 1.0, 0.0)",
+        ),
         HuberParams,
         "Huber: quadratic below delta, linear above (MIRAS robust attentional bias)",
     ),
@@ -165,11 +209,45 @@ def _identity_grad(x: Any) -> Any:
     return x.new_ones(()).expand_as(x)
 
 
+_TL_SIGMOID = "(1.0 / (1.0 + tl.exp(-x)))"
+_TL_GAUSS = f"{_INV_SQRT_2PI!r} * tl.exp(-0.5 * x * x)"  # the standard normal density
+
 ACTIVATIONS: dict[str, tuple[Activation, str]] = {
-    "silu": (Activation(_silu, _silu_grad), "x * sigmoid(x) (the paper's choice)"),
-    "gelu": (Activation(_gelu, _gelu_grad, _gelu_backward), "exact (erf) GELU"),
-    "relu": (Activation(_relu, _relu_grad), "max(x, 0)"),
-    "identity": (Activation(_identity, _identity_grad), "no activation (a deep linear memory)"),
+    "silu": (
+        Activation(
+            _silu,
+            _silu_grad,
+            triton_fn=f"x * {_TL_SIGMOID}",
+            triton_grad=f"{_TL_SIGMOID} * (1.0 + x * (1.0 - {_TL_SIGMOID}))",
+            triton_grad2=f"{_TL_SIGMOID} * (1.0 - {_TL_SIGMOID}) * (2.0 + x * (1.0 - 2.0 * {_TL_SIGMOID}))",
+        ),
+        "x * sigmoid(x) (the paper's choice)",
+    ),
+    "gelu": (
+        Activation(
+            _gelu,
+            _gelu_grad,
+            _gelu_backward,
+            triton_fn=f"0.5 * x * (1.0 + tl.math.erf(x * {_SQRT_HALF!r}))",
+            triton_grad=f"0.5 * (1.0 + tl.math.erf(x * {_SQRT_HALF!r})) + x * {_TL_GAUSS}",
+            triton_grad2=f"(2.0 - x * x) * {_TL_GAUSS}",
+        ),
+        "exact (erf) GELU",
+    ),
+    "relu": (
+        Activation(
+            _relu,
+            _relu_grad,
+            triton_fn="tl.maximum(x, 0.0)",
+            triton_grad="tl.where(x > 0, 1.0, 0.0)",
+            triton_grad2="0.0 * x",
+        ),
+        "max(x, 0)",
+    ),
+    "identity": (
+        Activation(_identity, _identity_grad, triton_fn="x", triton_grad="1.0 + 0.0 * x", triton_grad2="0.0 * x"),
+        "no activation (a deep linear memory)",
+    ),
 }
 
 

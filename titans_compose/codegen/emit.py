@@ -1,0 +1,618 @@
+"""The code generator: Triton source for one :class:`~titans_compose.codegen.key.KernelKey`.
+
+The generated module computes the chunked dual form of memory-math.md section 3 for one memory configuration.
+One program handles one (batch x head) row and loops over its chunks; the state is carried in global memory as
+float32, one slot per chunk boundary (``states[N, chunks + 1, STATE_SIZE]``: every layer's W_l, then every S_l,
+row-major), which is also what the backward restarts from. Per chunk, the forward kernel
+
+1. runs the memory on the keys at the chunk-start weights W^0 and back-propagates the loss by hand (layer inputs
+   a_l, pre-activations z_l, errors delta_l, m_l = delta_{l+1} W_{l+1});
+2. builds the gate tables from log-space prefix sums: F[t, j] = exp(R_t - rho_j), P[j, i] = exp(pi_j - pi_i),
+   C = (F @ P) diag(theta), A_t = exp(R_t), B = F exp(pi) (R = rho for "after", rho shifted by one for "before");
+3. reads every query through the masked b x b products Z_l = diag(A) H W^0T + diag(B) H S^0T - (C o H A_l^T)
+   Delta_l (or at W^0 alone for per-chunk retrieval) and stores y = [x +] [LN](Z_L);
+4. folds the chunk into the next boundary, W^b = A_b W^0 + B_b S^0 - sum_i C_{b,i} delta_i a_i^T (S^b likewise),
+   only when the chunk is complete: a trailing partial chunk is read but never committed.
+
+The backward kernel walks the chunks in reverse, recomputes each from its saved boundary state and applies the
+hand-derived reverse of steps 1-4 (the port of :mod:`titans_compose.kernels.chunk_write`, plus the retrieval and
+gate-table reverses), second-order terms through the activation, the loss and the LayerNorm included. The gradient
+of the state is carried in two ping-pong slots per row. A partial chunk's fold is the identity (keep 1, carry 0,
+decay 1, c = e = 0), so the same code passes the final state's gradient through it.
+
+The MLP depth is unrolled; the activation, its derivatives and the loss gradient come inline from the registry's
+Triton expressions (the ``triton_*`` fields of :mod:`titans_compose.registry.rules`). Blocks are padded to powers
+of two >= 16 (tl.dot's minimum) and masked; whole state matrices are loaded per chunk (no hidden-dim tiling yet:
+the sizes are capped in :mod:`titans_compose.codegen.support`). The output is a deterministic function of the key.
+
+The generated code calls only Triton's core builtins, never ``triton.language.standard``'s own ``@triton.jit``
+functions (tl.sum, tl.cdiv, tl.sigmoid, ...): those are decorated when triton is imported, so in a process that
+imported triton before setting TRITON_INTERPRET=1 they cannot run under the interpreter, while the generated
+module's functions (decorated when it is imported) can. Sums are ``tl.reduce`` with tl.sum's combine function
+(``tl.standard._sum_combine``: compiled exactly like tl.sum, and recognised by the interpreter's numpy fast path).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from titans_compose.codegen.key import KernelKey
+from titans_compose.registry import default_registry
+
+
+def block(n: int) -> int:
+    """The padded block size of a dimension: the next power of two, at least 16 (tl.dot's minimum)."""
+    return max(16, 1 << (n - 1).bit_length())
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each layer's weights (and momentum) live in a state slot, in float32 elements."""
+
+    shapes: tuple[tuple[int, int], ...]
+    momentum: bool
+
+    @property
+    def weight_offsets(self) -> tuple[int, ...]:
+        offsets, at = [], 0
+        for out, inp in self.shapes:
+            offsets.append(at)
+            at += out * inp
+        return tuple(offsets)
+
+    @property
+    def weight_size(self) -> int:
+        return sum(o * i for o, i in self.shapes)
+
+    @property
+    def momentum_offsets(self) -> tuple[int, ...]:
+        return tuple(self.weight_size + off for off in self.weight_offsets) if self.momentum else ()
+
+    @property
+    def size(self) -> int:
+        return self.weight_size * (2 if self.momentum else 1)
+
+
+def layout(key: KernelKey) -> Layout:
+    return Layout(key.layer_shapes, key.momentum)
+
+
+def rule_expressions(key: KernelKey) -> dict[str, str]:
+    """The activation's and loss's Triton expressions for ``key`` from the process registry (loss parameters
+    substituted as constants)."""
+    registry = default_registry()[0]
+    act = registry.get("activation", key.activation).obj
+    loss = registry.get("loss", key.loss).obj
+    params = {name: repr(float(value)) for name, value in key.loss_params}
+    out = {
+        "act": act.triton_fn,
+        "act_grad": act.triton_grad,
+        "act_grad2": act.triton_grad2,
+        "loss_grad": loss.triton_grad,
+        "loss_grad2": loss.triton_grad2,
+    }
+    missing = [name for name, expr in out.items() if expr is None]
+    if missing:
+        raise ValueError(f"no Triton expression for {', '.join(missing)} of {key.activation} / {key.loss}")
+    for name in ("loss_grad", "loss_grad2"):
+        out[name] = out[name].format(**params)
+    return out
+
+
+class _Code:
+    """Lines of generated source with indentation, and accumulators that are assigned on first use."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.indent = 0
+        self.defined: set[str] = set()
+
+    def __call__(self, *lines: str) -> None:
+        for line in lines:
+            self.lines.append("    " * self.indent + line if line else "")
+
+    def acc(self, name: str, expr: str, sign: str = "+") -> None:
+        """``name = (-)expr`` the first time, ``name = name +/- expr`` after."""
+        if name in self.defined:
+            self(f"{name} = {name} {sign} {expr}")
+        else:
+            self.defined.add(name)
+            self(f"{name} = {expr}" if sign == "+" else f"{name} = -({expr})")
+
+
+_HELPERS = '''
+@triton.jit
+def _sum(x, axis: tl.constexpr):
+    """tl.sum: its own reduction (so the interpreter takes its numpy fast path), not the standard-library call."""
+    return tl.reduce(x, axis, tl.standard._sum_combine)
+
+
+@triton.jit
+def _load_rows(ptr, rows, COLS: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    """A [BR, BC] float32 tile of the first ``rows`` rows of a row-major [*, COLS] matrix (zeros outside)."""
+    r = tl.arange(0, BR)[:, None]
+    c = tl.arange(0, BC)[None, :]
+    return tl.load(ptr + r * COLS + c, mask=(r < rows) & (c < COLS), other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_rows(ptr, x, rows, COLS: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    r = tl.arange(0, BR)[:, None]
+    c = tl.arange(0, BC)[None, :]
+    tl.store(ptr + r * COLS + c, x.to(ptr.dtype.element_ty), mask=(r < rows) & (c < COLS))
+
+
+@triton.jit
+def _load_vec(ptr, n, BN: tl.constexpr):
+    r = tl.arange(0, BN)
+    return tl.load(ptr + r, mask=r < n, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_vec(ptr, x, n, BN: tl.constexpr):
+    r = tl.arange(0, BN)
+    tl.store(ptr + r, x.to(ptr.dtype.element_ty), mask=r < n)
+
+
+@triton.jit
+def _masked_exp(x, mask):
+    """exp(x) where mask, else 0 (no overflow from the masked-out entries)."""
+    return tl.where(mask, tl.exp(tl.where(mask, x, 0.0)), 0.0)
+
+
+@triton.jit
+def _sum2(x):
+    return _sum(_sum(x, axis=1), axis=0)
+
+
+@triton.jit
+def _layer_norm(z, cols, N: tl.constexpr, EPS: tl.constexpr):
+    """Gain-free LayerNorm of each row over its first N columns (padded columns of z are 0): (xhat, 1/std)."""
+    mean = _sum(z, axis=1) / N
+    centred = tl.where(cols, z - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(_sum(centred * centred, axis=1) / N + EPS)
+    return centred * rstd[:, None], rstd
+
+
+@triton.jit
+def _layer_norm_backward(g, xhat, rstd, cols, N: tl.constexpr):
+    """J g for the (symmetric) Jacobian J of the LayerNorm at the rows of xhat."""
+    mean_g = _sum(g, axis=1) / N
+    mean_gx = _sum(g * xhat, axis=1) / N
+    return tl.where(cols, rstd[:, None] * (g - mean_g[:, None] - xhat * mean_gx[:, None]), 0.0)
+'''
+
+
+class _Generator:
+    def __init__(self, key: KernelKey) -> None:
+        self.key = key
+        self.depth = key.depth
+        # dims[i] is the input width of layer i; dims[depth] == dims[0] (the head dim)
+        self.dims = [inp for _, inp in key.layer_shapes] + [key.head_dim]
+        self.layout = layout(key)
+        self.mom = key.momentum
+        self.fgt = key.forget
+        self.read = key.retrieval
+        self.per_chunk = key.retrieval == "per_chunk"
+        self.gates = ["theta"] + ["log_eta"] * self.mom + ["log_keep"] * self.fgt  # per-token gate series
+
+    # names of the generated constants
+    def dim(self, i: int) -> str:
+        return f"D{i % self.depth}"
+
+    def blk(self, i: int) -> str:
+        return f"B{i % self.depth}"
+
+    def cols(self, i: int) -> str:
+        return f"cols{i % self.depth}"
+
+    def tile(self, layer: int, rows: str | None = None) -> str:
+        """The (rows, cols, block rows, block cols) arguments of layer ``layer``'s [out, in] state matrix."""
+        rows = rows or self.dim(layer + 1)
+        return f"{rows}, {self.dim(layer)}, {self.blk(layer + 1)}, {self.blk(layer)}"
+
+    # ------------------------------------------------------------------ module
+    def module(self) -> str:
+        key = self.key
+        code = _Code()
+        code(
+            "# Generated by titans_compose.codegen.emit: do not edit (the cache regenerates it).",
+            f"# key: {key.canonical()}",
+            "#",
+            f"# Chunked dual-form memory scan: depth {key.depth}, layers (out, in) {list(key.layer_shapes)},",
+            f"# activation {key.activation}, loss {key.loss} {dict(key.loss_params)}, residual {key.residual},"
+            f" output LayerNorm {key.output_norm},",
+            f"# momentum {key.momentum}, forget {key.forget}, retrieval {key.retrieval}, chunk {key.chunk_size},",
+            f"# inputs {key.dtype} (state and math in float32), gates (lr, momentum, forget) {key.gates}",
+            "# (per-token tensors either way: a per-chunk gate is constant within its chunk).",
+            "",
+            "import triton",
+            "import triton.language as tl",
+            "",
+            f"CHUNK = tl.constexpr({key.chunk_size})",
+            f"BT = tl.constexpr({block(key.chunk_size)})",
+        )
+        for i in range(self.depth):
+            code(f"D{i} = tl.constexpr({self.dims[i]})", f"B{i} = tl.constexpr({block(self.dims[i])})")
+        lay = self.layout
+        for i in range(self.depth):
+            code(f"W{i}_OFF = tl.constexpr({lay.weight_offsets[i]})")
+            if self.mom:
+                code(f"S{i}_OFF = tl.constexpr({lay.momentum_offsets[i]})")
+        code(f"STATE_SIZE = tl.constexpr({lay.size})", f"EPS = tl.constexpr({key.ln_eps!r})", "")
+        exprs = rule_expressions(key)
+        for name, arg, what in (
+            ("act", "x", f"{key.activation}"),
+            ("act_grad", "x", f"{key.activation}'"),
+            ("act_grad2", "x", f"{key.activation}''"),
+            ("loss_grad", "e", f"d {key.loss} / d output"),
+            ("loss_grad2", "e", f"d^2 {key.loss} / d output^2"),
+        ):
+            code("", "@triton.jit", f"def _{name}({arg}):", f'    """{what} (registry expression)."""')
+            code(f"    return {exprs[name]}", "")
+        code.lines.extend(_HELPERS.splitlines())
+        code("", "")
+        self.forward_kernel(code)
+        code("", "")
+        self.backward_kernel(code)
+        return "\n".join(code.lines).rstrip() + "\n"
+
+    def gate_args(self, prefix: str = "") -> str:
+        return ", ".join(f"{prefix}{name}_ptr" for name in self.gates)
+
+    # ------------------------------------------------------------------ shared pieces
+    def prologue(self, code: _Code) -> None:
+        code(
+            "row = tl.cast(tl.program_id(0), tl.int64)",
+            "seq = row * T * D0  # this row's [T, D0] block of q, k, v, y",
+            "gates = row * T",
+            "rt = tl.arange(0, BT)",
+            "ti = rt[:, None]",
+            "tj = rt[None, :]",
+            "incl = tj <= ti  # j <= t",
+            "inchunk = rt < CHUNK",
+        )
+        for i in range(self.depth):
+            code(f"cols{i} = (tl.arange(0, B{i}) < D{i})[None, :]")
+
+    def load_chunk(self, code: _Code) -> None:
+        code(
+            "t0 = chunk * CHUNK",
+            "n_tok = tl.minimum(T - t0, CHUNK)",
+            "valid = rt < n_tok",
+            "commit = t0 + CHUNK <= T  # a complete chunk: folded into the next boundary",
+            "cmt = tl.where(commit, 1.0, 0.0)",
+            "state = states_ptr + (row * NB + chunk) * STATE_SIZE",
+        )
+        for name in ("q", "k", "v"):
+            code(f"{name} = _load_rows({name}_ptr + seq + t0 * D0, n_tok, D0, BT, B0)")
+        for name in self.gates:
+            code(f"{name} = _load_vec({name}_ptr + gates + t0, n_tok, BT)")
+        for i in range(self.depth):
+            code(f"w{i} = _load_rows(state + W{i}_OFF, {self.tile(i)})")
+            if self.mom:
+                code(f"s{i} = _load_rows(state + S{i}_OFF, {self.tile(i)})")
+
+    def finish(self, code: _Code, z: str, x: str) -> str:
+        """Emits the output transform's LayerNorm of the last layer's ``z`` (normalised rows ``{x}x`` and
+        ``{x}rstd``) and returns the expression of the memory output ([LN](z) [+ x])."""
+        out = z
+        if self.key.output_norm:
+            code(f"{x}x, {x}rstd = _layer_norm({z}, cols0, D0, EPS)")
+            out = f"{x}x"
+        return f"{out} + {x}" if self.key.residual else out
+
+    def key_path(self, code: _Code) -> None:
+        last = self.depth - 1
+        code("# key path at the chunk-start weights: inputs a, pre-activations z, errors d (delta), m = d W")
+        code("a0 = k")
+        for i in range(self.depth):
+            code(f"z{i} = tl.dot(a{i}, tl.trans(w{i}))")
+            if i < last:
+                code(f"a{i + 1} = tl.where({self.cols(i + 1)}, _act(z{i}), 0.0)")
+        code(
+            f"err = {self.finish(code, f'z{last}', 'k')} - v",
+            "lg = tl.where(valid[:, None] & cols0, _loss_grad(err), 0.0)",
+        )
+        if self.key.output_norm:
+            code(f"d{last} = _layer_norm_backward(lg, kx, krstd, cols0, D0)")
+        else:
+            code(f"d{last} = lg")
+        for i in range(last - 1, -1, -1):
+            code(f"m{i} = tl.dot(d{i + 1}, w{i + 1})", f"d{i} = m{i} * _act_grad(z{i})")
+
+    def gate_tables(self, code: _Code) -> None:
+        code("# gate tables from log-space prefix sums (never a ratio of cumulative products)")
+        if self.fgt:
+            code("rho = _sum(tl.where(incl, log_keep[None, :], 0.0), axis=1)  # sum_{j<=t} log(1 - alpha_j)")
+        if self.mom:
+            code(
+                "pi = _sum(tl.where(incl, log_eta[None, :], 0.0), axis=1)  # sum_{j<=t} log eta_j",
+                "P = _masked_exp(pi[:, None] - pi[None, :], incl)  # P[j, i] = exp(pi_j - pi_i), i <= j",
+                "u = tl.exp(pi)",
+            )
+        if not self.per_chunk:
+            if self.read == "after":
+                mask, shift = "incl", "rho"
+            else:
+                code("# 'before': query t reads row t - 1 (row -1 = the chunk-start state)")
+                mask, shift = "tj < ti", "rho - log_keep"
+            if self.fgt:
+                code(f"R = {shift}", f"F = _masked_exp(R[:, None] - rho[None, :], {mask})", "A = tl.exp(R)")
+            else:
+                code(f"F = tl.where({mask}, 1.0, 0.0)")
+            if self.mom:
+                code("FP = tl.dot(F, P)", "B = _sum(F * u[None, :], axis=1)")
+            else:
+                code("FP = F")
+            code("C = FP * theta[None, :]")
+        code("# the chunk-end row of the tables (the fold); c = e = 0 for a partial chunk")
+        if self.fgt:
+            code(
+                "rho_end = _sum(log_keep, axis=0)",
+                "keep = tl.exp(rho_end)",
+                "f = _masked_exp(rho_end - rho, inchunk)",
+            )
+        else:
+            code("f = tl.where(inchunk, 1.0, 0.0)")
+        if self.mom:
+            code(
+                "cbar = _sum(f[:, None] * P, axis=0)",
+                "carry = _sum(f * u, axis=0)",
+                "pi_end = _sum(log_eta, axis=0)",
+                "decay = tl.exp(pi_end)",
+                "ebar = _masked_exp(pi_end - pi, inchunk)",
+                "e = ebar * theta * cmt",
+            )
+        else:
+            code("cbar = f")
+        code("c = cbar * theta * cmt")
+
+    def retrieve(self, code: _Code) -> str:
+        """Emits the retrieval up to the output transform; returns the expression of y."""
+        last = self.depth - 1
+        if self.per_chunk:
+            code("# per-chunk retrieval: every query reads the chunk-start weights")
+        else:
+            code(f"# per-token retrieval ('{self.read}'): Z = diag(A) H W^T + diag(B) H S^T - (C o H a^T) d")
+        code("h0 = q")
+        for i in range(self.depth):
+            if self.per_chunk:
+                code(f"zq{i} = tl.dot(h{i}, tl.trans(w{i}))")
+            else:
+                code(f"hq{i} = tl.dot(h{i}, tl.trans(w{i}))")
+                code(f"zq{i} = hq{i} * A[:, None]" if self.fgt else f"zq{i} = hq{i}")
+                if self.mom:
+                    code(f"hs{i} = tl.dot(h{i}, tl.trans(s{i}))", f"zq{i} = zq{i} + hs{i} * B[:, None]")
+                code(
+                    f"kk{i} = tl.dot(h{i}, tl.trans(a{i}))",
+                    f"ck{i} = C * kk{i}",
+                    f"zq{i} = zq{i} - tl.dot(ck{i}, d{i})",
+                )
+            if i < last:
+                code(f"h{i + 1} = tl.where({self.cols(i + 1)}, _act(zq{i}), 0.0)")
+        return self.finish(code, f"zq{last}", "q")
+
+    # ------------------------------------------------------------------ forward
+    def forward_kernel(self, code: _Code) -> None:
+        code(
+            "@triton.jit",
+            f"def forward_kernel(q_ptr, k_ptr, v_ptr, {self.gate_args()}, y_ptr, states_ptr, T, NB):",
+        )
+        code.indent += 1
+        code(
+            '"""One program per (batch x head) row: y [N, T, D0] and the boundary states [N, NB, STATE_SIZE]',
+            '(slot 0 holds the initial state; slot c + 1 is written when chunk c is complete)."""',
+        )
+        self.prologue(code)
+        code("for chunk in range(0, (T + CHUNK - 1) // CHUNK):")
+        code.indent += 1
+        self.load_chunk(code)
+        self.key_path(code)
+        self.gate_tables(code)
+        code(f"y = {self.retrieve(code)}", "_store_rows(y_ptr + seq + t0 * D0, y, n_tok, D0, BT, B0)")
+        code("# fold the chunk into the next boundary (masked off for a partial chunk)")
+        code("nxt = state + STATE_SIZE")
+        for i in range(self.depth):
+            base = f"keep * w{i}" if self.fgt else f"w{i}"
+            if self.mom:
+                base += f" + carry * s{i}"
+            code(f"nw{i} = {base} - tl.dot(tl.trans(d{i} * c[:, None]), a{i})")
+            code(f"_store_rows(nxt + W{i}_OFF, nw{i}, {self.tile(i, f'tl.where(commit, {self.dim(i + 1)}, 0)')})")
+            if self.mom:
+                code(f"ns{i} = decay * s{i} - tl.dot(tl.trans(d{i} * e[:, None]), a{i})")
+                code(f"_store_rows(nxt + S{i}_OFF, ns{i}, {self.tile(i, f'tl.where(commit, {self.dim(i + 1)}, 0)')})")
+        code("tl.debug_barrier()")
+        code.indent -= 2
+
+    # ------------------------------------------------------------------ backward
+    def backward_kernel(self, code: _Code) -> None:
+        code(
+            "@triton.jit",
+            f"def backward_kernel(q_ptr, k_ptr, v_ptr, {self.gate_args()}, states_ptr, gy_ptr, gstates_ptr,",
+            f"                    gq_ptr, gk_ptr, gv_ptr, {self.gate_args('g')}, T, NB):",
+        )
+        code.indent += 1
+        code(
+            '"""The chunks in reverse, each recomputed from its boundary state. gstates [N, 2, STATE_SIZE]:',
+            "chunk c reads the gradient of its end state from slot (c + 1) % 2 and writes that of its start state",
+            "to slot c % 2 (the caller puts the final state's gradient in slot cdiv(T, CHUNK) % 2; slot 0 ends",
+            'with the initial state\'s)."""',
+        )
+        self.prologue(code)
+        code("n_chunks = (T + CHUNK - 1) // CHUNK", "for i in range(0, n_chunks):")
+        code.indent += 1
+        code("chunk = n_chunks - 1 - i")
+        self.load_chunk(code)
+        self.key_path(code)
+        self.gate_tables(code)
+        self.retrieve(code)
+        code("gy = _load_rows(gy_ptr + seq + t0 * D0, n_tok, D0, BT, B0)")
+        code.defined = set()
+        self.retrieve_backward(code)
+        self.fold_backward(code)
+        self.key_path_backward(code)
+        self.gate_backward(code)
+        code("# stores")
+        for name, src in (("gq", "gq"), ("gk", "ga0"), ("gv", "gv")):
+            code(f"_store_rows({name}_ptr + seq + t0 * D0, {src}, n_tok, D0, BT, B0)")
+        for name in self.gates:
+            code(f"_store_vec(g{name}_ptr + gates + t0, g{name}, n_tok, BT)")
+        code("gout = gstates_ptr + (row * 2 + chunk % 2) * STATE_SIZE")
+        for i in range(self.depth):
+            code(f"_store_rows(gout + W{i}_OFF, gw{i}, {self.tile(i)})")
+            if self.mom:
+                code(f"_store_rows(gout + S{i}_OFF, gs{i}, {self.tile(i)})")
+        code("tl.debug_barrier()")
+        code.indent -= 2
+
+    def retrieve_backward(self, code: _Code) -> None:
+        last = self.depth - 1
+        code("# reverse of the retrieval")
+        if self.key.output_norm:
+            code(f"gzq{last} = _layer_norm_backward(gy, qx, qrstd, cols0, D0)")
+        else:
+            code(f"gzq{last} = gy")
+        if self.key.residual:
+            code.acc("gq", "gy")
+        for i in range(last, -1, -1):
+            g = f"gzq{i}"
+            if self.per_chunk:
+                code.acc(f"gw{i}", f"tl.dot(tl.trans({g}), h{i})")
+                code(f"gh = tl.dot({g}, w{i})")
+            else:
+                if self.fgt:
+                    code.acc("gA", f"_sum({g} * hq{i}, axis=1)")
+                    code(f"ghq = {g} * A[:, None]")
+                else:
+                    code(f"ghq = {g}")
+                code.acc(f"gw{i}", f"tl.dot(tl.trans(ghq), h{i})")
+                code(f"gh = tl.dot(ghq, w{i})")
+                if self.mom:
+                    code.acc("gB", f"_sum({g} * hs{i}, axis=1)")
+                    code(f"ghs = {g} * B[:, None]")
+                    code.acc(f"gs{i}", f"tl.dot(tl.trans(ghs), h{i})")
+                    code(f"gh = gh + tl.dot(ghs, s{i})")
+                code(f"gck = -tl.dot({g}, tl.trans(d{i}))  # d loss / d (C o K)")
+                code.acc(f"gd{i}", f"tl.dot(tl.trans(ck{i}), {g})", "-")
+                code.acc("gC", f"gck * kk{i}")
+                code("gkk = gck * C", f"gh = gh + tl.dot(gkk, a{i})")
+                code.acc(f"ga{i}", f"tl.dot(tl.trans(gkk), h{i})")
+            if i > 0:
+                code(f"gzq{i - 1} = tl.where({self.cols(i)}, gh * _act_grad(zq{i - 1}), 0.0)")
+            else:
+                code.acc("gq", "gh")
+
+    def fold_backward(self, code: _Code) -> None:
+        code(
+            "# reverse of the fold; a partial chunk's fold is the identity",
+            "gin = gstates_ptr + (row * 2 + (chunk + 1) % 2) * STATE_SIZE",
+        )
+        if self.fgt:
+            code("keep_eff = tl.where(commit, keep, 1.0)")
+        if self.mom:
+            code("carry_eff = carry * cmt", "decay_eff = tl.where(commit, decay, 1.0)")
+        for i in range(self.depth):
+            code(f"gnw = _load_rows(gin + W{i}_OFF, {self.tile(i)})")
+            if self.fgt:
+                code.acc(f"gw{i}", "keep_eff * gnw")
+                code.acc("gkeep", f"_sum2(w{i} * gnw)")
+            else:
+                code.acc(f"gw{i}", "gnw")
+            if self.mom:
+                code(f"gns = _load_rows(gin + S{i}_OFF, {self.tile(i)})")
+                code.acc(f"gs{i}", "carry_eff * gnw + decay_eff * gns")
+                code.acc("gcarry", f"_sum2(s{i} * gnw)")
+                code.acc("gdecay", f"_sum2(s{i} * gns)")
+            code(f"pw = tl.dot(a{i}, tl.trans(gnw))")
+            code.acc(f"gd{i}", "c[:, None] * pw", "-")
+            code.acc("gc", f"_sum(d{i} * pw, axis=1)", "-")
+            code.acc(f"ga{i}", f"tl.dot(d{i} * c[:, None], gnw)", "-")
+            if self.mom:
+                code(f"ps = tl.dot(a{i}, tl.trans(gns))")
+                code.acc(f"gd{i}", "e[:, None] * ps", "-")
+                code.acc("ge", f"_sum(d{i} * ps, axis=1)", "-")
+                code.acc(f"ga{i}", f"tl.dot(d{i} * e[:, None], gns)", "-")
+
+    def key_path_backward(self, code: _Code) -> None:
+        last = self.depth - 1
+        code("# reverse of the error recursion d_l = (d_{l+1} W_{l+1}) * act'(z_l), first layer up")
+        for i in range(last):
+            code(f"gm = gd{i} * _act_grad(z{i})")
+            code.acc(f"gz{i}", f"gd{i} * m{i} * _act_grad2(z{i})")
+            code.acc(f"gd{i + 1}", f"tl.dot(gm, tl.trans(w{i + 1}))")
+            code.acc(f"gw{i + 1}", f"tl.dot(tl.trans(d{i + 1}), gm)")
+        code("# reverse of the output error (loss gradient through the optional LayerNorm and residual)")
+        code(f"gdl = tl.where(valid[:, None] & cols0, gd{last}, 0.0)")
+        if self.key.output_norm:
+            code(
+                "jg = _layer_norm_backward(gdl, kx, krstd, cols0, D0)",
+                "# second-order term: the LayerNorm Jacobian depends on z",
+                "alpha = _sum(gdl * (lg - (_sum(lg, axis=1) / D0)[:, None]), axis=1)",
+                "beta = _sum(gdl * kx, axis=1)",
+                "s_lg = _sum(lg * kx, axis=1) / D0",
+            )
+            code.acc(
+                f"gz{last}",
+                f"tl.where(cols0, -(krstd * krstd / D0 * (alpha - s_lg * beta))[:, None] * kx"
+                f" - (krstd * beta / D0)[:, None] * d{last} - (krstd * s_lg)[:, None] * jg, 0.0)",
+            )
+            code("gerr = tl.where(valid[:, None] & cols0, jg * _loss_grad2(err), 0.0)")
+            code.acc(f"gz{last}", "_layer_norm_backward(gerr, kx, krstd, cols0, D0)")
+        else:
+            code("gerr = tl.where(valid[:, None] & cols0, gdl * _loss_grad2(err), 0.0)")
+            code.acc(f"gz{last}", "gerr")
+        if self.key.residual:
+            code.acc("ga0", "gerr")
+        code("gv = -gerr")
+        code("# reverse of the key-path forward, last layer down")
+        for i in range(last, -1, -1):
+            code.acc(f"gw{i}", f"tl.dot(tl.trans(gz{i}), a{i})")
+            code.acc(f"ga{i}", f"tl.dot(gz{i}, w{i})")
+            if i > 0:
+                code.acc(f"gz{i - 1}", f"tl.where({self.cols(i)}, ga{i} * _act_grad(z{i - 1}), 0.0)")
+
+    def gate_backward(self, code: _Code) -> None:
+        code("# reverse of the gate tables")
+        if not self.per_chunk:
+            code.acc("gtheta", "_sum(gC * FP, axis=0)")
+            code("gFP = gC * theta[None, :]")
+            if self.mom:
+                code("gF = tl.dot(gFP, tl.trans(P)) + gB[:, None] * u[None, :]")
+                code.acc("gP", "tl.dot(tl.trans(F), gFP)")
+                code.acc("gu", "_sum(gB[:, None] * F, axis=0)")
+            else:
+                code("gF = gFP")
+            if self.fgt:
+                code("X = gF * F", "gR = _sum(X, axis=1) + gA * A")
+                code.acc("grho", "_sum(X, axis=0)", "-")
+        code("gcbar = gc * theta * cmt")
+        code.acc("gtheta", "gc * cbar * cmt")
+        if self.mom:
+            code.acc("gtheta", "ge * ebar * cmt")
+            code("gf = _sum(P * gcbar[None, :], axis=1) + gcarry * cmt * u")
+            code.acc("gP", "f[:, None] * gcbar[None, :]")
+            code.acc("gu", "gcarry * cmt * f")
+        else:
+            code("gf = gcbar")
+        if self.fgt:
+            code("xf = gf * f")
+            code.acc("grho", "xf", "-")
+            code("grho_end = _sum(xf, axis=0) + gkeep * cmt * keep")
+            total = "grho" if self.per_chunk else "grho + gR"
+            code(f"glog_keep = _sum(tl.where(incl, ({total})[:, None], 0.0), axis=0) + grho_end")
+            if self.read == "before":
+                code("glog_keep = glog_keep - gR")
+        if self.mom:
+            code(
+                "Y = gP * P",
+                "ye = ge * theta * cmt * ebar",
+                "gpi = _sum(Y, axis=1) - _sum(Y, axis=0) + gu * u - ye",
+                "gpi_end = _sum(ye, axis=0) + gdecay * cmt * decay",
+                "glog_eta = _sum(tl.where(incl, gpi[:, None], 0.0), axis=0) + gpi_end",
+            )
+
+
+def generate(key: KernelKey) -> str:
+    """The Triton module source for ``key`` (deterministic; the canonical key is in its header)."""
+    return _Generator(key).module()

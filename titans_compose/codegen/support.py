@@ -1,0 +1,54 @@
+"""What the generated kernels cover: why a configuration cannot run on them (it then runs on the chunked PyTorch
+path), and which options' backward is not generated."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from titans_compose.codegen.emit import block
+from titans_compose.codegen.key import KernelKey
+from titans_compose.kernels.config import MemoryConfig
+from titans_compose.registry.rules import OPTIMIZERS, RETENTIONS
+
+#: Largest padded block of a chunk or a layer width: whole state matrices are loaded per chunk (no hidden-dim
+#: tiling is generated yet), so wider layers would not fit a program's registers.
+MAX_BLOCK = 256
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def dtype_name(dtype: Any) -> str:
+    """``torch.float32`` or ``"float32"`` -> ``"float32"``."""
+    return str(dtype).removeprefix("torch.")
+
+
+def unsupported_reason(cfg: MemoryConfig, dtype: Any) -> str | None:
+    """Why the generated kernel cannot run ``cfg`` on inputs of ``dtype`` (None when it can)."""
+    name = dtype_name(dtype)
+    if name not in DTYPES:
+        return f"inputs of dtype {name}: the generated kernels take {', '.join(DTYPES)}"
+    if cfg.names is None:
+        return "the memory config carries no registry names (build it with memory_config)"
+    if cfg.grad_clip is not None:
+        return "grad_clip: the per-token gradient clip couples every layer's errors (chunked path only)"
+    if cfg.retention not in (None, RETENTIONS["decay"][0]):
+        return "a retention rule other than the built-in decay has no generated form"
+    if cfg.optimizer not in (None, OPTIMIZERS["momentum"][0]):
+        return "an optimizer rule other than the built-in momentum has no generated form"
+    act, loss = cfg.activation, cfg.loss
+    if None in (act.triton_fn, act.triton_grad, act.triton_grad2):
+        return f"activation {cfg.names[0]!r} provides no Triton expressions (triton_fn/triton_grad/triton_grad2)"
+    if None in (loss.triton_grad, loss.triton_grad2):
+        return f"loss {cfg.names[1]!r} provides no Triton expressions (triton_grad/triton_grad2)"
+    widths = [cfg.chunk_size, *(inp for _, inp in cfg.layer_shapes)]
+    if max(block(w) for w in widths) > MAX_BLOCK:
+        return f"chunk size or layer width above {MAX_BLOCK}: state matrices are loaded whole (no hidden-dim tiling)"
+    return None
+
+
+def backward_fallback_reason(key: KernelKey) -> str | None:
+    """Why the backward of ``key`` would recompute through the chunked PyTorch path instead of a generated kernel.
+
+    Always None: every key that :func:`unsupported_reason` admits has the generated backward (every depth, loss,
+    activation, residual / LayerNorm, momentum / forget and retrieval mode, checked against autograd through the
+    chunked path in tests/test_codegen_kernels.py). A future option whose backward is not generated says so here."""
+    return None
