@@ -108,10 +108,7 @@ class _NoMemoryCore:
     """Stands in for the memory scan so that the rest of the module (projections, convolutions, gates, norms,
     output projection) can be timed alone; every input still reaches the output, so every gradient is computed."""
 
-    name = "none"
-
-    @staticmethod
-    def fn(q, k, v, theta, log_eta, log_keep, state, cfg):
+    def __call__(self, q, k, v, theta, log_eta, log_keep, state, cfg):
         y = q + k + v * theta.unsqueeze(-1)
         for gate in (log_eta, log_keep):
             if gate is not None:
@@ -149,7 +146,7 @@ def worker(args: argparse.Namespace) -> None:
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if args.impl == "ours":
         floor = matmul_floor(module.config, BATCH * HEADS, args.seq, args.repeats, torch)
-        module.choice = _NoMemoryCore()
+        module.dispatch = _NoMemoryCore()
         rest = {name: _median_time(step, args.repeats) for name, step in (("fwd", fwd), ("fwd_bwd", fwd_bwd))}
         timings.update(floor_fwd=floor["fwd"] + rest["fwd"], floor_fwd_bwd=floor["fwd_bwd"] + rest["fwd_bwd"])
     print(json.dumps({**timings, "peak_rss_mb": peak_mb}))

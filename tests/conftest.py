@@ -6,12 +6,18 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = ROOT / "specs"
 
 # Tests see only the built-ins unless a test installs a plug-in itself.
 os.environ.setdefault("TITANS_COMPOSE_NO_ENTRY_POINTS", "1")
+# Without a GPU, generated kernels run in Triton's interpreter. It must be on before triton is first imported (triton
+# builds its own library functions, such as tl.cdiv, at import): setting it later, in one test module's fixture,
+# fails as soon as an earlier module has imported triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def shipped_specs() -> list[Path]:

@@ -19,6 +19,7 @@ from tests.test_registry import PLUGIN
 from titans_compose import builder, manifest
 from titans_compose.builder import BUILD_FILES, MANIFEST, BuildError, BuildReport, build, load_build
 from titans_compose.cli.main import cli
+from titans_compose.codegen.cache import cache_dir
 from titans_compose.registry import reset_default_registry
 
 MAC = SPECS / "titans_mac_small.yaml"
@@ -83,10 +84,7 @@ def test_report(stand_in):
     (_, _, nodes), _ = report.layers
     assert report.layers == [(0, "mac", nodes), (1, "mac", nodes)] and report.graph_nodes > 2 * nodes > 10
     assert report.passes == ["acyclic", "reachability", "shape_inference", "wiring", "backend"]
-    assert report.kernels == (
-        "kernels: none generated (every memory layer runs the chunked PyTorch path; "
-        "the Triton generator is not part of this build)"
-    )
+    assert report.kernels == "kernels: none generated; the chunked PyTorch path for every memory layer"
     assert report.smoke.finite and report.smoke.loss > 0 and report.smoke.grad_norm > 0
 
 
@@ -103,7 +101,14 @@ def test_a_loaded_spec_builds_the_same_and_takes_no_overrides(stand_in):
 def test_kernels_line_follows_the_backends():
     assert builder.kernels_line([]) == "kernels: none generated (the model has no memory layers)"
     mixed = builder.kernels_line([("layers.0", "chunked", ""), ("layers.1", "reference", "")])
-    assert mixed.startswith("kernels: none generated (memory layers run PyTorch paths (chunked: layers.0; reference:")
+    assert mixed == (
+        "kernels: none generated; the chunked PyTorch path for layers.0; the reference PyTorch path for layers.1"
+    )
+    generated = builder.kernels_line([("L0", "triton", ""), ("L1", "triton", ""), ("L2", "auto", "")])
+    assert generated == (
+        f"kernels: generated Triton kernels for L0, L1 (sources in {cache_dir()}); "
+        "chosen at the first forward pass for L2"
+    )
 
 
 def test_weights_depend_only_on_the_seed_and_the_smoke_check_leaves_them(stand_in):

@@ -200,8 +200,8 @@ def test_renderings_show_every_node_and_the_recurrence(name):
 def test_backend_pass_records_the_choice_and_refuses_unknown_backends(monkeypatch):
     graph, _ = compiled("titans_mag_small")
     writes = [d for _, d in graph.nodes(data=True) if d["op"] == "memory_write"]
-    assert writes and all(d["backend"] == "chunked" and "fast path" in d["backend_reason"] for d in writes)
-    assert "backend=chunked" in to_mermaid(graph)
+    assert writes and all(d["backend"] == "auto" and "CUDA" in d["backend_reason"] for d in writes)
+    assert "backend=auto" in to_mermaid(graph)
     monkeypatch.setenv("TITANS_COMPOSE_BACKEND", "reference")
     graph, _ = compiled("titans_mag_small")
     assert {d.get("backend") for _, d in graph.nodes(data=True) if d["op"] == "memory_write"} == {"reference"}

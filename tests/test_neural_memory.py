@@ -63,7 +63,14 @@ def test_builds_from_every_memory_spec(spec):
 
 
 def test_backend_choice_says_why(monkeypatch):
-    assert choose_backend().name == "chunked" and "fast path" in choose_backend().reason
+    assert choose_backend().name == "auto" and "CUDA" in choose_backend().reason
+    module = build()
+    assert module.choice.name == "auto"  # resolved at the first call, from the tensors' device
+    module(x_of(5))
+    assert module.choice.name == "chunked" and module.choice.reason.startswith("cpu tensors run the chunked")
+    assert "would run chunked too (inputs of dtype float64" in module.choice.reason
+    module.float()(x_of(5, dtype=torch.float32))
+    assert "on CUDA this layer would run the generated kernel" in module.choice.reason
     monkeypatch.setenv(ENV_VAR, "reference")
     choice = choose_backend()
     assert choice.name == "reference" and ENV_VAR in choice.reason

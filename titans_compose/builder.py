@@ -26,6 +26,7 @@ import torch
 from safetensors import TensorSpec, serialize
 from safetensors.torch import load as load_tensors
 
+from titans_compose.codegen.cache import cache_dir
 from titans_compose.errors import SpecError
 from titans_compose.manifest import MANIFEST, read_verified, sha256, versions, write_with_manifest
 from titans_compose.manifest import check_output_dir as check_dir
@@ -143,17 +144,26 @@ def seeded_module(graph: nx.DiGraph, loaded: LoadedSpec, seed: int) -> torch.nn.
 
 
 def kernels_line(backends: Sequence[tuple[str, str, str]]) -> str:
-    """Which kernels the build generated, read from the memory backends. No backend generates one yet (the Triton
-    generator is a later issue), so every memory layer runs a PyTorch path; the line says which."""
+    """Which kernels the memory layers ran, read from their backends: after the smoke check, the backend each layer
+    chose for the tensors it ran on (``auto`` for a layer that has not run yet)."""
     if not backends:
         return "kernels: none generated (the model has no memory layers)"
-    names = sorted({backend for _, backend, _ in backends})
-    if len(names) == 1:
-        paths = f"every memory layer runs the {names[0]} PyTorch path"
-    else:
-        per = "; ".join(f"{name}: {', '.join(lay for lay, b, _ in backends if b == name)}" for name in names)
-        paths = f"memory layers run PyTorch paths ({per})"
-    return f"kernels: none generated ({paths}; the Triton generator is not part of this build)"
+    layers: dict[str, list[str]] = {}
+    for layer, backend, _ in backends:
+        layers.setdefault(backend, []).append(layer)
+
+    def which(name: str) -> str:
+        return "every memory layer" if len(layers[name]) == len(backends) else ", ".join(layers[name])
+
+    parts = []
+    for name in sorted(layers, key=lambda n: (n != "triton", n)):  # generated kernels first
+        if name == "triton":
+            parts.append(f"generated Triton kernels for {which(name)} (sources in {cache_dir()})")
+        elif name == "auto":
+            parts.append(f"chosen at the first forward pass for {which(name)}")
+        else:
+            parts.append(f"the {name} PyTorch path for {which(name)}")
+    return ("kernels: " if "triton" in layers else "kernels: none generated; ") + "; ".join(parts)
 
 
 def smoke_check(module: torch.nn.Module, vocab_size: int, seed: int) -> SmokeCheck:

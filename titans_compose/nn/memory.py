@@ -1,9 +1,10 @@
 """``NeuralMemory``: the Titans long-term memory as an nn.Module built from validated spec sections.
 
-x -> q, k, v (linear, activation, depthwise causal conv, l2 norm on q and k) -> per-head memory scan (chunked or
-reference backend) -> RMSNorm per head -> output gate -> output projection. The inner gates are computed in log
-space from logits (theta = max_lr * sigmoid, log eta = logsigmoid, log(1 - alpha) = logsigmoid(-z)), so extreme
-logits never produce inf or NaN; the forget gate's bias starts at the configured half-life.
+x -> q, k, v (linear, activation, depthwise causal conv, l2 norm on q and k) -> per-head memory scan (the generated
+Triton kernel, the chunked or the reference backend: ``choice`` says which ran and why) -> RMSNorm per head ->
+output gate -> output projection. The inner gates are computed in log space from logits (theta = max_lr * sigmoid,
+log eta = logsigmoid, log(1 - alpha) = logsigmoid(-z)), so extreme logits never produce inf or NaN; the forget
+gate's bias starts at the configured half-life.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from titans_compose.kernels.config import MemoryConfig, memory_config
-from titans_compose.kernels.dispatch import BackendChoice, choose_backend
+from titans_compose.kernels.dispatch import BackendChoice, MemoryBackend
 from titans_compose.kernels.state import MemoryState
 from titans_compose.registry.core import Registry
 
@@ -106,7 +107,7 @@ class NeuralMemory(nn.Module):
         super().__init__()
         self.dim, self.heads, self.head_dim = dim, memory.heads, memory.head_dim
         self.config: MemoryConfig = memory_config(memory, update, registry)
-        self.choice: BackendChoice = choose_backend(backend)
+        self.dispatch = MemoryBackend(backend)
         width = self.heads * self.head_dim
         self.proj_activation = registry.get("activation", projections.activation).obj.fn
         self.q_proj, self.k_proj, self.v_proj = (nn.Linear(dim, width, bias=False) for _ in range(3))
@@ -145,6 +146,11 @@ class NeuralMemory(nn.Module):
         return cls(model.dim, block.memory, block.update, block.projections, registry, eps=block.norm.eps, **kwargs)
 
     # ------------------------------------------------------------------------------------------------ pieces
+
+    @property
+    def choice(self) -> BackendChoice:
+        """The backend the last call ran and why (before the first call, what was asked for)."""
+        return self.dispatch.choice
 
     def extra_repr(self) -> str:
         return (
@@ -209,7 +215,7 @@ class NeuralMemory(nn.Module):
         if self.qk_l2norm:
             q, k = F.normalize(q, dim=-1, eps=1e-6), F.normalize(k, dim=-1, eps=1e-6)
         theta, log_eta, log_keep = self.gates(x, state.memory.pending_len)
-        y, memory_state = self.choice.fn(q, k, v, theta, log_eta, log_keep, state.memory, self.config)
+        y, memory_state = self.dispatch(q, k, v, theta, log_eta, log_keep, state.memory, self.config)
         y = y.view(batch, self.heads, length, self.head_dim).transpose(1, 2)  # [B, T, H, d]
         if self.readout_norm is not None:
             y = y * torch.rsqrt(y.square().mean(-1, keepdim=True) + self.eps) * self.readout_norm

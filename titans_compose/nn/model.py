@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from titans_compose.graph.ir import dag_view, inputs_of
 from titans_compose.kernels import mlp as memory_mlp
 from titans_compose.kernels.config import MemoryConfig, memory_config
-from titans_compose.kernels.dispatch import BackendChoice, choose_backend
+from titans_compose.kernels.dispatch import BackendChoice, MemoryBackend
 from titans_compose.kernels.state import MemoryState
 from titans_compose.nn.attention import Attention
 from titans_compose.nn.memory import _chunk_log_mean, _depthwise_causal_conv, _Gate, _logit
@@ -308,9 +308,12 @@ class MemoryWrite(Node):
         super().__init__(params, ctx)
         self.heads = params["heads"]
         self.config = _memory_config(params, ctx)
-        self.choice: BackendChoice = choose_backend(params.get("backend"))
-        if params.get("backend_reason"):
-            self.choice = dataclasses.replace(self.choice, reason=params["backend_reason"])
+        self.dispatch = MemoryBackend(params.get("backend"), params.get("backend_reason"))
+
+    @property
+    def choice(self) -> BackendChoice:
+        """The backend the last write ran and why (before the first, what the graph's backend pass recorded)."""
+        return self.dispatch.choice
 
     def run(self, inputs: dict[str, Any], state: Any, step: Step) -> tuple[_Write, Any]:
         k, v = _to_heads(inputs["keys"], self.heads), _to_heads(inputs["values"], self.heads)
@@ -319,7 +322,7 @@ class MemoryWrite(Node):
     def apply(self, write: _Write, q: Tensor, retrieval: str) -> tuple[Tensor, MemoryState]:
         """Read ``q`` [B*H, T, d] with ``retrieval`` while writing: (y, the state after the write)."""
         cfg = dataclasses.replace(self.config, retrieval=retrieval)
-        return self.choice.fn(q, write.k, write.v, *write.gates, write.state, cfg)
+        return self.dispatch(q, write.k, write.v, *write.gates, write.state, cfg)
 
 
 def _memory_config(params: dict[str, Any], ctx: BuildContext) -> MemoryConfig:
