@@ -206,6 +206,8 @@ def test_support():
     bare = dataclasses.replace(cfg, activation=Activation(cfg.activation.fn, cfg.activation.grad))
     assert "Triton expressions" in unsupported_reason(bare, "float32")
     assert "tiling" in unsupported_reason(config(hidden=300), "float32")
+    assert "tiling" in unsupported_reason(config(d=64, hidden=64, chunk_size=64), "float32")
+    assert unsupported_reason(config(d=64, hidden=128, chunk_size=16), "float32") is None
     clipped = config(grad_clip=1.0)
     *inputs, weights = make_inputs(clipped, T=4, dtype=torch.float32)
     with pytest.raises(NotImplementedError, match="grad_clip"):
@@ -220,3 +222,41 @@ def test_zero_length_call_keeps_the_state():
     state = MemoryState.initial(weights, True)
     y, out = runtime.triton_memory(q, k, v, theta, log_eta, log_keep, state, cfg)
     assert y.shape == (2, 0, 16) and out.weights[0] is weights[0] and out.pending is None
+
+
+def test_half_precision_inputs():
+    """float16 q, k, v and gates (float32 state and math): outputs and gradients in float16, against the float64
+    chunked path on the same rounded inputs; the errors are float16 rounding of the outputs (measured 6.2e-4)."""
+    cfg = config(depth=2, chunk_size=8)
+    *series, weights = make_inputs(cfg, T=19, N=2)
+    half = [None if t is None else t.half().requires_grad_() for t in series]
+    exact = [None if t is None else t.detach().double().requires_grad_() for t in half]
+    w32 = [w.float().requires_grad_() for w in weights]
+    w64 = [w.detach().double().requires_grad_() for w in w32]
+    y, state = runtime.triton_memory(*half, MemoryState.initial(w32, True), cfg)
+    y_ref, s_ref = chunked_memory(*exact, MemoryState.initial(w64, True), cfg)
+    assert y.dtype == torch.float16 and state.weights[0].dtype == torch.float32
+    assert rel(y.double(), y_ref) < 2e-3
+    for a, b in zip(state.weights, s_ref.weights, strict=True):
+        assert rel(a.double(), b) < 2e-3
+    grads = torch.autograd.grad(objective(y, state), [*half, *w32])
+    grads_ref = torch.autograd.grad(objective(y_ref, s_ref), [*exact, *w64])
+    for got, want, leaf in zip(grads, grads_ref, [*half, *w32], strict=True):
+        assert got.dtype == leaf.dtype and torch.isfinite(got).all()
+        assert rel(got.double(), want) < 2e-3
+
+
+def test_ops_have_consistent_fake_implementations():
+    """The torch.library ops' fake (meta) implementations, which torch.compile traces, agree with the real ones."""
+    cfg = config(depth=2, chunk_size=8)
+    key = kernel_key(cfg, "float32")
+    runtime.kernels(key)
+    q, k, v, theta, log_eta, log_keep, weights = make_inputs(cfg, T=19, N=2, dtype=torch.float32)
+    state0 = runtime._pack(tuple(weights), tuple(torch.zeros_like(w) for w in weights))
+    args = (key.digest(), q, k, v, theta, log_eta, log_keep, state0)
+    utils = ("test_schema", "test_faketensor")
+    torch.library.opcheck(torch.ops.titans_compose.memory_forward.default, args, test_utils=utils)
+    _, states = torch.ops.titans_compose.memory_forward(*args)
+    gy, gfinal = torch.randn_like(q), torch.randn_like(state0)
+    backward_args = (key.digest(), gy, gfinal, q, k, v, theta, log_eta, log_keep, states)
+    torch.library.opcheck(torch.ops.titans_compose.memory_backward.default, backward_args, test_utils=utils)

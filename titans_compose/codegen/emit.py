@@ -22,8 +22,10 @@ decay 1, c = e = 0), so the same code passes the final state's gradient through 
 
 The MLP depth is unrolled; the activation, its derivatives and the loss gradient come inline from the registry's
 Triton expressions (the ``triton_*`` fields of :mod:`titans_compose.registry.rules`). Blocks are padded to powers
-of two >= 16 (tl.dot's minimum) and masked; whole state matrices are loaded per chunk (no hidden-dim tiling yet:
-the sizes are capped in :mod:`titans_compose.codegen.support`). The output is a deterministic function of the key.
+of two >= 16 (tl.dot's minimum) and masked. The b x b gate-table products run in full float32 (a GPU's default
+tf32 would put ~1e-3 errors into every coefficient); the others take the inputs' precision (tf32 for float32 on a
+GPU). Whole state matrices are loaded per chunk (no hidden-dim tiling yet: the sizes are capped in
+:mod:`titans_compose.codegen.support`). The output is a deterministic function of the key.
 
 The generated code calls only Triton's core builtins, never ``triton.language.standard``'s own ``@triton.jit``
 functions (tl.sum, tl.cdiv, tl.sigmoid, ...): those are decorated when triton is imported, so in a process that
@@ -342,7 +344,10 @@ class _Generator:
             else:
                 code(f"F = tl.where({mask}, 1.0, 0.0)")
             if self.mom:
-                code("FP = tl.dot(F, P)", "B = _sum(F * u[None, :], axis=1)")
+                code(
+                    'FP = tl.dot(F, P, input_precision="ieee")  # gate products in full float32',
+                    "B = _sum(F * u[None, :], axis=1)",
+                )
             else:
                 code("FP = F")
             code("C = FP * theta[None, :]")
@@ -578,8 +583,8 @@ class _Generator:
             code.acc("gtheta", "_sum(gC * FP, axis=0)")
             code("gFP = gC * theta[None, :]")
             if self.mom:
-                code("gF = tl.dot(gFP, tl.trans(P)) + gB[:, None] * u[None, :]")
-                code.acc("gP", "tl.dot(tl.trans(F), gFP)")
+                code('gF = tl.dot(gFP, tl.trans(P), input_precision="ieee") + gB[:, None] * u[None, :]')
+                code.acc("gP", 'tl.dot(tl.trans(F), gFP, input_precision="ieee")')
                 code.acc("gu", "_sum(gB[:, None] * F, axis=0)")
             else:
                 code("gF = gFP")

@@ -10,15 +10,29 @@ from titans_compose.codegen.key import KernelKey
 from titans_compose.kernels.config import MemoryConfig
 from titans_compose.registry.rules import OPTIMIZERS, RETENTIONS
 
-#: Largest padded block of a chunk or a layer width: whole state matrices are loaded per chunk (no hidden-dim
-#: tiling is generated yet), so wider layers would not fit a program's registers.
-MAX_BLOCK = 256
+#: One program holds a row's every state matrix and the chunk's b x width intermediates (no hidden-dim tiling is
+#: generated yet), so its shared memory grows with the padded chunk times the padded layer widths, and with the
+#: layer areas (:func:`footprint`). Compiled for sm_90 (H100: 227 KB of shared memory per block), the backward of
+#: every configuration within both limits needed at most 196 KB (depth 1, head dim 64, chunk 64: 196 KB; depth 2,
+#: 64 / 128, chunk 16: 188 KB; depth 3, 32 / 64, chunk 32: 176 KB) and every one above them more than 227 KB
+#: (depth 2, 64 / 128, chunk 32: 241 KB; depth 3, 32 / 32, chunk 64: 266 KB; depth 2, 64 / 64, chunk 64: 328 KB;
+#: depth 1, head dim 128, chunk 64: 508 KB; depth 2, 64 / 256, chunk 64: 934 KB).
+MAX_CHUNK_BY_WIDTHS = 5120
+MAX_AREAS = 16384
 DTYPES = ("float32", "float16", "bfloat16")
 
 
 def dtype_name(dtype: Any) -> str:
     """``torch.float32`` or ``"float32"`` -> ``"float32"``."""
     return str(dtype).removeprefix("torch.")
+
+
+def footprint(cfg: MemoryConfig) -> tuple[int, int]:
+    """(padded chunk x sum of padded layer input widths, sum of padded layer areas): the measures bounded by
+    :data:`MAX_CHUNK_BY_WIDTHS` and :data:`MAX_AREAS`."""
+    widths = sum(block(inp) for _, inp in cfg.layer_shapes)
+    areas = sum(block(out) * block(inp) for out, inp in cfg.layer_shapes)
+    return block(cfg.chunk_size) * widths, areas
 
 
 def unsupported_reason(cfg: MemoryConfig, dtype: Any) -> str | None:
@@ -39,9 +53,12 @@ def unsupported_reason(cfg: MemoryConfig, dtype: Any) -> str | None:
         return f"activation {cfg.names[0]!r} provides no Triton expressions (triton_fn/triton_grad/triton_grad2)"
     if None in (loss.triton_grad, loss.triton_grad2):
         return f"loss {cfg.names[1]!r} provides no Triton expressions (triton_grad/triton_grad2)"
-    widths = [cfg.chunk_size, *(inp for _, inp in cfg.layer_shapes)]
-    if max(block(w) for w in widths) > MAX_BLOCK:
-        return f"chunk size or layer width above {MAX_BLOCK}: state matrices are loaded whole (no hidden-dim tiling)"
+    by_widths, areas = footprint(cfg)
+    if by_widths > MAX_CHUNK_BY_WIDTHS or areas > MAX_AREAS:
+        return (
+            f"too large for one program per row (chunk x widths {by_widths} > {MAX_CHUNK_BY_WIDTHS} or layer areas "
+            f"{areas} > {MAX_AREAS}): whole state matrices, no hidden-dim tiling generated yet"
+        )
     return None
 
 
