@@ -111,7 +111,7 @@ def test_shape_mismatch_is_reported_at_the_memory_section():
 
 def test_wiring_pass_catches_a_rewired_mac():
     graph, registry = compiled("titans_mac_small")
-    graph.remove_edge("L0.attention", "L0.proj_k")
+    graph.remove_edge("L0.norm_memory", "L0.proj_k")
     graph.add_edge("L0.norm_mix", "L0.proj_k", port="x", recurrent=False)
     problems = check_wiring(graph, registry)
     assert [d.code for d in problems] == ["TC404"]

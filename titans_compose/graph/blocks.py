@@ -267,21 +267,24 @@ def lower_lmm(ctx: LowerContext, x: str) -> str:
 
 
 def lower_mac(ctx: LowerContext, x: str) -> str:
-    """MAC: per segment, h = M_{s-1}(q); y = attention over [persistent || h || segment]; write y; o = y * M_s(y)."""
+    """MAC: per segment, h = M_{s-1}(q); y = attention over [persistent || h || segment]; write y;
+    o = y * gate(M_s(y)).
+    With ``mac.memory_norm`` the memory writes and reads norm(y) (the product still takes y itself)."""
     dim = ctx.model.dim
     h = _norm(ctx, "norm_mix", x)
     state = _memory_state(ctx)
     mem_tokens = _memory_read(ctx, "_ctx", h, dim, state, "segment_start")
     y = _attention(ctx, "attention", h, "mac", persistent=_persistent(ctx), memory=mem_tokens)
-    write = _memory_write(ctx, y, dim, state)
-    m = _memory_read(ctx, "_out", y, dim, write, ctx.block.memory.retrieval)
+    memory_in = _norm(ctx, "norm_memory", y, section="mac") if ctx.block.mac.memory_norm else y
+    write = _memory_write(ctx, memory_in, dim, state)
+    m = _memory_read(ctx, "_out", memory_in, dim, write, ctx.block.memory.retrieval)
     o = ctx.add(
         "mac_gate",
         "gate",
         "mac",
         {"value": y, "gate": m},
-        form="identity",
-        hint="o = y * M(y): the memory read must have the attention output's shape",
+        form=ctx.block.mac.gate,
+        hint="o = y * gate(M(y)): the memory read must have the attention output's shape",
     )
     out = ctx.add("add_mix", "add", "mac", {"a": x, "b": o})
     return _mlp_sublayer(ctx, out)

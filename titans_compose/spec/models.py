@@ -85,6 +85,17 @@ class MACSpec(Section):
         description="mask the retrieved memory tokens h causally (h_j is visible from position j on); false lets "
         "every position of a segment see all of the segment's memory tokens",
     )
+    gate: Literal["sigmoid", "silu", "identity"] = Field(
+        "sigmoid",
+        description="o = y * gate(M(y)): sigmoid (a nonlinear gate, as titans-pytorch and the paper's MAG use), silu, "
+        "or identity (the plain product; it multiplies two small quantities at initialisation and learns slowly)",
+    )
+    memory_norm: bool = Field(
+        True,
+        description="normalise the attention output y (the block's norm kind) before the memory writes it and reads "
+        "M(y) with it: y is not normalised and starts about 10x smaller than the block input, which leaves the "
+        "memory's values too small to learn from; false feeds y unchanged",
+    )
     order: list[Literal["persistent", "memory", "segment"]] = Field(
         default_factory=lambda: list(MAC_ORDER_PARTS),
         description="order of the attention context: [persistent, memory, segment] (arXiv) or "
