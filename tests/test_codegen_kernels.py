@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -207,6 +209,7 @@ def test_support():
     assert "Triton expressions" in unsupported_reason(bare, "float32")
     assert "tiling" in unsupported_reason(config(hidden=300), "float32")
     assert "tiling" in unsupported_reason(config(d=64, hidden=64, chunk_size=64), "float32")
+    assert "tiling" in unsupported_reason(config(depth=1, d=128, chunk_size=16), "float32")
     assert unsupported_reason(config(d=64, hidden=128, chunk_size=16), "float32") is None
     clipped = config(grad_clip=1.0)
     *inputs, weights = make_inputs(clipped, T=4, dtype=torch.float32)
@@ -260,3 +263,31 @@ def test_ops_have_consistent_fake_implementations():
     gy, gfinal = torch.randn_like(q), torch.randn_like(state0)
     backward_args = (key.digest(), gy, gfinal, q, k, v, theta, log_eta, log_keep, states)
     torch.library.opcheck(torch.ops.titans_compose.memory_backward.default, backward_args, test_utils=utils)
+
+
+def test_interpreter_switched_on_after_importing_triton(tmp_path):
+    """The generated code calls no triton.language.standard @jit function (decorated for the GPU when triton is
+    imported without TRITON_INTERPRET), so it runs under an interpreter switched on after triton's import."""
+    script = f"""
+import os, dataclasses
+import triton  # built for the GPU: TRITON_INTERPRET is not set yet
+import torch
+from tests.test_memory_core import make_cfg, make_inputs
+from titans_compose.codegen import runtime
+from titans_compose.kernels.chunked import chunked_memory
+from titans_compose.kernels.state import MemoryState
+os.environ["TRITON_INTERPRET"] = "1"
+os.environ["{cache.ENV_VAR}"] = {str(tmp_path)!r}
+cfg = make_cfg(depth=2, d=16, hidden=24, chunk_size=8, output_norm=True, activation="gelu", loss="lp")
+cfg = dataclasses.replace(cfg, names=("gelu", "lp"))
+*series, weights = make_inputs(cfg, T=11, N=1, dtype=torch.float32)
+y, _ = runtime.triton_memory(*series, MemoryState.initial(weights, True), cfg)
+y_ref, _ = chunked_memory(*series, MemoryState.initial(weights, True), cfg)
+assert (y - y_ref).abs().max() < 1e-4, (y - y_ref).abs().max()
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["OMP_NUM_THREADS"] = "1"
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=Path(__file__).parent.parent, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]

@@ -12,13 +12,14 @@ from titans_compose.registry.rules import OPTIMIZERS, RETENTIONS
 
 #: One program holds a row's every state matrix and the chunk's b x width intermediates (no hidden-dim tiling is
 #: generated yet), so its shared memory grows with the padded chunk times the padded layer widths, and with the
-#: layer areas (:func:`footprint`). Compiled for sm_90 (H100: 227 KB of shared memory per block), the backward of
+#: largest layer (:func:`footprint`). Compiled for sm_90 (H100: 227 KB of shared memory per block), the backward of
 #: every configuration within both limits needed at most 196 KB (depth 1, head dim 64, chunk 64: 196 KB; depth 2,
 #: 64 / 128, chunk 16: 188 KB; depth 3, 32 / 64, chunk 32: 176 KB) and every one above them more than 227 KB
-#: (depth 2, 64 / 128, chunk 32: 241 KB; depth 3, 32 / 32, chunk 64: 266 KB; depth 2, 64 / 64, chunk 64: 328 KB;
-#: depth 1, head dim 128, chunk 64: 508 KB; depth 2, 64 / 256, chunk 64: 934 KB).
+#: (depth 2, 64 / 128, chunk 32: 241 KB; depth 1, head dim 128, chunk 16: 246 KB; depth 3, 32 / 32, chunk 64:
+#: 266 KB; depth 2, 64 / 64, chunk 64: 328 KB; depth 1, head dim 128, chunk 64: 508 KB; depth 2, 64 / 256,
+#: chunk 64: 934 KB).
 MAX_CHUNK_BY_WIDTHS = 5120
-MAX_AREAS = 16384
+MAX_LAYER_AREA = 8192
 DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -28,11 +29,11 @@ def dtype_name(dtype: Any) -> str:
 
 
 def footprint(cfg: MemoryConfig) -> tuple[int, int]:
-    """(padded chunk x sum of padded layer input widths, sum of padded layer areas): the measures bounded by
-    :data:`MAX_CHUNK_BY_WIDTHS` and :data:`MAX_AREAS`."""
+    """(padded chunk x sum of padded layer input widths, largest padded layer area): the measures bounded by
+    :data:`MAX_CHUNK_BY_WIDTHS` and :data:`MAX_LAYER_AREA`."""
     widths = sum(block(inp) for _, inp in cfg.layer_shapes)
-    areas = sum(block(out) * block(inp) for out, inp in cfg.layer_shapes)
-    return block(cfg.chunk_size) * widths, areas
+    area = max(block(out) * block(inp) for out, inp in cfg.layer_shapes)
+    return block(cfg.chunk_size) * widths, area
 
 
 def unsupported_reason(cfg: MemoryConfig, dtype: Any) -> str | None:
@@ -53,11 +54,11 @@ def unsupported_reason(cfg: MemoryConfig, dtype: Any) -> str | None:
         return f"activation {cfg.names[0]!r} provides no Triton expressions (triton_fn/triton_grad/triton_grad2)"
     if None in (loss.triton_grad, loss.triton_grad2):
         return f"loss {cfg.names[1]!r} provides no Triton expressions (triton_grad/triton_grad2)"
-    by_widths, areas = footprint(cfg)
-    if by_widths > MAX_CHUNK_BY_WIDTHS or areas > MAX_AREAS:
+    by_widths, area = footprint(cfg)
+    if by_widths > MAX_CHUNK_BY_WIDTHS or area > MAX_LAYER_AREA:
         return (
-            f"too large for one program per row (chunk x widths {by_widths} > {MAX_CHUNK_BY_WIDTHS} or layer areas "
-            f"{areas} > {MAX_AREAS}): whole state matrices, no hidden-dim tiling generated yet"
+            f"chunk size x layer widths {by_widths} > {MAX_CHUNK_BY_WIDTHS} or a layer of {area} > {MAX_LAYER_AREA} "
+            "weights: too large for one program per row (whole state matrices; no hidden-dim tiling generated yet)"
         )
     return None
 
