@@ -22,9 +22,10 @@ decay 1, c = e = 0), so the same code passes the final state's gradient through 
 
 The MLP depth is unrolled; the activation, its derivatives and the loss gradient come inline from the registry's
 Triton expressions (the ``triton_*`` fields of :mod:`titans_compose.registry.rules`). Blocks are padded to powers
-of two >= 16 (tl.dot's minimum) and masked. The b x b gate-table products run in full float32 (a GPU's default
-tf32 would put ~1e-3 errors into every coefficient); the others take the inputs' precision (tf32 for float32 on a
-GPU). Whole state matrices are loaded per chunk (no hidden-dim tiling yet: the sizes are capped in
+of two >= 16 (tl.dot's minimum) and masked. Products (``_dot``) run in full float32 for float32 inputs (the
+interpreter's and the chunked path's numerics) and in the GPU's default tf32 for 16-bit inputs, except the b x b
+gate-table products, always in full float32 (tf32 would put ~1e-3 errors into every coefficient). Whole state
+matrices are loaded per chunk (no hidden-dim tiling yet: the sizes are capped in
 :mod:`titans_compose.codegen.support`). The output is a deterministic function of the key.
 
 The generated code calls only Triton's core builtins, never ``triton.language.standard``'s own ``@triton.jit``
@@ -123,6 +124,12 @@ class _Code:
 
 
 _HELPERS = '''
+@triton.jit
+def _exact_dot(a, b):
+    """A product in full float32 (the gate tables: tf32 would put ~1e-3 errors into every coefficient)."""
+    return tl.dot(a, b, input_precision="ieee")
+
+
 @triton.jit
 def _sum(x, axis: tl.constexpr):
     """tl.sum: its own reduction (so the interpreter takes its numpy fast path), not the standard-library call."""
@@ -252,6 +259,17 @@ class _Generator:
         ):
             code("", "@triton.jit", f"def _{name}({arg}):", f'    """{what} (registry expression)."""')
             code(f"    return {exprs[name]}", "")
+        if key.dtype == "float32":
+            code("", "@triton.jit", "def _dot(a, b):", '    """Float32 inputs: products in full float32."""')
+            code('    return tl.dot(a, b, input_precision="ieee")', "")
+        else:
+            code(
+                "",
+                "@triton.jit",
+                "def _dot(a, b):",
+                f'    """{key.dtype} inputs: the default precision (tf32 on a GPU)."""',
+            )
+            code("    return tl.dot(a, b)", "")
         code.lines.extend(_HELPERS.splitlines())
         code("", "")
         self.forward_kernel(code)
@@ -309,7 +327,7 @@ class _Generator:
         code("# key path at the chunk-start weights: inputs a, pre-activations z, errors d (delta), m = d W")
         code("a0 = k")
         for i in range(self.depth):
-            code(f"z{i} = tl.dot(a{i}, tl.trans(w{i}))")
+            code(f"z{i} = _dot(a{i}, tl.trans(w{i}))")
             if i < last:
                 code(f"a{i + 1} = tl.where({self.cols(i + 1)}, _act(z{i}), 0.0)")
         code(
@@ -321,7 +339,7 @@ class _Generator:
         else:
             code(f"d{last} = lg")
         for i in range(last - 1, -1, -1):
-            code(f"m{i} = tl.dot(d{i + 1}, w{i + 1})", f"d{i} = m{i} * _act_grad(z{i})")
+            code(f"m{i} = _dot(d{i + 1}, w{i + 1})", f"d{i} = m{i} * _act_grad(z{i})")
 
     def gate_tables(self, code: _Code) -> None:
         code("# gate tables from log-space prefix sums (never a ratio of cumulative products)")
@@ -345,7 +363,7 @@ class _Generator:
                 code(f"F = tl.where({mask}, 1.0, 0.0)")
             if self.mom:
                 code(
-                    'FP = tl.dot(F, P, input_precision="ieee")  # gate products in full float32',
+                    "FP = _exact_dot(F, P)",
                     "B = _sum(F * u[None, :], axis=1)",
                 )
             else:
@@ -383,16 +401,16 @@ class _Generator:
         code("h0 = q")
         for i in range(self.depth):
             if self.per_chunk:
-                code(f"zq{i} = tl.dot(h{i}, tl.trans(w{i}))")
+                code(f"zq{i} = _dot(h{i}, tl.trans(w{i}))")
             else:
-                code(f"hq{i} = tl.dot(h{i}, tl.trans(w{i}))")
+                code(f"hq{i} = _dot(h{i}, tl.trans(w{i}))")
                 code(f"zq{i} = hq{i} * A[:, None]" if self.fgt else f"zq{i} = hq{i}")
                 if self.mom:
-                    code(f"hs{i} = tl.dot(h{i}, tl.trans(s{i}))", f"zq{i} = zq{i} + hs{i} * B[:, None]")
+                    code(f"hs{i} = _dot(h{i}, tl.trans(s{i}))", f"zq{i} = zq{i} + hs{i} * B[:, None]")
                 code(
-                    f"kk{i} = tl.dot(h{i}, tl.trans(a{i}))",
+                    f"kk{i} = _dot(h{i}, tl.trans(a{i}))",
                     f"ck{i} = C * kk{i}",
-                    f"zq{i} = zq{i} - tl.dot(ck{i}, d{i})",
+                    f"zq{i} = zq{i} - _dot(ck{i}, d{i})",
                 )
             if i < last:
                 code(f"h{i + 1} = tl.where({self.cols(i + 1)}, _act(zq{i}), 0.0)")
@@ -422,10 +440,10 @@ class _Generator:
             base = f"keep * w{i}" if self.fgt else f"w{i}"
             if self.mom:
                 base += f" + carry * s{i}"
-            code(f"nw{i} = {base} - tl.dot(tl.trans(d{i} * c[:, None]), a{i})")
+            code(f"nw{i} = {base} - _dot(tl.trans(d{i} * c[:, None]), a{i})")
             code(f"_store_rows(nxt + W{i}_OFF, nw{i}, {self.tile(i, f'tl.where(commit, {self.dim(i + 1)}, 0)')})")
             if self.mom:
-                code(f"ns{i} = decay * s{i} - tl.dot(tl.trans(d{i} * e[:, None]), a{i})")
+                code(f"ns{i} = decay * s{i} - _dot(tl.trans(d{i} * e[:, None]), a{i})")
                 code(f"_store_rows(nxt + S{i}_OFF, ns{i}, {self.tile(i, f'tl.where(commit, {self.dim(i + 1)}, 0)')})")
         code("tl.debug_barrier()")
         code.indent -= 2
@@ -483,26 +501,26 @@ class _Generator:
         for i in range(last, -1, -1):
             g = f"gzq{i}"
             if self.per_chunk:
-                code.acc(f"gw{i}", f"tl.dot(tl.trans({g}), h{i})")
-                code(f"gh = tl.dot({g}, w{i})")
+                code.acc(f"gw{i}", f"_dot(tl.trans({g}), h{i})")
+                code(f"gh = _dot({g}, w{i})")
             else:
                 if self.fgt:
                     code.acc("gA", f"_sum({g} * hq{i}, axis=1)")
                     code(f"ghq = {g} * A[:, None]")
                 else:
                     code(f"ghq = {g}")
-                code.acc(f"gw{i}", f"tl.dot(tl.trans(ghq), h{i})")
-                code(f"gh = tl.dot(ghq, w{i})")
+                code.acc(f"gw{i}", f"_dot(tl.trans(ghq), h{i})")
+                code(f"gh = _dot(ghq, w{i})")
                 if self.mom:
                     code.acc("gB", f"_sum({g} * hs{i}, axis=1)")
                     code(f"ghs = {g} * B[:, None]")
-                    code.acc(f"gs{i}", f"tl.dot(tl.trans(ghs), h{i})")
-                    code(f"gh = gh + tl.dot(ghs, s{i})")
-                code(f"gck = -tl.dot({g}, tl.trans(d{i}))  # d loss / d (C o K)")
-                code.acc(f"gd{i}", f"tl.dot(tl.trans(ck{i}), {g})", "-")
+                    code.acc(f"gs{i}", f"_dot(tl.trans(ghs), h{i})")
+                    code(f"gh = gh + _dot(ghs, s{i})")
+                code(f"gck = -_dot({g}, tl.trans(d{i}))  # d loss / d (C o K)")
+                code.acc(f"gd{i}", f"_dot(tl.trans(ck{i}), {g})", "-")
                 code.acc("gC", f"gck * kk{i}")
-                code("gkk = gck * C", f"gh = gh + tl.dot(gkk, a{i})")
-                code.acc(f"ga{i}", f"tl.dot(tl.trans(gkk), h{i})")
+                code("gkk = gck * C", f"gh = gh + _dot(gkk, a{i})")
+                code.acc(f"ga{i}", f"_dot(tl.trans(gkk), h{i})")
             if i > 0:
                 code(f"gzq{i - 1} = tl.where({self.cols(i)}, gh * _act_grad(zq{i - 1}), 0.0)")
             else:
@@ -529,15 +547,15 @@ class _Generator:
                 code.acc(f"gs{i}", "carry_eff * gnw + decay_eff * gns")
                 code.acc("gcarry", f"_sum2(s{i} * gnw)")
                 code.acc("gdecay", f"_sum2(s{i} * gns)")
-            code(f"pw = tl.dot(a{i}, tl.trans(gnw))")
+            code(f"pw = _dot(a{i}, tl.trans(gnw))")
             code.acc(f"gd{i}", "c[:, None] * pw", "-")
             code.acc("gc", f"_sum(d{i} * pw, axis=1)", "-")
-            code.acc(f"ga{i}", f"tl.dot(d{i} * c[:, None], gnw)", "-")
+            code.acc(f"ga{i}", f"_dot(d{i} * c[:, None], gnw)", "-")
             if self.mom:
-                code(f"ps = tl.dot(a{i}, tl.trans(gns))")
+                code(f"ps = _dot(a{i}, tl.trans(gns))")
                 code.acc(f"gd{i}", "e[:, None] * ps", "-")
                 code.acc("ge", f"_sum(d{i} * ps, axis=1)", "-")
-                code.acc(f"ga{i}", f"tl.dot(d{i} * e[:, None], gns)", "-")
+                code.acc(f"ga{i}", f"_dot(d{i} * e[:, None], gns)", "-")
 
     def key_path_backward(self, code: _Code) -> None:
         last = self.depth - 1
@@ -545,8 +563,8 @@ class _Generator:
         for i in range(last):
             code(f"gm = gd{i} * _act_grad(z{i})")
             code.acc(f"gz{i}", f"gd{i} * m{i} * _act_grad2(z{i})")
-            code.acc(f"gd{i + 1}", f"tl.dot(gm, tl.trans(w{i + 1}))")
-            code.acc(f"gw{i + 1}", f"tl.dot(tl.trans(d{i + 1}), gm)")
+            code.acc(f"gd{i + 1}", f"_dot(gm, tl.trans(w{i + 1}))")
+            code.acc(f"gw{i + 1}", f"_dot(tl.trans(d{i + 1}), gm)")
         code("# reverse of the output error (loss gradient through the optional LayerNorm and residual)")
         code(f"gdl = tl.where(valid[:, None] & cols0, gd{last}, 0.0)")
         if self.key.output_norm:
@@ -572,8 +590,8 @@ class _Generator:
         code("gv = -gerr")
         code("# reverse of the key-path forward, last layer down")
         for i in range(last, -1, -1):
-            code.acc(f"gw{i}", f"tl.dot(tl.trans(gz{i}), a{i})")
-            code.acc(f"ga{i}", f"tl.dot(gz{i}, w{i})")
+            code.acc(f"gw{i}", f"_dot(tl.trans(gz{i}), a{i})")
+            code.acc(f"ga{i}", f"_dot(gz{i}, w{i})")
             if i > 0:
                 code.acc(f"gz{i - 1}", f"tl.where({self.cols(i)}, ga{i} * _act_grad(z{i - 1}), 0.0)")
 
@@ -583,8 +601,8 @@ class _Generator:
             code.acc("gtheta", "_sum(gC * FP, axis=0)")
             code("gFP = gC * theta[None, :]")
             if self.mom:
-                code('gF = tl.dot(gFP, tl.trans(P), input_precision="ieee") + gB[:, None] * u[None, :]')
-                code.acc("gP", 'tl.dot(tl.trans(F), gFP, input_precision="ieee")')
+                code("gF = _exact_dot(gFP, tl.trans(P)) + gB[:, None] * u[None, :]")
+                code.acc("gP", "_exact_dot(tl.trans(F), gFP)")
                 code.acc("gu", "_sum(gB[:, None] * F, axis=0)")
             else:
                 code("gF = gFP")
