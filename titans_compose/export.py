@@ -2,8 +2,9 @@
 
 An artifact holds ``spec.resolved.yaml`` (every default written out), ``weights.safetensors`` (the module's current
 weights) and, written last, ``manifest.json`` with the format version, the versions of titans_compose, torch, triton
-and Python that wrote it, the generated kernel sources the model uses (none yet: every memory layer runs a PyTorch
-path) and the sha256 of every file. With ``torch_export`` it also holds ``program.pt2``: a
+and Python that wrote it, the generated Triton kernel sources its memory layers run on a GPU (under ``kernels/``, for
+reading and auditing: a loader regenerates or takes them from its own cache) and the sha256 of every file. With
+``torch_export`` it also holds ``program.pt2``: a
 :class:`torch.export.ExportedProgram` of the forward pass (tokens [B, T] -> logits, batch size dynamic, T fixed at
 export) on the chunked PyTorch path, checked at export to give the module's outputs.
 
@@ -86,9 +87,15 @@ class Logits(torch.nn.Module):
 
 
 def kernel_sources(module: torch.nn.Module) -> dict[str, bytes]:
-    """The generated kernel sources ``module`` runs, by file name. No memory layer runs a generated kernel yet (each
-    runs a PyTorch path), so there are none; the artifact lists them under ``kernels/`` when there are."""
-    return {}
+    """The generated kernel sources ``module``'s memory layers run on a CUDA device with float32 inputs (the
+    artifact's dtype), by cache file name; a layer whose configuration has no generated kernel adds none."""
+    from titans_compose.codegen import cache, emit
+    from titans_compose.codegen.key import kernel_key
+    from titans_compose.codegen.support import unsupported_reason
+
+    configs = module.memory_configs() if hasattr(module, "memory_configs") else []
+    keys = {kernel_key(cfg, "float32") for cfg in configs if unsupported_reason(cfg, "float32") is None}
+    return {cache.source_path(key).name: emit.generate(key).encode("utf-8") for key in keys}
 
 
 def _major_minor(text: str | None) -> tuple[str, ...]:

@@ -67,7 +67,8 @@ def export(
         except (BuildError, ExportError) as exc:
             raise click.ClickException(str(exc)) from None
         files = ", ".join(done.manifest["files"])
-        click.echo(f"wrote {out}/ ({files}; {len(done.manifest['kernels'])} generated kernel sources; manifest.json)")
+        kernels = len(done.manifest["kernels"])
+        click.echo(f"wrote {out}/ ({files}; {kernels} generated kernel source{'s' * (kernels != 1)}; manifest.json)")
         if done.program_max_diff is not None:
             click.echo(
                 f"program.pt2 checked: logits equal the module's (max abs difference {done.program_max_diff:.3g})"

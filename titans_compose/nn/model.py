@@ -670,6 +670,17 @@ class TitansLM(nn.Module):
 
         return sorted(counts.items(), key=lambda item: rank(item[0]))
 
+    def memory_configs(self) -> list[MemoryConfig]:
+        """The configuration every memory write runs with, once per read it serves (the read's retrieval): what
+        the kernel generator keys its kernels on."""
+        configs = []
+        for node, data in self._graph_info.items():
+            source = self.ports[node].get("state")
+            if data["op"] == "memory_read" and self._graph_info[source]["op"] == "memory_write":
+                write = self.nodes[_key(source)]
+                configs.append(dataclasses.replace(write.config, retrieval=self.nodes[_key(node)].retrieval))
+        return configs
+
     def memory_backends(self) -> list[tuple[str, str, str]]:
         """(memory write node, backend name, why) for every memory layer."""
         writes = [n for n, d in self._graph_info.items() if d["op"] == "memory_write"]

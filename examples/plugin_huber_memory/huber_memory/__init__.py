@@ -9,7 +9,9 @@
 
 Installed, it is found through the ``titans_compose.plugins`` entry point; then ``update.loss: {name: pseudo_huber,
 delta: 0.5}`` and ``update.forget.rule: proximal_decay`` validate in specs, and both appear in ``titans-compose ls``
-and the schema. ``titans_compose.testing.check_rule`` checks them against the sequential reference.
+and the schema. ``titans_compose.testing.check_rule`` checks them against the sequential reference. The loss also
+gives its gradient and that gradient's derivative as Triton expressions, so memories using it run on the generated
+kernels on a GPU.
 """
 
 from __future__ import annotations
@@ -48,7 +50,13 @@ def register(registry: Any) -> None:
     registry.register(
         "loss",
         "pseudo_huber",
-        Loss(value=pseudo_huber_value, grad=pseudo_huber_grad),
+        Loss(
+            value=pseudo_huber_value,
+            grad=pseudo_huber_grad,
+            # the same gradient and its derivative for the generated Triton kernels ({delta} is substituted)
+            triton_grad="e / tl.sqrt(1.0 + (e / {delta}) * (e / {delta}))",
+            triton_grad2="1.0 / ((1.0 + (e / {delta}) * (e / {delta})) * tl.sqrt(1.0 + (e / {delta}) * (e / {delta})))",
+        ),
         params=PseudoHuberParams,
         description="delta^2 (sqrt(1 + (e/delta)^2) - 1): smooth Huber, quadratic near 0 and linear beyond delta",
     )
