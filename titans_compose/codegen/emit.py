@@ -40,7 +40,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from titans_compose.codegen.key import KernelKey
-from titans_compose.registry import default_registry
 
 
 def block(n: int) -> int:
@@ -81,20 +80,11 @@ def layout(key: KernelKey) -> Layout:
 
 
 def rule_expressions(key: KernelKey) -> dict[str, str]:
-    """The activation's and loss's Triton expressions for ``key`` from the process registry (loss parameters
-    substituted as constants)."""
-    registry = default_registry()[0]
-    act = registry.get("activation", key.activation).obj
-    loss = registry.get("loss", key.loss).obj
+    """The activation's and loss's Triton expressions carried by ``key`` (loss parameters substituted as
+    constants)."""
     params = {name: repr(float(value)) for name, value in key.loss_params}
-    out = {
-        "act": act.triton_fn,
-        "act_grad": act.triton_grad,
-        "act_grad2": act.triton_grad2,
-        "loss_grad": loss.triton_grad,
-        "loss_grad2": loss.triton_grad2,
-    }
-    missing = [name for name, expr in out.items() if expr is None]
+    out = dict(key.expressions)
+    missing = [name for name in ("act", "act_grad", "act_grad2", "loss_grad", "loss_grad2") if out.get(name) is None]
     if missing:
         raise ValueError(f"no Triton expression for {', '.join(missing)} of {key.activation} / {key.loss}")
     for name in ("loss_grad", "loss_grad2"):

@@ -26,7 +26,10 @@ class KernelKey:
 
     ``layer_shapes`` are the memory MLP's (out, in) shapes (they give the depth, head dim and hidden widths);
     ``loss_params`` are the loss's parameters as sorted (name, value) pairs; ``gates`` the granularity of the
-    (lr, momentum, forget) gates; ``dtype`` the dtype of q, k, v (state and accumulation stay float32).
+    (lr, momentum, forget) gates; ``dtype`` the dtype of q, k, v (state and accumulation stay float32);
+    ``expressions`` the rules' Triton expressions by role (``act``, ``act_grad``, ``act_grad2``, ``loss_grad``,
+    ``loss_grad2``; None where a rule gives none), so that changing a rule's code changes the key and the
+    generator needs no registry.
     """
 
     layer_shapes: tuple[tuple[int, int], ...]
@@ -42,6 +45,7 @@ class KernelKey:
     retrieval: str
     chunk_size: int
     dtype: str
+    expressions: tuple[tuple[str, str | None], ...] = ()
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -99,4 +103,18 @@ def kernel_key(cfg: MemoryConfig, dtype: str) -> KernelKey:
         retrieval=cfg.retrieval,
         chunk_size=cfg.chunk_size,
         dtype=dtype,
+        expressions=rule_expressions(cfg),
+    )
+
+
+def rule_expressions(cfg: MemoryConfig) -> tuple[tuple[str, str | None], ...]:
+    """The activation's and the loss's Triton expressions in ``cfg``, by role (loss parameters still as
+    ``{name}`` fields)."""
+    act, loss = cfg.activation, cfg.loss
+    return (
+        ("act", act.triton_fn),
+        ("act_grad", act.triton_grad),
+        ("act_grad2", act.triton_grad2),
+        ("loss_grad", loss.triton_grad),
+        ("loss_grad2", loss.triton_grad2),
     )
