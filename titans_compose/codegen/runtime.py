@@ -162,7 +162,9 @@ def triton_memory(
 ) -> tuple[Tensor, MemoryState]:
     """:func:`~titans_compose.kernels.chunked.chunked_memory` on the generated kernels: the retrieved values
     [N, T, d] and the state after them (weights in the dtype of ``state.weights``; a trailing unfinished chunk comes
-    back as pending). Gradients reach q, k, v, the gates and the initial state."""
+    back as pending). Gradients reach q, k, v, the gates and the initial state; the backward is first order (a
+    double backward of the outer loss needs the chunked path). Raises NotImplementedError with
+    :func:`~titans_compose.codegen.support.unsupported_reason` for a configuration the kernels do not cover."""
     reason = unsupported_reason(cfg, q.dtype)
     if reason is not None:
         raise NotImplementedError(f"the generated kernel cannot run this memory: {reason}")
