@@ -4,6 +4,7 @@ the single-file example loads with --plugin; check_rule names what a broken rule
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -47,7 +48,9 @@ def test_the_example_package_installs_and_its_rules_work_from_the_entry_point(tm
         overrides = [*{TINY!r}, "update.loss={{name: pseudo_huber, delta: 0.5}}", "update.forget.rule=proximal_decay"]
         model = build({str(SPECS / "titans_lmm_small.yaml")!r}, overrides, smoke=True)
         spec = model.loaded.spec.blocks[0].update
+        (memory,) = model.module.memory_backends()
         print(json.dumps({{
+            "backend": memory[2],
             "listed": [line for line in listed.splitlines() if "pseudo_huber" in line or "proximal_decay" in line],
             "schema": "pseudo_huber" in schema and "proximal_decay" in schema,
             "spec": [spec.loss.name, spec.loss.delta, spec.forget.rule.name],
@@ -65,7 +68,10 @@ def test_the_example_package_installs_and_its_rules_work_from_the_entry_point(tm
     result = json.loads(run.stdout.splitlines()[-1])
     assert len(result["listed"]) == 2 and all("huber_memory" in line for line in result["listed"])
     assert result["schema"] and result["spec"] == ["pseudo_huber", 0.5, "proximal_decay"]
-    assert result["checked"] == [24, 24]
+    # the loss gives its Triton expressions: check_rule ran it through the generated kernel too (4 more configs,
+    # in the interpreter here), and on CUDA the layer would run that kernel
+    assert result["checked"] == [28, 24]
+    assert "on CUDA this layer would run the generated kernel" in result["backend"]
 
 
 def test_the_single_file_plugin_loads_and_passes_check_rule(runner):
@@ -101,6 +107,19 @@ def test_check_rule_names_what_a_broken_rule_gets_wrong():
         check_rule("optimizer", "momentum")
 
 
+def test_check_rule_runs_the_generated_kernel_and_catches_a_wrong_triton_expression():
+    """Under the interpreter (conftest turns it on without CUDA) a rule with Triton expressions also runs through
+    the generated kernel; an expression that disagrees with the PyTorch form is named."""
+    l2 = LOSSES["l2"][0]
+    assert check_rule("loss", l2) == 28  # 24 reference-vs-chunked configurations + 4 kernel ones
+    wrong = dataclasses.replace(l2, triton_grad="2.0 * e + 0.01")
+    with pytest.raises(AssertionError, match="the generated kernel differs from the chunked path"):
+        check_rule("loss", wrong)
+    assert check_rule("loss", wrong, kernel=False) == 24
+    with pytest.raises(ValueError, match="gives no Triton expressions"):
+        check_rule("loss", dataclasses.replace(l2, triton_grad=None), kernel=True)
+
+
 def test_the_chunked_path_applies_a_plugin_retention_rule_like_the_reference():
     """The reference decays with keep(W, alpha), the chunked form with exp(log_keep(alpha)): with the proximal
     decay (not the built-in) both agree only if the chunked form applies the rule."""
@@ -112,7 +131,7 @@ def test_the_chunked_path_applies_a_plugin_retention_rule_like_the_reference():
     registry = new_registry()
     huber_memory.register(registry)
     assert check_rule("retention", "proximal_decay", registry=registry) == 24
-    assert check_rule("loss", "pseudo_huber", {"delta": 2.0}, registry=registry) == 24
+    assert check_rule("loss", "pseudo_huber", {"delta": 2.0}, registry=registry, kernel=False) == 24
     alpha = torch.tensor([0.0, 0.5, 0.999])
     keep = huber_memory.proximal_log_keep(alpha).exp()
     assert torch.allclose(keep, 1 / (1 + alpha)) and bool((keep >= 0.5).all())

@@ -9,7 +9,9 @@ memories, and this check finds it before a model silently trains on one of them.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -31,6 +33,12 @@ GRADIENT_TOL = 1e-7
 #: (rows N, tokens T, head dim d, hidden width, chunk size): odd sizes, a partial last chunk, b = 1 and b > T
 SHAPES = ((3, 11, 5, 7, 4), (2, 9, 3, 6, 1), (1, 7, 4, 5, 16))
 KINDS = {"loss": Loss, "activation": Activation, "retention": Retention}
+#: the generated-kernel stage: float32 kernel vs float64 chunked path, relative to the largest magnitude compared;
+#: or within KERNEL_ERROR_RATIO times the float32 chunked path's own error (ill-conditioned rules)
+KERNEL_TOL = 1e-4
+KERNEL_ERROR_RATIO = 4.0
+#: (rows, tokens, head dim, hidden width, chunk): a partial last chunk, widths the kernel pads to its blocks
+KERNEL_SHAPES = ((2, 21, 16, 24, 8),)
 
 
 def _resolve(kind: str, rule: Any, params: Any, registry: Registry | None) -> tuple[str, Any, Any]:
@@ -86,10 +94,16 @@ def _require(label: str, message: str, got: Tensor, want: Tensor) -> None:
         raise AssertionError(f"{label}: {message} (max difference {diff} on random float64 inputs)")
 
 
-def _configs(kind: str, rule: Any, params: Any) -> Iterator[tuple[MemoryConfig, tuple[int, ...], str]]:
-    """Memory configurations exercising the rule: depth 1 and 2, momentum on/off, after/before retrieval."""
+def _configs(
+    kind: str,
+    rule: Any,
+    params: Any,
+    shapes: tuple[tuple[int, ...], ...] = SHAPES,
+    retrievals: tuple[str, ...] = ("after", "before"),
+) -> Iterator[tuple[MemoryConfig, tuple[int, ...], str]]:
+    """Memory configurations exercising the rule: depth 1 and 2, momentum on/off, the given retrievals."""
     for (n, t, d, hidden, b), depth, momentum, retrieval in itertools.product(
-        SHAPES, (1, 2), (True, False), ("after", "before")
+        shapes, (1, 2), (True, False), retrievals
     ):
         shapes = ((d, d),) if depth == 1 else ((hidden, d), (d, hidden))
         loss, loss_params = (rule, params) if kind == "loss" else (LOSSES["l2"][0], None)
@@ -138,6 +152,64 @@ def _run(fn: Any, cfg: MemoryConfig, leaves: list[Tensor]) -> tuple[Tensor, ...]
     return (y, *end.weights)
 
 
+def kernel_unavailable() -> str | None:
+    """Why the generated Triton kernels cannot run in this process (None when they can: a CUDA device, or the CPU
+    under Triton's interpreter switched on before triton was imported)."""
+    if torch.cuda.is_available():
+        return None
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return "no CUDA device, and TRITON_INTERPRET=1 is not set (Triton's CPU interpreter)"
+    return None
+
+
+def _triton_ready(kind: str, rule: Any) -> bool:
+    """Whether the rule gives every Triton expression the kernel generator needs for its kind."""
+    fields = {"loss": ("triton_grad", "triton_grad2"), "activation": ("triton_fn", "triton_grad", "triton_grad2")}
+    return kind in fields and all(getattr(rule, f) is not None for f in fields[kind])
+
+
+def _check_kernel(label: str, kind: str, rule: Any, params: Any, seed: int) -> int:
+    """The generated kernel (float32) against the chunked path (float64) with the rule in place, forward and every
+    gradient; within KERNEL_TOL, or KERNEL_ERROR_RATIO times the float32 chunked path's own error where the rule is
+    ill-conditioned. Returns the number of configurations checked."""
+    from titans_compose.codegen.runtime import triton_memory
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    names = (label if kind == "activation" else "silu", label if kind == "loss" else "l2")
+    checked = 0
+    for cfg, (n, t, d), where in _configs(kind, rule, params, shapes=KERNEL_SHAPES, retrievals=("after", "per_chunk")):
+        if not cfg.momentum:
+            continue
+        cfg = dataclasses.replace(cfg, names=names)
+        leaves = _inputs(cfg, n, t, d, seed)
+        want = _run(chunked_memory, cfg, leaves)
+        g = torch.Generator().manual_seed(seed + 2)
+        cotangents = [torch.randn(x.shape, generator=g, dtype=F64) for x in want]
+        used = [x for x in leaves if x.numel()]
+        want_grads = torch.autograd.grad(want, used, cotangents)
+        errors = {}
+        for impl, dtype in ((triton_memory, torch.float32), (chunked_memory, torch.float32)):
+            cast = [x.to(device, dtype) if x.numel() else x for x in leaves]
+            got = _run(impl, cfg, cast)
+            grads = torch.autograd.grad(got, used, [c.to(device, dtype) for c in cotangents])
+            errors[impl] = [_relative(a, b) for a, b in zip((*got, *grads), (*want, *want_grads), strict=True)]
+        for i, (kernel_err, chunked_err) in enumerate(zip(errors[triton_memory], errors[chunked_memory], strict=True)):
+            if not kernel_err <= max(KERNEL_TOL, KERNEL_ERROR_RATIO * chunked_err):
+                what = "an output" if i < len(want) else f"the gradient of input {i - len(want)}"
+                raise AssertionError(
+                    f"{label}: the generated kernel differs from the chunked path in {what} ({where}): relative error "
+                    f"{kernel_err:.3g} (the float32 chunked path: {chunked_err:.3g}); check its Triton expressions"
+                )
+        checked += 1
+    return checked
+
+
+def _relative(got: Tensor, want: Tensor) -> float:
+    got, want = got.detach().double().cpu(), want.detach()
+    err = float((got - want).abs().max()) / max(float(want.abs().max()), 1e-30)
+    return err if err == err else float("inf")  # NaN counts as a failure
+
+
 def check_rule(
     kind: str,
     rule: Any,
@@ -145,6 +217,7 @@ def check_rule(
     *,
     registry: Registry | None = None,
     seed: int = 0,
+    kernel: bool | None = None,
 ) -> int:
     """Check an update-rule part for use in the memory: ``kind`` is ``"loss"``, ``"activation"`` or
     ``"retention"``; ``rule`` is the :class:`~titans_compose.registry.rules.Loss` / ``Activation`` / ``Retention``
@@ -158,6 +231,11 @@ def check_rule(
     respect to every input (queries, keys, values, gates, initial weights). Raises an ``AssertionError`` that names
     the rule, the quantity and the configuration on the first disagreement; returns the number of configurations
     checked.
+
+    A loss or activation that gives its Triton expressions is also run through the generated kernel (float32, on
+    CUDA or in Triton's CPU interpreter) and compared with the chunked path, outputs and every gradient. ``kernel``:
+    None runs that stage when the rule has the expressions and :func:`kernel_unavailable` says nothing; True
+    requires it (an error says why it cannot run); False skips it.
     """
     label, obj, params = _resolve(kind, rule, params, registry)
     _check_parts(label, kind, obj, params)
@@ -181,4 +259,12 @@ def check_rule(
             b = torch.zeros_like(ref_leaves[i]) if b is None else b
             _assert_close(label, f"the gradient with respect to the {inputs[i]}", a, b, GRADIENT_TOL, where)
         checked += 1
+    if kernel is None:
+        kernel = _triton_ready(kind, obj) and kernel_unavailable() is None
+    if kernel:
+        if not _triton_ready(kind, obj):
+            raise ValueError(f"{label} gives no Triton expressions: there is no generated kernel to check")
+        if kernel_unavailable() is not None:
+            raise RuntimeError(f"cannot run the generated kernel: {kernel_unavailable()}")
+        checked += _check_kernel(label, kind, obj, params, seed)
     return checked

@@ -8,7 +8,7 @@ from typing import Any
 from titans_compose.codegen.emit import block
 from titans_compose.codegen.key import KernelKey
 from titans_compose.kernels.config import MemoryConfig
-from titans_compose.registry.rules import OPTIMIZERS, RETENTIONS
+from titans_compose.registry.rules import OPTIMIZERS
 
 #: One program holds a row's every state matrix and the chunk's b x width intermediates (no hidden-dim tiling is
 #: generated yet), so its shared memory grows with the padded chunk times the padded layer widths, and with the
@@ -45,8 +45,6 @@ def unsupported_reason(cfg: MemoryConfig, dtype: Any) -> str | None:
         return "the memory config carries no registry names (build it with memory_config)"
     if cfg.grad_clip is not None:
         return "grad_clip: the per-token gradient clip couples every layer's errors (chunked path only)"
-    if cfg.retention not in (None, RETENTIONS["decay"][0]):
-        return "a retention rule other than the built-in decay has no generated form"
     if cfg.optimizer not in (None, OPTIMIZERS["momentum"][0]):
         return "an optimizer rule other than the built-in momentum has no generated form"
     act, loss = cfg.activation, cfg.loss
