@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,6 +21,11 @@ os.environ.setdefault("TITANS_COMPOSE_NO_ENTRY_POINTS", "1")
 # fails as soon as an earlier module has imported triton.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Generated kernel sources go to a cache of this test session, never the user's (tests that check the cache itself
+# point TITANS_COMPOSE_CACHE at their own directories).
+if "TITANS_COMPOSE_CACHE" not in os.environ:
+    os.environ["TITANS_COMPOSE_CACHE"] = tempfile.mkdtemp(prefix="titans-compose-test-kernels-")
+    atexit.register(shutil.rmtree, os.environ["TITANS_COMPOSE_CACHE"], True)
 
 
 def shipped_specs() -> list[Path]:

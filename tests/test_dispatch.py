@@ -100,6 +100,17 @@ def test_forcing_triton_on_the_cpu_needs_the_interpreter(monkeypatch, kernel_cac
         MemoryBackend("triton").resolve(torch.empty(0, device="meta"), module.config)
 
 
+def test_forcing_triton_on_the_cpu_without_numpy_says_so(monkeypatch, kernel_cache):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "numpy" else real(name, *a))
+    monkeypatch.setenv(INTERPRET_VAR, "1")
+    monkeypatch.setenv(ENV_VAR, "triton")
+    with pytest.raises(RuntimeError, match="Triton's interpreter needs numpy, which is not installed"):
+        build(dtype=F32)(x_of(5, dtype=F32))
+
+
 def test_the_interpreter_runs_the_kernel_with_document_boundaries(interpreter):
     """Forced Triton on the CPU: the same outputs and gradients as the chunked path, for a packed batch of
     documents (cu_seqlens) too; the choice names the kernel, generated now, and the backward path."""

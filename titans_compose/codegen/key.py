@@ -15,7 +15,7 @@ from typing import Any
 from titans_compose.kernels.config import MemoryConfig
 
 #: Bump whenever the generated source changes for an unchanged key.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 _DTYPES = ("float32", "float16", "bfloat16")
 

@@ -16,6 +16,7 @@ nothing heavy; an implementation is imported when it is first called.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -153,6 +154,11 @@ def _check_interpreter(device: str) -> None:
         raise RuntimeError(
             f"{ENV_VAR}=triton on CPU tensors needs Triton's interpreter: set {INTERPRET_VAR}=1 in the environment "
             "before Python starts (or move the model to a CUDA device)"
+        )
+    if importlib.util.find_spec("numpy") is None:
+        raise RuntimeError(
+            f"{ENV_VAR}=triton on CPU tensors: Triton's interpreter needs numpy, which is not installed "
+            '(pip install numpy, or pip install -e ".[interpret]")'
         )
     import triton.language as tl
     from triton.runtime.jit import JITFunction
