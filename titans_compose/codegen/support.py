@@ -53,10 +53,12 @@ def unsupported_reason(cfg: MemoryConfig, dtype: Any) -> str | None:
     if None in (loss.triton_grad, loss.triton_grad2):
         return f"loss {cfg.names[1]!r} provides no Triton expressions (triton_grad/triton_grad2)"
     by_widths, area = footprint(cfg)
-    if by_widths > MAX_CHUNK_BY_WIDTHS or area > MAX_LAYER_AREA:
+    over = [f"padded chunk x layer widths {by_widths} > {MAX_CHUNK_BY_WIDTHS}"] * (by_widths > MAX_CHUNK_BY_WIDTHS)
+    over += [f"a layer of {area} > {MAX_LAYER_AREA} padded weights"] * (area > MAX_LAYER_AREA)
+    if over:
         return (
-            f"chunk size x layer widths {by_widths} > {MAX_CHUNK_BY_WIDTHS} or a layer of {area} > {MAX_LAYER_AREA} "
-            "weights: too large for one program per row (whole state matrices; no hidden-dim tiling generated yet)"
+            f"{' and '.join(over)}: too large for one program per row (whole state matrices in one program; no "
+            "hidden-dim tiling generated yet)"
         )
     return None
 
