@@ -13,17 +13,16 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
 import json
 import os
 import re
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+from titans_compose.imports import import_file
 from titans_compose.io import atomic_write
 
 if TYPE_CHECKING:
@@ -82,15 +81,9 @@ def load(key: KernelKey, generate: Callable[[KernelKey], str]) -> Loaded:
         atomic_write(path, generate(key))
     where = hashlib.sha256(str(path.parent).encode()).hexdigest()[:8]
     name = f"{_MODULE_PREFIX}_{key.digest()}_{where}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise CachedKernelError(f"cannot import generated kernel source {path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
     try:
-        spec.loader.exec_module(module)
+        module = import_file(path, name)
     except Exception as exc:
-        del sys.modules[name]
         if hit:
             hint = "it may be damaged or stale: run `titans-compose cache clear` to regenerate it"
         else:
@@ -98,9 +91,6 @@ def load(key: KernelKey, generate: Callable[[KernelKey], str]) -> Loaded:
         raise CachedKernelError(
             f"generated kernel source {path} failed to import ({type(exc).__name__}: {exc}); {hint}"
         ) from exc
-    except BaseException:
-        del sys.modules[name]
-        raise
     loaded = Loaded(module, path, hit)
     _LOADED[path] = loaded
     return loaded

@@ -12,7 +12,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from titans_compose.kernels.config import MemoryConfig
+from titans_compose.kernels.config import MemoryConfig, MemoryShape
 
 #: Bump whenever the generated source changes for an unchanged key.
 GENERATOR_VERSION = 2
@@ -21,7 +21,7 @@ _DTYPES = ("float32", "float16", "bfloat16")
 
 
 @dataclass(frozen=True)
-class KernelKey:
+class KernelKey(MemoryShape):
     """One generated kernel's specialisation.
 
     ``layer_shapes`` are the memory MLP's (out, in) shapes (they give the depth, head dim and hidden widths);
@@ -50,14 +50,6 @@ class KernelKey:
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
             raise ValueError(f"kernel dtype must be one of {_DTYPES}, got {self.dtype!r}")
-
-    @property
-    def depth(self) -> int:
-        return len(self.layer_shapes)
-
-    @property
-    def head_dim(self) -> int:
-        return self.layer_shapes[0][1]
 
     @property
     def hidden_dims(self) -> tuple[int, ...]:

@@ -15,8 +15,22 @@ from titans_compose.registry.rules import Activation, Loss, Optimizer, Retention
 RETRIEVALS = ("after", "before", "per_chunk")
 
 
+class MemoryShape:
+    """``depth`` and ``head_dim`` of anything with the memory MLP's ``layer_shapes`` ((out, in) per layer)."""
+
+    layer_shapes: tuple[tuple[int, int], ...]
+
+    @property
+    def depth(self) -> int:
+        return len(self.layer_shapes)
+
+    @property
+    def head_dim(self) -> int:
+        return self.layer_shapes[0][1]
+
+
 @dataclass(frozen=True)
-class MemoryConfig:
+class MemoryConfig(MemoryShape):
     """One memory head's computation (memory-math.md sections 1 and 3).
 
     ``layer_shapes`` are the (out, in) shapes of the inner linear layers, first layer first. ``loss_params`` is the
@@ -50,14 +64,6 @@ class MemoryConfig:
             raise ValueError("chunk_size must be >= 1")
         if not self.layer_shapes or self.layer_shapes[0][1] != self.layer_shapes[-1][0]:
             raise ValueError(f"the memory must map head_dim to head_dim, got layers {self.layer_shapes}")
-
-    @property
-    def depth(self) -> int:
-        return len(self.layer_shapes)
-
-    @property
-    def head_dim(self) -> int:
-        return self.layer_shapes[0][1]
 
 
 def memory_config(memory: Any, update: Any, registry: Registry) -> MemoryConfig:

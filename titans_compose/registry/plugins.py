@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import importlib.util
-import sys
 from collections.abc import Callable, Iterable
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
 from titans_compose.errors import Diagnostic, SpecError
+from titans_compose.imports import import_file
 from titans_compose.registry.core import Registry
 
 ENTRY_POINT_GROUP = "titans_compose.plugins"
@@ -43,20 +42,7 @@ def _failure(label: str, exc: BaseException) -> Diagnostic:
 
 def _import_file(path: Path) -> Any:
     digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:10]
-    name = f"titans_compose_plugin_{path.stem}_{digest}"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot import {path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[name]
-        raise
-    return module
+    return import_file(path, f"titans_compose_plugin_{path.stem}_{digest}")
 
 
 def load_plugin(registry: Registry, target: str, *, debug: bool = False) -> Diagnostic | None:
