@@ -37,7 +37,7 @@ def test_what_cannot_run_is_reported_not_raised(bench, tmp_path, monkeypatch, ca
     args = dict(device="cpu", dtype="float32", seq=20, d=8, depth=1, width=16, rows=2, chunk=8, warmup=0, repeats=1)
     bench.worker(Namespace(**{**args, "impl": "triton", "chunk": 512}))  # wider than the generator handles
     status = json.loads(capsys.readouterr().out)["status"]
-    assert status.startswith("unsupported: the generated kernel cannot run this memory: chunk size")
+    assert status.startswith("unsupported: the generated kernel cannot run this memory: padded chunk x layer widths")
     if importlib.util.find_spec("fla") is None:
         bench.worker(Namespace(**args, impl="fla"))
         assert json.loads(capsys.readouterr().out) == {"status": "not installed (fla)"}
