@@ -68,9 +68,9 @@ def test_the_example_package_installs_and_its_rules_work_from_the_entry_point(tm
     result = json.loads(run.stdout.splitlines()[-1])
     assert len(result["listed"]) == 2 and all("huber_memory" in line for line in result["listed"])
     assert result["schema"] and result["spec"] == ["pseudo_huber", 0.5, "proximal_decay"]
-    # the loss gives its Triton expressions: check_rule ran it through the generated kernel too (4 more configs,
-    # in the interpreter here), and on CUDA the layer would run that kernel
-    assert result["checked"] == [28, 24]
+    # the loss gives its Triton expressions and any retention rule runs on the kernel: check_rule ran both through
+    # the generated kernel too (4 more configs each, in the interpreter here), and on CUDA the layer would run it
+    assert result["checked"] == [28, 28]
     assert "on CUDA this layer would run the generated kernel" in result["backend"]
 
 
@@ -130,7 +130,7 @@ def test_the_chunked_path_applies_a_plugin_retention_rule_like_the_reference():
         sys.path.remove(str(PACKAGE))
     registry = new_registry()
     huber_memory.register(registry)
-    assert check_rule("retention", "proximal_decay", registry=registry) == 24
+    assert check_rule("retention", "proximal_decay", registry=registry) == 28  # the kernel applies it too
     assert check_rule("loss", "pseudo_huber", {"delta": 2.0}, registry=registry, kernel=False) == 24
     alpha = torch.tensor([0.0, 0.5, 0.999])
     keep = huber_memory.proximal_log_keep(alpha).exp()

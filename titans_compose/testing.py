@@ -163,9 +163,10 @@ def kernel_unavailable() -> str | None:
 
 
 def _triton_ready(kind: str, rule: Any) -> bool:
-    """Whether the rule gives every Triton expression the kernel generator needs for its kind."""
+    """Whether the generated kernel can run the rule: a loss or activation must give every Triton expression the
+    generator inlines; a retention rule always can (the kernel takes its per-token log factor as an input)."""
     fields = {"loss": ("triton_grad", "triton_grad2"), "activation": ("triton_fn", "triton_grad", "triton_grad2")}
-    return kind in fields and all(getattr(rule, f) is not None for f in fields[kind])
+    return all(getattr(rule, f) is not None for f in fields.get(kind, ()))
 
 
 def _check_kernel(label: str, kind: str, rule: Any, params: Any, seed: int) -> int:
@@ -198,7 +199,8 @@ def _check_kernel(label: str, kind: str, rule: Any, params: Any, seed: int) -> i
                 what = "an output" if i < len(want) else f"the gradient of input {i - len(want)}"
                 raise AssertionError(
                     f"{label}: the generated kernel differs from the chunked path in {what} ({where}): relative error "
-                    f"{kernel_err:.3g} (the float32 chunked path: {chunked_err:.3g}); check its Triton expressions"
+                    f"{kernel_err:.3g} (the float32 chunked path: {chunked_err:.3g})"
+                    + ("" if kind == "retention" else "; check its Triton expressions")
                 )
         checked += 1
     return checked
@@ -232,10 +234,11 @@ def check_rule(
     the rule, the quantity and the configuration on the first disagreement; returns the number of configurations
     checked.
 
-    A loss or activation that gives its Triton expressions is also run through the generated kernel (float32, on
-    CUDA or in Triton's CPU interpreter) and compared with the chunked path, outputs and every gradient. ``kernel``:
-    None runs that stage when the rule has the expressions and :func:`kernel_unavailable` says nothing; True
-    requires it (an error says why it cannot run); False skips it.
+    A rule the generated kernel can run (a retention rule, or a loss or activation that gives its Triton
+    expressions) is also run through that kernel (float32, on CUDA or in Triton's CPU interpreter) and compared
+    with the chunked path, outputs and every gradient. ``kernel``: None runs that stage when the kernel can run the
+    rule and :func:`kernel_unavailable` says nothing; True requires it (an error says why it cannot run); False
+    skips it.
     """
     label, obj, params = _resolve(kind, rule, params, registry)
     _check_parts(label, kind, obj, params)

@@ -20,6 +20,7 @@ from torch.library import triton_op, wrap_triton
 from titans_compose.codegen import cache, emit
 from titans_compose.codegen.key import KernelKey, kernel_key
 from titans_compose.codegen.support import dtype_name, unsupported_reason
+from titans_compose.kernels.chunked import log_factor
 from titans_compose.kernels.config import MemoryConfig
 from titans_compose.kernels.state import MemoryState, Pending, resume
 
@@ -177,7 +178,9 @@ def triton_memory(
     length = k.shape[1]
     if length == 0:
         return q[:, p:], MemoryState(state.weights, state.momentum, None)
-    args = [None if t is None else t.contiguous() for t in (q, k, v, theta, log_eta, log_keep)]
+    # the kernels decay the weights by the retention rule's per-token factor, as the chunked path does
+    decay = log_factor(cfg, log_keep)
+    args = [None if t is None else t.contiguous() for t in (q, k, v, theta, log_eta, decay)]
     y, final = _TritonMemory.apply(key.digest(), *args, _pack(state.weights, state.momentum))
     weights, momentum = _unpack(final, key, state.weights[0].dtype)
     full = length // cfg.chunk_size * cfg.chunk_size
