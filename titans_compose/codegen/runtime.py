@@ -22,7 +22,7 @@ from titans_compose.codegen.key import KernelKey, kernel_key
 from titans_compose.codegen.support import dtype_name, unsupported_reason
 from titans_compose.kernels.chunked import log_factor
 from titans_compose.kernels.config import MemoryConfig
-from titans_compose.kernels.state import MemoryState, Pending, resume
+from titans_compose.kernels.state import MemoryState, Pending, resume, with_read_rows
 
 #: digest -> key of every kernel loaded in this process (the ops receive the digest).
 _KEYS: dict[str, KernelKey] = {}
@@ -173,8 +173,7 @@ def triton_memory(
     kernels(key)
     p = state.pending_len
     k, v, theta, log_eta, log_keep = resume(state, k, v, theta, log_eta, log_keep)
-    if p:  # the unfinished chunk's queries were read already: placeholders, dropped below
-        q = torch.cat([q.new_zeros(q.shape[0], p, q.shape[2]), q], 1)
+    q = with_read_rows(q, p)
     length = k.shape[1]
     if length == 0:
         return q[:, p:], MemoryState(state.weights, state.momentum, None)

@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from titans_compose.kernels import chunk_write, mlp
 from titans_compose.kernels.config import MemoryConfig
-from titans_compose.kernels.state import MemoryState, Pending, resume
+from titans_compose.kernels.state import MemoryState, Pending, resume, with_read_rows
 from titans_compose.registry.rules import RETENTIONS
 
 
@@ -278,8 +278,7 @@ def chunked_memory(
     """
     p = state.pending_len
     k, v, theta, log_eta, log_keep = resume(state, k, v, theta, log_eta, log_keep)
-    if p:  # the unfinished chunk's tokens were read already: their query rows are placeholders, dropped below
-        q = torch.cat([q.new_zeros(q.shape[0], p, q.shape[2]), q], 1)
+    q = with_read_rows(q, p)
     b = cfg.chunk_size
     weights, momentum = state.weights, state.momentum
     outputs = []

@@ -89,3 +89,11 @@ def resume(
         cat(pend.log_eta, log_eta),
         cat(pend.log_keep, log_keep),
     )
+
+
+def with_read_rows(q: Tensor, pending: int) -> Tensor:
+    """The queries with ``pending`` placeholder rows in front: the unfinished chunk's tokens, put back in front of
+    the keys by :func:`resume`, were read by an earlier call, so their outputs are computed again and dropped."""
+    if not pending:
+        return q
+    return torch.cat([q.new_zeros(q.shape[0], pending, q.shape[2]), q], 1)
