@@ -15,6 +15,8 @@ broadcast multiplies and reductions per chunk. The backward below walks the same
 1. the fold: gS_l = carry gW'_l + decay gS'_l; g keep / carry / decay are inner products with W_l, S_l; with
    P_l = a_l gW'_l^T and Q_l = a_l gS'_l^T: g delta_l -= c P_l + e Q_l, g c = -sum(delta_l P_l), g e likewise,
    and g a_l -= (c delta_l) gW'_l + (e delta_l) gS'_l;
+   with ``grad_clip``, c and e carry the per-token factor s_t = min(1, max_norm / ||g_t||), ||g_t||^2 =
+   sum_l ||delta_l||^2 ||a_l||^2, whose derivative adds to g delta_l and g a_l where the clip acts;
 2. the error recursion, first layer up: g m_l = act'(z_l) g delta_l, g z_l += the second-order term (autograd on
    the elementwise activation backward alone), g delta_{l+1} += g m_l W_{l+1}^T, g W_{l+1} += delta_{l+1}^T g m_l;
 3. the output error delta_L(z_L, k, v): autograd on the elementwise loss / LayerNorm head alone;
@@ -42,9 +44,15 @@ ENV_VAR = "TITANS_COMPOSE_CHUNK_BACKWARD"
 
 
 def supported(cfg: MemoryConfig) -> bool:
-    """Whether the hand-written backward applies: everything but the per-token gradient clip (whose norm couples
-    all layers' errors) and an explicit request for the plain autograd path."""
-    return cfg.grad_clip is None and os.environ.get(ENV_VAR, "manual") != "autograd"
+    """Whether the hand-written backward applies: always, unless the plain autograd path is asked for."""
+    return os.environ.get(ENV_VAR, "manual") != "autograd"
+
+
+def clip_scale(inputs: list[Tensor], deltas: list[Tensor], max_norm: float) -> tuple[Tensor, Tensor]:
+    """Per-token factor min(1, max_norm / ||g_t||) with ||g_t||^2 = sum_l ||delta_l||^2 ||a_l||^2 (the token's
+    gradient over all layers), and ||g_t||^2 itself."""
+    sq = sum(d.square().sum(-1) * a.square().sum(-1) for a, d in zip(inputs, deltas, strict=True))
+    return (max_norm * (sq + torch.finfo(sq.dtype).tiny).rsqrt()).clamp(max=1.0), sq
 
 
 def _col(x: Tensor) -> Tensor:
@@ -92,6 +100,13 @@ def fold(
     return tuple(new_w), None if momentum is None else tuple(new_s)
 
 
+def _scaled(c: Tensor, e: Tensor | None, scale: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """The last-row coefficients c, e with the per-token clip factor applied (unchanged without a clip)."""
+    if scale is None:
+        return c, e
+    return c * scale, None if e is None else e * scale
+
+
 class _ChunkWrite(torch.autograd.Function):
     @staticmethod
     def forward(ctx, cfg, layers, k, v, c, e, keep, carry, decay, *state):  # type: ignore[override]
@@ -109,12 +124,15 @@ class _ChunkWrite(torch.autograd.Function):
             m = torch.bmm(deltas[0], weights[i + 1])
             mids.insert(0, m)
             deltas.insert(0, cfg.activation.backward(m, pre[i]))
-        new_w, new_s = fold(weights, momentum, inputs, deltas, c, e, keep, carry, decay)
+        scale = sq = None
+        if cfg.grad_clip is not None:
+            scale, sq = clip_scale(inputs, deltas, cfg.grad_clip)
+        new_w, new_s = fold(weights, momentum, inputs, deltas, *_scaled(c, e, scale), keep, carry, decay)
         ctx.cfg, ctx.layers, ctx.has_keep, ctx.has_momentum = cfg, layers, keep is not None, momentum is not None
         ctx.save_for_backward(
-            k, v, c, e, keep, carry, decay, *weights, *(momentum or ()), *pre, *mids, *inputs[1:], *deltas
+            k, v, c, e, keep, carry, decay, scale, sq, *weights, *(momentum or ()), *pre, *mids, *inputs[1:], *deltas
         )
-        return (*new_w, *(new_s or ()), *inputs[1:], *deltas)
+        return (*new_w, *(new_s or ()), *inputs[1:], *deltas, *(() if scale is None else (scale,)))
 
     @staticmethod
     @once_differentiable
@@ -122,8 +140,9 @@ class _ChunkWrite(torch.autograd.Function):
         cfg, n = ctx.cfg, ctx.layers
         has_m = ctx.has_momentum
         saved = list(ctx.saved_tensors)
-        k, v, c, e, keep, carry, decay = saved[:7]
-        rest = saved[7:]
+        k, v, c_raw, e_raw, keep, carry, decay, scale, sq = saved[:9]
+        c, e = _scaled(c_raw, e_raw, scale)  # what the fold used
+        rest = saved[9:]
         weights, rest = rest[:n], rest[n:]
         momentum, rest = (rest[:n], rest[n:]) if has_m else (None, rest)
         pre, rest = rest[:n], rest[n:]
@@ -132,7 +151,8 @@ class _ChunkWrite(torch.autograd.Function):
         deltas = rest[n - 1 :]
         g_new_w, grads = grads[:n], grads[n:]
         g_new_s, grads = (grads[:n], grads[n:]) if has_m else (None, grads)
-        g_inputs_ext, g_deltas = grads[: n - 1], list(grads[n - 1 :])
+        g_inputs_ext, g_deltas = grads[: n - 1], list(grads[n - 1 : 2 * n - 1])
+        g_scale_out = grads[2 * n - 1] if scale is not None else None
 
         # 1. the fold
         c_col, e_col = c.unsqueeze(-1), None if e is None else e.unsqueeze(-1)
@@ -159,6 +179,19 @@ class _ChunkWrite(torch.autograd.Function):
                 g_deltas[i] = torch.addcmul(g_deltas[i], q, e_col, value=-1)
                 g_a = torch.baddbmm(g_a, d * e_col, g_new_s[i], alpha=-1)
             g_inputs.append(g_a if i == 0 else g_a + g_inputs_ext[i - 1])
+
+        # 1b. the clip: the fold took c s and e s with s = min(1, max_norm / sqrt(sq)) per token
+        if scale is not None:
+            g_scale = g_c * c_raw + (0.0 if e_raw is None else g_e * e_raw) + g_scale_out
+            g_c, g_e = g_c * scale, None if e_raw is None else g_e * scale
+            # ds/d(sq) = -s / (2 sq) where the clip acts; d(sq)/d delta_l = 2 ||a_l||^2 delta_l, and likewise for a_l
+            sq = sq + torch.finfo(sq.dtype).tiny
+            acts = cfg.grad_clip * sq.rsqrt() <= 1.0
+            coef = torch.where(acts, -g_scale * scale / sq, 0.0).unsqueeze(-1)
+            for i in range(n):
+                a, d = inputs[i], deltas[i]
+                g_deltas[i] = torch.addcmul(g_deltas[i], d, coef * a.square().sum(-1, keepdim=True))
+                g_inputs[i] = torch.addcmul(g_inputs[i], a, coef * d.square().sum(-1, keepdim=True))
 
         # 2. the error recursion delta_l = act.backward(m_l, z_l), first layer up
         g_pre: list[Tensor | None] = [None] * n
@@ -198,10 +231,13 @@ def chunk_write(
     carry: Tensor | None,
     decay: Tensor | None,
     cfg: MemoryConfig,
-) -> tuple[list[Tensor], list[Tensor], tuple[Tensor, ...], tuple[Tensor, ...] | None]:
-    """Key path and fold of one full chunk. Returns (inputs a_l, errors delta_l, new weights, new momentum)."""
+) -> tuple[list[Tensor], list[Tensor], tuple[Tensor, ...], tuple[Tensor, ...] | None, Tensor | None]:
+    """Key path and fold of one full chunk. Returns (inputs a_l, errors delta_l, new weights, new momentum, the
+    per-token clip factor or None without ``cfg.grad_clip``)."""
     n = len(weights)
     out = _ChunkWrite.apply(cfg, n, k, v, c, e, keep, carry, decay, *weights, *(momentum or ()))
     new_w, out = out[:n], out[n:]
     new_s, out = (out[:n], out[n:]) if momentum is not None else (None, out)
-    return [k, *out[: n - 1]], list(out[n - 1 :]), tuple(new_w), None if new_s is None else tuple(new_s)
+    scale = out[2 * n - 1] if cfg.grad_clip is not None else None
+    inputs, deltas = [k, *out[: n - 1]], list(out[n - 1 : 2 * n - 1])
+    return inputs, deltas, tuple(new_w), None if new_s is None else tuple(new_s), scale

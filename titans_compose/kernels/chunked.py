@@ -132,12 +132,6 @@ def _shift(x: Tensor | None, first: float, axis: int) -> Tensor | None:
     return torch.cat([pad, x.narrow(axis, 0, x.shape[axis] - 1)], dim=axis)
 
 
-def clip_scale(inputs: list[Tensor], deltas: list[Tensor], max_norm: float) -> Tensor:
-    """Per-token factor min(1, max_norm / ||g_t||) with ||g_t||^2 = sum_l ||delta_l||^2 ||a_l||^2."""
-    sq = sum(d.square().sum(-1) * a.square().sum(-1) for a, d in zip(inputs, deltas, strict=True))
-    return (max_norm * (sq + torch.finfo(sq.dtype).tiny).rsqrt()).clamp(max=1.0)
-
-
 def _col(x: Tensor) -> Tensor:
     return x[:, None, None] if x.dim() == 1 else x.unsqueeze(-1)
 
@@ -197,13 +191,15 @@ def _chunk(
     write runs as one node with a hand-written backward where :func:`chunk_write.supported` says so."""
     manual = commit and chunk_write.supported(cfg)
     if manual:
-        inputs, deltas, new_weights, new_momentum = chunk_write.chunk_write(
+        inputs, deltas, new_weights, new_momentum, scale = chunk_write.chunk_write(
             weights, momentum, k, v, *_last_row(tables, theta), cfg
         )
+        if scale is not None:
+            theta = theta * scale
     else:
         inputs, deltas = mlp.key_path(weights, k, v, cfg)
         if cfg.grad_clip is not None:
-            theta = theta * clip_scale(inputs, deltas, cfg.grad_clip)
+            theta = theta * chunk_write.clip_scale(inputs, deltas, cfg.grad_clip)[0]
     if cfg.retrieval == "per_chunk":
         y = mlp.forward(weights, q, cfg)
     else:
