@@ -9,6 +9,7 @@ initialisation, over several model seeds and batches, and the largest single-seq
 
     python benchmarks/outer_gradients.py                  # the recorded run (shipped spec sizes)
     python benchmarks/outer_gradients.py --no-record --seeds 2
+    python benchmarks/outer_gradients.py --no-record --spec my_model.yaml      # your own spec
 
 Prints a table and appends it, with the date and the command, to benchmarks/RESULTS.md.
 """
@@ -75,6 +76,9 @@ def measure(spec: Path, overrides: list[str], args: argparse.Namespace) -> dict[
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument(
+        "--spec", action="append", type=Path, default=[], help="measure this spec file instead of the shipped variants"
+    )
     parser.add_argument("--seeds", type=int, default=3, help="model seeds per setting")
     parser.add_argument("--batches", type=int, default=2, help="batches per seed")
     parser.add_argument("--batch", type=int, default=8)
@@ -83,10 +87,11 @@ def main() -> None:
     parser.add_argument("--no-record", action="store_true", help="do not append to benchmarks/RESULTS.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    cells = [(v, s) for v in args.variants for s in SETTINGS]
+    specs = {p.name: p for p in args.spec} or {v: SPECS / VARIANTS[v] for v in args.variants}
+    cells = [(v, s) for v in specs for s in SETTINGS]
     results = {}
     for variant, setting in tqdm(cells, desc="variant x setting", unit="cell"):
-        results[variant, setting] = measure(SPECS / VARIANTS[variant], SETTINGS[setting], args)
+        results[variant, setting] = measure(specs[variant], SETTINGS[setting], args)
     lines = [
         "| variant | inner rule | median grad norm | max grad norm | max single-sequence norm |",
         "|---|---|---|---|---|",

@@ -47,9 +47,7 @@ def gradients(cfg, seed, monkeypatch, backward):
     return y.detach(), torch.autograd.grad(loss, leaves)
 
 
-@pytest.mark.parametrize("case", GRID, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
-@pytest.mark.parametrize("retrieval,chunk", [("after", 4), ("before", 5), ("per_chunk", 8)])
-def test_manual_backward_equals_autograd(case, retrieval, chunk, monkeypatch):
+def assert_manual_equals_autograd(case: dict, retrieval: str, chunk: int, monkeypatch) -> None:
     cfg = make_cfg(chunk_size=chunk, retrieval=retrieval, **case)
     seed = hash((retrieval, *case.values())) % 1000
     y_m, g_m = gradients(cfg, seed, monkeypatch, "manual")
@@ -58,6 +56,12 @@ def test_manual_backward_equals_autograd(case, retrieval, chunk, monkeypatch):
     for got, want in zip(g_m, g_a, strict=True):
         assert torch.isfinite(got).all()
         assert rel(got, want) < 1e-10
+
+
+@pytest.mark.parametrize("case", GRID, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+@pytest.mark.parametrize("retrieval,chunk", [("after", 4), ("before", 5), ("per_chunk", 8)])
+def test_manual_backward_equals_autograd(case, retrieval, chunk, monkeypatch):
+    assert_manual_equals_autograd(case, retrieval, chunk, monkeypatch)
 
 
 def test_manual_backward_gradcheck(monkeypatch):
@@ -93,14 +97,7 @@ def test_manual_backward_with_the_gradient_clip_equals_autograd(case, retrieval,
     errors and inputs: its derivative enters the hand-written backward. The tokens' gradient norms at the initial
     weights here are 1-10 (depth 1 and 3 without norms) and 7-55 (depth 2 with LayerNorm), so clip 0.5 acts on every
     token and 8.0 on some, none or most."""
-    cfg = make_cfg(chunk_size=chunk, retrieval=retrieval, **case)
-    seed = hash((retrieval, *case.values())) % 1000
-    y_m, g_m = gradients(cfg, seed, monkeypatch, "manual")
-    y_a, g_a = gradients(cfg, seed, monkeypatch, "autograd")
-    assert torch.isfinite(y_a).all() and rel(y_m, y_a) < 1e-12
-    for got, want in zip(g_m, g_a, strict=True):
-        assert torch.isfinite(got).all()
-        assert rel(got, want) < 1e-10
+    assert_manual_equals_autograd(case, retrieval, chunk, monkeypatch)
 
 
 def test_manual_backward_gradcheck_with_the_gradient_clip(monkeypatch):
