@@ -44,7 +44,7 @@ def unsupported_reason(cfg: MemoryConfig, dtype: Any) -> str | None:
     if cfg.names is None:
         return "the memory config carries no registry names (build it with memory_config)"
     if cfg.grad_clip is not None:
-        return "grad_clip: the per-token gradient clip couples every layer's errors (chunked path only)"
+        return "grad_clip: the generated kernels do not take the per-token inner gradient clip yet"
     if cfg.optimizer not in (None, OPTIMIZERS["momentum"][0]):
         return "an optimizer rule other than the built-in momentum has no generated form"
     act, loss = cfg.activation, cfg.loss

@@ -124,12 +124,15 @@ class MemoryBackend:
 
         forced = self.planned.name == "triton"
         if not forced and device != "cuda":
-            later = "would run the generated kernel" if why_not is None else f"would run chunked too ({why_not})"
-            return BackendChoice(
-                "chunked",
-                f"{device} tensors run the chunked PyTorch path; on CUDA this layer {later}; {ENV_VAR}=triton with "
-                f"{INTERPRET_VAR}=1 runs the kernel in Triton's interpreter",
-            )
+            if why_not is None:
+                later = (
+                    f"would run the generated kernel; {ENV_VAR}=triton with {INTERPRET_VAR}=1 runs the kernel in "
+                    "Triton's interpreter"
+                )
+            else:
+                later = f"would run chunked too ({why_not})"
+            reason = f"{device} tensors run the chunked PyTorch path; on CUDA this layer {later}"
+            return BackendChoice("chunked", reason)
         source = self.planned.reason if forced else f"{device} tensors"
         if key is None:
             return BackendChoice("chunked", f"{source}, but the generated kernel does not apply: {why_not}")
