@@ -135,7 +135,7 @@ def plot(results: dict[str, dict], lengths: list[int], digits: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--steps", type=int, default=400, help="pass-key training steps per variant")
+    parser.add_argument("--steps", type=int, default=1500, help="pass-key training steps per variant")
     parser.add_argument("--lm-steps", type=int, default=150, help="real-text training steps per variant")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--train-len", type=int, default=128, help="training context length")
