@@ -50,9 +50,10 @@ def supported(cfg: MemoryConfig) -> bool:
 
 def clip_scale(inputs: list[Tensor], deltas: list[Tensor], max_norm: float) -> tuple[Tensor, Tensor]:
     """Per-token factor min(1, max_norm / ||g_t||) with ||g_t||^2 = sum_l ||delta_l||^2 ||a_l||^2 (the token's
-    gradient over all layers), and ||g_t||^2 itself."""
+    gradient over all layers), and ||g_t||^2 itself (plus the smallest normal number, which keeps it positive)."""
     sq = sum(d.square().sum(-1) * a.square().sum(-1) for a, d in zip(inputs, deltas, strict=True))
-    return (max_norm * (sq + torch.finfo(sq.dtype).tiny).rsqrt()).clamp(max=1.0), sq
+    sq = sq + torch.finfo(sq.dtype).tiny
+    return (max_norm * sq.rsqrt()).clamp(max=1.0), sq
 
 
 def _col(x: Tensor) -> Tensor:
@@ -185,7 +186,6 @@ class _ChunkWrite(torch.autograd.Function):
             g_scale = g_c * c_raw + (0.0 if e_raw is None else g_e * e_raw) + g_scale_out
             g_c, g_e = g_c * scale, None if e_raw is None else g_e * scale
             # ds/d(sq) = -s / (2 sq) where the clip acts; d(sq)/d delta_l = 2 ||a_l||^2 delta_l, and likewise for a_l
-            sq = sq + torch.finfo(sq.dtype).tiny
             acts = cfg.grad_clip * sq.rsqrt() <= 1.0
             coef = torch.where(acts, -g_scale * scale / sq, 0.0).unsqueeze(-1)
             for i in range(n):
