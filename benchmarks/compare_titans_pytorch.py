@@ -22,7 +22,6 @@ core's unavoidable batched matmuls alone (no elementwise work), plus the measure
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import platform
@@ -33,10 +32,11 @@ import sys
 import time
 from pathlib import Path
 
+from record import append_section
+
 from titans_compose.kernels.flops import chunk_matmuls
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "RESULTS.md"
 SPEC = HERE.parent / "specs" / "titans_lmm_small.yaml"
 
 BATCH, DIM, HEADS, HEAD_DIM, DEPTH, EXPANSION = 2, 256, 4, 64, 2, 4
@@ -232,11 +232,7 @@ def main() -> None:
         return
     import torch
 
-    stamp = dt.date.today().isoformat()
-    command = "python benchmarks/compare_titans_pytorch.py " + " ".join(sys.argv[1:])
-    section = (
-        f"\n## NeuralMemory vs titans-pytorch 0.5.5 on the CPU ({stamp})\n\n"
-        f"Command: `{command}`  \n"
+    body = (
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"2 threads, each configuration in a fresh process, median of {args.repeats} runs after one warm-up.  \n"
         f"Sizes: batch {BATCH}, width {DIM}, {HEADS} heads x {HEAD_DIM}, memory depth {DEPTH}, expansion "
@@ -247,11 +243,9 @@ def main() -> None:
         "Floor: the unavoidable batched matmuls of our memory core (each forward matmul and its two gradient "
         "matmuls, nothing elementwise) plus the measured rest of our module (projections, convolutions, gates, "
         "norms) with the memory scan stubbed out: a lower bound on our time in eager PyTorch on this machine.\n\n"
-        f"{table}\n"
+        f"{table}"
     )
-    with RESULTS.open("a") as handle:
-        handle.write(section)
-    print(f"appended to {RESULTS}")
+    append_section("NeuralMemory vs titans-pytorch 0.5.5 on the CPU", __file__, body)
 
 
 if __name__ == "__main__":

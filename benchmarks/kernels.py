@@ -27,7 +27,6 @@ table and appends it with the device, date and command to benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import math
 import os
@@ -40,8 +39,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from record import append_section
+
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "RESULTS.md"
 SPEC = HERE.parent / "specs" / "titans_lmm_small.yaml"
 IMPLS = ("triton", "chunked", "fla", "ours-module", "titans-pytorch")
 MODULES = ("ours-module", "titans-pytorch")
@@ -361,19 +361,14 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{device}; {args.dtype} matmul peak {peak_text}\n\n{report}")
     if args.no_record:
         return
-    command = "python benchmarks/kernels.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    section = (
-        f"\n## Generated kernels on {device} ({dt.date.today().isoformat()})\n\n"
-        f"Command: `{command}`  \n"
+    body = (
         f"torch {torch.__version__}, triton {_triton_version()}, {args.dtype}, chunk {args.chunk}, width "
         f"{args.width}, expansion {EXPANSION}, rows >= {args.rows}; median of {args.repeats} after {args.warmup} "
         f"warm-up runs, each configuration in a fresh process; measured {args.dtype} matmul peak {peak_text}. "
         "TFLOP/s counts the dual form's matmul work (titans_compose.kernels.flops) for every implementation.\n\n"
-        f"{report}\n"
+        f"{report}"
     )
-    with RESULTS.open("a") as handle:
-        handle.write(section)
-    print(f"appended to {RESULTS}")
+    append_section(f"Generated kernels on {device}", __file__, body, argv)
 
 
 def _triton_version() -> str:

@@ -20,15 +20,14 @@ matplotlib`) and appends the table with the date and the command to benchmarks/R
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import math
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
+from record import append_section
 
 from titans_compose.builder import build
 from titans_compose.train.data import WindowSampler, load_corpus
@@ -37,7 +36,6 @@ from titans_compose.train.tasks import exact_match, passkey_batch
 
 HERE = Path(__file__).resolve().parent
 SPECS = HERE.parent / "specs"
-RESULTS = HERE / "RESULTS.md"
 PLOT = HERE / "long_context.png"
 
 WINDOW = 16
@@ -177,10 +175,7 @@ def main() -> None:
     if args.no_record:
         return
     print(plot(results, args.lengths, args.digits))
-    command = "python benchmarks/long_context.py " + " ".join(sys.argv[1:])
-    section = (
-        f"\n## Pass-key retrieval beyond the window, and real-text loss ({dt.date.today().isoformat()})\n\n"
-        f"Command: `{command}`  \n"
+    body = (
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.jobs} variants at "
         f"once with {args.threads} thread(s) each.  \n"
         f"Models: width 64, 2 layers, attention window {WINDOW} (MAC segments {WINDOW}), memory 2 heads x 32, depth 2, "
@@ -188,11 +183,9 @@ def main() -> None:
         f"{args.batch} x {args.train_len} tokens ({args.digits}-digit keys, "
         f"needle anywhere, loss on the answer), lr {args.lr}. Accuracy: exact match over {args.samples} held-out "
         f"sequences with the needle at the start (chance {10.0**-args.digits:g}). Val bits/byte: a separate copy "
-        f"trained {args.lm_steps} steps on the standard library's source.\n\n{table}\n"
+        f"trained {args.lm_steps} steps on the standard library's source.\n\n{table}"
     )
-    with RESULTS.open("a") as handle:
-        handle.write(section)
-    print(f"appended to {RESULTS}")
+    append_section("Pass-key retrieval beyond the window, and real-text loss", __file__, body)
 
 
 if __name__ == "__main__":

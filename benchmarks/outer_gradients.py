@@ -17,14 +17,13 @@ Prints a table and appends it, with the date and the command, to benchmarks/RESU
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import os
 import platform
 import statistics
-import sys
 from pathlib import Path
 
 import torch
+from record import append_section
 from tqdm import tqdm
 
 from titans_compose.builder import build
@@ -33,7 +32,6 @@ from titans_compose.train.tasks import TaskBatch, passkey_batch
 
 HERE = Path(__file__).resolve().parent
 SPECS = HERE.parent / "specs"
-RESULTS = HERE / "RESULTS.md"
 VARIANTS = {
     "MAC": "titans_mac_small.yaml",
     "MAG": "titans_mag_small.yaml",
@@ -102,18 +100,13 @@ def main() -> None:
     print(table)
     if args.no_record:
         return
-    command = "python benchmarks/outer_gradients.py " + " ".join(sys.argv[1:])
-    section = (
-        f"\n## Outer gradient norm at initialisation ({dt.date.today().isoformat()})\n\n"
-        f"Command: `{command}`  \n"
+    body = (
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}.  \n"
         f"Shipped specs at their own sizes; the pass-key answer loss ({args.batch} x {args.seq_len} tokens, 2-digit "
         f"keys) at initialisation, {args.seeds} model seeds x {args.batches} batches; the single-sequence column "
-        f"is the largest norm of one sequence of the first batch of each seed.\n\n{table}\n"
+        f"is the largest norm of one sequence of the first batch of each seed.\n\n{table}"
     )
-    with RESULTS.open("a") as handle:
-        handle.write(section)
-    print(f"appended to {RESULTS}")
+    append_section("Outer gradient norm at initialisation", __file__, body)
 
 
 if __name__ == "__main__":

@@ -11,12 +11,10 @@ appends it to benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from record import append_section
 
 from titans_compose.kernels import mlp
 from titans_compose.kernels.chunked import chunked_memory
@@ -24,7 +22,6 @@ from titans_compose.kernels.config import MemoryConfig
 from titans_compose.kernels.state import MemoryState
 from titans_compose.registry.rules import ACTIVATIONS, LOSSES
 
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 THETAS = (0.05, 0.1, 0.2, 0.5)
 
 
@@ -83,17 +80,14 @@ def main() -> None:
     print(table)
     if args.no_record:
         return
-    command = "python benchmarks/recall_capacity.py " + " ".join(sys.argv[1:])
-    with RESULTS.open("a") as handle:
-        handle.write(
-            f"\n## Recall against the number of stored pairs ({dt.date.today().isoformat()})\n\n"
-            f"Command: `{command}`  \n"
-            f"Head dim {args.head_dim} for both memories (depth 2: hidden {4 * args.head_dim}, SiLU), one pass over "
-            f"random unit keys and values, b = 1, no momentum or forgetting, best theta of {list(THETAS)} per cell, "
-            f"mean over {args.seeds} seeds. Error = mean ||M(k) - v|| / ||v|| (1 = nothing recalled).\n\n"
-            f"{table}\n"
-        )
-    print(f"appended to {RESULTS}")
+    append_section(
+        "Recall against the number of stored pairs",
+        __file__,
+        f"Head dim {args.head_dim} for both memories (depth 2: hidden {4 * args.head_dim}, SiLU), one pass over "
+        f"random unit keys and values, b = 1, no momentum or forgetting, best theta of {list(THETAS)} per cell, "
+        f"mean over {args.seeds} seeds. Error = mean ||M(k) - v|| / ||v|| (1 = nothing recalled).\n\n"
+        f"{table}",
+    )
 
 
 if __name__ == "__main__":
