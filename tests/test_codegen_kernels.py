@@ -11,8 +11,13 @@ The second bound is for ill-conditioned gradients: with the lp loss (p = 1.5, wh
 kernel error measured on this grid; every other case is below 3.3e-5). A wrong term (a missing second-order or
 gate gradient) is off by 1e-2 or more.
 
-The golden source is ``tests/golden/kernel_d2_silu_l2.txt``; after an intended generator change, regenerate it with
-``REGENERATE_GOLDEN=1 pytest tests/test_codegen_kernels.py -k golden`` and review the diff.
+The hidden-tiled kernels (depth 2, hidden width streamed in tiles) run the same checks at a tile of 16 columns and
+hidden width 40 (two full tiles and a partial one), the tile forced by the ``tiled`` fixture (at interpreter-sized
+widths whole matrices would fit).
+
+The golden sources are ``tests/golden/kernel_d2_silu_l2.txt`` and ``kernel_d2_tiled_silu_l2.txt``; after an
+intended generator change, regenerate them with ``REGENERATE_GOLDEN=1 pytest tests/test_codegen_kernels.py -k golden``
+and review the diff.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import pytest
 import torch
 
 from tests.test_memory_core import make_cfg, make_inputs, rel
-from titans_compose.codegen import cache, emit, runtime
+from titans_compose.codegen import cache, emit, runtime, tiling
 from titans_compose.codegen.key import kernel_key
 from titans_compose.codegen.support import backward_fallback_reason, unsupported_reason
 from titans_compose.kernels.chunked import chunked_memory
@@ -37,6 +42,7 @@ from titans_compose.registry.rules import Activation
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 GOLDEN = Path(__file__).parent / "golden" / "kernel_d2_silu_l2.txt"
+GOLDEN_TILED = Path(__file__).parent / "golden" / "kernel_d2_tiled_silu_l2.txt"
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")  # CPU: the kernels run in Triton's interpreter
 TOL = 1e-4
@@ -70,6 +76,12 @@ def poisoned(monkeypatch):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
     monkeypatch.setattr(runtime, "_alloc", alloc)
+
+
+@pytest.fixture
+def tiled(monkeypatch):
+    """Depth-2 memories get the hidden-tiled kernels, at a tile of 16 columns."""
+    monkeypatch.setattr(tiling, "hidden_tile", lambda shapes, chunk: 16 if len(shapes) == 2 else 0)
 
 
 def config(depth=2, d=16, hidden=24, loss="l2", activation="silu", **kw):
@@ -141,20 +153,22 @@ def check(cfg, T=21, pieces=None, seed=0) -> None:
     assert not bad, f"(kernel error, float32 chunked error): {bad}"
 
 
-# depth x (momentum, forget) x retrieval; loss, activation, residual / LayerNorm and the chunk size cycle through the
-# cases so that each appears with every depth and retrieval mode.
-GRID = [
-    dict(
-        depth=depth,
-        momentum=mom,
-        forget=fgt,
-        retrieval=retrieval,
+def cycled(n: int, **fixed) -> dict:
+    """Case ``n`` of a grid: ``fixed``, and the loss, activation, residual / LayerNorm and chunk size cycling with n."""
+    return dict(
+        **fixed,
         loss=LOSSES[n % 4],
         activation=ACTIVATIONS[(n // 4 + n) % 4],
         residual=NORMS[(n // 2) % 4][0],
         output_norm=NORMS[(n // 2) % 4][1],
         chunk_size=(8, 5, 16)[n % 3],
     )
+
+
+# depth x (momentum, forget) x retrieval; the other options cycle so that each appears with every depth and retrieval
+# mode.
+GRID = [
+    cycled(n, depth=depth, momentum=mom, forget=fgt, retrieval=retrieval)
     for n, (depth, (mom, fgt), retrieval) in enumerate(
         (depth, gates, retrieval)
         for depth in (1, 2, 3)
@@ -183,16 +197,89 @@ def test_pieces_chain_state_and_gradients(case, pieces):
     check(config(**case), T=sum(pieces), pieces=pieces)
 
 
-def test_generated_source_golden():
-    key = kernel_key(config(depth=2, hidden=32, momentum=True, forget=True), "float32")
+def golden(key, path: Path) -> None:
     source = emit.generate(key)
     assert source == emit.generate(key)  # deterministic
     assert f"# key: {key.canonical()}\n" in source
     text = source.replace(key.canonical(), "<canonical key>")
     if os.environ.get("REGENERATE_GOLDEN") == "1":
-        GOLDEN.parent.mkdir(exist_ok=True)
-        GOLDEN.write_text(text)
-    assert text == GOLDEN.read_text(), "generated source changed: see the module docstring to regenerate"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text)
+    assert text == path.read_text(), "generated source changed: see the module docstring to regenerate"
+
+
+def test_generated_source_golden():
+    golden(kernel_key(config(depth=2, hidden=32, momentum=True, forget=True), "float32"), GOLDEN)
+
+
+def test_tiled_source_golden(tiled):
+    key = kernel_key(config(depth=2, hidden=40, momentum=True, forget=True), "float32")
+    assert key.hidden_tile == 16
+    golden(key, GOLDEN_TILED)
+
+
+# (momentum, forget) x retrieval on the tiled kernels, the other options cycling as in GRID
+TILED_GRID = [
+    cycled(n, momentum=mom, forget=fgt, retrieval=retrieval)
+    for n, ((mom, fgt), retrieval) in enumerate(
+        (gates, retrieval)
+        for gates in ((True, True), (False, False), (True, False), (False, True))
+        for retrieval in ("after", "before", "per_chunk")
+    )
+]
+
+
+@pytest.mark.parametrize("case", TILED_GRID, ids=lambda c: "-".join(str(v) for v in c.values()))
+def test_tiled_kernel_matches_chunked(tiled, case):
+    cfg = config(depth=2, hidden=40, **case)
+    assert kernel_key(cfg, "float32").hidden_tile == 16
+    check(cfg, seed=sum(map(ord, str(case))) % 89)
+
+
+# the per-token inner gradient clip: max norm 0.5 acts on every token, 6.0 on some (the tokens' gradient norms at
+# the start are 3-11); depth x gates x retrieval, on whole matrices and on hidden tiles
+CLIP_GRID = [
+    dict(depth=depth, momentum=mom, forget=fgt, retrieval=retrieval, grad_clip=clip, tiled=tiled, **extra)
+    for depth, mom, fgt, retrieval, clip, tiled, extra in (
+        (1, True, True, "after", 0.5, False, {}),
+        (1, False, True, "before", 6.0, False, dict(loss="huber", output_norm=True)),
+        (2, True, True, "after", 6.0, False, {}),
+        (2, True, False, "per_chunk", 0.5, False, dict(activation="gelu", residual=True)),
+        (2, False, False, "before", 0.5, False, dict(loss="lp", output_norm=True, residual=True)),
+        (3, True, True, "before", 6.0, False, dict(chunk_size=5)),
+        (3, False, True, "after", 0.5, False, dict(activation="relu")),
+        (2, True, True, "after", 6.0, True, {}),
+        (2, True, True, "after", 0.5, True, dict(output_norm=True, residual=True, chunk_size=5)),
+        (2, False, True, "before", 0.5, True, dict(activation="gelu", loss="huber")),
+        (2, True, False, "per_chunk", 6.0, True, dict(loss="lp", output_norm=True)),
+        (2, False, False, "after", 0.5, True, dict(activation="identity", residual=True)),
+    )
+]
+
+
+@pytest.mark.parametrize("case", CLIP_GRID, ids=lambda c: "-".join(str(v) for v in c.values()))
+def test_clipped_kernel_matches_chunked(case, monkeypatch):
+    case = dict(case)
+    if case.pop("tiled"):
+        monkeypatch.setattr(tiling, "hidden_tile", lambda shapes, chunk: 16)
+        case["hidden"] = 40
+    cfg = config(**case)
+    assert kernel_key(cfg, "float32").grad_clip == case["grad_clip"]
+    check(cfg, seed=sum(map(ord, str(case))) % 83)
+
+
+@pytest.mark.parametrize("grad_clip", [None, 1.0])
+def test_shipped_memory_runs_on_its_own_tiles(grad_clip):
+    """The shipped specs' memory (head dim 64, hidden 256, chunk 16, SiLU, l2, momentum and forget) at the tile
+    tiling.py chooses for it, with and without the MAC spec's clip."""
+    cfg = config(d=64, hidden=256, chunk_size=16, grad_clip=grad_clip)
+    assert kernel_key(cfg, "float32").hidden_tile == 32
+    check(cfg, T=19)
+
+
+def test_tiled_pieces_chain_state_and_gradients(tiled):
+    """The default Titans memory on the tiled kernels, in uneven calls carrying the state."""
+    check(config(depth=2, hidden=40, retrieval="after", chunk_size=4), T=19, pieces=[3, 10, 1, 5])
 
 
 def test_keys_give_distinct_kernels_and_the_cache_hits():
@@ -207,19 +294,25 @@ def test_keys_give_distinct_kernels_and_the_cache_hits():
 
 def test_support():
     assert unsupported_reason(config(), torch.float32) is None
-    assert "grad_clip" in unsupported_reason(config(grad_clip=1.0), torch.float32)
+    assert unsupported_reason(config(grad_clip=1.0), torch.float32) is None
     assert "float64" in unsupported_reason(config(), torch.float64)
     cfg = config()
     bare = dataclasses.replace(cfg, activation=Activation(cfg.activation.fn, cfg.activation.grad))
     assert "Triton expressions" in unsupported_reason(bare, "float32")
-    assert "tiling" in unsupported_reason(config(hidden=300), "float32")
-    assert "tiling" in unsupported_reason(config(d=64, hidden=64, chunk_size=64), "float32")
-    assert "tiling" in unsupported_reason(config(depth=1, d=128, chunk_size=16), "float32")
+    # too large for whole matrices: depth 2 is tiled, other depths are not
+    assert "depth 2 only" in unsupported_reason(config(depth=3, hidden=300), "float32")
+    assert "depth 2 only" in unsupported_reason(config(depth=1, d=128, chunk_size=16), "float32")
     assert unsupported_reason(config(d=64, hidden=128, chunk_size=16), "float32") is None
-    clipped = config(grad_clip=1.0)
-    *inputs, weights = make_inputs(clipped, T=4, dtype=torch.float32)
-    with pytest.raises(NotImplementedError, match="grad_clip"):
-        runtime.triton_memory(*inputs, MemoryState.initial(weights, True), clipped)
+    assert kernel_key(config(d=64, hidden=128, chunk_size=16), "float32").hidden_tile == 0
+    for chunk in (16, 32):  # the shipped memory (head dim 64, hidden 256) runs on hidden tiles
+        shipped = config(d=64, hidden=256, chunk_size=chunk)
+        assert unsupported_reason(shipped, "float32") is None
+        assert kernel_key(shipped, "float32").hidden_tile == 32
+    assert "no hidden tile fits" in unsupported_reason(config(d=64, hidden=256, chunk_size=64), "float32")
+    large = config(depth=3, hidden=300)
+    *inputs, weights = make_inputs(large, T=4, dtype=torch.float32)
+    with pytest.raises(NotImplementedError, match="depth 2 only"):
+        runtime.triton_memory(*inputs, MemoryState.initial(weights, True), large)
     for depth in (1, 2):  # the default Titans memories have the generated backward
         assert backward_fallback_reason(kernel_key(config(depth=depth), "float32")) is None
 

@@ -75,10 +75,11 @@ def test_cuda_tensors_run_the_generated_kernel_when_supported(kernel_cache):
 
 
 def test_cuda_tensors_fall_back_with_the_generators_reason(kernel_cache):
-    clipped = build(["update.grad_clip=1.0"], dtype=F32)
-    choice = clipped.dispatch.resolve(on_cuda(), clipped.config)
+    # depth 3 at head dim 64, hidden 256: too large for one program, and only depth 2 is tiled
+    deep = build(["memory.depth=3", "model.dim=128", "memory.head_dim=64", "memory.expansion=4"], dtype=F32)
+    choice = deep.dispatch.resolve(on_cuda(), deep.config)
     assert choice.name == "chunked" and choice.reason.startswith("cuda tensors, but the generated kernel does not")
-    assert "grad_clip" in choice.reason
+    assert "depth 2 only" in choice.reason
     wide = build(dtype=F32)
     choice = wide.dispatch.resolve(on_cuda(torch.float64), wide.config)
     assert choice.name == "chunked" and "inputs of dtype float64" in choice.reason

@@ -24,9 +24,12 @@ The MLP depth is unrolled; the activation, its derivatives and the loss gradient
 Triton expressions (the ``triton_*`` fields of :mod:`titans_compose.registry.rules`). Blocks are padded to powers
 of two >= 16 (tl.dot's minimum) and masked. Products (``_dot``) run in full float32 for float32 inputs (the
 interpreter's and the chunked path's numerics) and in the GPU's default tf32 for 16-bit inputs, except the b x b
-gate-table products, always in full float32 (tf32 would put ~1e-3 errors into every coefficient). Whole state
-matrices are loaded per chunk (no hidden-dim tiling yet: the sizes are capped in
-:mod:`titans_compose.codegen.support`). The output is a deterministic function of the key.
+gate-table products, always in full float32 (tf32 would put ~1e-3 errors into every coefficient). This generator
+loads whole state matrices per chunk, within the sizes of :mod:`titans_compose.codegen.tiling`; a depth-2 memory
+beyond them streams its hidden width in tiles (:mod:`titans_compose.codegen.emit_tiled`, which reuses the pieces
+here). With ``grad_clip``, theta is scaled per token by min(1, max_norm / ||g_t||) after the key path, and the
+backward adds the factor's derivative to every d_l and a_l gradient. The output is a deterministic function of the
+key.
 
 The generated code calls only Triton's core builtins, never ``triton.language.standard``'s own ``@triton.jit``
 functions (tl.sum, tl.cdiv, tl.sigmoid, ...): those are decorated when triton is imported, so in a process that
@@ -40,11 +43,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from titans_compose.codegen.key import KernelKey
-
-
-def block(n: int) -> int:
-    """The padded block size of a dimension: the next power of two, at least 16 (tl.dot's minimum)."""
-    return max(16, 1 << (n - 1).bit_length())
+from titans_compose.codegen.tiling import block
 
 
 @dataclass(frozen=True)
@@ -238,7 +237,14 @@ class _Generator:
             code(f"W{i}_OFF = tl.constexpr({lay.weight_offsets[i]})")
             if self.mom:
                 code(f"S{i}_OFF = tl.constexpr({lay.momentum_offsets[i]})")
-        code(f"STATE_SIZE = tl.constexpr({lay.size})", f"EPS = tl.constexpr({key.ln_eps!r})", "")
+        code(f"STATE_SIZE = tl.constexpr({lay.size})", f"EPS = tl.constexpr({key.ln_eps!r})")
+        if key.grad_clip is not None:
+            code(
+                f"MAX_NORM = tl.constexpr({key.grad_clip!r})  # the per-token inner gradient clip",
+                "TINY = tl.constexpr(1.1754943508222875e-38)  # the smallest normal float32: keeps ||g_t||^2 > 0",
+            )
+        self.extra_constants(code)
+        code("")
         exprs = rule_expressions(key)
         for name, arg, what in (
             ("act", "x", f"{key.activation}"),
@@ -260,12 +266,18 @@ class _Generator:
                 f'    """{key.dtype} inputs: the default precision (tf32 on a GPU)."""',
             )
             code("    return tl.dot(a, b)", "")
-        code.lines.extend(_HELPERS.splitlines())
+        code.lines.extend((_HELPERS + self.extra_helpers).splitlines())
         code("", "")
         self.forward_kernel(code)
         code("", "")
         self.backward_kernel(code)
         return "\n".join(code.lines).rstrip() + "\n"
+
+    #: Helper functions only some generators use.
+    extra_helpers = ""
+
+    def extra_constants(self, code: _Code) -> None:
+        """Constants only some generators use."""
 
     def gate_args(self, prefix: str = "") -> str:
         return ", ".join(f"{prefix}{name}_ptr" for name in self.gates)
@@ -286,6 +298,14 @@ class _Generator:
             code(f"cols{i} = (tl.arange(0, B{i}) < D{i})[None, :]")
 
     def load_chunk(self, code: _Code) -> None:
+        self.load_inputs(code)
+        for i in range(self.depth):
+            code(f"w{i} = _load_rows(state + W{i}_OFF, {self.tile(i)})")
+            if self.mom:
+                code(f"s{i} = _load_rows(state + S{i}_OFF, {self.tile(i)})")
+
+    def load_inputs(self, code: _Code) -> None:
+        """The chunk's bounds, its q, k, v and gates, and ``state``, the pointer to its start state."""
         code(
             "t0 = chunk * CHUNK",
             "n_tok = tl.minimum(T - t0, CHUNK)",
@@ -298,10 +318,6 @@ class _Generator:
             code(f"{name} = _load_rows({name}_ptr + seq + t0 * D0, n_tok, D0, BT, B0)")
         for name in self.gates:
             code(f"{name} = _load_vec({name}_ptr + gates + t0, n_tok, BT)")
-        for i in range(self.depth):
-            code(f"w{i} = _load_rows(state + W{i}_OFF, {self.tile(i)})")
-            if self.mom:
-                code(f"s{i} = _load_rows(state + S{i}_OFF, {self.tile(i)})")
 
     def finish(self, code: _Code, z: str, x: str) -> str:
         """Emits the output transform's LayerNorm of the last layer's ``z`` (normalised rows ``{x}x`` and
@@ -320,6 +336,14 @@ class _Generator:
             code(f"z{i} = _dot(a{i}, tl.trans(w{i}))")
             if i < last:
                 code(f"a{i + 1} = tl.where({self.cols(i + 1)}, _act(z{i}), 0.0)")
+        self.output_error(code)
+        for i in range(last - 1, -1, -1):
+            code(f"m{i} = _dot(d{i + 1}, w{i + 1})", f"d{i} = m{i} * _act_grad(z{i})")
+
+    def output_error(self, code: _Code) -> None:
+        """The loss gradient at the key path's output z_L (``lg``, through the optional residual) and the last
+        layer's error d_L (through the optional LayerNorm)."""
+        last = self.depth - 1
         code(
             f"err = {self.finish(code, f'z{last}', 'k')} - v",
             "lg = tl.where(valid[:, None] & cols0, _loss_grad(err), 0.0)",
@@ -328,8 +352,25 @@ class _Generator:
             code(f"d{last} = _layer_norm_backward(lg, kx, krstd, cols0, D0)")
         else:
             code(f"d{last} = lg")
-        for i in range(last - 1, -1, -1):
-            code(f"m{i} = _dot(d{i + 1}, w{i + 1})", f"d{i} = m{i} * _act_grad(z{i})")
+
+    def clip(self, code: _Code, norms: str = "") -> None:
+        """With ``grad_clip``: theta scaled per token by s = min(1, MAX_NORM / ||g_t||), ||g_t||^2 = sum_l
+        ||d_l||^2 ||a_l||^2 (the token's gradient over every layer); ``theta_raw`` keeps the gate. ``norms`` is the
+        expression of the squared norm's sum when the caller has it (the tiled generator)."""
+        if self.key.grad_clip is None:
+            return
+        code("# the per-token inner gradient clip (the tables below take the clipped theta)")
+        if not norms:
+            for i in range(self.depth):
+                code(f"an{i} = _sum(a{i} * a{i}, axis=1)", f"dn{i} = _sum(d{i} * d{i}, axis=1)")
+            norms = " + ".join(f"an{i} * dn{i}" for i in range(self.depth))
+        code(
+            f"sq = {norms} + TINY",
+            "ratio = tl.rsqrt(sq) * MAX_NORM  # max_norm / ||g_t||",
+            "clip = tl.minimum(ratio, 1.0)",
+            "theta_raw = theta",
+            "theta = theta * clip",
+        )
 
     def gate_tables(self, code: _Code) -> None:
         code("# gate tables from log-space prefix sums (never a ratio of cumulative products)")
@@ -407,7 +448,8 @@ class _Generator:
         return self.finish(code, f"zq{last}", "q")
 
     # ------------------------------------------------------------------ forward
-    def forward_kernel(self, code: _Code) -> None:
+    def forward_header(self, code: _Code) -> None:
+        """The forward kernel's signature, prologue and chunk loop (its body follows, indented)."""
         code(
             "@triton.jit",
             f"def forward_kernel(q_ptr, k_ptr, v_ptr, {self.gate_args()}, y_ptr, states_ptr, T, NB):",
@@ -420,8 +462,12 @@ class _Generator:
         self.prologue(code)
         code("for chunk in range(0, (T + CHUNK - 1) // CHUNK):")
         code.indent += 1
+
+    def forward_kernel(self, code: _Code) -> None:
+        self.forward_header(code)
         self.load_chunk(code)
         self.key_path(code)
+        self.clip(code)
         self.gate_tables(code)
         code(f"y = {self.retrieve(code)}", "_store_rows(y_ptr + seq + t0 * D0, y, n_tok, D0, BT, B0)")
         code("# fold the chunk into the next boundary (masked off for a partial chunk)")
@@ -439,38 +485,45 @@ class _Generator:
         code.indent -= 2
 
     # ------------------------------------------------------------------ backward
-    def backward_kernel(self, code: _Code) -> None:
+    def backward_header(self, code: _Code, scratch: str = "") -> None:
+        """The backward kernel's signature, prologue and reversed chunk loop (its body follows, indented);
+        ``scratch``, when given, documents a scratch_ptr argument."""
+        extra = "scratch_ptr, " if scratch else ""
         code(
             "@triton.jit",
             f"def backward_kernel(q_ptr, k_ptr, v_ptr, {self.gate_args()}, states_ptr, gy_ptr, gstates_ptr,",
-            f"                    gq_ptr, gk_ptr, gv_ptr, {self.gate_args('g')}, T, NB):",
+            f"                    gq_ptr, gk_ptr, gv_ptr, {self.gate_args('g')}, {extra}T, NB):",
         )
         code.indent += 1
         code(
             '"""The chunks in reverse, each recomputed from its boundary state. gstates [N, 2, STATE_SIZE]:',
             "chunk c reads the gradient of its end state from slot (c + 1) % 2 and writes that of its start state",
             "to slot c % 2 (the caller puts the final state's gradient in slot cdiv(T, CHUNK) % 2; slot 0 ends",
-            'with the initial state\'s)."""',
+            "with the initial state's)." + (f" {scratch}" if scratch else "") + '"""',
         )
         self.prologue(code)
+        if scratch:
+            code("scratch = scratch_ptr + row * BT * D1")
         code("n_chunks = (T + CHUNK - 1) // CHUNK", "for i in range(0, n_chunks):")
         code.indent += 1
         code("chunk = n_chunks - 1 - i")
+
+    def backward_kernel(self, code: _Code) -> None:
+        self.backward_header(code)
         self.load_chunk(code)
         self.key_path(code)
+        self.clip(code)
         self.gate_tables(code)
         self.retrieve(code)
         code("gy = _load_rows(gy_ptr + seq + t0 * D0, n_tok, D0, BT, B0)")
         code.defined = set()
         self.retrieve_backward(code)
         self.fold_backward(code)
+        self.theta_backward(code)
+        self.clip_backward(code)
         self.key_path_backward(code)
         self.gate_backward(code)
-        code("# stores")
-        for name, src in (("gq", "gq"), ("gk", "ga0"), ("gv", "gv")):
-            code(f"_store_rows({name}_ptr + seq + t0 * D0, {src}, n_tok, D0, BT, B0)")
-        for name in self.gates:
-            code(f"_store_vec(g{name}_ptr + gates + t0, g{name}, n_tok, BT)")
+        self.store_input_gradients(code)
         code("gout = gstates_ptr + (row * 2 + chunk % 2) * STATE_SIZE")
         for i in range(self.depth):
             code(f"_store_rows(gout + W{i}_OFF, gw{i}, {self.tile(i)})")
@@ -478,6 +531,13 @@ class _Generator:
                 code(f"_store_rows(gout + S{i}_OFF, gs{i}, {self.tile(i)})")
         code("tl.debug_barrier()")
         code.indent -= 2
+
+    def store_input_gradients(self, code: _Code) -> None:
+        code("# stores")
+        for name, src in (("gq", "gq"), ("gk", "ga0"), ("gv", "gv")):
+            code(f"_store_rows({name}_ptr + seq + t0 * D0, {src}, n_tok, D0, BT, B0)")
+        for name in self.gates:
+            code(f"_store_vec(g{name}_ptr + gates + t0, g{name}, n_tok, BT)")
 
     def retrieve_backward(self, code: _Code) -> None:
         last = self.depth - 1
@@ -555,6 +615,18 @@ class _Generator:
             code.acc(f"gz{i}", f"gd{i} * m{i} * _act_grad2(z{i})")
             code.acc(f"gd{i + 1}", f"_dot(gm, tl.trans(w{i + 1}))")
             code.acc(f"gw{i + 1}", f"_dot(tl.trans(d{i + 1}), gm)")
+        self.output_error_backward(code)
+        code("# reverse of the key-path forward, last layer down")
+        for i in range(last, -1, -1):
+            code.acc(f"gw{i}", f"_dot(tl.trans(gz{i}), a{i})")
+            code.acc(f"ga{i}", f"_dot(gz{i}, w{i})")
+            if i > 0:
+                code.acc(f"gz{i - 1}", f"tl.where({self.cols(i)}, ga{i} * _act_grad(z{i - 1}), 0.0)")
+
+    def output_error_backward(self, code: _Code) -> None:
+        """The reverse of :meth:`output_error`, from the complete ``gd{L}``: ``gz{L}``, ``gv`` and the residual's
+        share of ``ga0``."""
+        last = self.depth - 1
         code("# reverse of the output error (loss gradient through the optional LayerNorm and residual)")
         code(f"gdl = tl.where(valid[:, None] & cols0, gd{last}, 0.0)")
         if self.key.output_norm:
@@ -578,17 +650,39 @@ class _Generator:
         if self.key.residual:
             code.acc("ga0", "gerr")
         code("gv = -gerr")
-        code("# reverse of the key-path forward, last layer down")
-        for i in range(last, -1, -1):
-            code.acc(f"gw{i}", f"_dot(tl.trans(gz{i}), a{i})")
-            code.acc(f"ga{i}", f"_dot(gz{i}, w{i})")
-            if i > 0:
-                code.acc(f"gz{i - 1}", f"tl.where({self.cols(i)}, ga{i} * _act_grad(z{i - 1}), 0.0)")
+
+    def theta_backward(self, code: _Code) -> None:
+        """d loss / d theta as the gate tables take it (the clipped theta when ``grad_clip``), from the complete
+        gC, gc and ge."""
+        code("# reverse of theta's share of the tables")
+        if not self.per_chunk:
+            code.acc("gtheta", "_sum(gC * FP, axis=0)")
+        code.acc("gtheta", "gc * cbar * cmt")
+        if self.mom:
+            code.acc("gtheta", "ge * ebar * cmt")
+
+    def clip_backward(self, code: _Code) -> None:
+        """With ``grad_clip``: d loss / d theta_raw, and the clip factor's share of every gd_l and ga_l (where it
+        acts, ds/d||g||^2 = -s / (2 ||g||^2), and d||g||^2 / d d_l = 2 ||a_l||^2 d_l, likewise for a_l)."""
+        if self.key.grad_clip is None:
+            return
+        self.clip_factor_backward(code)
+        for i in range(self.depth):
+            code.acc(f"gd{i}", f"(ccoef * an{i})[:, None] * d{i}")
+            code.acc(f"ga{i}", f"(ccoef * dn{i})[:, None] * a{i}")
+
+    def clip_factor_backward(self, code: _Code) -> None:
+        """d loss / d theta_raw from d loss / d (clipped theta), and ``ccoef``: d loss / d ||g_t||^2."""
+        code(
+            "# reverse of the clip",
+            "gclip = gtheta * theta_raw",
+            "gtheta = gtheta * clip",
+            "ccoef = tl.where(ratio <= 1.0, -gclip * clip / sq, 0.0)",
+        )
 
     def gate_backward(self, code: _Code) -> None:
         code("# reverse of the gate tables")
         if not self.per_chunk:
-            code.acc("gtheta", "_sum(gC * FP, axis=0)")
             code("gFP = gC * theta[None, :]")
             if self.mom:
                 code("gF = _exact_dot(gFP, tl.trans(P)) + gB[:, None] * u[None, :]")
@@ -600,9 +694,7 @@ class _Generator:
                 code("X = gF * F", "gR = _sum(X, axis=1) + gA * A")
                 code.acc("grho", "_sum(X, axis=0)", "-")
         code("gcbar = gc * theta * cmt")
-        code.acc("gtheta", "gc * cbar * cmt")
         if self.mom:
-            code.acc("gtheta", "ge * ebar * cmt")
             code("gf = _sum(P * gcbar[None, :], axis=1) + gcarry * cmt * u")
             code.acc("gP", "f[:, None] * gcbar[None, :]")
             code.acc("gu", "gcarry * cmt * f")
@@ -627,5 +719,10 @@ class _Generator:
 
 
 def generate(key: KernelKey) -> str:
-    """The Triton module source for ``key`` (deterministic; the canonical key is in its header)."""
+    """The Triton module source for ``key`` (deterministic; the canonical key is in its header): whole state
+    matrices per program, or the hidden width in tiles when ``key.hidden_tile`` is set."""
+    if key.hidden_tile:
+        from titans_compose.codegen.emit_tiled import TiledGenerator  # it builds on this module's generator
+
+        return TiledGenerator(key).module()
     return _Generator(key).module()

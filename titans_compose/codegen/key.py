@@ -12,10 +12,11 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from titans_compose.codegen import tiling
 from titans_compose.kernels.config import MemoryConfig, MemoryShape
 
 #: Bump whenever the generated source changes for an unchanged key.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 
 _DTYPES = ("float32", "float16", "bfloat16")
 
@@ -29,7 +30,9 @@ class KernelKey(MemoryShape):
     (lr, momentum, forget) gates; ``dtype`` the dtype of q, k, v (state and accumulation stay float32);
     ``expressions`` the rules' Triton expressions by role (``act``, ``act_grad``, ``act_grad2``, ``loss_grad``,
     ``loss_grad2``; None where a rule gives none), so that changing a rule's code changes the key and the
-    generator needs no registry.
+    generator needs no registry; ``hidden_tile`` the columns of the hidden width one program holds at a time (0:
+    whole matrices; :func:`~titans_compose.codegen.tiling.hidden_tile`); ``grad_clip`` the per-token inner gradient
+    clip's max norm (None: no clip).
     """
 
     layer_shapes: tuple[tuple[int, int], ...]
@@ -46,6 +49,8 @@ class KernelKey(MemoryShape):
     chunk_size: int
     dtype: str
     expressions: tuple[tuple[str, str | None], ...] = ()
+    hidden_tile: int = 0
+    grad_clip: float | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -71,7 +76,8 @@ class KernelKey(MemoryShape):
 
     def slug(self) -> str:
         """A readable prefix for file names: depth, activation, loss, chunk and dtype."""
-        return f"d{self.depth}_{self.activation}_{self.loss}_b{self.chunk_size}_{self.dtype}"
+        tiled = f"_h{self.hidden_tile}" if self.hidden_tile else ""
+        return f"d{self.depth}_{self.activation}_{self.loss}_b{self.chunk_size}{tiled}_{self.dtype}"
 
 
 def kernel_key(cfg: MemoryConfig, dtype: str) -> KernelKey:
@@ -96,6 +102,8 @@ def kernel_key(cfg: MemoryConfig, dtype: str) -> KernelKey:
         chunk_size=cfg.chunk_size,
         dtype=dtype,
         expressions=rule_expressions(cfg),
+        hidden_tile=tiling.hidden_tile(tuple(tuple(s) for s in cfg.layer_shapes), cfg.chunk_size) or 0,
+        grad_clip=None if cfg.grad_clip is None else float(cfg.grad_clip),
     )
 
 

@@ -20,6 +20,7 @@ from torch.library import triton_op, wrap_triton
 from titans_compose.codegen import cache, emit
 from titans_compose.codegen.key import KernelKey, kernel_key
 from titans_compose.codegen.support import dtype_name, unsupported_reason
+from titans_compose.codegen.tiling import block
 from titans_compose.kernels.chunked import log_factor
 from titans_compose.kernels.config import MemoryConfig
 from titans_compose.kernels.state import MemoryState, Pending, resume, with_read_rows
@@ -100,9 +101,12 @@ def memory_backward(
     gstates = _alloc((n, 2, states.shape[-1]), torch.float32, q.device)
     chunks = -(-length // kk.chunk_size)
     gstates[:, chunks % 2] = gfinal
+    # the tiled backward keeps a row's d loss / d z0 [padded chunk, hidden] between two passes
+    hidden = kk.layer_shapes[0][0]
+    scratch = [_alloc((n, block(kk.chunk_size), hidden), torch.float32, q.device)] if kk.hidden_tile else []
     if chunks:
         wrap_triton(module.backward_kernel)[(n,)](
-            q, k, v, theta, *gates, states, gy, gstates, *grads, length, states.shape[1]
+            q, k, v, theta, *gates, states, gy, gstates, *grads, *scratch, length, states.shape[1]
         )
     return [*grads, gstates[:, 0].clone()]
 

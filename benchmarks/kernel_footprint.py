@@ -1,0 +1,173 @@
+"""Shared memory of the generated kernels compiled for a GPU, on any machine: the measurement behind the size limits
+of ``titans_compose/codegen/tiling.py``.
+
+Each configuration's forward and backward kernels are generated and compiled with ``triton.compile`` for an sm_90
+target (H100; Triton's bundled ptxas runs without a GPU), with the launch defaults the runtime uses (4 warps). The
+table gives each kernel's static shared memory against the 227 KB an H100 block can have; a kernel above it cannot
+launch. Registers and spills need the GPU's driver and are not reported. A backward compile takes minutes on a small
+CPU.
+
+    python benchmarks/kernel_footprint.py                       # the default grid below, recorded in RESULTS.md
+    python benchmarks/kernel_footprint.py --head-dim 64 --hidden 256 --chunk 16 --tile 32 --no-record
+
+``--tile 0`` compiles whole-matrix kernels, a positive tile the depth-2 hidden-tiled ones, and no ``--tile`` the
+tile :func:`titans_compose.codegen.tiling.hidden_tile` would choose.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import multiprocessing
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from record import append_section
+from tqdm import tqdm
+
+from titans_compose.codegen import cache, emit, tiling
+from titans_compose.codegen.key import kernel_key
+from titans_compose.kernels.config import MemoryConfig, memory_config
+from titans_compose.registry import new_registry
+from titans_compose.spec import load_spec
+
+SPEC = Path(__file__).resolve().parent.parent / "specs" / "titans_lmm_small.yaml"
+
+SHARED_PER_BLOCK = 227 * 1024
+#: (depth, head dim, hidden, chunk, tile) of the recorded grid: the shipped memory (64 / 256) and its head-dim-128
+#: version (128 / 512) on hidden tiles, around the limits of tiling.py.
+GRID = [
+    *(
+        (2, 64, 256, chunk, tile)
+        for chunk, tile in ((16, 16), (16, 32), (16, 64), (32, 16), (32, 32), (64, 16), (64, 32))
+    ),
+    *((2, 128, 512, chunk, tile) for chunk, tile in ((16, 16), (16, 32), (32, 16))),
+]
+
+
+def compile_for_sm90(fn, dtype: str):
+    """The cubin of a generated kernel for an H100 (pointers to state, gradient state and scratch are float32; the
+    others take the inputs' dtype)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[dtype]
+    state_like = ("states_ptr", "gstates_ptr", "scratch_ptr")
+    signature = {
+        name: ("*fp32" if name in state_like else f"*{short}") if name.endswith("_ptr") else "i32"
+        for name in fn.arg_names
+    }
+    return triton.compile(ASTSource(fn, signature), target=GPUTarget("cuda", 90, 32))
+
+
+def memory(depth: int, head_dim: int, hidden: int, chunk: int, extra: tuple[str, ...] = ()) -> MemoryConfig:
+    """The LMM spec's memory at these sizes (its rules: SiLU, l2 loss, momentum and forget on), with ``extra``
+    spec overrides."""
+    overrides = [
+        *extra,
+        f"memory.head_dim={head_dim}",
+        f"memory.depth={depth}",
+        f"memory.expansion={hidden / head_dim}",
+        f"memory.chunk_size={chunk}",
+    ]
+    registry = new_registry()
+    block = load_spec(SPEC, overrides, registry=registry).spec.blocks[0]
+    cfg = memory_config(block.memory, block.update, registry)
+    if depth > 1 and cfg.layer_shapes[0][0] != hidden:
+        raise SystemExit(f"hidden {hidden} is not a width the spec's expansion gives for head dim {head_dim}")
+    return cfg
+
+
+def measure(
+    depth: int, head_dim: int, hidden: int, chunk: int, tile: int | None, dtype: str, extra: tuple[str, ...] = ()
+) -> dict:
+    cfg = memory(depth, head_dim, hidden, chunk, extra)
+    key = kernel_key(cfg, dtype)
+    if tile is not None:
+        key = dataclasses.replace(key, hidden_tile=tile)
+    module = cache.load(key, emit.generate).module
+    row = {"depth": depth, "head": head_dim, "hidden": hidden, "chunk": chunk, "tile": key.hidden_tile or "whole"}
+    for name in ("forward_kernel", "backward_kernel"):
+        start = time.perf_counter()
+        compiled = compile_for_sm90(getattr(module, name), dtype)
+        row[name.split("_")[0]] = compiled.metadata.shared
+        row[f"{name.split('_')[0]} s"] = time.perf_counter() - start
+    return row
+
+
+def measure_in_subprocess(point: tuple, dtype: str, timeout: float, extra: tuple[str, ...] = ()) -> dict:
+    """:func:`measure` in a fresh process, given up after ``timeout`` seconds (a compile that long is a finding too:
+    the row says so)."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        job = pool.apply_async(measure, (*point, dtype, extra))
+        try:
+            return job.get(timeout)
+        except multiprocessing.TimeoutError:
+            depth, head, hidden, chunk, tile = point
+            return {"depth": depth, "head": head, "hidden": hidden, "chunk": chunk, "tile": tile, "timeout": timeout}
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| depth | head | hidden | chunk | tile | forward KB | backward KB | fits (<= 227 KB) | compile s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        if "timeout" in r:
+            lines.append(
+                f"| {r['depth']} | {r['head']} | {r['hidden']} | {r['chunk']} | {r['tile']} | | | not compiled in"
+                f" {r['timeout']:.0f} s | |"
+            )
+            continue
+        fits = "yes" if max(r["forward"], r["backward"]) <= SHARED_PER_BLOCK else "no"
+        lines.append(
+            f"| {r['depth']} | {r['head']} | {r['hidden']} | {r['chunk']} | {r['tile']} | {r['forward'] / 1024:.0f}"
+            f" | {r['backward'] / 1024:.0f} | {fits} | {r['forward s'] + r['backward s']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--depth", type=int, default=2)
+    parser.add_argument("--head-dim", type=int, nargs="+")
+    parser.add_argument("--hidden", type=int, nargs="+")
+    parser.add_argument("--chunk", type=int, nargs="+")
+    parser.add_argument("--tile", type=int, nargs="+", help="hidden tiles to compile (0: whole matrices)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--set", action="append", default=[], help="a spec override, e.g. update.grad_clip=1.0")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds one configuration may compile")
+    parser.add_argument("--no-record", action="store_true", help="print the table without appending to RESULTS.md")
+    args = parser.parse_args()
+    given = (args.head_dim, args.hidden, args.chunk)
+    if any(given):
+        grid = list(
+            itertools.product(
+                [args.depth], args.head_dim or [64], args.hidden or [256], args.chunk or [16], args.tile or [None]
+            )
+        )
+    else:
+        grid = GRID
+    os.environ.setdefault(cache.ENV_VAR, tempfile.mkdtemp(prefix="titans-footprint-"))
+    rows = []
+    for point in tqdm(grid, desc="sm_90 compiles", unit="config"):
+        rows.append(measure_in_subprocess(point, args.dtype, args.timeout, tuple(args.set)))
+        tqdm.write(table(rows[-1:]).splitlines()[-1])
+    body = table(rows)
+    print(body)
+    if not args.no_record:
+        note = (
+            f"Static shared memory of the generated kernels compiled for sm_90 ({args.dtype} inputs, 4 warps"
+            f"{''.join(', ' + o for o in args.set)}), "
+            f"against {SHARED_PER_BLOCK // 1024} KB per H100 block; tiling.py's limits: whole matrices "
+            f"{tiling.MAX_CHUNK_BY_WIDTHS} / {tiling.MAX_LAYER_AREA}, tiled {tiling.TILED_LIMITS}."
+        )
+        append_section("Generated kernels: shared memory on sm_90", __file__, f"{note}\n\n{body}\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""How much of a memory one generated program holds at once: padded block sizes, the footprint limits of one
+program per (batch x head) row, and the hidden tile of a depth-2 memory too wide to hold whole.
+
+The limits were fitted on sm_90 compiles of the generated kernels (``triton.compile`` to a cubin, no GPU needed; H100:
+227 KB of shared memory per block); ``benchmarks/kernel_footprint.py`` measures them again.
+
+- Whole matrices (every memory depth): one program holds every state matrix and the chunk's b x width
+  intermediates, so its shared memory grows with the padded chunk times the padded layer widths, and with the largest
+  layer. Within both limits the backward needed at most 196 KB (depth 1, head dim 64, chunk 64: 196 KB; depth 2,
+  64 / 128, chunk 16: 188 KB; depth 3, 32 / 64, chunk 32: 176 KB), and every one above them more than 227 KB
+  (depth 2, 64 / 128, chunk 32: 241 KB; depth 1, head dim 128, chunk 16: 246 KB; depth 3, 32 / 32, chunk 64:
+  266 KB; depth 2, 64 / 64, chunk 64: 328 KB; depth 1, head dim 128, chunk 64: 508 KB; depth 2, 64 / 256,
+  chunk 64: 934 KB).
+- Hidden tiles (depth 2 only): the hidden width is streamed in tiles of ``tile`` columns (the two layers' matching
+  rows and columns, their momentum and their gradients), so the footprint grows with the padded chunk times (head
+  dim + tile) and with tile x head dim, not with the hidden width (:data:`TILED_LIMITS`). At head dim 64, hidden
+  256, the backward needed 101 KB at chunk 16 / tile 16, 170 KB at 16 / 32, 144 KB at 32 / 16 and 220 KB at 32 / 32,
+  and more than 227 KB at 16 / 64 (308 KB), 64 / 16 (256 KB) and 64 / 32 (336 KB): the b x b gate tables and the
+  chunk's b-row intermediates outgrow a block at chunk 64 whatever the tile.
+"""
+
+from __future__ import annotations
+
+MAX_CHUNK_BY_WIDTHS = 5120
+MAX_LAYER_AREA = 8192
+#: Hidden tiles tried, widest first.
+TILES = (64, 32, 16)
+#: (padded chunk x (padded head dim + tile), tile x padded head dim) at most, for a tiled depth-2 memory.
+TILED_LIMITS = (3072, 2048)
+
+
+def block(n: int) -> int:
+    """The padded block size of a dimension: the next power of two, at least 16 (tl.dot's minimum)."""
+    return max(16, 1 << (n - 1).bit_length())
+
+
+def footprint(layer_shapes: tuple[tuple[int, int], ...], chunk_size: int) -> tuple[int, int]:
+    """(padded chunk x sum of padded layer input widths, largest padded layer area) of whole-matrix kernels: the
+    measures bounded by :data:`MAX_CHUNK_BY_WIDTHS` and :data:`MAX_LAYER_AREA`."""
+    widths = sum(block(inp) for _, inp in layer_shapes)
+    area = max(block(out) * block(inp) for out, inp in layer_shapes)
+    return block(chunk_size) * widths, area
+
+
+def fits_whole(layer_shapes: tuple[tuple[int, int], ...], chunk_size: int) -> bool:
+    by_widths, area = footprint(layer_shapes, chunk_size)
+    return by_widths <= MAX_CHUNK_BY_WIDTHS and area <= MAX_LAYER_AREA
+
+
+def tiled_footprint(head_dim: int, chunk_size: int, tile: int) -> tuple[int, int]:
+    """The measures of a tiled depth-2 kernel bounded by :data:`TILED_LIMITS`."""
+    return block(chunk_size) * (block(head_dim) + tile), tile * block(head_dim)
+
+
+def hidden_tile(layer_shapes: tuple[tuple[int, int], ...], chunk_size: int) -> int | None:
+    """The hidden tile of a memory's generated kernels: 0 when whole matrices fit in one program, the widest tile
+    of :data:`TILES` that fits for a depth-2 memory that does not, None when neither fits."""
+    if fits_whole(layer_shapes, chunk_size):
+        return 0
+    if len(layer_shapes) != 2:
+        return None
+    head_dim, hidden = layer_shapes[0][1], layer_shapes[0][0]
+    for tile in TILES:
+        by_widths, area = tiled_footprint(head_dim, chunk_size, tile)
+        if tile < block(hidden) and by_widths <= TILED_LIMITS[0] and area <= TILED_LIMITS[1]:
+            return tile
+    return None
