@@ -4,8 +4,8 @@ of ``titans_compose/codegen/tiling.py``.
 Each configuration's forward and backward kernels are generated and compiled with ``triton.compile`` for an sm_90
 target (H100; Triton's bundled ptxas runs without a GPU), with the launch defaults the runtime uses (4 warps). The
 table gives each kernel's static shared memory against the 227 KB an H100 block can have; a kernel above it cannot
-launch. Registers and spills need the GPU's driver and are not reported. A backward compile takes minutes on a small
-CPU.
+launch. Registers and spills need the GPU's driver and are not reported. A backward compile takes up to minutes on
+a small CPU (Triton caches the cubins, so a rerun is quick).
 
     python benchmarks/kernel_footprint.py                       # the default grid below, recorded in RESULTS.md
     python benchmarks/kernel_footprint.py --head-dim 64 --hidden 256 --chunk 16 --tile 32 --no-record
@@ -22,7 +22,6 @@ import itertools
 import multiprocessing
 import os
 import tempfile
-import time
 from pathlib import Path
 
 from record import append_section
@@ -36,7 +35,6 @@ from titans_compose.spec import load_spec
 
 SPEC = Path(__file__).resolve().parent.parent / "specs" / "titans_lmm_small.yaml"
 
-SHARED_PER_BLOCK = 227 * 1024
 #: (depth, head dim, hidden, chunk, tile) of the recorded grid: the shipped memory (64 / 256) and its head-dim-128
 #: version (128 / 512) on hidden tiles, around the limits of tiling.py.
 GRID = [
@@ -46,22 +44,6 @@ GRID = [
     ),
     *((2, 128, 512, chunk, tile) for chunk, tile in ((16, 16), (16, 32), (32, 16))),
 ]
-
-
-def compile_for_sm90(fn, dtype: str):
-    """The cubin of a generated kernel for an H100 (pointers to state, gradient state and scratch are float32; the
-    others take the inputs' dtype)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[dtype]
-    state_like = ("states_ptr", "gstates_ptr", "scratch_ptr")
-    signature = {
-        name: ("*fp32" if name in state_like else f"*{short}") if name.endswith("_ptr") else "i32"
-        for name in fn.arg_names
-    }
-    return triton.compile(ASTSource(fn, signature), target=GPUTarget("cuda", 90, 32))
 
 
 def memory(depth: int, head_dim: int, hidden: int, chunk: int, extra: tuple[str, ...] = ()) -> MemoryConfig:
@@ -92,10 +74,7 @@ def measure(
     module = cache.load(key, emit.generate).module
     row = {"depth": depth, "head": head_dim, "hidden": hidden, "chunk": chunk, "tile": key.hidden_tile or "whole"}
     for name in ("forward_kernel", "backward_kernel"):
-        start = time.perf_counter()
-        compiled = compile_for_sm90(getattr(module, name), dtype)
-        row[name.split("_")[0]] = compiled.metadata.shared
-        row[f"{name.split('_')[0]} s"] = time.perf_counter() - start
+        row[name.split("_")[0]] = tiling.compile_for_sm90(getattr(module, name), dtype).metadata.shared
     return row
 
 
@@ -113,20 +92,20 @@ def measure_in_subprocess(point: tuple, dtype: str, timeout: float, extra: tuple
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| depth | head | hidden | chunk | tile | forward KB | backward KB | fits (<= 227 KB) | compile s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| depth | head | hidden | chunk | tile | forward KB | backward KB | fits (<= 227 KB) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         if "timeout" in r:
             lines.append(
                 f"| {r['depth']} | {r['head']} | {r['hidden']} | {r['chunk']} | {r['tile']} | | | not compiled in"
-                f" {r['timeout']:.0f} s | |"
+                f" {r['timeout']:.0f} s |"
             )
             continue
-        fits = "yes" if max(r["forward"], r["backward"]) <= SHARED_PER_BLOCK else "no"
+        fits = "yes" if max(r["forward"], r["backward"]) <= tiling.H100_SHARED_PER_BLOCK else "no"
         lines.append(
             f"| {r['depth']} | {r['head']} | {r['hidden']} | {r['chunk']} | {r['tile']} | {r['forward'] / 1024:.0f}"
-            f" | {r['backward'] / 1024:.0f} | {fits} | {r['forward s'] + r['backward s']:.0f} |"
+            f" | {r['backward'] / 1024:.0f} | {fits} |"
         )
     return "\n".join(lines)
 
@@ -163,7 +142,7 @@ def main() -> None:
         note = (
             f"Static shared memory of the generated kernels compiled for sm_90 ({args.dtype} inputs, 4 warps"
             f"{''.join(', ' + o for o in args.set)}), "
-            f"against {SHARED_PER_BLOCK // 1024} KB per H100 block; tiling.py's limits: whole matrices "
+            f"against {tiling.H100_SHARED_PER_BLOCK // 1024} KB per H100 block; tiling.py's limits: whole matrices "
             f"{tiling.MAX_CHUNK_BY_WIDTHS} / {tiling.MAX_LAYER_AREA}, tiled {tiling.TILED_LIMITS}."
         )
         append_section("Generated kernels: shared memory on sm_90", __file__, f"{note}\n\n{body}\n")

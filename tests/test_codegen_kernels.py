@@ -35,6 +35,7 @@ from tests.test_memory_core import make_cfg, make_inputs, rel
 from titans_compose.codegen import cache, emit, runtime, tiling
 from titans_compose.codegen.key import kernel_key
 from titans_compose.codegen.support import backward_fallback_reason, unsupported_reason
+from titans_compose.imports import import_file
 from titans_compose.kernels.chunked import chunked_memory
 from titans_compose.kernels.state import MemoryState
 from titans_compose.registry.rules import Activation
@@ -275,6 +276,23 @@ def test_shipped_memory_runs_on_its_own_tiles(grad_clip):
     cfg = config(d=64, hidden=256, chunk_size=16, grad_clip=grad_clip)
     assert kernel_key(cfg, "float32").hidden_tile == 32
     check(cfg, T=19)
+
+
+def test_kernels_compile_for_an_h100(tiled, monkeypatch):
+    """The interpreter runs the generated Python, not Triton's compiler: compile one kernel pair (hidden tiles, the
+    clip, LayerNorm and residual, momentum and forget: most of the generator's branches) to an sm_90 cubin with
+    Triton's bundled ptxas, which needs no GPU, and check that it fits an H100 block's shared memory."""
+    key = kernel_key(config(depth=2, hidden=40, grad_clip=1.0, output_norm=True, residual=True), "float32")
+    assert key.hidden_tile == 16
+    path = cache.load(key, emit.generate).path
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # decorate for the compiler, not the interpreter
+    module = import_file(path, "compiled_" + key.digest())
+    for name in ("forward_kernel", "backward_kernel"):
+        try:
+            compiled = tiling.compile_for_sm90(getattr(module, name), key.dtype)
+        except (ImportError, FileNotFoundError) as missing:  # a triton build without the CUDA backend's tools
+            pytest.skip(f"cannot compile for sm_90 here: {missing}")
+        assert 0 < compiled.metadata.shared <= tiling.H100_SHARED_PER_BLOCK
 
 
 def test_tiled_pieces_chain_state_and_gradients(tiled):

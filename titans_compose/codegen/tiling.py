@@ -1,8 +1,8 @@
 """How much of a memory one generated program holds at once: padded block sizes, the footprint limits of one
 program per (batch x head) row, and the hidden tile of a depth-2 memory too wide to hold whole.
 
-The limits were fitted on sm_90 compiles of the generated kernels (``triton.compile`` to a cubin, no GPU needed; H100:
-227 KB of shared memory per block); ``benchmarks/kernel_footprint.py`` measures them again.
+The limits were fitted on sm_90 compiles of the generated kernels (:func:`compile_for_sm90`, no GPU needed; H100: 227 KB
+of shared memory per block); ``benchmarks/kernel_footprint.py`` measures them again.
 
 - Whole matrices (every memory depth): one program holds every state matrix and the chunk's b x width
   intermediates, so its shared memory grows with the padded chunk times the padded layer widths, and with the largest
@@ -21,6 +21,10 @@ The limits were fitted on sm_90 compiles of the generated kernels (``triton.comp
 
 from __future__ import annotations
 
+from typing import Any
+
+#: Shared memory one H100 (sm_90) block can have.
+H100_SHARED_PER_BLOCK = 227 * 1024
 MAX_CHUNK_BY_WIDTHS = 5120
 MAX_LAYER_AREA = 8192
 #: Hidden tiles tried, widest first.
@@ -65,3 +69,20 @@ def hidden_tile(layer_shapes: tuple[tuple[int, int], ...], chunk_size: int) -> i
         if tile < block(hidden) and by_widths <= TILED_LIMITS[0] and area <= TILED_LIMITS[1]:
             return tile
     return None
+
+
+def compile_for_sm90(fn: Any, dtype: str) -> Any:
+    """A generated kernel compiled for an H100 with Triton's bundled ptxas (no GPU needed); its
+    ``.metadata.shared`` is the static shared memory in bytes. Pointers to the state, its gradient and the scratch
+    are float32, the others take the inputs' ``dtype``."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[dtype]
+    state_like = ("states_ptr", "gstates_ptr", "scratch_ptr")
+    signature = {
+        name: ("*fp32" if name in state_like else f"*{short}") if name.endswith("_ptr") else "i32"
+        for name in fn.arg_names
+    }
+    return triton.compile(ASTSource(fn, signature), target=GPUTarget("cuda", 90, 32))
