@@ -134,6 +134,27 @@ def test_the_interpreter_runs_the_kernel_with_document_boundaries(interpreter):
     assert "backend=triton" in repr(triton)
 
 
+def test_the_mac_specs_memory_runs_on_its_tiled_clipped_kernel(interpreter):
+    """The MAC spec's memory at its shipped size (head dim 64, hidden 256, chunk 16, inner gradient clip 1.0) as a
+    whole module, forced onto the kernel in the interpreter: its hidden-tiled, clipped kernel gives the chunked
+    path's outputs and parameter gradients."""
+    shipped = ["model.dim=128", "memory.heads=2", "memory.head_dim=64", "memory.expansion=4", "memory.chunk_size=16"]
+    chunked = build(shipped, spec="titans_mac_small.yaml", dtype=F32)
+    triton = build(shipped, backend="triton", spec="titans_mac_small.yaml", dtype=F32)
+    key = kernel_key(triton.config, "float32")
+    assert (key.hidden_tile, key.grad_clip) == (32, 1.0)
+    randomise_gates(chunked)
+    triton.load_state_dict(chunked.state_dict())
+    x = x_of(37, batch=1, dim=128, dtype=F32)
+    outs = [m(x)[0] for m in (chunked, triton)]
+    assert triton.choice.name == "triton" and rel(outs[1], outs[0]) < 1e-5
+    for out in outs:
+        out.square().sum().backward()
+    for (name, a), b in zip(chunked.named_parameters(), triton.parameters(), strict=True):
+        if a.grad is not None:
+            assert rel(b.grad, a.grad) < 1e-4, name
+
+
 def test_a_kernel_already_on_disk_is_taken_from_the_cache(interpreter):
     module = build(["memory.chunk_size=8"], backend="triton", dtype=F32)
     key = kernel_key(module.config, "float32")
