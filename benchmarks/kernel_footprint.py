@@ -35,9 +35,23 @@ from titans_compose.spec import load_spec
 
 SPEC = Path(__file__).resolve().parent.parent / "specs" / "titans_lmm_small.yaml"
 
-#: (depth, head dim, hidden, chunk, tile) of the recorded grid: the shipped memory (64 / 256) and its head-dim-128
-#: version (128 / 512) on hidden tiles, around the limits of tiling.py.
+#: (depth, head dim, hidden, chunk, tile) of the recorded grid: whole matrices around tiling.py's limits, then the
+#: shipped memory (64 / 256) and its head-dim-128 version (128 / 512) on hidden tiles around the tiled limits.
 GRID = [
+    *(
+        (depth, head, hidden, chunk, 0)
+        for depth, head, hidden, chunk in (
+            (1, 64, 64, 64),
+            (1, 128, 128, 16),
+            (1, 128, 128, 32),
+            (1, 128, 128, 64),
+            (2, 64, 128, 16),
+            (2, 64, 128, 32),
+            (2, 64, 64, 64),
+            (3, 32, 64, 32),
+            (3, 32, 32, 64),
+        )
+    ),
     *(
         (2, 64, 256, chunk, tile)
         for chunk, tile in ((16, 16), (16, 32), (16, 64), (32, 16), (32, 32), (64, 16), (64, 32))
@@ -72,7 +86,8 @@ def measure(
     if tile is not None:
         key = dataclasses.replace(key, hidden_tile=tile)
     module = cache.load(key, emit.generate).module
-    row = {"depth": depth, "head": head_dim, "hidden": hidden, "chunk": chunk, "tile": key.hidden_tile or "whole"}
+    shown_hidden = hidden if depth > 1 else "-"
+    row = {"depth": depth, "head": head_dim, "hidden": shown_hidden, "chunk": chunk, "tile": key.hidden_tile or "whole"}
     for name in ("forward_kernel", "backward_kernel"):
         row[name.split("_")[0]] = tiling.compile_for_sm90(getattr(module, name), dtype).metadata.shared
     return row
@@ -87,7 +102,8 @@ def measure_in_subprocess(point: tuple, dtype: str, timeout: float, extra: tuple
             return job.get(timeout)
         except multiprocessing.TimeoutError:
             depth, head, hidden, chunk, tile = point
-            return {"depth": depth, "head": head, "hidden": hidden, "chunk": chunk, "tile": tile, "timeout": timeout}
+            shown = {"hidden": hidden if depth > 1 else "-", "tile": "whole" if tile == 0 else tile}
+            return {"depth": depth, "head": head, "chunk": chunk, **shown, "timeout": timeout}
 
 
 def table(rows: list[dict]) -> str:
@@ -143,7 +159,7 @@ def main() -> None:
             f"Static shared memory of the generated kernels compiled for sm_90 ({args.dtype} inputs, 4 warps"
             f"{''.join(', ' + o for o in args.set)}), "
             f"against {tiling.H100_SHARED_PER_BLOCK // 1024} KB per H100 block; tiling.py's limits: whole matrices "
-            f"{tiling.MAX_CHUNK_BY_WIDTHS} / {tiling.MAX_LAYER_AREA}, tiled {tiling.TILED_LIMITS}."
+            f"{tiling.MAX_CHUNK_BY_WIDTHS} / {tiling.MAX_CHUNK_BY_AREAS}, tiled {tiling.TILED_LIMITS}."
         )
         append_section("Generated kernels: shared memory on sm_90", __file__, f"{note}\n\n{body}\n")
 

@@ -319,9 +319,11 @@ def test_support():
     assert "Triton expressions" in unsupported_reason(bare, "float32")
     # too large for whole matrices: depth 2 is tiled, other depths are not
     assert "depth 2 only" in unsupported_reason(config(depth=3, hidden=300), "float32")
-    assert "depth 2 only" in unsupported_reason(config(depth=1, d=128, chunk_size=16), "float32")
+    assert "depth 2 only" in unsupported_reason(config(depth=1, d=128, chunk_size=32), "float32")
+    assert unsupported_reason(config(depth=1, d=128, chunk_size=16), "float32") is None
     assert unsupported_reason(config(d=64, hidden=128, chunk_size=16), "float32") is None
-    assert kernel_key(config(d=64, hidden=128, chunk_size=16), "float32").hidden_tile == 0
+    assert kernel_key(config(d=64, hidden=64, chunk_size=16), "float32").hidden_tile == 0  # whole matrices
+    assert kernel_key(config(d=64, hidden=128, chunk_size=16), "float32").hidden_tile == 32  # tiles compile faster
     for chunk in (16, 32):  # the shipped memory (head dim 64, hidden 256) runs on hidden tiles
         shipped = config(d=64, hidden=256, chunk_size=chunk)
         assert unsupported_reason(shipped, "float32") is None

@@ -34,10 +34,12 @@ def unsupported_reason(cfg: MemoryConfig, dtype: Any) -> str | None:
         return f"loss {cfg.names[1]!r} provides no Triton expressions (triton_grad/triton_grad2)"
     shapes = tuple(tuple(shape) for shape in cfg.layer_shapes)
     if tiling.hidden_tile(shapes, cfg.chunk_size) is None:
-        by_widths, area = tiling.footprint(shapes, cfg.chunk_size)
+        by_widths, by_areas = tiling.footprint(shapes, cfg.chunk_size)
         over = [f"padded chunk x layer widths {by_widths} > {tiling.MAX_CHUNK_BY_WIDTHS}"]
         over = over * (by_widths > tiling.MAX_CHUNK_BY_WIDTHS)
-        over += [f"a layer of {area} > {tiling.MAX_LAYER_AREA} padded weights"] * (area > tiling.MAX_LAYER_AREA)
+        over += [f"padded chunk x layer areas {by_areas} > {tiling.MAX_CHUNK_BY_AREAS}"] * (
+            by_areas > tiling.MAX_CHUNK_BY_AREAS
+        )
         tiled = "hidden-dim tiling is generated for depth 2 only" if cfg.depth != 2 else "no hidden tile fits either"
         return f"{' and '.join(over)}: too large for one program per row with whole state matrices ({tiled})"
     return None

@@ -25,8 +25,14 @@ from typing import Any
 
 #: Shared memory one H100 (sm_90) block can have.
 H100_SHARED_PER_BLOCK = 227 * 1024
+#: Whole matrices: padded chunk x sum of padded layer input widths, and padded chunk x sum of padded layer areas, at
+#: most.
 MAX_CHUNK_BY_WIDTHS = 5120
-MAX_LAYER_AREA = 8192
+MAX_CHUNK_BY_AREAS = 262144
+#: A depth-2 memory beyond this padded chunk x layer areas runs on hidden tiles where one fits: its whole-matrix
+#: kernels compile for minutes (depth 2, 64 / 128, chunk 16: over 300 s for sm_90 on a 2-core machine), tiles in
+#: under one.
+TILE_FROM_CHUNK_BY_AREAS = 131072
 #: Hidden tiles tried, widest first.
 TILES = (64, 32, 16)
 #: (padded chunk x (padded head dim + tile), tile x padded head dim) at most, for a tiled depth-2 memory.
@@ -39,16 +45,16 @@ def block(n: int) -> int:
 
 
 def footprint(layer_shapes: tuple[tuple[int, int], ...], chunk_size: int) -> tuple[int, int]:
-    """(padded chunk x sum of padded layer input widths, largest padded layer area) of whole-matrix kernels: the
-    measures bounded by :data:`MAX_CHUNK_BY_WIDTHS` and :data:`MAX_LAYER_AREA`."""
+    """(padded chunk x sum of padded layer input widths, padded chunk x sum of padded layer areas) of whole-matrix
+    kernels: the measures bounded by :data:`MAX_CHUNK_BY_WIDTHS` and :data:`MAX_CHUNK_BY_AREAS`."""
     widths = sum(block(inp) for _, inp in layer_shapes)
-    area = max(block(out) * block(inp) for out, inp in layer_shapes)
-    return block(chunk_size) * widths, area
+    areas = sum(block(out) * block(inp) for out, inp in layer_shapes)
+    return block(chunk_size) * widths, block(chunk_size) * areas
 
 
 def fits_whole(layer_shapes: tuple[tuple[int, int], ...], chunk_size: int) -> bool:
-    by_widths, area = footprint(layer_shapes, chunk_size)
-    return by_widths <= MAX_CHUNK_BY_WIDTHS and area <= MAX_LAYER_AREA
+    by_widths, by_areas = footprint(layer_shapes, chunk_size)
+    return by_widths <= MAX_CHUNK_BY_WIDTHS and by_areas <= MAX_CHUNK_BY_AREAS
 
 
 def tiled_footprint(head_dim: int, chunk_size: int, tile: int) -> tuple[int, int]:
@@ -57,18 +63,18 @@ def tiled_footprint(head_dim: int, chunk_size: int, tile: int) -> tuple[int, int
 
 
 def hidden_tile(layer_shapes: tuple[tuple[int, int], ...], chunk_size: int) -> int | None:
-    """The hidden tile of a memory's generated kernels: 0 when whole matrices fit in one program, the widest tile
-    of :data:`TILES` that fits for a depth-2 memory that does not, None when neither fits."""
-    if fits_whole(layer_shapes, chunk_size):
-        return 0
-    if len(layer_shapes) != 2:
-        return None
+    """The hidden tile of a memory's generated kernels: 0 for whole matrices, else the widest tile of :data:`TILES`
+    within :data:`TILED_LIMITS` (depth 2 only), None when neither fits. A depth-2 memory takes tiles as soon as its
+    padded chunk x layer areas pass :data:`TILE_FROM_CHUNK_BY_AREAS`, even where whole matrices would fit."""
+    whole = fits_whole(layer_shapes, chunk_size)
+    if len(layer_shapes) != 2 or (whole and footprint(layer_shapes, chunk_size)[1] <= TILE_FROM_CHUNK_BY_AREAS):
+        return 0 if whole else None
     head_dim, hidden = layer_shapes[0][1], layer_shapes[0][0]
     for tile in TILES:
         by_widths, area = tiled_footprint(head_dim, chunk_size, tile)
         if tile < block(hidden) and by_widths <= TILED_LIMITS[0] and area <= TILED_LIMITS[1]:
             return tile
-    return None
+    return 0 if whole else None
 
 
 def compile_for_sm90(fn: Any, dtype: str) -> Any:
