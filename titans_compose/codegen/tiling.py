@@ -5,18 +5,20 @@ The limits were fitted on sm_90 compiles of the generated kernels (:func:`compil
 of shared memory per block); ``benchmarks/kernel_footprint.py`` measures them again.
 
 - Whole matrices (every memory depth): one program holds every state matrix and the chunk's b x width
-  intermediates, so its shared memory grows with the padded chunk times the padded layer widths, and with the largest
-  layer. Within both limits the backward needed at most 196 KB (depth 1, head dim 64, chunk 64: 196 KB; depth 2,
-  64 / 128, chunk 16: 188 KB; depth 3, 32 / 64, chunk 32: 176 KB), and every one above them more than 227 KB
-  (depth 2, 64 / 128, chunk 32: 241 KB; depth 1, head dim 128, chunk 16: 246 KB; depth 3, 32 / 32, chunk 64:
-  266 KB; depth 2, 64 / 64, chunk 64: 328 KB; depth 1, head dim 128, chunk 64: 508 KB; depth 2, 64 / 256,
-  chunk 64: 934 KB).
+  intermediates, so its footprint grows with the padded chunk times the padded layer widths and times the layers'
+  total area. Within both limits: depth 1, head dim 64, chunk 64: 160 KB; depth 1, head dim 128, chunk 16: 171 KB.
+  Beyond them (depth 1, head dim 128, chunk 32 or 64; depth 2, 64 / 64, chunk 64; depth 3, 32 / 32, chunk 64) the
+  backward did not compile in 300 s, and an earlier version of the generator measured 241-934 KB for such sizes.
+  Depth 3, 32 / 64, chunk 32 is within them but did not compile in 300 s either: it runs after a long first
+  compile (176 KB with the earlier generator).
 - Hidden tiles (depth 2 only): the hidden width is streamed in tiles of ``tile`` columns (the two layers' matching
   rows and columns, their momentum and their gradients), so the footprint grows with the padded chunk times (head
   dim + tile) and with tile x head dim, not with the hidden width (:data:`TILED_LIMITS`). At head dim 64, hidden
   256, the backward needed 101 KB at chunk 16 / tile 16, 170 KB at 16 / 32, 144 KB at 32 / 16 and 220 KB at 32 / 32,
   and more than 227 KB at 16 / 64 (308 KB), 64 / 16 (256 KB) and 64 / 32 (336 KB): the b x b gate tables and the
-  chunk's b-row intermediates outgrow a block at chunk 64 whatever the tile.
+  chunk's b-row intermediates outgrow a block at chunk 64 whatever the tile. At head dim 128, hidden 512: 196 KB at
+  16 / 16, 326 KB at 16 / 32 and 266 KB at 32 / 16. The clip leaves these unchanged; bfloat16 inputs need less
+  (140 KB at 64 / 256, chunk 16 / tile 32).
 """
 
 from __future__ import annotations
