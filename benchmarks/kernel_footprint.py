@@ -21,6 +21,8 @@ import dataclasses
 import itertools
 import multiprocessing
 import os
+import signal
+import sys
 import tempfile
 from pathlib import Path
 
@@ -148,6 +150,8 @@ def main() -> None:
     else:
         grid = GRID
     os.environ.setdefault(cache.ENV_VAR, tempfile.mkdtemp(prefix="titans-footprint-"))
+    # a terminated run exits through the pool's context, which stops the compile in flight (no orphan worker)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     rows = []
     for point in tqdm(grid, desc="sm_90 compiles", unit="config"):
         rows.append(measure_in_subprocess(point, args.dtype, args.timeout, tuple(args.set)))
