@@ -9,8 +9,7 @@ of shared memory per block); ``benchmarks/kernel_footprint.py`` measures them ag
   total area. Within both limits: depth 1, head dim 64, chunk 64: 160 KB; depth 1, head dim 128, chunk 16: 171 KB.
   Beyond them (depth 1, head dim 128, chunk 32 or 64; depth 2, 64 / 64, chunk 64; depth 3, 32 / 32, chunk 64) the
   backward did not compile in 300 s, and an earlier version of the generator measured 241-934 KB for such sizes.
-  Depth 3, 32 / 64, chunk 32 is within them but did not compile in 300 s either: it runs after a long first
-  compile (176 KB with the earlier generator).
+  Depth 3, 32 / 64, chunk 32 is within them: 128 KB, after a compile of several minutes (between 5 and 8).
 - Hidden tiles (depth 2 only): the hidden width is streamed in tiles of ``tile`` columns (the two layers' matching
   rows and columns, their momentum and their gradients), so the footprint grows with the padded chunk times (head
   dim + tile) and with tile x head dim, not with the hidden width (:data:`TILED_LIMITS`). At head dim 64, hidden
