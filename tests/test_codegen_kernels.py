@@ -23,6 +23,7 @@ and review the diff.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -35,7 +36,6 @@ from tests.test_memory_core import make_cfg, make_inputs, rel
 from titans_compose.codegen import cache, emit, runtime, tiling
 from titans_compose.codegen.key import kernel_key
 from titans_compose.codegen.support import backward_fallback_reason, unsupported_reason
-from titans_compose.imports import import_file
 from titans_compose.kernels.chunked import chunked_memory
 from titans_compose.kernels.state import MemoryState
 from titans_compose.registry.rules import Activation
@@ -79,10 +79,14 @@ def poisoned(monkeypatch):
     monkeypatch.setattr(runtime, "_alloc", alloc)
 
 
-@pytest.fixture
-def tiled(monkeypatch):
+def force_tiles(monkeypatch) -> None:
     """Depth-2 memories get the hidden-tiled kernels, at a tile of 16 columns."""
     monkeypatch.setattr(tiling, "hidden_tile", lambda shapes, chunk: 16 if len(shapes) == 2 else 0)
+
+
+@pytest.fixture
+def tiled(monkeypatch):
+    force_tiles(monkeypatch)
 
 
 def config(depth=2, d=16, hidden=24, loss="l2", activation="silu", **kw):
@@ -262,7 +266,7 @@ CLIP_GRID = [
 def test_clipped_kernel_matches_chunked(case, monkeypatch):
     case = dict(case)
     if case.pop("tiled"):
-        monkeypatch.setattr(tiling, "hidden_tile", lambda shapes, chunk: 16)
+        force_tiles(monkeypatch)
         case["hidden"] = 40
     cfg = config(**case)
     assert kernel_key(cfg, "float32").grad_clip == case["grad_clip"]
@@ -278,21 +282,38 @@ def test_shipped_memory_runs_on_its_own_tiles(grad_clip):
     check(cfg, T=19)
 
 
-def test_kernels_compile_for_an_h100(tiled, monkeypatch):
+def test_kernels_compile_for_an_h100(tmp_path):
     """The interpreter runs the generated Python, not Triton's compiler: compile one kernel pair (hidden tiles, the
     clip, LayerNorm and residual, momentum and forget: most of the generator's branches) to an sm_90 cubin with
-    Triton's bundled ptxas, which needs no GPU, and check that it fits an H100 block's shared memory."""
-    key = kernel_key(config(depth=2, hidden=40, grad_clip=1.0, output_norm=True, residual=True), "float32")
-    assert key.hidden_tile == 16
-    path = cache.load(key, emit.generate).path
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # decorate for the compiler, not the interpreter
-    module = import_file(path, "compiled_" + key.digest())
-    for name in ("forward_kernel", "backward_kernel"):
-        try:
-            compiled = tiling.compile_for_sm90(getattr(module, name), key.dtype)
-        except (ImportError, FileNotFoundError) as missing:  # a triton build without the CUDA backend's tools
-            pytest.skip(f"cannot compile for sm_90 here: {missing}")
-        assert 0 < compiled.metadata.shared <= tiling.H100_SHARED_PER_BLOCK
+    Triton's bundled ptxas, which needs no GPU, and check that it fits an H100 block's shared memory. In a fresh
+    process (Triton's compiler cannot load where triton was imported for the interpreter) with an empty Triton cache
+    (a cached cubin would skip the compile)."""
+    script = """
+import json, pytest
+from tests.test_codegen_kernels import config, force_tiles
+from titans_compose.codegen import cache, emit, tiling
+from titans_compose.codegen.key import kernel_key
+force_tiles(pytest.MonkeyPatch())
+key = kernel_key(config(depth=2, hidden=40, grad_clip=1.0, output_norm=True, residual=True), "float32")
+assert key.hidden_tile == 16
+module = cache.load(key, emit.generate).module
+try:
+    shared = [tiling.compile_for_sm90(getattr(module, name), key.dtype).metadata.shared
+              for name in ("forward_kernel", "backward_kernel")]
+except (ImportError, FileNotFoundError) as missing:  # a triton build without the CUDA backend's tools
+    shared = str(missing)
+print(json.dumps(shared))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update({cache.ENV_VAR: str(tmp_path / "kernels"), "TRITON_CACHE_DIR": str(tmp_path / "triton")})
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=Path(__file__).parent.parent, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    shared = json.loads(done.stdout.strip().splitlines()[-1])
+    if isinstance(shared, str):
+        pytest.skip(f"cannot compile for sm_90 here: {shared}")
+    assert all(0 < size <= tiling.H100_SHARED_PER_BLOCK for size in shared), shared
 
 
 def test_tiled_pieces_chain_state_and_gradients(tiled):
