@@ -24,18 +24,14 @@ import os
 import signal
 import sys
 import tempfile
-from pathlib import Path
 
+from kernels import spec_block
 from record import append_section
 from tqdm import tqdm
 
 from titans_compose.codegen import cache, emit, tiling
 from titans_compose.codegen.key import kernel_key
 from titans_compose.kernels.config import MemoryConfig, memory_config
-from titans_compose.registry import new_registry
-from titans_compose.spec import load_spec
-
-SPEC = Path(__file__).resolve().parent.parent / "specs" / "titans_lmm_small.yaml"
 
 #: (depth, head dim, hidden, chunk, tile) of the recorded grid: whole matrices around tiling.py's limits, then the
 #: shipped memory (64 / 256) and its head-dim-128 version (128 / 512) on hidden tiles around the tiled limits.
@@ -63,21 +59,24 @@ GRID = [
 
 
 def memory(depth: int, head_dim: int, hidden: int, chunk: int, extra: tuple[str, ...] = ()) -> MemoryConfig:
-    """The LMM spec's memory at these sizes (its rules: SiLU, l2 loss, momentum and forget on), with ``extra``
-    spec overrides."""
-    overrides = [
-        *extra,
-        f"memory.head_dim={head_dim}",
-        f"memory.depth={depth}",
-        f"memory.expansion={hidden / head_dim}",
-        f"memory.chunk_size={chunk}",
-    ]
-    registry = new_registry()
-    block = load_spec(SPEC, overrides, registry=registry).spec.blocks[0]
+    """The kernels benchmark's memory (the LMM spec's rules: SiLU, l2 loss, momentum and forget on) at these sizes,
+    with ``extra`` spec overrides."""
+    block, _, registry = spec_block(head_dim, depth, 1, chunk, expansion=hidden / head_dim, extra=extra)
     cfg = memory_config(block.memory, block.update, registry)
     if depth > 1 and cfg.layer_shapes[0][0] != hidden:
         raise SystemExit(f"hidden {hidden} is not a width the spec's expansion gives for head dim {head_dim}")
     return cfg
+
+
+def label(depth: int, head_dim: int, hidden: int, chunk: int, tile: int | None) -> dict:
+    """A table row's configuration columns (no hidden width for a matrix memory; tile 0 is whole matrices)."""
+    return {
+        "depth": depth,
+        "head": head_dim,
+        "hidden": hidden if depth > 1 else "-",
+        "chunk": chunk,
+        "tile": "whole" if tile == 0 else tile,
+    }
 
 
 def measure(
@@ -88,8 +87,7 @@ def measure(
     if tile is not None:
         key = dataclasses.replace(key, hidden_tile=tile)
     module = cache.load(key, emit.generate).module
-    shown_hidden = hidden if depth > 1 else "-"
-    row = {"depth": depth, "head": head_dim, "hidden": shown_hidden, "chunk": chunk, "tile": key.hidden_tile or "whole"}
+    row = label(depth, head_dim, hidden, chunk, key.hidden_tile)
     for name in ("forward_kernel", "backward_kernel"):
         row[name.split("_")[0]] = tiling.compile_for_sm90(getattr(module, name), dtype).metadata.shared
     return row
@@ -103,9 +101,7 @@ def measure_in_subprocess(point: tuple, dtype: str, timeout: float, extra: tuple
         try:
             return job.get(timeout)
         except multiprocessing.TimeoutError:
-            depth, head, hidden, chunk, tile = point
-            shown = {"hidden": hidden if depth > 1 else "-", "tile": "whole" if tile == 0 else tile}
-            return {"depth": depth, "head": head, "chunk": chunk, **shown, "timeout": timeout}
+            return {**label(*point), "timeout": timeout}
 
 
 def table(rows: list[dict]) -> str:

@@ -52,17 +52,18 @@ DRY = {"seqs": [40], "head_dims": [16], "depths": [1, 2], "width": 32, "rows": 2
 # ------------------------------------------------------------------------------------------------ one configuration
 
 
-def spec_block(d: int, depth: int, heads: int, chunk: int):
-    """The LMM spec's block at these sizes, with its registry."""
+def spec_block(d: int, depth: int, heads: int, chunk: int, expansion: float = EXPANSION, extra: tuple[str, ...] = ()):
+    """The LMM spec's block at these sizes (``extra``: more spec overrides), with its model section and registry."""
     from titans_compose.registry import new_registry
     from titans_compose.spec import load_spec
 
     overrides = [
+        *extra,
         f"model.dim={heads * d}",
         f"memory.heads={heads}",
         f"memory.head_dim={d}",
         f"memory.depth={depth}",
-        f"memory.expansion={EXPANSION}",
+        f"memory.expansion={expansion}",
         f"memory.chunk_size={chunk}",
     ]
     registry = new_registry()

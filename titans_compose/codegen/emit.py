@@ -126,18 +126,30 @@ def _sum(x, axis: tl.constexpr):
 
 
 @triton.jit
-def _load_rows(ptr, rows, COLS: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
-    """A [BR, BC] float32 tile of the first ``rows`` rows of a row-major [*, COLS] matrix (zeros outside)."""
+def _load_tile(ptr, rows, cols, STRIDE: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    """A [BR, BC] float32 tile of a row-major matrix with row stride STRIDE, zeros outside rows x cols."""
     r = tl.arange(0, BR)[:, None]
     c = tl.arange(0, BC)[None, :]
-    return tl.load(ptr + r * COLS + c, mask=(r < rows) & (c < COLS), other=0.0).to(tl.float32)
+    return tl.load(ptr + r * STRIDE + c, mask=(r < rows) & (c < cols), other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_tile(ptr, x, rows, cols, STRIDE: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    """Stores the rows x cols corner of the [BR, BC] tile x (the inverse of _load_tile)."""
+    r = tl.arange(0, BR)[:, None]
+    c = tl.arange(0, BC)[None, :]
+    tl.store(ptr + r * STRIDE + c, x.to(ptr.dtype.element_ty), mask=(r < rows) & (c < cols))
+
+
+@triton.jit
+def _load_rows(ptr, rows, COLS: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    """The first ``rows`` rows of a row-major [*, COLS] matrix as a [BR, BC] float32 tile (zeros outside)."""
+    return _load_tile(ptr, rows, COLS, COLS, BR, BC)
 
 
 @triton.jit
 def _store_rows(ptr, x, rows, COLS: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
-    r = tl.arange(0, BR)[:, None]
-    c = tl.arange(0, BC)[None, :]
-    tl.store(ptr + r * COLS + c, x.to(ptr.dtype.element_ty), mask=(r < rows) & (c < COLS))
+    _store_tile(ptr, x, rows, COLS, COLS, BR, BC)
 
 
 @triton.jit
@@ -266,15 +278,12 @@ class _Generator:
                 f'    """{key.dtype} inputs: the default precision (tf32 on a GPU)."""',
             )
             code("    return tl.dot(a, b)", "")
-        code.lines.extend((_HELPERS + self.extra_helpers).splitlines())
+        code.lines.extend(_HELPERS.splitlines())
         code("", "")
         self.forward_kernel(code)
         code("", "")
         self.backward_kernel(code)
         return "\n".join(code.lines).rstrip() + "\n"
-
-    #: Helper functions only some generators use.
-    extra_helpers = ""
 
     def extra_constants(self, code: _Code) -> None:
         """Constants only some generators use."""
@@ -353,24 +362,25 @@ class _Generator:
         else:
             code(f"d{last} = lg")
 
-    def clip(self, code: _Code, norms: str = "") -> None:
+    def clip(self, code: _Code) -> None:
         """With ``grad_clip``: theta scaled per token by s = min(1, MAX_NORM / ||g_t||), ||g_t||^2 = sum_l
-        ||d_l||^2 ||a_l||^2 (the token's gradient over every layer); ``theta_raw`` keeps the gate. ``norms`` is the
-        expression of the squared norm's sum when the caller has it (the tiled generator)."""
+        ||d_l||^2 ||a_l||^2 (the token's gradient over every layer); ``theta_raw`` keeps the gate."""
         if self.key.grad_clip is None:
             return
         code("# the per-token inner gradient clip (the tables below take the clipped theta)")
-        if not norms:
-            for i in range(self.depth):
-                code(f"an{i} = _sum(a{i} * a{i}, axis=1)", f"dn{i} = _sum(d{i} * d{i}, axis=1)")
-            norms = " + ".join(f"an{i} * dn{i}" for i in range(self.depth))
         code(
-            f"sq = {norms} + TINY",
+            f"sq = {self.clip_norms(code)} + TINY",
             "ratio = tl.rsqrt(sq) * MAX_NORM  # max_norm / ||g_t||",
             "clip = tl.minimum(ratio, 1.0)",
             "theta_raw = theta",
             "theta = theta * clip",
         )
+
+    def clip_norms(self, code: _Code) -> str:
+        """Emits every layer's per-token ||a_l||^2 (``an{l}``) and ||d_l||^2 (``dn{l}``); returns sum_l an_l dn_l."""
+        for i in range(self.depth):
+            code(f"an{i} = _sum(a{i} * a{i}, axis=1)", f"dn{i} = _sum(d{i} * d{i}, axis=1)")
+        return " + ".join(f"an{i} * dn{i}" for i in range(self.depth))
 
     def gate_tables(self, code: _Code) -> None:
         code("# gate tables from log-space prefix sums (never a ratio of cumulative products)")

@@ -25,29 +25,9 @@ from __future__ import annotations
 from titans_compose.codegen.emit import _Code, _Generator
 from titans_compose.codegen.key import KernelKey
 
-_TILE_HELPERS = '''
-
-@triton.jit
-def _load_tile(ptr, rows, cols, STRIDE: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
-    """A [BR, BC] float32 tile of a row-major matrix with row stride STRIDE, zeros outside rows x cols."""
-    r = tl.arange(0, BR)[:, None]
-    c = tl.arange(0, BC)[None, :]
-    return tl.load(ptr + r * STRIDE + c, mask=(r < rows) & (c < cols), other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _store_tile(ptr, x, rows, cols, STRIDE: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
-    """Stores the rows x cols corner of the [BR, BC] tile x (the inverse of _load_tile)."""
-    r = tl.arange(0, BR)[:, None]
-    c = tl.arange(0, BC)[None, :]
-    tl.store(ptr + r * STRIDE + c, x.to(ptr.dtype.element_ty), mask=(r < rows) & (c < cols))
-'''
-
 
 class TiledGenerator(_Generator):
     """Triton source for a depth-2 key with ``hidden_tile`` set (see the module docstring)."""
-
-    extra_helpers = _TILE_HELPERS
 
     def __init__(self, key: KernelKey) -> None:
         if key.depth != 2 or not key.hidden_tile:
@@ -118,8 +98,9 @@ class TiledGenerator(_Generator):
             code.indent -= 1
             code("an0 = _sum(k * k, axis=1)", "dn1 = _sum(d1 * d1, axis=1)")
 
-    def clip(self, code: _Code, norms: str = "") -> None:
-        super().clip(code, "an0 * dn0 + an1 * dn1")
+    def clip_norms(self, code: _Code) -> str:
+        """The norms :meth:`key_path` summed over the tiles."""
+        return "an0 * dn0 + an1 * dn1"
 
     def read_tiles(self, code: _Code, sums: bool = True) -> None:
         """Pass 2's per-tile work: the tile's key path and errors, the query's layer-0 read and hidden rows, and
@@ -288,63 +269,57 @@ class TiledGenerator(_Generator):
     def tile_backward(self, code: _Code) -> None:
         """Pass 3's per-tile reverse: the reads, the fold and the error recursion of one hidden tile."""
         code("# reverse of the layer-1 read on this tile")
+        for name in ("gw0", "gw1", "gs0", "gs1", "gd0", "ga1"):  # this tile's gradients start afresh
+            code.defined.discard(name)
         if self.per_chunk:
-            code("gw1 = _dot(tl.trans(gzq1), h1)", "gh = _dot(gzq1, w1)")
+            code.acc("gw1", "_dot(tl.trans(gzq1), h1)")
+            code("gh = _dot(gzq1, w1)")
         else:
-            code("gw1 = _dot(tl.trans(ghq), h1)", "gh = _dot(ghq, w1)")
+            code.acc("gw1", "_dot(tl.trans(ghq), h1)")
+            code("gh = _dot(ghq, w1)")
             if self.mom:
-                code("gs1 = _dot(tl.trans(ghs), h1)", "gh = gh + _dot(ghs, s1)")
-            code("gh = gh + _dot(gkk1, a1)", "ga1 = _dot(tl.trans(gkk1), h1)")
+                code.acc("gs1", "_dot(tl.trans(ghs), h1)")
+                code("gh = gh + _dot(ghs, s1)")
+            code("gh = gh + _dot(gkk1, a1)")
+            code.acc("ga1", "_dot(tl.trans(gkk1), h1)")
         code("gzq0 = tl.where(hcols, gh * _act_grad(zq0), 0.0)")
         code("# reverse of the layer-0 read")
         if self.per_chunk:
-            code("gw0 = _dot(tl.trans(gzq0), q)", "gq = gq + _dot(gzq0, w0)")
+            code.acc("gw0", "_dot(tl.trans(gzq0), q)")
+            code("gq = gq + _dot(gzq0, w0)")
         else:
             if self.fgt:
                 code("gA = gA + _sum(gzq0 * hq0, axis=1)", "ghq0 = gzq0 * A[:, None]")
             else:
                 code("ghq0 = gzq0")
-            code("gw0 = _dot(tl.trans(ghq0), q)", "gq = gq + _dot(ghq0, w0)")
+            code.acc("gw0", "_dot(tl.trans(ghq0), q)")
+            code("gq = gq + _dot(ghq0, w0)")
             if self.mom:
-                code(
-                    "gB = gB + _sum(gzq0 * hs0, axis=1)",
-                    "ghs0 = gzq0 * B[:, None]",
-                    "gs0 = _dot(tl.trans(ghs0), q)",
-                    "gq = gq + _dot(ghs0, s0)",
-                )
-            code("gck0 = gck0 - _dot(gzq0, tl.trans(d0))", "gd0 = -_dot(tl.trans(ck0), gzq0)")
-        # the per-tile gradients the reads started (the fold adds to them, or starts the others)
-        started = {"gw0", "gw1"}
-        if not self.per_chunk:
-            started |= {"gd0", "ga1"} | ({"gs0", "gs1"} if self.mom else set())
-
-        def add(name: str, term: str, sign: str = "+") -> None:
-            if name in started:
-                code(f"{name} = {name} {sign} {term}")
-            else:
-                code(f"{name} = {term}" if sign == "+" else f"{name} = -{term}")
-                started.add(name)
-
+                code("gB = gB + _sum(gzq0 * hs0, axis=1)", "ghs0 = gzq0 * B[:, None]")
+                code.acc("gs0", "_dot(tl.trans(ghs0), q)")
+                code("gq = gq + _dot(ghs0, s0)")
+            code("gck0 = gck0 - _dot(gzq0, tl.trans(d0))")
+            code.acc("gd0", "_dot(tl.trans(ck0), gzq0)", "-")
         code("# reverse of the fold (the identity for a partial chunk)")
         # (state gradient tile, its token coefficients, their gradient, layer 1's b x D product) per matrix kind
         kinds = (("gnw", "c", "gc", "pw1"), ("gns", "e", "ge", "ps1"))[: 1 + self.mom]
         for layer in (0, 1):
             self.load_tile(code, "gnw", layer, "W", "gin")
-            add(f"gw{layer}", "keep_eff * gnw" if self.fgt else "gnw")
+            code.acc(f"gw{layer}", "keep_eff * gnw" if self.fgt else "gnw")
             if self.fgt:
                 code(f"gkeep = gkeep + _sum2(w{layer} * gnw)")
             if self.mom:
                 self.load_tile(code, "gns", layer, "S", "gin")
-                add(f"gs{layer}", "carry_eff * gnw + decay_eff * gns")
+                code.acc(f"gs{layer}", "carry_eff * gnw + decay_eff * gns")
                 code(f"gcarry = gcarry + _sum2(s{layer} * gnw)", f"gdecay = gdecay + _sum2(s{layer} * gns)")
             for g, coef, gcoef, product in kinds:
                 if layer == 0:
                     code(f"p = _dot(k, tl.trans({g}))")
-                    add("gd0", f"{coef}[:, None] * p", "-")
+                    code.acc("gd0", f"{coef}[:, None] * p", "-")
                     code(f"{gcoef} = {gcoef} - _sum(d0 * p, axis=1)", f"ga0 = ga0 - _dot(d0 * {coef}[:, None], {g})")
                 else:
                     code(f"{product} = {product} + _dot(a1, tl.trans({g}))")
-                    add("ga1", f"_dot(d1 * {coef}[:, None], {g})", "-")
+                    code.acc("ga1", f"_dot(d1 * {coef}[:, None], {g})", "-")
         code("# reverse of the error recursion d0 = (d1 W1) * act'(z0)")
         code(
             "gm = gd0 * _act_grad(z0)",

@@ -16,7 +16,7 @@ from titans_compose.codegen import tiling
 from titans_compose.kernels.config import MemoryConfig, MemoryShape
 
 #: Bump whenever the generated source changes for an unchanged key.
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 
 _DTYPES = ("float32", "float16", "bfloat16")
 
@@ -87,8 +87,9 @@ def kernel_key(cfg: MemoryConfig, dtype: str) -> KernelKey:
         raise ValueError("this MemoryConfig has no registry names; build it with memory_config() to key a kernel")
     params = cfg.loss_params.model_dump() if cfg.loss_params is not None else {}
     params.pop("name", None)
+    layer_shapes = tuple(tuple(s) for s in cfg.layer_shapes)
     return KernelKey(
-        layer_shapes=tuple(tuple(s) for s in cfg.layer_shapes),
+        layer_shapes=layer_shapes,
         activation=cfg.names[0],
         residual=cfg.residual,
         output_norm=cfg.output_norm,
@@ -102,7 +103,7 @@ def kernel_key(cfg: MemoryConfig, dtype: str) -> KernelKey:
         chunk_size=cfg.chunk_size,
         dtype=dtype,
         expressions=rule_expressions(cfg),
-        hidden_tile=tiling.hidden_tile(tuple(tuple(s) for s in cfg.layer_shapes), cfg.chunk_size) or 0,
+        hidden_tile=tiling.hidden_tile(layer_shapes, cfg.chunk_size) or 0,
         grad_clip=None if cfg.grad_clip is None else float(cfg.grad_clip),
     )
 

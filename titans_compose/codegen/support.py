@@ -32,14 +32,13 @@ def unsupported_reason(cfg: MemoryConfig, dtype: Any) -> str | None:
         return f"activation {cfg.names[0]!r} provides no Triton expressions (triton_fn/triton_grad/triton_grad2)"
     if None in (loss.triton_grad, loss.triton_grad2):
         return f"loss {cfg.names[1]!r} provides no Triton expressions (triton_grad/triton_grad2)"
-    shapes = tuple(tuple(shape) for shape in cfg.layer_shapes)
-    if tiling.hidden_tile(shapes, cfg.chunk_size) is None:
-        by_widths, by_areas = tiling.footprint(shapes, cfg.chunk_size)
-        over = [f"padded chunk x layer widths {by_widths} > {tiling.MAX_CHUNK_BY_WIDTHS}"]
-        over = over * (by_widths > tiling.MAX_CHUNK_BY_WIDTHS)
-        over += [f"padded chunk x layer areas {by_areas} > {tiling.MAX_CHUNK_BY_AREAS}"] * (
-            by_areas > tiling.MAX_CHUNK_BY_AREAS
-        )
+    if tiling.hidden_tile(cfg.layer_shapes, cfg.chunk_size) is None:
+        by_widths, by_areas = tiling.footprint(cfg.layer_shapes, cfg.chunk_size)
+        over = []
+        if by_widths > tiling.MAX_CHUNK_BY_WIDTHS:
+            over.append(f"padded chunk x layer widths {by_widths} > {tiling.MAX_CHUNK_BY_WIDTHS}")
+        if by_areas > tiling.MAX_CHUNK_BY_AREAS:
+            over.append(f"padded chunk x layer areas {by_areas} > {tiling.MAX_CHUNK_BY_AREAS}")
         tiled = "hidden-dim tiling is generated for depth 2 only" if cfg.depth != 2 else "no hidden tile fits either"
         return f"{' and '.join(over)}: too large for one program per row with whole state matrices ({tiled})"
     return None
