@@ -9,13 +9,14 @@ the sequential reference is checked separately in test_memory_core.py.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
 import torch
 
 from tests.test_memory_core import make_cfg, make_inputs, rel, run
-from titans_compose.kernels import chunk_write
+from titans_compose.kernels import chunk_write, mlp
 from titans_compose.kernels.chunked import chunked_memory
 
 GRID = [
@@ -49,7 +50,10 @@ def gradients(cfg, seed, monkeypatch, backward):
 
 def assert_manual_equals_autograd(case: dict, retrieval: str, chunk: int, monkeypatch) -> None:
     cfg = make_cfg(chunk_size=chunk, retrieval=retrieval, **case)
-    seed = hash((retrieval, *case.values())) % 1000
+    assert_manual_equals_autograd_for(cfg, hash((retrieval, *case.values())) % 1000, monkeypatch)
+
+
+def assert_manual_equals_autograd_for(cfg, seed: int, monkeypatch) -> None:
     y_m, g_m = gradients(cfg, seed, monkeypatch, "manual")
     y_a, g_a = gradients(cfg, seed, monkeypatch, "autograd")
     assert torch.isfinite(y_a).all() and rel(y_m, y_a) < 1e-12
@@ -62,6 +66,44 @@ def assert_manual_equals_autograd(case: dict, retrieval: str, chunk: int, monkey
 @pytest.mark.parametrize("retrieval,chunk", [("after", 4), ("before", 5), ("per_chunk", 8)])
 def test_manual_backward_equals_autograd(case, retrieval, chunk, monkeypatch):
     assert_manual_equals_autograd(case, retrieval, chunk, monkeypatch)
+
+
+WITHOUT_SECOND_DERIVATIVES = [
+    dict(depth=depth, activation=act, loss=loss, momentum=True, forget=True, residual=res, output_norm=ln)
+    for depth, act, loss, (res, ln) in itertools.product(
+        [1, 2], ["gelu", "relu"], ["l2", "l1", "huber"], [(True, True), (False, False)]
+    )
+]
+
+
+@pytest.mark.parametrize("case", WITHOUT_SECOND_DERIVATIVES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_manual_backward_without_second_derivatives_equals_autograd(case, monkeypatch):
+    """A plug-in activation or loss need not state ``grad2``: the hand-written backward then takes the
+    second-order terms from autograd on the rule's elementwise backward (0 where that has no graph, as for ReLU and
+    l1) and must still agree with plain autograd."""
+    cfg = make_cfg(chunk_size=4, retrieval="after", **case)
+    bare = dataclasses.replace(
+        cfg,
+        activation=dataclasses.replace(cfg.activation, grad2=None),
+        loss=dataclasses.replace(cfg.loss, grad2=None),
+    )
+    assert_manual_equals_autograd_for(bare, seed=hash(tuple(case.values())) % 1000, monkeypatch=monkeypatch)
+
+
+@pytest.mark.parametrize("loss", ["l2", "l1", "lp", "huber"])
+@pytest.mark.parametrize("residual,output_norm", [(True, True), (False, True), (True, False), (False, False)])
+def test_output_error_vjp_closed_form_equals_autograd(loss, residual, output_norm):
+    """The closed-form pull-back through the loss's second derivative and the LayerNorm against autograd on
+    :func:`mlp.output_error` (float64, random upstream gradient, errors of order 1 so every loss branch acts)."""
+    cfg = make_cfg(loss=loss, residual=residual, output_norm=output_norm)
+    g = torch.Generator().manual_seed(3)
+    z, k, v, up = (torch.randn(3, 5, cfg.head_dim, generator=g, dtype=torch.float64) for _ in range(4))
+    closed = mlp.output_error_vjp(up, z, k, v, cfg)
+    auto = mlp.output_error_vjp(up, z, k, v, dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, grad2=None)))
+    assert (closed[1] is None) == (auto[1] is None) == (not residual)
+    for got, want in zip(closed, auto, strict=True):
+        if want is not None:
+            assert torch.isfinite(got).all() and rel(got, want) < 1e-12
 
 
 def test_manual_backward_gradcheck(monkeypatch):

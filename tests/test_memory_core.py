@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from titans_compose.kernels import mlp
-from titans_compose.kernels.chunked import chunked_memory, coefficients, segsum
+from titans_compose.kernels.chunked import LastRow, chunked_memory, coefficients, segsum
 from titans_compose.kernels.config import MemoryConfig
 from titans_compose.kernels.reference import reference_memory
 from titans_compose.kernels.state import MemoryState
@@ -197,6 +197,27 @@ def test_segsum_and_coefficients_in_closed_form():
     expect = theta[0, i] * sum(keep[j + 1 : t + 1].prod() * eta[i + 1 : j + 1].prod() for j in range(i, t + 1))
     assert c.C[0, t, i].item() == pytest.approx(expect.item())
     assert (c.C[0].triu(1) == 0).all()
+
+
+@pytest.mark.parametrize("momentum,forget", [(True, True), (True, False), (False, True), (False, False)])
+def test_last_row_equals_the_coefficient_tables_last_row(momentum, forget):
+    """The fold's coefficients built directly (suffix sums and one b x b table) against the last row of the
+    spelled-out A, B, C, D, E, with gates from near 0 to near 1 (log eta and log keep down to -30)."""
+    g = torch.Generator().manual_seed(5)
+    theta = torch.rand(3, 2, 9, generator=g, dtype=F64)
+    log_eta = -30 * torch.rand(3, 2, 9, generator=g, dtype=F64) ** 4 if momentum else None
+    log_keep = -30 * torch.rand(3, 2, 9, generator=g, dtype=F64) ** 4 if forget else None
+    full = coefficients(theta, log_eta, log_keep)
+    last = LastRow.build(theta, log_eta, log_keep)
+    assert rel(last.c, full.C[..., -1, :]) < 1e-14
+    assert (last.keep is None) == (not forget) and (last.e is None) == (not momentum)
+    if forget:
+        assert rel(last.keep, full.A[..., -1]) < 1e-14
+    if momentum:
+        assert rel(last.e, full.E[..., -1, :]) < 1e-14 and rel(last.carry, full.B[..., -1]) < 1e-14
+        assert rel(last.decay, full.D[..., -1]) < 1e-14
+    for i, row in enumerate(last.unbind(1)):
+        assert torch.equal(row.c, last.c[:, i])
 
 
 def test_depth1_l2_b1_is_the_delta_rule():

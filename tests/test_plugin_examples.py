@@ -99,6 +99,10 @@ def test_check_rule_names_what_a_broken_rule_gets_wrong():
     silu = ACTIVATIONS["silu"][0]
     with pytest.raises(AssertionError, match=r"backward\(g, x\) is not g \* grad\(x\)"):
         check_rule("activation", Activation(silu.fn, silu.grad, fused_backward=lambda g, x: g))
+    with pytest.raises(AssertionError, match=r"grad2\(x\) is not the derivative of grad\(x\)"):
+        check_rule("activation", dataclasses.replace(silu, grad2=lambda x: x.sigmoid()))
+    with pytest.raises(AssertionError, match=r"grad2\(err\) is not the derivative of grad\(err\)"):
+        check_rule("loss", dataclasses.replace(l2, grad2=lambda e, p: e.new_full((), 1.0)))  # half of l2's 2
     # the reference decays by keep and the chunked form by log_keep: they must describe the same factor
     halved = Retention(keep=lambda w, a, p: (1 - a) * w, log_keep=lambda a: (-a / 2).log1p())
     with pytest.raises(AssertionError, match=r"keep\(W, alpha\) is not exp\(log_keep\(alpha\)\) \* W"):

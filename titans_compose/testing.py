@@ -76,11 +76,20 @@ def _check_parts(label: str, kind: str, rule: Any, params: Any) -> None:
         _require(
             label, "grad(err) is not the derivative of value(err) summed over features", rule.grad(x, params), auto
         )
+        if rule.grad2 is not None:
+            _require(
+                label,
+                "grad2(err) is not the derivative of grad(err)",
+                rule.grad2(x, params),
+                _slope(rule.grad(x, params), x),
+            )
     elif kind == "activation":
         (auto,) = torch.autograd.grad(rule.fn(x).sum(), x)
         _require(label, "grad(x) is not the derivative of fn(x)", rule.grad(x), auto)
         up = torch.randn(5, 7, generator=g, dtype=F64)
         _require(label, "backward(g, x) is not g * grad(x)", rule.backward(up, x), up * auto)
+        if rule.grad2 is not None:
+            _require(label, "grad2(x) is not the derivative of grad(x)", rule.grad2(x), _slope(rule.grad(x), x))
     else:
         alpha = torch.rand(5, 7, generator=g, dtype=F64) * 0.98 + 0.01
         w = torch.randn(5, 7, generator=g, dtype=F64)
@@ -88,7 +97,16 @@ def _check_parts(label: str, kind: str, rule: Any, params: Any) -> None:
         _require(label, "keep(W, alpha) is not exp(log_keep(alpha)) * W", kept, rule.log_keep(alpha).exp() * w)
 
 
+def _slope(values: Tensor, x: Tensor) -> Tensor:
+    """The elementwise derivative of ``values`` (a function of ``x``, elementwise) by autograd; 0 without a graph."""
+    if not values.requires_grad:
+        return torch.zeros_like(x)
+    (slope,) = torch.autograd.grad(values.sum(), x, allow_unused=True)
+    return torch.zeros_like(x) if slope is None else slope
+
+
 def _require(label: str, message: str, got: Tensor, want: Tensor) -> None:
+    got = torch.as_tensor(got, dtype=want.dtype).expand_as(want) if got.dim() < want.dim() else got
     if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-9, atol=1e-12):
         diff = float((got - want).abs().max().detach()) if got.shape == want.shape else f"shape {tuple(got.shape)}"
         raise AssertionError(f"{label}: {message} (max difference {diff} on random float64 inputs)")

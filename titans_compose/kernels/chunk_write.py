@@ -17,13 +17,16 @@ broadcast multiplies and reductions per chunk. The backward below walks the same
    and g a_l -= (c delta_l) gW'_l + (e delta_l) gS'_l;
    with ``grad_clip``, c and e carry the per-token factor s_t = min(1, max_norm / ||g_t||), ||g_t||^2 =
    sum_l ||delta_l||^2 ||a_l||^2, whose derivative adds to g delta_l and g a_l where the clip acts;
-2. the error recursion, first layer up: g m_l = act'(z_l) g delta_l, g z_l += the second-order term (autograd on
-   the elementwise activation backward alone), g delta_{l+1} += g m_l W_{l+1}^T, g W_{l+1} += delta_{l+1}^T g m_l;
-3. the output error delta_L(z_L, k, v): autograd on the elementwise loss / LayerNorm head alone;
+2. the error recursion, first layer up: g m_l = act'(z_l) g delta_l, g z_l += m_l act''(z_l) g delta_l (the
+   forward saves act'(z_l) and m_l act''(z_l), not z_l and m_l), g delta_{l+1} += g m_l W_{l+1}^T,
+   g W_{l+1} += delta_{l+1}^T g m_l;
+3. the output error delta_L(z_L, k, v): :func:`mlp.output_error_vjp`, in closed form through the loss's second
+   derivative and the LayerNorm;
 4. the key-path forward, last layer down: g W_l += g z_l^T a_l, g a_l += g z_l W_l, g z_{l-1} += act'(.) g a_l.
 
-Every matmul is a batched matmul of the chunk's [N, b, features] blocks; only elementwise pieces use local autograd,
-so any activation or loss whose elementwise backward is differentiable works. The backward is first order
+Every matmul is a batched matmul of the chunk's [N, b, features] blocks. A rule without a second derivative
+(``grad2``) gets its second-order term from autograd on its elementwise backward alone, so any activation or loss
+whose elementwise backward is differentiable works. The backward is first order
 (``once_differentiable``): training through the memory needs no more; a double backward of the outer loss
 runs through the plain autograd path of :mod:`chunked` (``create_graph`` callers can force it with
 ``TITANS_COMPOSE_CHUNK_BACKWARD=autograd``).
@@ -32,6 +35,7 @@ runs through the plain autograd path of :mod:`chunked` (``create_graph`` callers
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -65,17 +69,6 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
     return (a * b).sum((1, 2))
 
 
-def _vjp(output: Tensor, inputs: tuple[Tensor, ...], grad: Tensor) -> tuple[Tensor | None, ...]:
-    """Vector-Jacobian product of a local elementwise graph; zeros where the output is piecewise constant in an
-    input (ReLU's and l1's derivatives), None where an input is not used at all."""
-    if not output.requires_grad:
-        return tuple(torch.zeros_like(t) for t in inputs)
-    grads = torch.autograd.grad(output, inputs, grad, allow_unused=True)
-    return tuple(
-        g if g is not None or t is not inputs[0] else torch.zeros_like(t) for g, t in zip(grads, inputs, strict=True)
-    )
-
-
 def fold(
     weights: tuple[Tensor, ...],
     momentum: tuple[Tensor, ...] | None,
@@ -101,39 +94,89 @@ def fold(
     return tuple(new_w), None if momentum is None else tuple(new_s)
 
 
-def _scaled(c: Tensor, e: Tensor | None, scale: Tensor | None) -> tuple[Tensor, Tensor | None]:
+def scaled(c: Tensor, e: Tensor | None, scale: Tensor | None) -> tuple[Tensor, Tensor | None]:
     """The last-row coefficients c, e with the per-token clip factor applied (unchanged without a clip)."""
     if scale is None:
         return c, e
     return c * scale, None if e is None else e * scale
 
 
+@dataclass(frozen=True)
+class _Read:
+    """The chunk's read M(W^0; q) and what its backward needs: q, the hidden layers' outputs and slopes act'(z),
+    and the last layer's output (for the LayerNorm)."""
+
+    y: Tensor
+    saved: tuple[Tensor, ...]
+
+
+def _read_at_start(weights: tuple[Tensor, ...], q: Tensor, cfg: MemoryConfig, saving: bool) -> _Read:
+    """Every query through the chunk-start weights (``per_chunk`` retrieval), as :func:`mlp.forward` computes it."""
+    if not saving:
+        return _Read(mlp.forward(weights, q, cfg), ())
+    hidden, slopes = [q], []
+    h = q
+    for i, w in enumerate(weights):
+        z = torch.bmm(h, w.transpose(1, 2))
+        if i < len(weights) - 1:
+            slopes.append(cfg.activation.derivative(z))
+            h = cfg.activation.fn(z)
+            hidden.append(h)
+    return _Read(mlp.finish(z, q, cfg)[0], (*hidden, *slopes, z))
+
+
+def _read_backward(
+    g_y: Tensor, weights: tuple[Tensor, ...], saved: list[Tensor], g_w: list[Tensor], cfg: MemoryConfig
+) -> Tensor:
+    """The read's backward: adds each layer's weight gradient into ``g_w`` and returns d loss / d q."""
+    n = len(weights)
+    hidden, slopes, z_last = saved[:n], saved[n : 2 * n - 1], saved[-1]
+    g_z, g_q = mlp.finish_backward(g_y, z_last, cfg)
+    for i in range(n - 1, -1, -1):
+        g_w[i] = torch.baddbmm(g_w[i], g_z.transpose(1, 2), hidden[i])
+        g_h = torch.bmm(g_z, weights[i])
+        g_z = g_h * slopes[i - 1] if i > 0 else g_h
+    return g_z if g_q is None else g_z + g_q
+
+
 class _ChunkWrite(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, cfg, layers, k, v, c, e, keep, carry, decay, *state):  # type: ignore[override]
+    def forward(ctx, cfg, layers, q, k, v, c, e, keep, carry, decay, *state):  # type: ignore[override]
         weights, momentum = state[:layers], state[layers:] or None
-        inputs, pre, mids = [k], [], []
+        act, saving = cfg.activation, any(ctx.needs_input_grad)
+        read = None if q is None else _read_at_start(weights, q, cfg, saving)
+        inputs, pre = [k], []
         h = k
         for i, w in enumerate(weights):
             z = torch.bmm(h, w.transpose(1, 2))
             pre.append(z)
             if i < layers - 1:
-                h = cfg.activation.fn(z)
+                h = act.fn(z)
                 inputs.append(h)
         deltas = [mlp.output_error(pre[-1], k, v, cfg)]
+        slopes, curvatures = [], []  # act'(z_l) and m_l act''(z_l): all the backward needs of z_l and m_l
         for i in range(layers - 2, -1, -1):
             m = torch.bmm(deltas[0], weights[i + 1])
-            mids.insert(0, m)
-            deltas.insert(0, cfg.activation.backward(m, pre[i]))
+            if saving:
+                slope = act.derivative(pre[i])
+                slopes.insert(0, slope)
+                curvatures.insert(0, act.curvature(m, pre[i]))
+                deltas.insert(0, m * slope)
+            else:
+                deltas.insert(0, act.backward(m, pre[i]))
         scale = sq = None
         if cfg.grad_clip is not None:
             scale, sq = clip_scale(inputs, deltas, cfg.grad_clip)
-        new_w, new_s = fold(weights, momentum, inputs, deltas, *_scaled(c, e, scale), keep, carry, decay)
+        new_w, new_s = fold(weights, momentum, inputs, deltas, *scaled(c, e, scale), keep, carry, decay)
         ctx.cfg, ctx.layers, ctx.has_keep, ctx.has_momentum = cfg, layers, keep is not None, momentum is not None
-        ctx.save_for_backward(
-            k, v, c, e, keep, carry, decay, scale, sq, *weights, *(momentum or ()), *pre, *mids, *inputs[1:], *deltas
-        )
-        return (*new_w, *(new_s or ()), *inputs[1:], *deltas, *(() if scale is None else (scale,)))
+        ctx.reads = read is not None
+        if saving:
+            ctx.save_for_backward(
+                k, v, c, e, keep, carry, decay, scale, sq, pre[-1], *weights, *(momentum or ()), *slopes,
+                *curvatures, *inputs[1:], *deltas, *(() if read is None else read.saved),
+            )  # fmt: skip
+        outputs = (*new_w, *(new_s or ()), *inputs[1:], *deltas, *(() if scale is None else (scale,)))
+        return outputs if read is None else (*outputs, read.y)
 
     @staticmethod
     @once_differentiable
@@ -141,15 +184,15 @@ class _ChunkWrite(torch.autograd.Function):
         cfg, n = ctx.cfg, ctx.layers
         has_m = ctx.has_momentum
         saved = list(ctx.saved_tensors)
-        k, v, c_raw, e_raw, keep, carry, decay, scale, sq = saved[:9]
-        c, e = _scaled(c_raw, e_raw, scale)  # what the fold used
-        rest = saved[9:]
+        k, v, c_raw, e_raw, keep, carry, decay, scale, sq, z_last = saved[:10]
+        c, e = scaled(c_raw, e_raw, scale)  # what the fold used
+        rest = saved[10:]
         weights, rest = rest[:n], rest[n:]
         momentum, rest = (rest[:n], rest[n:]) if has_m else (None, rest)
-        pre, rest = rest[:n], rest[n:]
-        mids, rest = rest[: n - 1], rest[n - 1 :]
-        inputs = [k, *rest[: n - 1]]
-        deltas = rest[n - 1 :]
+        slopes, rest = rest[: n - 1], rest[n - 1 :]
+        curvatures, rest = rest[: n - 1], rest[n - 1 :]
+        inputs, rest = [k, *rest[: n - 1]], rest[n - 1 :]
+        deltas, read_saved = rest[:n], rest[n:]
         g_new_w, grads = grads[:n], grads[n:]
         g_new_s, grads = (grads[:n], grads[n:]) if has_m else (None, grads)
         g_inputs_ext, g_deltas = grads[: n - 1], list(grads[n - 1 : 2 * n - 1])
@@ -193,21 +236,16 @@ class _ChunkWrite(torch.autograd.Function):
                 g_deltas[i] = torch.addcmul(g_deltas[i], d, coef * a.square().sum(-1, keepdim=True))
                 g_inputs[i] = torch.addcmul(g_inputs[i], a, coef * d.square().sum(-1, keepdim=True))
 
-        # 2. the error recursion delta_l = act.backward(m_l, z_l), first layer up
+        # 2. the error recursion delta_l = m_l act'(z_l), first layer up
         g_pre: list[Tensor | None] = [None] * n
         for i in range(n - 1):
-            g_m = cfg.activation.backward(g_deltas[i], pre[i])
-            with torch.enable_grad():
-                z = pre[i].detach().requires_grad_()
-                (g_pre[i],) = _vjp(cfg.activation.backward(mids[i], z), (z,), g_deltas[i])
+            g_m = g_deltas[i] * slopes[i]
+            g_pre[i] = g_deltas[i] * curvatures[i]
             g_deltas[i + 1] = torch.baddbmm(g_deltas[i + 1], g_m, weights[i + 1].transpose(1, 2))
             g_w[i + 1] = torch.baddbmm(g_w[i + 1], deltas[i + 1].transpose(1, 2), g_m)
 
         # 3. the output error delta_L(z_L, k, v)
-        with torch.enable_grad():
-            z, k_, v_ = (t.detach().requires_grad_() for t in (pre[-1], k, v))
-            g_z_last, g_k_residual, g_v = _vjp(mlp.output_error(z, k_, v_, cfg), (z, k_, v_), g_deltas[-1])
-        g_pre[-1] = g_z_last
+        g_pre[-1], g_k_residual, g_v = mlp.output_error_vjp(g_deltas[-1], z_last, k, v, cfg)
 
         # 4. the key-path forward, last layer down
         for i in range(n - 1, -1, -1):
@@ -215,9 +253,25 @@ class _ChunkWrite(torch.autograd.Function):
             g_w[i] = torch.baddbmm(g_w[i], g_z.transpose(1, 2), inputs[i])
             g_inputs[i] = torch.baddbmm(g_inputs[i], g_z, weights[i])
             if i > 0:
-                g_pre[i - 1] = g_pre[i - 1] + cfg.activation.backward(g_inputs[i], pre[i - 1])
+                g_pre[i - 1] = torch.addcmul(g_pre[i - 1], g_inputs[i], slopes[i - 1])
         g_k = g_inputs[0] if g_k_residual is None else g_inputs[0] + g_k_residual
-        return (None, None, g_k, g_v, g_c, g_e, g_keep, g_carry, g_decay, *g_w, *(g_s or ()))
+
+        # 5. the read at the chunk-start weights (per_chunk retrieval) adds to the same weight gradients
+        g_q = None if not ctx.reads else _read_backward(grads[-1], weights, read_saved, g_w, cfg)
+        return (None, None, g_q, g_k, g_v, g_c, g_e, g_keep, g_carry, g_decay, *g_w, *(g_s or ()))
+
+
+@dataclass(frozen=True)
+class ChunkWrite:
+    """What :func:`chunk_write` returns: every layer's input a_l and error delta_l, the chunk-end state, the
+    per-token clip factor (None without ``grad_clip``) and the read at the chunk-start weights (None unless asked)."""
+
+    inputs: list[Tensor]
+    deltas: list[Tensor]
+    weights: tuple[Tensor, ...]
+    momentum: tuple[Tensor, ...] | None
+    scale: Tensor | None
+    read: Tensor | None
 
 
 def chunk_write(
@@ -231,13 +285,15 @@ def chunk_write(
     carry: Tensor | None,
     decay: Tensor | None,
     cfg: MemoryConfig,
-) -> tuple[list[Tensor], list[Tensor], tuple[Tensor, ...], tuple[Tensor, ...] | None, Tensor | None]:
-    """Key path and fold of one full chunk. Returns (inputs a_l, errors delta_l, new weights, new momentum, the
-    per-token clip factor or None without ``cfg.grad_clip``)."""
+    q: Tensor | None = None,
+) -> ChunkWrite:
+    """Key path and fold of one full chunk, and with ``q`` the queries read at the chunk-start weights (the
+    ``per_chunk`` retrieval, whose backward then joins this node's: one weight-gradient sum, no autograd nodes)."""
     n = len(weights)
-    out = _ChunkWrite.apply(cfg, n, k, v, c, e, keep, carry, decay, *weights, *(momentum or ()))
+    out = _ChunkWrite.apply(cfg, n, q, k, v, c, e, keep, carry, decay, *weights, *(momentum or ()))
     new_w, out = out[:n], out[n:]
     new_s, out = (out[:n], out[n:]) if momentum is not None else (None, out)
     scale = out[2 * n - 1] if cfg.grad_clip is not None else None
     inputs, deltas = [k, *out[: n - 1]], list(out[n - 1 : 2 * n - 1])
-    return inputs, deltas, tuple(new_w), None if new_s is None else tuple(new_s), scale
+    read = out[-1] if q is not None else None
+    return ChunkWrite(inputs, deltas, tuple(new_w), None if new_s is None else tuple(new_s), scale, read)

@@ -162,88 +162,115 @@ def _read(
     return mlp.finish(h, q, cfg)[0]
 
 
-def _last_row(
-    tables: GateTables, theta: Tensor
-) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
-    """What the chunk-end fold takes from the gate tables: c = C_{b,.}, e = E_{b,.}, keep = A_b, carry = B_b,
-    decay = D_b (None where a gate is off)."""
-    c = tables.FP[..., -1, :] * theta
-    if tables.P is None:
-        e = carry = decay = None
-    else:
-        e, carry, decay = tables.P[..., -1, :] * theta, tables.B[..., -1], tables.eta_prod[..., -1]
-    keep = None if tables.A is None else tables.A[..., -1]
-    return c, e, keep, carry, decay
+@dataclass(frozen=True)
+class LastRow:
+    """What a full chunk's fold takes from its gates alone (memory-math.md section 3, row t = b): c = C_{b,.} and
+    e = E_{b,.} [..., b], keep = A_b, carry = B_b, decay = D_b [...] (None where a gate is off)."""
+
+    c: Tensor
+    e: Tensor | None
+    keep: Tensor | None
+    carry: Tensor | None
+    decay: Tensor | None
+
+    @staticmethod
+    def build(theta: Tensor, log_eta: Tensor | None, log_keep: Tensor | None) -> LastRow:
+        """From [..., b] gates. Only P = exp(segsum(log eta)) is a b x b table; F's last row is a suffix sum (all
+        ones without forgetting: W_b keeps every S_j whole)."""
+        keep = None if log_keep is None else log_keep.sum(-1).exp()
+        if log_eta is None:
+            return LastRow(theta if log_keep is None else _suffix_sum(log_keep).exp() * theta, None, keep, None, None)
+        f_last = torch.ones_like(theta) if log_keep is None else _suffix_sum(log_keep).exp()  # F[b, j]
+        p_last = _suffix_sum(log_eta).exp()  # P[b, i]
+        eta_prod = log_eta.cumsum(-1).exp()
+        fp_last = (f_last.unsqueeze(-2) @ segsum(log_eta).exp()).squeeze(-2)
+        carry = (f_last * eta_prod).sum(-1)
+        return LastRow(fp_last * theta, p_last * theta, keep, carry, eta_prod[..., -1])
+
+    def unbind(self, dim: int) -> list[LastRow]:
+        """One per chunk from rows built for [N, chunks, b] gates (one autograd node per field, not per chunk)."""
+        fields = [None if f is None else f.unbind(dim) for f in self.__dict__.values()]
+        return [LastRow(*(None if f is None else f[i] for f in fields)) for i in range(len(fields[0]))]
+
+
+def _suffix_sum(x: Tensor) -> Tensor:
+    """``out[..., j] = sum_{i > j} x[..., i]``: each entry summed from its own terms (no difference of totals)."""
+    after = torch.cat([x[..., 1:], torch.zeros_like(x[..., :1])], -1)
+    return after.flip(-1).cumsum(-1).flip(-1)
 
 
 def _chunk(
     cfg: MemoryConfig,
-    commit: bool,
     weights: tuple[Tensor, ...],
     momentum: tuple[Tensor, ...] | None,
     q: Tensor,
     k: Tensor,
     v: Tensor,
     theta: Tensor,
-    tables: GateTables,
+    tables: GateTables | None,
+    last: LastRow | None,
 ):
-    """One chunk: its retrieved values and, when ``commit`` (a full chunk), the chunk-end state. A full chunk's
-    write runs as one node with a hand-written backward where :func:`chunk_write.supported` says so."""
-    manual = commit and chunk_write.supported(cfg)
+    """One chunk: its retrieved values and, for a full chunk (``last`` given), the chunk-end state. A full chunk's
+    write runs as one node with a hand-written backward where :func:`chunk_write.supported` says so; with
+    ``per_chunk`` retrieval the read joins that node. ``tables`` are the read's (None for ``per_chunk``)."""
+    manual = last is not None and chunk_write.supported(cfg)
     if manual:
-        inputs, deltas, new_weights, new_momentum, scale = chunk_write.chunk_write(
-            weights, momentum, k, v, *_last_row(tables, theta), cfg
-        )
-        if scale is not None:
-            theta = theta * scale
+        reads = cfg.retrieval == "per_chunk"
+        rows = (last.c, last.e, last.keep, last.carry, last.decay)
+        write = chunk_write.chunk_write(weights, momentum, k, v, *rows, cfg, q=q if reads else None)
+        if reads:
+            return write.read, write.weights, write.momentum
+        inputs, deltas, new_weights, new_momentum = write.inputs, write.deltas, write.weights, write.momentum
+        if write.scale is not None:
+            theta = theta * write.scale
     else:
         inputs, deltas = mlp.key_path(weights, k, v, cfg)
+        scale = None
         if cfg.grad_clip is not None:
-            theta = theta * chunk_write.clip_scale(inputs, deltas, cfg.grad_clip)[0]
+            scale = chunk_write.clip_scale(inputs, deltas, cfg.grad_clip)[0]
+            theta = theta * scale
     if cfg.retrieval == "per_chunk":
         y = mlp.forward(weights, q, cfg)
     else:
         y = _read(weights, momentum, q, tables, theta, inputs, deltas, cfg)
     if manual:
         return y, new_weights, new_momentum
-    if not commit:
+    if last is None:
         return y, weights, momentum
-    new_weights, new_momentum = chunk_write.fold(weights, momentum, inputs, deltas, *_last_row(tables, theta))
+    c, e = chunk_write.scaled(last.c, last.e, scale)
+    new_weights, new_momentum = chunk_write.fold(
+        weights, momentum, inputs, deltas, c, e, last.keep, last.carry, last.decay
+    )
     return y, new_weights, new_momentum
 
 
-def _tables(log_eta: Tensor | None, log_keep: Tensor | None, theta: Tensor, b: int, retrieval: str) -> list[GateTables]:
-    """Gate tables of every chunk: the full chunks in one batched computation, the last partial one alone."""
+def _gates(
+    log_eta: Tensor | None, log_keep: Tensor | None, theta: Tensor, b: int, retrieval: str
+) -> tuple[list[GateTables | None], list[LastRow | None]]:
+    """Per chunk: the read's gate tables (None for ``per_chunk``, which reads the chunk-start weights) and the
+    fold's last row (None for the last, partial chunk, which folds nothing). Full chunks are built in one batched
+    computation, the partial one alone."""
     n, total = theta.shape
     full = total // b * b
+    count = full // b + (total > full)
 
     def part(x: Tensor | None, start: int, end: int, shape: tuple[int, ...]) -> Tensor | None:
         return None if x is None else x[:, start:end].reshape(shape)
 
-    out: list[GateTables] = []
+    tables: list[GateTables | None] = [None] * count
+    rows: list[LastRow | None] = [None] * count
     if full:
         shape = (n, full // b, b)
-        out = GateTables.build(
-            part(log_eta, 0, full, shape),
-            part(log_keep, 0, full, shape),
-            torch.Size(shape),
-            theta.dtype,
-            theta.device,
-            retrieval,
-        ).unbind(1)
-    if total > full:
+        gates = part(log_eta, 0, full, shape), part(log_keep, 0, full, shape)
+        rows[: full // b] = LastRow.build(theta[:, :full].reshape(shape), *gates).unbind(1)
+        if retrieval != "per_chunk":
+            built = GateTables.build(*gates, torch.Size(shape), theta.dtype, theta.device, retrieval)
+            tables[: full // b] = built.unbind(1)
+    if total > full and retrieval != "per_chunk":
         shape = (n, total - full)
-        out.append(
-            GateTables.build(
-                part(log_eta, full, total, shape),
-                part(log_keep, full, total, shape),
-                torch.Size(shape),
-                theta.dtype,
-                theta.device,
-                retrieval,
-            )
-        )
-    return out
+        gates = part(log_eta, full, total, shape), part(log_keep, full, total, shape)
+        tables[-1] = GateTables.build(*gates, torch.Size(shape), theta.dtype, theta.device, retrieval)
+    return tables, rows
 
 
 def log_factor(cfg: MemoryConfig, log_keep: Tensor | None) -> Tensor | None:
@@ -286,17 +313,16 @@ def chunked_memory(
         return [None] * len(keys) if x is None else list(x.split(b, dim=1))
 
     keys = k.split(b, dim=1)
-    tables = _tables(log_eta, log_factor(cfg, log_keep), theta, b, cfg.retrieval)
-    series = zip(split(q), keys, split(v), split(theta), split(log_eta), split(log_keep), tables, strict=True)
-    for q_c, k_c, v_c, theta_c, log_eta_c, log_keep_c, tables_c in series:
-        commit = k_c.shape[1] == b
-        args = (weights, momentum, q_c, k_c, v_c, theta_c, tables_c)
+    tables, rows = _gates(log_eta, log_factor(cfg, log_keep), theta, b, cfg.retrieval)
+    series = zip(split(q), keys, split(v), split(theta), split(log_eta), split(log_keep), tables, rows, strict=True)
+    for q_c, k_c, v_c, theta_c, log_eta_c, log_keep_c, tables_c, last in series:
+        args = (weights, momentum, q_c, k_c, v_c, theta_c, tables_c, last)
         if cfg.checkpoint and torch.is_grad_enabled():
-            y, weights, momentum = checkpoint(_chunk, cfg, commit, *args, use_reentrant=False)
+            y, weights, momentum = checkpoint(_chunk, cfg, *args, use_reentrant=False)
         else:
-            y, weights, momentum = _chunk(cfg, commit, *args)
+            y, weights, momentum = _chunk(cfg, *args)
         outputs.append(y)
-        if not commit:
+        if last is None:
             pending = Pending(k_c, v_c, theta_c, log_eta_c, log_keep_c)
     y = torch.cat(outputs, 1)[:, p:] if outputs else q[:, p:]
     return y, MemoryState(weights, momentum, pending)

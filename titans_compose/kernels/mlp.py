@@ -39,6 +39,15 @@ def finish(z_last: Tensor, x: Tensor, cfg: MemoryConfig) -> tuple[Tensor, tuple[
     return out, cache
 
 
+def finish_backward(grad: Tensor, z_last: Tensor, cfg: MemoryConfig) -> tuple[Tensor, Tensor | None]:
+    """d loss / d z_last and, with the residual, the part that reaches the input x, given d loss / d out."""
+    g_z = grad
+    if cfg.output_norm:
+        _, mean, rstd = layer_norm(z_last, cfg.ln_eps)
+        g_z = layer_norm_backward(grad, z_last, mean, rstd)
+    return g_z, grad if cfg.residual else None
+
+
 def forward(weights: tuple[Tensor, ...] | list[Tensor], x: Tensor, cfg: MemoryConfig) -> Tensor:
     """M(x) with the given weights."""
     h = x
@@ -54,6 +63,52 @@ def output_error(z_last: Tensor, k: Tensor, v: Tensor, cfg: MemoryConfig) -> Ten
     out, ln_cache = finish(z_last, k, cfg)
     err = cfg.loss.grad(out - v, cfg.loss_params)
     return layer_norm_backward(err, *ln_cache) if ln_cache is not None else err
+
+
+def output_error_vjp(
+    grad: Tensor, z_last: Tensor, k: Tensor, v: Tensor, cfg: MemoryConfig
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """``grad`` (d outer / d delta_L) pulled back through :func:`output_error` to (z_last, k, v); the k part is
+    None without the residual (k then reaches delta_L through nothing else).
+
+    In closed form where the loss has ``grad2``. With u = ``grad``, err = out - v, g = loss'(err) and the gain-free
+    LayerNorm's Jacobian J = r (I - 1 1^T / n - x x^T / n) (x the normalised z, r = 1/std, J symmetric, delta_L =
+    J g): d/d err = loss''(err) * J u, which reaches v with a minus sign, k through the residual and z through J;
+    and J's own dependence on z adds -(r / n) (r (u.g - sum(u) sum(g) / n - (u.x)(g.x) / n) x + (g.x) J u
+    + (u.x) delta_L). Without ``grad2`` autograd differentiates :func:`output_error` (slower, same result)."""
+    if cfg.loss.grad2 is None:
+        return _output_error_autograd_vjp(grad, z_last, k, v, cfg)
+    if not cfg.output_norm:
+        err = (z_last + k if cfg.residual else z_last) - v
+        g_err = grad * cfg.loss.grad2(err, cfg.loss_params)
+        return g_err, g_err if cfg.residual else None, -g_err
+    x, mean, rstd = layer_norm(z_last, cfg.ln_eps)
+    err = (x + k if cfg.residual else x) - v
+    g = cfg.loss.grad(err, cfg.loss_params)
+    delta = layer_norm_backward(g, z_last, mean, rstd)
+    pulled = layer_norm_backward(grad, z_last, mean, rstd)  # J u
+    g_err = pulled * cfg.loss.grad2(err, cfg.loss_params)
+    n = z_last.shape[-1]
+    g_x, u_x = (g * x).sum(-1, keepdim=True), (grad * x).sum(-1, keepdim=True)
+    inner = (grad * g).sum(-1, keepdim=True) - grad.sum(-1, keepdim=True) * g.sum(-1, keepdim=True) / n - u_x * g_x / n
+    own = (rstd * inner) * x + g_x * pulled + u_x * delta
+    g_z = layer_norm_backward(g_err, z_last, mean, rstd) - (rstd / n) * own
+    return g_z, g_err if cfg.residual else None, -g_err
+
+
+def _output_error_autograd_vjp(
+    grad: Tensor, z_last: Tensor, k: Tensor, v: Tensor, cfg: MemoryConfig
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """:func:`output_error_vjp` by autograd on the elementwise head (for a loss without ``grad2``); zeros where
+    the output is piecewise constant in an input."""
+    with torch.enable_grad():
+        z, k_, v_ = (t.detach().requires_grad_() for t in (z_last, k, v))
+        out = output_error(z, k_, v_, cfg)
+        if not out.requires_grad:
+            return torch.zeros_like(z_last), None, torch.zeros_like(v)
+        g_z, g_k, g_v = torch.autograd.grad(out, (z, k_, v_), grad, allow_unused=True)
+    zero = torch.zeros_like
+    return zero(z_last) if g_z is None else g_z, g_k, zero(v) if g_v is None else g_v
 
 
 def key_path(

@@ -35,6 +35,10 @@ class Loss:
     """A per-token associative loss: ``value(err, params)`` sums over the feature axis (last),
     ``grad(err, params)`` is its elementwise derivative with respect to the memory output.
 
+    ``grad2(err, params)``, optional: the elementwise derivative of ``grad`` (the loss's diagonal Hessian; a
+    tensor or anything that broadcasts against ``err``). The chunked path's hand-written backward uses it for the
+    second-order term through the loss; without it, that term comes from autograd on ``grad``, which is slower.
+
     ``triton_grad`` / ``triton_grad2``: Triton expressions in ``e`` for ``grad`` and its derivative (the generated
     backward needs the second derivative of the loss); parameters as ``{name}`` format fields."""
 
@@ -42,13 +46,15 @@ class Loss:
     grad: Fn
     triton_grad: str | None = None
     triton_grad2: str | None = None
+    grad2: Fn | None = None
 
 
 @dataclass(frozen=True)
 class Activation:
     """An elementwise activation, its derivative, and optionally a fused ``backward(g, x) = g * grad(x)`` (the dual
-    form back-propagates through the activation by hand; a fused op saves memory traffic on the hot path), and
-    optionally its Triton expressions (module docstring)."""
+    form back-propagates through the activation by hand; a fused op saves memory traffic on the hot path), its
+    second derivative ``grad2(x)`` (the hand-written backward's second-order term; without it autograd
+    differentiates ``backward``, which is slower), and its Triton expressions (module docstring)."""
 
     fn: Fn
     grad: Fn
@@ -57,12 +63,34 @@ class Activation:
     triton_fn: str | None = None
     triton_grad: str | None = None
     triton_grad2: str | None = None
+    grad2: Fn | None = None
 
     def backward(self, g: Any, x: Any) -> Any:
         """``g * fn'(x)``."""
         if self.fused_backward is not None:
             return self.fused_backward(g, x)
         return g * self.grad(x)
+
+    def derivative(self, x: Any) -> Any:
+        """``fn'(x)`` through the fused backward where there is one (one pass instead of the formula's several)."""
+        if self.fused_backward is not None:
+            return self.fused_backward(x.new_ones(()).expand_as(x), x)
+        return self.grad(x)
+
+    def curvature(self, m: Any, x: Any) -> Any:
+        """``m * fn''(x)``: the derivative of ``backward(m, x)`` in ``x``, from ``grad2`` or else by autograd on
+        ``backward`` (0 where that has no graph, as for a piecewise-linear activation)."""
+        if self.grad2 is not None:
+            return m * self.grad2(x)
+        import torch  # deferred: registering the built-ins must not import torch
+
+        with torch.enable_grad():
+            z = x.detach().requires_grad_()
+            out = self.backward(m, z)
+            if not out.requires_grad:
+                return torch.zeros_like(x)
+            (grad,) = torch.autograd.grad(out, z, torch.ones_like(out), allow_unused=True)
+        return torch.zeros_like(x) if grad is None else grad
 
 
 @dataclass(frozen=True)
@@ -124,17 +152,35 @@ def _huber_grad(err: Any, params: HuberParams) -> Any:
     return err.clamp(-params.delta, params.delta)
 
 
+def _l2_grad2(err: Any, params: Any) -> Any:
+    return err.new_full((), 2.0)
+
+
+def _l1_grad2(err: Any, params: Any) -> Any:
+    return err.new_zeros(())
+
+
+def _lp_grad2(err: Any, params: LpParams) -> Any:
+    # p (p - 1) |e|^(p - 2), and 0 at e = 0 like the derivative of grad's sign factor there
+    curve = params.p * (params.p - 1) * err.abs().pow(params.p - 2)
+    return curve.where(err != 0, 0.0)
+
+
+def _huber_grad2(err: Any, params: HuberParams) -> Any:
+    return (err.abs() <= params.delta).to(err.dtype)
+
+
 _TL_SIGN = "tl.where(e > 0, 1.0, tl.where(e < 0, -1.0, 0.0))"
 _TL_LOG_ABS = "tl.log(tl.where(e == 0, 1.0, tl.abs(e)))"  # log|e|, finite at e = 0
 
 LOSSES: dict[str, tuple[Loss, type[RuleParams] | None, str]] = {
     "l2": (
-        Loss(_l2_value, _l2_grad, triton_grad="2.0 * e", triton_grad2="2.0 + 0.0 * e"),
+        Loss(_l2_value, _l2_grad, triton_grad="2.0 * e", triton_grad2="2.0 + 0.0 * e", grad2=_l2_grad2),
         None,
         "||M(k) - v||^2 summed over features, no 1/2 (the paper's loss)",
     ),
     "l1": (
-        Loss(_l1_value, _l1_grad, triton_grad=_TL_SIGN, triton_grad2="0.0 * e"),
+        Loss(_l1_value, _l1_grad, triton_grad=_TL_SIGN, triton_grad2="0.0 * e", grad2=_l1_grad2),
         None,
         "sum |M(k) - v| (robust to outlier values)",
     ),
@@ -145,6 +191,7 @@ LOSSES: dict[str, tuple[Loss, type[RuleParams] | None, str]] = {
             # |e|^(p-1) as exp((p-1) log|e|); at e = 0 the sign makes it 0 like torch's p * 0^(p-1) * sign(0)
             triton_grad=f"{{p}} * tl.exp(({{p}} - 1.0) * {_TL_LOG_ABS}) * {_TL_SIGN}",
             triton_grad2=f"tl.where(e == 0, 0.0, {{p}} * ({{p}} - 1.0) * tl.exp(({{p}} - 2.0) * {_TL_LOG_ABS}))",
+            grad2=_lp_grad2,
         ),
         LpParams,
         "sum |M(k) - v|^p, p >= 1 (MIRAS lp attentional bias)",
@@ -155,6 +202,7 @@ LOSSES: dict[str, tuple[Loss, type[RuleParams] | None, str]] = {
             _huber_grad,
             triton_grad="tl.minimum(tl.maximum(e, -{delta}), {delta})",
             triton_grad2="tl.where(tl.abs(e) <= {delta}, 1.0, 0.0)",
+            grad2=_huber_grad2,
         ),
         HuberParams,
         "Huber: quadratic below delta, linear above (MIRAS robust attentional bias)",
@@ -171,6 +219,11 @@ def _silu(x: Any) -> Any:
 def _silu_grad(x: Any) -> Any:
     s = x.sigmoid()
     return s * (1 + x * (1 - s))
+
+
+def _silu_grad2(x: Any) -> Any:
+    s = x.sigmoid()
+    return s * (1 - s) * (2 + x * (1 - 2 * s))
 
 
 _SQRT_HALF = math.sqrt(0.5)
@@ -193,12 +246,21 @@ def _gelu_grad(x: Any) -> Any:
     return 0.5 * (1 + (x * _SQRT_HALF).erf()) + x * _INV_SQRT_2PI * (-0.5 * x.square()).exp()
 
 
+def _gelu_grad2(x: Any) -> Any:
+    square = x.square()
+    return (2 - square) * (-0.5 * square).exp() * _INV_SQRT_2PI
+
+
 def _relu(x: Any) -> Any:
     return x.clamp_min(0)
 
 
 def _relu_grad(x: Any) -> Any:
     return (x > 0).to(x.dtype)
+
+
+def _zero_grad2(x: Any) -> Any:
+    return x.new_zeros(()).expand_as(x)
 
 
 def _identity(x: Any) -> Any:
@@ -220,6 +282,7 @@ ACTIVATIONS: dict[str, tuple[Activation, str]] = {
             triton_fn=f"x * {_TL_SIGMOID}",
             triton_grad=f"{_TL_SIGMOID} * (1.0 + x * (1.0 - {_TL_SIGMOID}))",
             triton_grad2=f"{_TL_SIGMOID} * (1.0 - {_TL_SIGMOID}) * (2.0 + x * (1.0 - 2.0 * {_TL_SIGMOID}))",
+            grad2=_silu_grad2,
         ),
         "x * sigmoid(x) (the paper's choice)",
     ),
@@ -231,6 +294,7 @@ ACTIVATIONS: dict[str, tuple[Activation, str]] = {
             triton_fn=f"0.5 * x * (1.0 + tl.math.erf(x * {_SQRT_HALF!r}))",
             triton_grad=f"0.5 * (1.0 + tl.math.erf(x * {_SQRT_HALF!r})) + x * {_TL_GAUSS}",
             triton_grad2=f"(2.0 - x * x) * {_TL_GAUSS}",
+            grad2=_gelu_grad2,
         ),
         "exact (erf) GELU",
     ),
@@ -241,11 +305,19 @@ ACTIVATIONS: dict[str, tuple[Activation, str]] = {
             triton_fn="tl.maximum(x, 0.0)",
             triton_grad="tl.where(x > 0, 1.0, 0.0)",
             triton_grad2="0.0 * x",
+            grad2=_zero_grad2,
         ),
         "max(x, 0)",
     ),
     "identity": (
-        Activation(_identity, _identity_grad, triton_fn="x", triton_grad="1.0 + 0.0 * x", triton_grad2="0.0 * x"),
+        Activation(
+            _identity,
+            _identity_grad,
+            triton_fn="x",
+            triton_grad="1.0 + 0.0 * x",
+            triton_grad2="0.0 * x",
+            grad2=_zero_grad2,
+        ),
         "no activation (a deep linear memory)",
     ),
 }
