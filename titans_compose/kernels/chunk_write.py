@@ -61,7 +61,14 @@ def clip_scale(inputs: list[Tensor], deltas: list[Tensor], max_norm: float) -> t
 
 
 def _col(x: Tensor) -> Tensor:
-    return x[:, None, None]
+    return x.view(-1, 1, 1)
+
+
+def _minus_outer(base: Tensor, x: Tensor, rows: Tensor, y: Tensor) -> Tensor:
+    """``base - (rows * x)^T y`` for per-token factors ``rows`` [N, b], which scale whichever of x, y is smaller."""
+    if x.shape[-1] <= y.shape[-1]:
+        return torch.baddbmm(base, (x * rows.unsqueeze(-1)).transpose(1, 2), y, alpha=-1)
+    return torch.baddbmm(base, x.transpose(1, 2), y * rows.unsqueeze(-1), alpha=-1)
 
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
@@ -87,10 +94,9 @@ def fold(
         base = w if keep is None else w * _col(keep)
         if momentum is not None:
             base = torch.addcmul(base, momentum[i], _col(carry))
-        new_w.append(torch.baddbmm(base, (deltas[i] * c.unsqueeze(-1)).transpose(1, 2), inputs[i], alpha=-1))
+        new_w.append(_minus_outer(base, deltas[i], c, inputs[i]))
         if momentum is not None:
-            s = momentum[i] * _col(decay)
-            new_s.append(torch.baddbmm(s, (deltas[i] * e.unsqueeze(-1)).transpose(1, 2), inputs[i], alpha=-1))
+            new_s.append(_minus_outer(momentum[i] * _col(decay), deltas[i], e, inputs[i]))
     return tuple(new_w), None if momentum is None else tuple(new_s)
 
 
@@ -139,9 +145,22 @@ def _read_backward(
     return g_z if g_q is None else g_z + g_q
 
 
+def _scaled_rows_times(x: Tensor, rows: Tensor, y: Tensor) -> Tensor:
+    """``(rows * x) y`` for per-token factors ``rows`` [N, b, 1], scaling whichever of x and the product is
+    smaller."""
+    if x.shape[-1] <= y.shape[-1]:
+        return torch.bmm(x * rows, y)
+    return torch.bmm(x, y) * rows
+
+
+def _zeros_for_none(grads: tuple[Tensor | None, ...], like: tuple[Tensor, ...]) -> list[Tensor]:
+    return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, like, strict=True)]
+
+
 class _ChunkWrite(torch.autograd.Function):
     @staticmethod
     def forward(ctx, cfg, layers, q, k, v, c, e, keep, carry, decay, *state):  # type: ignore[override]
+        ctx.set_materialize_grads(False)
         weights, momentum = state[:layers], state[layers:] or None
         act, saving = cfg.activation, any(ctx.needs_input_grad)
         read = None if q is None else _read_at_start(weights, q, cfg, saving)
@@ -193,13 +212,15 @@ class _ChunkWrite(torch.autograd.Function):
         curvatures, rest = rest[: n - 1], rest[n - 1 :]
         inputs, rest = [k, *rest[: n - 1]], rest[n - 1 :]
         deltas, read_saved = rest[:n], rest[n:]
-        g_new_w, grads = grads[:n], grads[n:]
-        g_new_s, grads = (grads[:n], grads[n:]) if has_m else (None, grads)
+        # outputs nobody used come as None (grads are not materialised): the chunk-end state is always used
+        # except at the end of a sequence, the a_l and delta_l only by a per-token read
+        g_new_w, grads = _zeros_for_none(grads[:n], weights), grads[n:]
+        g_new_s, grads = (_zeros_for_none(grads[:n], momentum), grads[n:]) if has_m else (None, grads)
         g_inputs_ext, g_deltas = grads[: n - 1], list(grads[n - 1 : 2 * n - 1])
         g_scale_out = grads[2 * n - 1] if scale is not None else None
 
         # 1. the fold
-        c_col, e_col = c.unsqueeze(-1), None if e is None else e.unsqueeze(-1)
+        neg_c, neg_e = -c.unsqueeze(-1), None if e is None else -e.unsqueeze(-1)
         g_w = [g if keep is None else g * _col(keep) for g in g_new_w]
         g_s = g_keep = g_carry = g_decay = None
         if ctx.has_keep:
@@ -215,18 +236,20 @@ class _ChunkWrite(torch.autograd.Function):
             a, d = inputs[i], deltas[i]
             p = torch.bmm(a, g_new_w[i].transpose(1, 2))
             g_c -= (d * p).sum(-1)
-            g_deltas[i] = torch.addcmul(g_deltas[i], p, c_col, value=-1)
-            g_a = torch.bmm(d * c_col, g_new_w[i]).neg_()
+            g_deltas[i] = p * neg_c if g_deltas[i] is None else torch.addcmul(g_deltas[i], p, neg_c)
+            g_a = _scaled_rows_times(d, neg_c, g_new_w[i])
             if has_m:
                 q = torch.bmm(a, g_new_s[i].transpose(1, 2))
                 g_e -= (d * q).sum(-1)
-                g_deltas[i] = torch.addcmul(g_deltas[i], q, e_col, value=-1)
-                g_a = torch.baddbmm(g_a, d * e_col, g_new_s[i], alpha=-1)
-            g_inputs.append(g_a if i == 0 else g_a + g_inputs_ext[i - 1])
+                g_deltas[i] = torch.addcmul(g_deltas[i], q, neg_e)
+                g_a += _scaled_rows_times(d, neg_e, g_new_s[i])
+            g_inputs.append(g_a if i == 0 or g_inputs_ext[i - 1] is None else g_a + g_inputs_ext[i - 1])
 
         # 1b. the clip: the fold took c s and e s with s = min(1, max_norm / sqrt(sq)) per token
         if scale is not None:
-            g_scale = g_c * c_raw + (0.0 if e_raw is None else g_e * e_raw) + g_scale_out
+            g_scale = g_c * c_raw + (0.0 if e_raw is None else g_e * e_raw)
+            if g_scale_out is not None:
+                g_scale = g_scale + g_scale_out
             g_c, g_e = g_c * scale, None if e_raw is None else g_e * scale
             # ds/d(sq) = -s / (2 sq) where the clip acts; d(sq)/d delta_l = 2 ||a_l||^2 delta_l, and likewise for a_l
             acts = cfg.grad_clip * sq.rsqrt() <= 1.0
@@ -257,7 +280,7 @@ class _ChunkWrite(torch.autograd.Function):
         g_k = g_inputs[0] if g_k_residual is None else g_inputs[0] + g_k_residual
 
         # 5. the read at the chunk-start weights (per_chunk retrieval) adds to the same weight gradients
-        g_q = None if not ctx.reads else _read_backward(grads[-1], weights, read_saved, g_w, cfg)
+        g_q = None if not ctx.reads or grads[-1] is None else _read_backward(grads[-1], weights, read_saved, g_w, cfg)
         return (None, None, g_q, g_k, g_v, g_c, g_e, g_keep, g_carry, g_decay, *g_w, *(g_s or ()))
 
 

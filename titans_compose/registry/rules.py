@@ -74,7 +74,7 @@ class Activation:
     def derivative(self, x: Any) -> Any:
         """``fn'(x)`` through the fused backward where there is one (one pass instead of the formula's several)."""
         if self.fused_backward is not None:
-            return self.fused_backward(x.new_ones(()).expand_as(x), x)
+            return self.fused_backward(x.new_ones(x.shape), x)
         return self.grad(x)
 
     def curvature(self, m: Any, x: Any) -> Any:
