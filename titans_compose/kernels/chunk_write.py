@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from titans_compose.kernels import mlp
+from titans_compose.kernels import chunk_read, mlp
 from titans_compose.kernels.config import MemoryConfig
 
 ENV_VAR = "TITANS_COMPOSE_CHUNK_BACKWARD"
@@ -107,44 +107,6 @@ def scaled(c: Tensor, e: Tensor | None, scale: Tensor | None) -> tuple[Tensor, T
     return c * scale, None if e is None else e * scale
 
 
-@dataclass(frozen=True)
-class _Read:
-    """The chunk's read M(W^0; q) and what its backward needs: q, the hidden layers' outputs and slopes act'(z),
-    and the last layer's output (for the LayerNorm)."""
-
-    y: Tensor
-    saved: tuple[Tensor, ...]
-
-
-def _read_at_start(weights: tuple[Tensor, ...], q: Tensor, cfg: MemoryConfig, saving: bool) -> _Read:
-    """Every query through the chunk-start weights (``per_chunk`` retrieval), as :func:`mlp.forward` computes it."""
-    if not saving:
-        return _Read(mlp.forward(weights, q, cfg), ())
-    hidden, slopes = [q], []
-    h = q
-    for i, w in enumerate(weights):
-        z = torch.bmm(h, w.transpose(1, 2))
-        if i < len(weights) - 1:
-            slopes.append(cfg.activation.derivative(z))
-            h = cfg.activation.fn(z)
-            hidden.append(h)
-    return _Read(mlp.finish(z, q, cfg)[0], (*hidden, *slopes, z))
-
-
-def _read_backward(
-    g_y: Tensor, weights: tuple[Tensor, ...], saved: list[Tensor], g_w: list[Tensor], cfg: MemoryConfig
-) -> Tensor:
-    """The read's backward: adds each layer's weight gradient into ``g_w`` and returns d loss / d q."""
-    n = len(weights)
-    hidden, slopes, z_last = saved[:n], saved[n : 2 * n - 1], saved[-1]
-    g_z, g_q = mlp.finish_backward(g_y, z_last, cfg)
-    for i in range(n - 1, -1, -1):
-        g_w[i] = torch.baddbmm(g_w[i], g_z.transpose(1, 2), hidden[i])
-        g_h = torch.bmm(g_z, weights[i])
-        g_z = g_h * slopes[i - 1] if i > 0 else g_h
-    return g_z if g_q is None else g_z + g_q
-
-
 def _scaled_rows_times(x: Tensor, rows: Tensor, y: Tensor) -> Tensor:
     """``(rows * x) y`` for per-token factors ``rows`` [N, b, 1], scaling whichever of x and the product is
     smaller."""
@@ -159,11 +121,10 @@ def _zeros_for_none(grads: tuple[Tensor | None, ...], like: tuple[Tensor, ...]) 
 
 class _ChunkWrite(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, cfg, layers, q, k, v, c, e, keep, carry, decay, *state):  # type: ignore[override]
+    def forward(ctx, cfg, layers, q, fp_read, a_read, b_read, theta, k, v, c, e, keep, carry, decay, *state):  # type: ignore[override]
         ctx.set_materialize_grads(False)
         weights, momentum = state[:layers], state[layers:] or None
         act, saving = cfg.activation, any(ctx.needs_input_grad)
-        read = None if q is None else _read_at_start(weights, q, cfg, saving)
         inputs, pre = [k], []
         h = k
         for i, w in enumerate(weights):
@@ -186,16 +147,20 @@ class _ChunkWrite(torch.autograd.Function):
         scale = sq = None
         if cfg.grad_clip is not None:
             scale, sq = clip_scale(inputs, deltas, cfg.grad_clip)
+        y, read_saved = None, ()
+        if q is not None:
+            gates = _token_gates(fp_read, a_read, b_read, theta, scale)
+            y, read_saved = chunk_read.read_forward(weights, momentum, q, inputs, deltas, gates, cfg, saving)
         new_w, new_s = fold(weights, momentum, inputs, deltas, *scaled(c, e, scale), keep, carry, decay)
         ctx.cfg, ctx.layers, ctx.has_keep, ctx.has_momentum = cfg, layers, keep is not None, momentum is not None
-        ctx.reads = read is not None
+        ctx.reads = q is not None
         if saving:
             ctx.save_for_backward(
-                k, v, c, e, keep, carry, decay, scale, sq, pre[-1], *weights, *(momentum or ()), *slopes,
-                *curvatures, *inputs[1:], *deltas, *(() if read is None else read.saved),
+                k, v, c, e, keep, carry, decay, scale, sq, pre[-1], theta, fp_read, a_read, b_read, *weights,
+                *(momentum or ()), *slopes, *curvatures, *inputs[1:], *deltas, *read_saved,
             )  # fmt: skip
         outputs = (*new_w, *(new_s or ()), *inputs[1:], *deltas, *(() if scale is None else (scale,)))
-        return outputs if read is None else (*outputs, read.y)
+        return outputs if y is None else (*outputs, y)
 
     @staticmethod
     @once_differentiable
@@ -203,9 +168,9 @@ class _ChunkWrite(torch.autograd.Function):
         cfg, n = ctx.cfg, ctx.layers
         has_m = ctx.has_momentum
         saved = list(ctx.saved_tensors)
-        k, v, c_raw, e_raw, keep, carry, decay, scale, sq, z_last = saved[:10]
+        k, v, c_raw, e_raw, keep, carry, decay, scale, sq, z_last, theta, fp_read, a_read, b_read = saved[:14]
         c, e = scaled(c_raw, e_raw, scale)  # what the fold used
-        rest = saved[10:]
+        rest = saved[14:]
         weights, rest = rest[:n], rest[n:]
         momentum, rest = (rest[:n], rest[n:]) if has_m else (None, rest)
         slopes, rest = rest[: n - 1], rest[n - 1 :]
@@ -216,17 +181,36 @@ class _ChunkWrite(torch.autograd.Function):
         # except at the end of a sequence, the a_l and delta_l only by a per-token read
         g_new_w, grads = _zeros_for_none(grads[:n], weights), grads[n:]
         g_new_s, grads = (_zeros_for_none(grads[:n], momentum), grads[n:]) if has_m else (None, grads)
-        g_inputs_ext, g_deltas = grads[: n - 1], list(grads[n - 1 : 2 * n - 1])
+        g_inputs_ext, g_deltas = list(grads[: n - 1]), list(grads[n - 1 : 2 * n - 1])
         g_scale_out = grads[2 * n - 1] if scale is not None else None
+
+        # 0. the read (its gradients join those of the outputs it reads: a_l, delta_l, the start state, theta)
+        read = g_fp = g_theta = None
+        if ctx.reads and grads[-1] is not None:
+            gates = _token_gates(fp_read, a_read, b_read, theta, scale)
+            read = chunk_read.read_backward(grads[-1], weights, momentum, inputs, deltas, gates, read_saved, cfg)
+            if gates is not None:
+                g_deltas = [_plus(g, r) for g, r in zip(g_deltas, read.deltas, strict=True)]
+                g_inputs_ext = [_plus(g, r) for g, r in zip(g_inputs_ext, read.inputs[1:], strict=True)]
+                theta_read = theta if scale is None else theta * scale
+                g_fp = read.C * theta_read.unsqueeze(-2)
+                g_theta = (read.C * fp_read).sum(-2)
+                if scale is not None:
+                    g_scale_out = _plus(g_scale_out, g_theta * theta)
+                    g_theta = g_theta * scale
 
         # 1. the fold
         neg_c, neg_e = -c.unsqueeze(-1), None if e is None else -e.unsqueeze(-1)
         g_w = [g if keep is None else g * _col(keep) for g in g_new_w]
+        if read is not None:
+            g_w = [g + r for g, r in zip(g_w, read.weights, strict=True)]
         g_s = g_keep = g_carry = g_decay = None
         if ctx.has_keep:
             g_keep = sum(_dot(w, g) for w, g in zip(weights, g_new_w, strict=True))
         if has_m:
             g_s = [torch.addcmul(gs * _col(decay), gw, _col(carry)) for gw, gs in zip(g_new_w, g_new_s, strict=True)]
+            if read is not None and read.momentum is not None:
+                g_s = [g + r for g, r in zip(g_s, read.momentum, strict=True)]
             g_carry = sum(_dot(s, g) for s, g in zip(momentum, g_new_w, strict=True))
             g_decay = sum(_dot(s, g) for s, g in zip(momentum, g_new_s, strict=True))
         g_c = torch.zeros_like(c)
@@ -277,17 +261,48 @@ class _ChunkWrite(torch.autograd.Function):
             g_inputs[i] = torch.baddbmm(g_inputs[i], g_z, weights[i])
             if i > 0:
                 g_pre[i - 1] = torch.addcmul(g_pre[i - 1], g_inputs[i], slopes[i - 1])
-        g_k = g_inputs[0] if g_k_residual is None else g_inputs[0] + g_k_residual
+        g_k = _plus(g_inputs[0], g_k_residual)
+        if read is not None and read.inputs is not None:
+            g_k = g_k + read.inputs[0]
+        g_q = None if read is None else read.q
+        g_a_read, g_b_read = (None, None) if read is None else (read.A, read.B)
+        return (
+            None, None, g_q, g_fp, g_a_read, g_b_read, g_theta, g_k, g_v, g_c, g_e, g_keep, g_carry, g_decay, *g_w,
+            *(g_s or ()),
+        )  # fmt: skip
 
-        # 5. the read at the chunk-start weights (per_chunk retrieval) adds to the same weight gradients
-        g_q = None if not ctx.reads or grads[-1] is None else _read_backward(grads[-1], weights, read_saved, g_w, cfg)
-        return (None, None, g_q, g_k, g_v, g_c, g_e, g_keep, g_carry, g_decay, *g_w, *(g_s or ()))
+
+def _plus(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    """a + b where None stands for zero."""
+    if a is None:
+        return b
+    return a if b is None else a + b
+
+
+def _token_gates(
+    fp_read: Tensor | None, a_read: Tensor | None, b_read: Tensor | None, theta: Tensor | None, scale: Tensor | None
+) -> chunk_read.TokenGates | None:
+    """The per-token read's gate rows, C built from theta scaled by the clip factor; None for ``per_chunk``."""
+    if fp_read is None:
+        return None
+    theta_read = theta if scale is None else theta * scale
+    return chunk_read.TokenGates(a_read, b_read, fp_read, fp_read * theta_read.unsqueeze(-2))
+
+
+@dataclass(frozen=True)
+class ReadGates:
+    """The per-token read's gate rows from the chunk's :class:`chunked.GateTables` (``*_read``) and its theta."""
+
+    FP: Tensor
+    A: Tensor | None
+    B: Tensor | None
+    theta: Tensor
 
 
 @dataclass(frozen=True)
 class ChunkWrite:
     """What :func:`chunk_write` returns: every layer's input a_l and error delta_l, the chunk-end state, the
-    per-token clip factor (None without ``grad_clip``) and the read at the chunk-start weights (None unless asked)."""
+    per-token clip factor (None without ``grad_clip``) and the read (None unless asked)."""
 
     inputs: list[Tensor]
     deltas: list[Tensor]
@@ -309,11 +324,14 @@ def chunk_write(
     decay: Tensor | None,
     cfg: MemoryConfig,
     q: Tensor | None = None,
+    read_gates: ReadGates | None = None,
 ) -> ChunkWrite:
-    """Key path and fold of one full chunk, and with ``q`` the queries read at the chunk-start weights (the
-    ``per_chunk`` retrieval, whose backward then joins this node's: one weight-gradient sum, no autograd nodes)."""
+    """Key path and fold of one full chunk; with ``q`` also the chunk's read, whose backward then joins this
+    node's (:mod:`chunk_read`): at the chunk-start weights without ``read_gates`` (``per_chunk``), else per token."""
     n = len(weights)
-    out = _ChunkWrite.apply(cfg, n, q, k, v, c, e, keep, carry, decay, *weights, *(momentum or ()))
+    g = read_gates
+    gate_args = (None, None, None, None) if g is None else (g.FP, g.A, g.B, g.theta)
+    out = _ChunkWrite.apply(cfg, n, q, *gate_args, k, v, c, e, keep, carry, decay, *weights, *(momentum or ()))
     new_w, out = out[:n], out[n:]
     new_s, out = (out[:n], out[n:]) if momentum is not None else (None, out)
     scale = out[2 * n - 1] if cfg.grad_clip is not None else None

@@ -211,30 +211,24 @@ def _chunk(
     last: LastRow | None,
 ):
     """One chunk: its retrieved values and, for a full chunk (``last`` given), the chunk-end state. A full chunk's
-    write runs as one node with a hand-written backward where :func:`chunk_write.supported` says so; with
-    ``per_chunk`` retrieval the read joins that node. ``tables`` are the read's (None for ``per_chunk``)."""
-    manual = last is not None and chunk_write.supported(cfg)
-    if manual:
-        reads = cfg.retrieval == "per_chunk"
+    write and read run as one node with a hand-written backward where :func:`chunk_write.supported` says so; the
+    last, partial chunk runs on autograd. ``tables`` are the read's (None for ``per_chunk``)."""
+    if last is not None and chunk_write.supported(cfg):
         rows = (last.c, last.e, last.keep, last.carry, last.decay)
-        write = chunk_write.chunk_write(weights, momentum, k, v, *rows, cfg, q=q if reads else None)
-        if reads:
-            return write.read, write.weights, write.momentum
-        inputs, deltas, new_weights, new_momentum = write.inputs, write.deltas, write.weights, write.momentum
-        if write.scale is not None:
-            theta = theta * write.scale
-    else:
-        inputs, deltas = mlp.key_path(weights, k, v, cfg)
-        scale = None
-        if cfg.grad_clip is not None:
-            scale = chunk_write.clip_scale(inputs, deltas, cfg.grad_clip)[0]
-            theta = theta * scale
+        gates = None
+        if tables is not None:
+            gates = chunk_write.ReadGates(tables.FP_read, tables.A_read, tables.B_read, theta)
+        write = chunk_write.chunk_write(weights, momentum, k, v, *rows, cfg, q=q, read_gates=gates)
+        return write.read, write.weights, write.momentum
+    inputs, deltas = mlp.key_path(weights, k, v, cfg)
+    scale = None
+    if cfg.grad_clip is not None:
+        scale = chunk_write.clip_scale(inputs, deltas, cfg.grad_clip)[0]
+        theta = theta * scale
     if cfg.retrieval == "per_chunk":
         y = mlp.forward(weights, q, cfg)
     else:
         y = _read(weights, momentum, q, tables, theta, inputs, deltas, cfg)
-    if manual:
-        return y, new_weights, new_momentum
     if last is None:
         return y, weights, momentum
     c, e = chunk_write.scaled(last.c, last.e, scale)
