@@ -106,7 +106,9 @@ def _slope(values: Tensor, x: Tensor) -> Tensor:
 
 
 def _require(label: str, message: str, got: Tensor, want: Tensor) -> None:
-    got = torch.as_tensor(got, dtype=want.dtype).expand_as(want) if got.dim() < want.dim() else got
+    got = torch.as_tensor(got, dtype=want.dtype)  # grad2 may return a scalar that broadcasts against err
+    if got.dim() < want.dim():
+        got = got.expand_as(want)
     if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-9, atol=1e-12):
         diff = float((got - want).abs().max().detach()) if got.shape == want.shape else f"shape {tuple(got.shape)}"
         raise AssertionError(f"{label}: {message} (max difference {diff} on random float64 inputs)")
