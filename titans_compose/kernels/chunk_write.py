@@ -1,5 +1,5 @@
-"""One chunk's write (the key path at the chunk-start weights and the chunk-end fold) as a single autograd node
-with a hand-written backward.
+"""One full chunk (the key path at the chunk-start weights, the read, the chunk-end fold) as a single autograd node
+with a hand-written backward. The read's forward and backward are in :mod:`chunk_read`.
 
 Forward (memory-math.md sections 2-3): a_1 = k, z_l = a_l W_l^T, a_{l+1} = act(z_l); delta_L = the loss gradient at
 the output (through LayerNorm / residual); m_l = delta_{l+1} W_{l+1}, delta_l = m_l * act'(z_l); then
@@ -7,11 +7,13 @@ the output (through LayerNorm / residual); m_l = delta_{l+1} W_{l+1}, delta_l = 
     W'_l = keep W_l + carry S_l - (c * delta_l)^T a_l,      S'_l = decay S_l - (e * delta_l)^T a_l
 
 with the last-row gate coefficients keep = A_b, carry = B_b, decay = D_b, c = C_{b,.}, e = E_{b,.}. The node also
-returns every a_l and delta_l, which per-token retrieval reads.
+returns every a_l and delta_l (which the per-token read, inside the node, takes) and the read's output.
 
 Plain autograd differentiates this through the double backward of the hand-written key-path backward: dozens of
 broadcast multiplies and reductions per chunk. The backward below walks the same graph in reverse by hand:
 
+0. the read (:func:`chunk_read.read_backward`), whose gradients with respect to a_l, delta_l, the chunk-start state
+   and theta join those the outputs received;
 1. the fold: gS_l = carry gW'_l + decay gS'_l; g keep / carry / decay are inner products with W_l, S_l; with
    P_l = a_l gW'_l^T and Q_l = a_l gS'_l^T: g delta_l -= c P_l + e Q_l, g c = -sum(delta_l P_l), g e likewise,
    and g a_l -= (c delta_l) gW'_l + (e delta_l) gS'_l;
