@@ -2,7 +2,8 @@
 
 Every configuration runs in a fresh process with 2 threads: one warm-up, then the median of --repeats timed runs,
 tokens per second, and the process's peak RSS. Prints a table and appends it, with the date and the command, to
-benchmarks/RESULTS.md.
+benchmarks/RESULTS.md; with matplotlib installed, also plots the speed-ups against the targets
+(benchmarks/compare_titans_pytorch.png).
 
 titans-pytorch is not a dependency of this project: install it into an environment of its own and point
 --titans-python at that interpreter, e.g.
@@ -32,12 +33,14 @@ import sys
 import time
 from pathlib import Path
 
-from record import append_section
+from record import append_section, pyplot, save_figure
 
 from titans_compose.kernels.flops import chunk_matmuls
 
 HERE = Path(__file__).resolve().parent
 SPEC = HERE.parent / "specs" / "titans_lmm_small.yaml"
+PLOT = HERE / "compare_titans_pytorch.png"
+TARGETS = {"per_chunk": 2.0, "after": 1.5}  # issue 3's forward+backward speed-up targets at every grid point
 
 BATCH, DIM, HEADS, HEAD_DIM, DEPTH, EXPANSION = 2, 256, 4, 64, 2, 4
 
@@ -175,6 +178,34 @@ def run_point(python: str, impl: str, seq: int, chunk: int, retrieval: str, repe
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def plot(results: dict, points: list[tuple[int, int]], retrievals: list[str]) -> str:
+    """Forward+backward speed-up over titans-pytorch per grid point (bars), the speed-up our matmul floor would give
+    (markers) and each retrieval's target (dashed)."""
+    plt = pyplot()
+    if plt is None:
+        return "no plot: matplotlib is not installed (pip install matplotlib)"
+    fig, ax = plt.subplots(figsize=(9, 4.8))
+    width = 0.8 / len(retrievals)
+    for j, r in enumerate(retrievals):
+        xs = [i + (j - (len(retrievals) - 1) / 2) * width for i in range(len(points))]
+        theirs = [results[("titans", s, c, "per_chunk")]["fwd_bwd"] for s, c in points]
+        ours = [results[("ours", s, c, r)] for s, c in points]
+        bars = ax.bar(xs, [t / o["fwd_bwd"] for t, o in zip(theirs, ours, strict=True)], width, label=f"ours, {r}")
+        color = bars.patches[0].get_facecolor()
+        ax.scatter(xs, [t / o["floor_fwd_bwd"] for t, o in zip(theirs, ours, strict=True)], marker="_", s=300,
+                   color=color, label=f"at our matmul floor, {r}")  # fmt: skip
+        if r in TARGETS:
+            ax.axhline(TARGETS[r], color=color, linestyle="--", linewidth=1, label=f"target, {r} ({TARGETS[r]}x)")
+    ax.axhline(1.0, color="grey", linewidth=0.8)
+    ax.set_xticks(range(len(points)), [f"seq {s}\nchunk {c}" for s, c in points])
+    ax.set(ylabel="speed-up over titans-pytorch 0.5.5\n(forward+backward)", yscale="log")
+    ax.set_title("NeuralMemory vs titans-pytorch on the CPU (2 threads)")
+    ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.2))
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    return save_figure(fig, PLOT)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -246,6 +277,7 @@ def main() -> None:
         f"{table}"
     )
     append_section("NeuralMemory vs titans-pytorch 0.5.5 on the CPU", __file__, body)
+    print(plot(results, points, args.retrievals))
 
 
 if __name__ == "__main__":

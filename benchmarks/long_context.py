@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from record import append_section
+from record import append_section, pyplot, save_figure
 
 from titans_compose.builder import build
 from titans_compose.train.data import WindowSampler, load_corpus
@@ -103,12 +103,8 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
 
 
 def plot(results: dict[str, dict], lengths: list[int], digits: int) -> str:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return "no plot: matplotlib is not installed (pip install matplotlib)"
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for name, r in results.items():
@@ -124,10 +120,7 @@ def plot(results: dict[str, dict], lengths: list[int], digits: int) -> str:
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = PLOT.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, PLOT)
-    return f"plot: {PLOT.relative_to(HERE.parent)}"
+    return save_figure(fig, PLOT)
 
 
 def main() -> None:
