@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from titans_compose.kernels import mlp
-from titans_compose.kernels.chunked import LastRow, chunked_memory, coefficients, segsum
+from titans_compose.kernels.chunked import GateTables, LastRow, chunked_memory, coefficients, segsum
 from titans_compose.kernels.config import MemoryConfig
 from titans_compose.kernels.reference import reference_memory
 from titans_compose.kernels.state import MemoryState
@@ -218,6 +218,12 @@ def test_last_row_equals_the_coefficient_tables_last_row(momentum, forget):
         assert rel(last.decay, full.D[..., -1]) < 1e-14
     for i, row in enumerate(last.unbind(1)):
         assert torch.equal(row.c, last.c[:, i])
+    # a per-token read's tables give the same rows
+    tables = GateTables.build(log_eta, log_keep, theta.shape, theta.dtype, theta.device, "after")
+    read_off = LastRow.from_tables(tables, theta)
+    for name in ("c", "e", "keep", "carry", "decay"):
+        got, want = getattr(read_off, name), getattr(last, name)
+        assert (got is None) == (want is None) and (want is None or rel(got, want) < 1e-14)
 
 
 def test_depth1_l2_b1_is_the_delta_rule():

@@ -1,4 +1,5 @@
-"""One full chunk's read inside the chunk-write node (:mod:`chunk_write`): forward and hand-written backward.
+"""A chunk's read: forward, and the hand-written backward the chunk-write node (:mod:`chunk_write`) uses for full
+chunks. The last, partial chunk (and the plain autograd path) runs the same forward under autograd.
 
 ``per_chunk`` retrieval reads every query at the chunk-start weights, M(W^0; q). ``after`` / ``before`` read every
 query through its own token's weights without forming them (memory-math.md section 3), layer by layer:
@@ -13,7 +14,8 @@ with h_0 = q, h_{l+1} = act(z_l), the key path's inputs a_l and errors delta_l, 
     g a_l = -(g_m o C)^T h_l,  g z_{l-1} = act'(z_{l-1}) g h_l.
 
 Doing this by hand inside the write node spares autograd's per-op nodes, gradient sums and sign flips (about a
-third of the ``after`` read's time at chunk 64); the tests compare it with plain autograd through the same forward.
+third of the ``after`` read's time at chunk 64); the tests compare it with plain autograd through the same forward,
+and that forward with the sequential reference.
 """
 
 from __future__ import annotations
@@ -36,6 +38,11 @@ class TokenGates:
     B: Tensor | None
     FP: Tensor
     C: Tensor
+
+    @staticmethod
+    def build(fp: Tensor, a: Tensor | None, b: Tensor | None, theta: Tensor) -> TokenGates:
+        """From the gate tables' read rows and theta (scaled by the clip factor where there is one)."""
+        return TokenGates(a, b, fp, fp * theta.unsqueeze(-2))
 
 
 @dataclass(frozen=True)

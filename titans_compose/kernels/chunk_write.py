@@ -287,8 +287,7 @@ def _token_gates(
     """The per-token read's gate rows, C built from theta scaled by the clip factor; None for ``per_chunk``."""
     if fp_read is None:
         return None
-    theta_read = theta if scale is None else theta * scale
-    return chunk_read.TokenGates(a_read, b_read, fp_read, fp_read * theta_read.unsqueeze(-2))
+    return chunk_read.TokenGates.build(fp_read, a_read, b_read, theta if scale is None else theta * scale)
 
 
 @dataclass(frozen=True)

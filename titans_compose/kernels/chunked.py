@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from titans_compose.kernels import chunk_write, mlp
+from titans_compose.kernels import chunk_read, chunk_write, mlp
 from titans_compose.kernels.config import MemoryConfig
 from titans_compose.kernels.state import MemoryState, Pending, resume, with_read_rows
 from titans_compose.registry.rules import RETENTIONS
@@ -132,36 +132,6 @@ def _shift(x: Tensor | None, first: float, axis: int) -> Tensor | None:
     return torch.cat([pad, x.narrow(axis, 0, x.shape[axis] - 1)], dim=axis)
 
 
-def _col(x: Tensor) -> Tensor:
-    return x[:, None, None] if x.dim() == 1 else x.unsqueeze(-1)
-
-
-def _read(
-    weights: tuple[Tensor, ...],
-    momentum: tuple[Tensor, ...] | None,
-    q: Tensor,
-    tables: GateTables,
-    theta: Tensor,
-    inputs: list[Tensor],
-    deltas: list[Tensor],
-    cfg: MemoryConfig,
-) -> Tensor:
-    """Every query through its own token's weights W_t, as masked b x b products (no per-token weights):
-    Z = diag(A) H W^0T + diag(B) H S^0T - (C o (H A_l^T)) Delta_l per layer (memory-math.md section 3)."""
-    C = tables.FP_read * theta.unsqueeze(-2)
-    h = q
-    last = len(weights) - 1
-    for i, w in enumerate(weights):
-        z = h @ w.transpose(-1, -2)
-        if tables.A_read is not None:
-            z = z * _col(tables.A_read)
-        if momentum is not None:
-            z = torch.addcmul(z, h @ momentum[i].transpose(-1, -2), _col(tables.B_read))
-        z = torch.baddbmm(z, C * (h @ inputs[i].transpose(-1, -2)), deltas[i], alpha=-1)
-        h = cfg.activation.fn(z) if i < last else z
-    return mlp.finish(h, q, cfg)[0]
-
-
 @dataclass(frozen=True)
 class LastRow:
     """What a full chunk's fold takes from its gates alone (memory-math.md section 3, row t = b): c = C_{b,.} and
@@ -186,6 +156,16 @@ class LastRow:
         fp_last = (f_last.unsqueeze(-2) @ segsum(log_eta).exp()).squeeze(-2)
         carry = (f_last * eta_prod).sum(-1)
         return LastRow(fp_last * theta, p_last * theta, keep, carry, eta_prod[..., -1])
+
+    @staticmethod
+    def from_tables(tables: GateTables, theta: Tensor) -> LastRow:
+        """The same rows read off gate tables a per-token read has built anyway (no second b x b table)."""
+        if tables.P is None:
+            e = carry = decay = None
+        else:
+            e, carry, decay = tables.P[..., -1, :] * theta, tables.B[..., -1], tables.eta_prod[..., -1]
+        keep = None if tables.A is None else tables.A[..., -1]
+        return LastRow(tables.FP[..., -1, :] * theta, e, keep, carry, decay)
 
     def unbind(self, dim: int) -> list[LastRow]:
         """One per chunk from rows built for [N, chunks, b] gates (one autograd node per field, not per chunk)."""
@@ -225,10 +205,8 @@ def _chunk(
     if cfg.grad_clip is not None:
         scale = chunk_write.clip_scale(inputs, deltas, cfg.grad_clip)[0]
         theta = theta * scale
-    if cfg.retrieval == "per_chunk":
-        y = mlp.forward(weights, q, cfg)
-    else:
-        y = _read(weights, momentum, q, tables, theta, inputs, deltas, cfg)
+    gates = None if tables is None else chunk_read.TokenGates.build(tables.FP_read, tables.A_read, tables.B_read, theta)
+    y = chunk_read.read_forward(weights, momentum, q, inputs, deltas, gates, cfg, saving=False)[0]
     if last is None:
         return y, weights, momentum
     c, e = chunk_write.scaled(last.c, last.e, scale)
@@ -256,10 +234,13 @@ def _gates(
     if full:
         shape = (n, full // b, b)
         gates = part(log_eta, 0, full, shape), part(log_keep, 0, full, shape)
-        rows[: full // b] = LastRow.build(theta[:, :full].reshape(shape), *gates).unbind(1)
-        if retrieval != "per_chunk":
+        theta_full = theta[:, :full].reshape(shape)
+        if retrieval == "per_chunk":
+            rows[: full // b] = LastRow.build(theta_full, *gates).unbind(1)
+        else:
             built = GateTables.build(*gates, torch.Size(shape), theta.dtype, theta.device, retrieval)
             tables[: full // b] = built.unbind(1)
+            rows[: full // b] = LastRow.from_tables(built, theta_full).unbind(1)
     if total > full and retrieval != "per_chunk":
         shape = (n, total - full)
         gates = part(log_eta, full, total, shape), part(log_keep, full, total, shape)
