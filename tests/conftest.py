@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import atexit
+import importlib.util
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -31,6 +33,16 @@ if "TITANS_COMPOSE_CACHE" not in os.environ:
 def shipped_specs() -> list[Path]:
     """Every spec file shipped in specs/ (recursively; specs/sweeps/ holds sweep files, not specs)."""
     return sorted(p for p in SPECS.rglob("*.yaml") if p.relative_to(SPECS).parts[0] != "sweeps")
+
+
+def load_benchmark(script: str, name: str) -> ModuleType:
+    """A script of benchmarks/ as a module; its sibling ``record`` is found the way running the script finds it."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(ROOT / "benchmarks"))
+        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / script)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")

@@ -10,20 +10,14 @@ from argparse import Namespace
 import pytest
 import torch
 
-from tests.conftest import ROOT
+from tests.conftest import load_benchmark
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def bench():
-    """The script as a module; its sibling ``record`` is found the way running the script finds it."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.syspath_prepend(str(ROOT / "benchmarks"))
-        spec = importlib.util.spec_from_file_location("kernels_benchmark", ROOT / "benchmarks" / "kernels.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    return module
+    return load_benchmark("kernels.py", "kernels_benchmark")
 
 
 @pytest.mark.parametrize("impl", ["triton", "chunked", "ours-module"])
