@@ -99,7 +99,7 @@ def build_ours(chunk: int, retrieval: str, features: str = "paper"):
     return lambda x: module(x)[0], module, torch
 
 
-def build_titans(chunk: int, retrieval: str, features: str = "paper"):
+def build_titans(chunk: int):
     import torch
     from titans_pytorch import MemoryMLP, NeuralMemory
 
@@ -160,8 +160,10 @@ def _median_time(step, repeats: int) -> float:
 
 def worker(args: argparse.Namespace) -> None:
     """Time one configuration in this process and print one JSON line."""
-    build = build_ours if args.impl == "ours" else build_titans
-    fn, module, torch = build(args.chunk, args.retrieval, args.features)
+    if args.impl == "ours":
+        fn, module, torch = build_ours(args.chunk, args.retrieval, args.features)
+    else:
+        fn, module, torch = build_titans(args.chunk)
     torch.set_num_threads(2)
     torch.manual_seed(0)
     x = torch.randn(BATCH, args.seq, DIM)

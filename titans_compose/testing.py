@@ -24,7 +24,16 @@ from titans_compose.kernels.config import MemoryConfig
 from titans_compose.kernels.reference import reference_memory
 from titans_compose.kernels.state import MemoryState
 from titans_compose.registry import Registry, default_registry
-from titans_compose.registry.rules import ACTIVATIONS, LOSSES, OPTIMIZERS, RETENTIONS, Activation, Loss, Retention
+from titans_compose.registry.rules import (
+    ACTIVATIONS,
+    LOSSES,
+    OPTIMIZERS,
+    RETENTIONS,
+    Activation,
+    Loss,
+    Retention,
+    elementwise_slope,
+)
 
 F64 = torch.float64
 #: float64 tolerances, relative to the largest magnitude compared (the core's own tests reach 1e-10 / 1e-8)
@@ -81,7 +90,7 @@ def _check_parts(label: str, kind: str, rule: Any, params: Any) -> None:
                 label,
                 "grad2(err) is not the derivative of grad(err)",
                 rule.grad2(x, params),
-                _slope(rule.grad(x, params), x),
+                elementwise_slope(rule.grad(x, params), x),
             )
     elif kind == "activation":
         (auto,) = torch.autograd.grad(rule.fn(x).sum(), x)
@@ -89,20 +98,13 @@ def _check_parts(label: str, kind: str, rule: Any, params: Any) -> None:
         up = torch.randn(5, 7, generator=g, dtype=F64)
         _require(label, "backward(g, x) is not g * grad(x)", rule.backward(up, x), up * auto)
         if rule.grad2 is not None:
-            _require(label, "grad2(x) is not the derivative of grad(x)", rule.grad2(x), _slope(rule.grad(x), x))
+            slope = elementwise_slope(rule.grad(x), x)
+            _require(label, "grad2(x) is not the derivative of grad(x)", rule.grad2(x), slope)
     else:
         alpha = torch.rand(5, 7, generator=g, dtype=F64) * 0.98 + 0.01
         w = torch.randn(5, 7, generator=g, dtype=F64)
         kept = rule.keep(w, alpha, params)
         _require(label, "keep(W, alpha) is not exp(log_keep(alpha)) * W", kept, rule.log_keep(alpha).exp() * w)
-
-
-def _slope(values: Tensor, x: Tensor) -> Tensor:
-    """The elementwise derivative of ``values`` (a function of ``x``, elementwise) by autograd; 0 without a graph."""
-    if not values.requires_grad:
-        return torch.zeros_like(x)
-    (slope,) = torch.autograd.grad(values.sum(), x, allow_unused=True)
-    return torch.zeros_like(x) if slope is None else slope
 
 
 def _require(label: str, message: str, got: Tensor, want: Tensor) -> None:

@@ -86,11 +86,18 @@ class Activation:
 
         with torch.enable_grad():
             z = x.detach().requires_grad_()
-            out = self.backward(m, z)
-            if not out.requires_grad:
-                return torch.zeros_like(x)
-            (grad,) = torch.autograd.grad(out, z, torch.ones_like(out), allow_unused=True)
-        return torch.zeros_like(x) if grad is None else grad
+            return elementwise_slope(self.backward(m, z), z)
+
+
+def elementwise_slope(values: Any, x: Any) -> Any:
+    """d values / d x by autograd, for ``values`` an elementwise function of ``x`` (which requires grad); 0 where
+    ``values`` has no graph in ``x`` (a piecewise-constant derivative, as ReLU's or l1's)."""
+    import torch  # deferred, as above
+
+    if not values.requires_grad:
+        return torch.zeros_like(x)
+    (slope,) = torch.autograd.grad(values.sum(), x, allow_unused=True)
+    return torch.zeros_like(x) if slope is None else slope
 
 
 @dataclass(frozen=True)
