@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import subprocess
@@ -147,3 +148,50 @@ def test_internal_errors_show_a_traceback_only_with_debug(runner, monkeypatch):
 def test_version(runner):
     result = runner.invoke(cli, ["--version"])
     assert result.exit_code == 0 and "titans-compose" in result.output
+
+
+@pytest.mark.parametrize("command", ["build", "train", "export", "sweep"])
+def test_every_directory_writing_command_takes_o_out_and_output(runner, command):
+    result = runner.invoke(cli, [command, "--help"])
+    assert result.exit_code == 0 and "-o, --out, --output" in result.output
+
+
+@pytest.mark.parametrize("spelling", ["-o", "--out", "--output"])
+def test_build_writes_to_each_spelling_of_the_output_option(runner, tmp_path, spelling):
+    result = runner.invoke(cli, ["build", MAC, "--no-smoke", spelling, str(tmp_path / "b")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "b" / "manifest.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("number", "shown"),
+    [
+        (errno.ENOSPC, "No space left on device"),
+        (errno.EDQUOT, "Disk quota exceeded"),
+        (errno.EACCES, "Permission denied"),
+        (errno.EPERM, "Operation not permitted"),
+        (errno.EROFS, "Read-only file system"),
+    ],
+)
+def test_environment_os_errors_are_user_errors_naming_the_path(runner, tmp_path, monkeypatch, number, shown):
+    import titans_compose.manifest
+
+    def failing(path, data):
+        raise OSError(number, os.strerror(number), str(path))
+
+    monkeypatch.setattr(titans_compose.manifest, "atomic_write", failing)
+    result = runner.invoke(cli, ["build", MAC, "--no-smoke", "-o", str(tmp_path / "b")])
+    assert result.exit_code == 1, result.output
+    assert f"titans-compose: error: {shown}: {tmp_path / 'b'}" in result.output
+    assert "internal error" not in result.output
+
+
+def test_other_os_errors_stay_internal_errors(runner, tmp_path, monkeypatch):
+    import titans_compose.manifest
+
+    def failing(path, data):
+        raise OSError(errno.EBADF, os.strerror(errno.EBADF), str(path))  # a descriptor misused: a bug of ours
+
+    monkeypatch.setattr(titans_compose.manifest, "atomic_write", failing)
+    result = runner.invoke(cli, ["build", MAC, "--no-smoke", "-o", str(tmp_path / "b")])
+    assert result.exit_code == 3 and "internal error: OSError: [Errno 9] Bad file descriptor" in result.output

@@ -6,18 +6,17 @@ from pathlib import Path
 
 import click
 
-from titans_compose.cli.main import echo_diagnostics, guarded, model_registry, settings, spec_options
+from titans_compose.cli.main import SEED, echo_diagnostics, guarded, model_registry, out_option, settings, spec_options
 
 
 @click.command()
 @click.argument("spec", type=click.Path(dir_okay=False))
-@click.option(
-    "-o",
-    "--output",
+@out_option(
+    "output",
+    "Build directory (default: build/<spec name>/). It must be new, empty, or an earlier build.",
     type=click.Path(),
-    help="Build directory (default: build/<spec name>/). It must be new, empty, or an earlier build.",
 )
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the initial weights.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed for the initial weights.")
 @click.option("--no-smoke", is_flag=True, help="Skip the one-step forward/backward smoke check.")
 @click.option("--graph", "show_graph", is_flag=True, help="Print the graph as Mermaid text instead of the layer table.")
 @spec_options

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from titans_compose.cli.main import guarded, model_registry, settings, spec_options
+from titans_compose.cli.main import guarded, model_registry, out_option, settings, spec_options
 
 
 def _shape(text: str) -> tuple[int, int]:
@@ -18,7 +18,7 @@ def _shape(text: str) -> tuple[int, int]:
 
 @click.command()
 @click.argument("source", metavar="SPEC|BUILD_DIR", type=click.Path(exists=True))
-@click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Artifact directory (new or empty).")
+@out_option("out", "Artifact directory (new or empty).", required=True, type=click.Path(path_type=Path))
 @click.option(
     "--format",
     "fmt",

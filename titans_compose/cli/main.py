@@ -1,13 +1,17 @@
 """The ``titans-compose`` command line.
 
 Subcommands are imported lazily, so ``validate``, ``graph``, ``schema`` and ``ls`` never import torch. Every
-command reports spec problems as located diagnostics with exit status 1; an unexpected failure prints one line
-(exit status 3) and its traceback only with ``--debug``.
+command reports spec problems as located diagnostics with exit status 1, and so are problems of the user's
+environment (a full disk, a read-only or forbidden output path, a memory backend that cannot run here); an
+unexpected failure prints one line (exit status 3) and its traceback only with ``--debug``.
 """
 
 from __future__ import annotations
 
+import errno
 import importlib
+import math
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -33,6 +37,23 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 
 EXIT_SPEC_ERROR = 1
 EXIT_INTERNAL = 3
+#: OSError numbers that describe the user's environment (space, quota, permissions), not a bug: exit status 1
+ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG})
+#: the seeds ``torch.manual_seed`` accepts (its documented inclusive range)
+SEED = click.IntRange(-(2**63), 2**64 - 1)
+
+
+class FiniteFloat(click.FloatRange):
+    """A :class:`click.FloatRange` that also refuses NaN and infinities, which compare false against every bound and
+    so pass a plain range unnoticed, to fail later inside torch."""
+
+    name = "finite float"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
 
 
 class LazyGroup(click.Group):
@@ -103,6 +124,36 @@ def spec_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     )(common_options(fn))
 
 
+def out_option(dest: str, help: str, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The output directory option, spelled ``-o``, ``--out`` or ``--output`` on every command that writes one."""
+    return click.option("-o", "--out", "--output", dest, help=help, **kwargs)
+
+
+def check_device(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A ``--device`` callback: the device must parse and hold a tensor here (``cuda`` without CUDA, ``cuda:3`` on
+    a one-GPU machine, ``mps`` off a Mac are usage errors naming the option, not failures inside torch)."""
+    if value is None:
+        return None
+    import torch
+
+    try:
+        torch.empty(0, device=torch.device(value))
+    except (RuntimeError, ValueError, AssertionError) as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise click.BadParameter(f"{value!r} cannot be used here: {reason}", ctx, param) from None
+    return value
+
+
+def device_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``--device``, checked by :func:`check_device`."""
+    return click.option(
+        "--device",
+        default=None,
+        callback=check_device,
+        help="torch device [default: cuda if available, else cpu].",
+    )(fn)
+
+
 def settings(ctx: click.Context, sub_plugins: tuple[str, ...], sub_debug: bool) -> tuple[list[str], bool]:
     """Merge the group's and the subcommand's ``--plugin`` / ``--debug``."""
     obj = ctx.find_root().obj or {}
@@ -128,10 +179,26 @@ def guarded(ctx: click.Context, debug: bool, body: Callable[[], int]) -> None:
     except Exception as exc:
         if debug:
             raise
+        problem = environment_problem(exc)
+        if problem is not None:
+            click.echo(f"titans-compose: error: {problem}", err=True)
+            ctx.exit(EXIT_SPEC_ERROR)
         click.echo(f"titans-compose: internal error: {type(exc).__name__}: {exc}", err=True)
         click.echo("    hint: run again with --debug for the traceback, and please report it", err=True)
         ctx.exit(EXIT_INTERNAL)
     ctx.exit(code)
+
+
+def environment_problem(exc: BaseException) -> str | None:
+    """What ``exc`` says about the user's environment (a full disk, a read-only or forbidden path, a memory backend
+    that cannot run on this machine), or None if it is not such a problem."""
+    if isinstance(exc, OSError) and exc.errno in ENVIRONMENT_ERRNOS:
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"{os.strerror(exc.errno)}{where} (free space, fix the permissions or choose another path)"
+    dispatch = sys.modules.get("titans_compose.kernels.dispatch")  # not imported: the error cannot be its
+    if dispatch is not None and isinstance(exc, dispatch.BackendUnavailable):
+        return str(exc)
+    return None
 
 
 def emit(output: str | None, data: str | bytes, note: str) -> None:

@@ -61,6 +61,11 @@ class BackendChoice:
         return getattr(importlib.import_module(module), attr)
 
 
+class BackendUnavailable(RuntimeError):
+    """A forced backend cannot run on this machine (no GPU and no Triton interpreter, or numpy missing): a problem of
+    the user's environment, which the command line reports as such."""
+
+
 def choose_backend(requested: str | None = None) -> BackendChoice:
     """What was asked for: ``requested`` (e.g. from a test or the build API), else the environment, else ``auto``.
     A concrete backend runs as asked; ``auto`` is resolved per call by :class:`MemoryBackend`."""
@@ -149,17 +154,17 @@ class MemoryBackend:
 def _check_interpreter(device: str) -> None:
     """Raise unless a forced Triton kernel can run on ``device`` tensors (not CUDA): CPU under the interpreter."""
     if device != "cpu":
-        raise RuntimeError(
+        raise BackendUnavailable(
             f"{ENV_VAR}=triton: generated kernels run on CUDA tensors, or on CPU tensors under {INTERPRET_VAR}=1; "
             f"got {device} tensors"
         )
     if os.environ.get(INTERPRET_VAR) != "1":
-        raise RuntimeError(
+        raise BackendUnavailable(
             f"{ENV_VAR}=triton on CPU tensors needs Triton's interpreter: set {INTERPRET_VAR}=1 in the environment "
             "before Python starts (or move the model to a CUDA device)"
         )
     if importlib.util.find_spec("numpy") is None:
-        raise RuntimeError(
+        raise BackendUnavailable(
             f"{ENV_VAR}=triton on CPU tensors: Triton's interpreter needs numpy, which is not installed "
             '(pip install numpy, or pip install -e ".[interpret]")'
         )
@@ -167,7 +172,7 @@ def _check_interpreter(device: str) -> None:
     from triton.runtime.jit import JITFunction
 
     if isinstance(tl.cdiv, JITFunction):  # triton decorates its own library when it is first imported
-        raise RuntimeError(
+        raise BackendUnavailable(
             f"{ENV_VAR}=triton on CPU tensors: {INTERPRET_VAR}=1 was set after triton was imported, so triton's own "
             f"functions were built for the GPU; set {INTERPRET_VAR}=1 in the environment before Python starts"
         )
