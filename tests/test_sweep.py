@@ -99,7 +99,7 @@ def test_an_interrupted_sweep_resumes_without_redoing_finished_points(tmp_path):
 
 
 def test_a_failing_point_is_recorded_and_the_others_finish(tmp_path, runner):
-    # a 64-token vocabulary validates but cannot embed the task's bytes: it fails when it trains
+    # a 64-token vocabulary validates but cannot take the task's bytes: the point fails, the sweep goes on
     variants = {
         "variants": [
             {"name": "ok"},
@@ -114,10 +114,11 @@ def test_a_failing_point_is_recorded_and_the_others_finish(tmp_path, runner):
     points = {r["name"]: r for r in json.loads((out / "results.json").read_text())["points"]}
     assert points["ok"]["status"] == points["ok2"]["status"] == "ok"
     assert points["broken"]["status"] == "failed"
-    # the model refuses the token ids (or, without that check, the embedding does)
-    kind = points["broken"]["error"].split(":")[0]
-    assert kind in {"ValueError", "IndexError"}
-    assert f"failed: broken: {kind}" in result.stdout
+    # the point is refused before it is built, with the reason (it used to fail inside the model)
+    error = points["broken"]["error"]
+    assert error.startswith("ValueError: model.vocab_size is 64, but the training data (passkey: 1 digits")
+    assert "hold byte values up to 121: a byte-level model needs a vocab_size above 121" in error
+    assert "failed: broken: ValueError: model.vocab_size is 64" in result.stdout
     # a rerun keeps the failure unless asked to retry it
     plan = load_plan(path, new_registry())
     tried = []
@@ -152,6 +153,11 @@ def test_bad_sweep_file_and_train_options_are_located(tmp_path):
         load_plan(path, new_registry())
     assert sorted(exc.value.codes) == ["TC201", "TC201", "TC204"]
     assert "did you mean 'batch'?" in str(exc.value)
+    # values that compare false against every bound (NaN, infinities) are refused like out-of-range ones
+    path = write_sweep(tmp_path, train={**TRAIN, "lr": float("nan"), "max_mb": float("inf")})
+    with pytest.raises(SpecError) as exc:
+        load_plan(path, new_registry())
+    assert sorted(exc.value.codes) == ["TC204", "TC204"] and "is not a finite number" in str(exc.value)
     path = write_sweep(tmp_path, zip={"memory.depth": [1, 2], "memory.expansion": [2]})
     with pytest.raises(SpecError, match="zip lists must have equal lengths"):
         load_plan(path, new_registry())
@@ -218,3 +224,75 @@ def test_the_plot_is_optional(tmp_path, monkeypatch):
     text = table(records).splitlines()
     assert text[0].split() == ["point", "params", "tok/s", "accuracy", "status"]
     assert text[-1] == "failed: b: ValueError: no"
+
+
+def test_a_held_sweep_directory_is_refused(tmp_path):
+    import fcntl
+
+    from titans_compose.lock import LOCK_FILE
+    from titans_compose.sweep import SweepError
+
+    plan = load_plan(write_sweep(tmp_path), new_registry())
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / LOCK_FILE, "w") as held:  # as another sweep process holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(SweepError, match=f"{out} is in use by another titans-compose sweep"):
+            run_sweep(plan, out, plugins=[], progress=False, runner=lambda *args: {"parameters": 1})
+    assert not (out / "results.json").exists()
+
+
+def test_reruns_name_skipped_points_and_every_point_keeps_its_metrics(tmp_path, runner):
+    out = tmp_path / "out"
+    path = write_sweep(tmp_path, **{"grid": {"memory.depth": [1, 2]}})
+    first = runner.invoke(cli, ["sweep", str(path), "--output", str(out), "--no-progress"])
+    assert first.exit_code == 0, first.output
+    records = json.loads((out / "results.json").read_text())["points"]
+    for record in records:
+        folder = out / "points" / record["key"]
+        assert json.loads((folder / "result.json").read_text()) == record
+        metrics = json.loads((folder / "metrics.json").read_text())
+        assert [r["step"] for r in metrics["history"]] == [1, 2, 3] and [s for s, _ in metrics["evals"]] == [3]
+        assert metrics["evals"][-1][1]["val_accuracy"] == record["val_accuracy"]
+    again = runner.invoke(cli, ["sweep", str(path), "-o", str(out), "--no-progress"])
+    assert again.exit_code == 0, again.output
+    assert (
+        f"skipping 2 point(s) finished earlier (results in {out / 'results.json'}): memory.depth=1; memory.depth=2"
+        in again.output
+    )
+    # another budget makes other points: the earlier points' folders stay, with their metrics
+    changed = write_sweep(tmp_path, **{"grid": {"memory.depth": [1, 2]}, "train": {**TRAIN, "steps": 2}})
+    assert runner.invoke(cli, ["sweep", str(changed), "-o", str(out), "--no-progress"]).exit_code == 0
+    assert {p.name for p in (out / "points").iterdir()} >= {r["key"] for r in records}
+    assert len(list((out / "points").iterdir())) == 4
+
+
+@pytest.mark.parametrize("finished", [0, 1])
+def test_an_interrupted_sweep_names_where_its_results_are(tmp_path, runner, monkeypatch, finished):
+    import re
+
+    import titans_compose.sweep
+
+    path = write_sweep(tmp_path, **{"grid": {"memory.depth": [1, 2]}})
+    out = tmp_path / "out"
+    real = titans_compose.sweep.run_sweep
+
+    def interrupted(*args, **kwargs):
+        calls = []
+
+        def runner_(point, *rest):
+            if len(calls) == finished:
+                raise KeyboardInterrupt
+            calls.append(point)
+            return {"parameters": 1}
+
+        return real(*args, **{**kwargs, "runner": runner_})
+
+    monkeypatch.setattr(titans_compose.sweep, "run_sweep", interrupted)
+    result = runner.invoke(cli, ["sweep", str(path), "-o", str(out), "--no-progress"])
+    assert result.exit_code == 130, result.output
+    if finished:
+        named = re.search(r"finished points are in (\S+);", result.output)
+        assert named and named.group(1) == str(out / "results.json") and (out / "results.json").is_file()
+    else:
+        assert "interrupted: no point had finished; run the same command to resume" in result.output

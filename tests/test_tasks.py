@@ -12,7 +12,9 @@ from titans_compose.train.tasks import (
     NEEDLE_PREFIX,
     QUERY,
     TaskBatch,
+    check_vocabulary,
     exact_match,
+    max_token,
     mqar_batch,
     mqar_len,
     passkey_batch,
@@ -120,3 +122,20 @@ def test_exact_match_needs_every_answer_token() -> None:
     logits = oracle_logits(passkey)
     logits[1, -3] = 0.0  # row 1's next-to-last digit is predicted as token 0
     assert exact_match(logits, passkey) == 0.75
+
+
+@pytest.mark.parametrize("filler", ["repeat", "digits", encode("text with a tilde ~ in it " * 20)])
+def test_max_token_bounds_every_batch(filler) -> None:
+    """No batch of a task holds a token above max_token, and the bound is reached (it is not loose)."""
+    seen = {"passkey": 0, "mqar": 0}
+    for seed in range(20):
+        seen["passkey"] = max(
+            seen["passkey"], int(passkey_batch(4, 96, digits=3, filler=filler, seed=seed).tokens.max())
+        )
+        mqar = mqar_batch(4, pairs=26, queries=4, key_len=1, seq_len=200, filler=filler, seed=seed)
+        seen["mqar"] = max(seen["mqar"], int(mqar.tokens.max()))
+    for task, top in seen.items():
+        assert top == max_token(task, filler)
+        check_vocabulary(top + 1, top, task)
+        with pytest.raises(ValueError, match=f"model.vocab_size is {top}, but the training data \\({task}\\)"):
+            check_vocabulary(top, top, task)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,6 +23,7 @@ from titans_compose.train import (
     read_checkpoint,
     train,
 )
+from titans_compose.train.checkpoint import remove_interrupted
 from titans_compose.train.data import decode, encode, is_validation
 from titans_compose.train.loop import param_groups
 from titans_compose.train.tasks import REPEAT_FILLER
@@ -349,3 +351,244 @@ def test_titans_lm_resumes_bit_exactly(tmp_path: Path) -> None:
     resumed = train(model(1), source, checkpoint_dir=tmp_path, resume=True, **kwargs)
     assert [r.loss for r in resumed.history] == [r.loss for r in full.history]
     assert full.history[-1].loss < full.history[0].loss
+
+
+# --- faults, concurrency and bad input in the train command -----------------------------------------------------
+
+
+def test_a_second_run_into_a_held_run_directory_is_refused(runner, tmp_path: Path) -> None:
+    """Another process holds the run's lock: a second run is refused (exit 1) before it writes anything there."""
+    import fcntl
+
+    from titans_compose.lock import LOCK_FILE
+
+    tmp_path.mkdir(exist_ok=True)
+    with open(tmp_path / LOCK_FILE, "w") as held:  # an open file description of its own, as another process has
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("4242\n")
+        held.flush()
+        result = invoke(runner, tmp_path, "--steps", "2")
+        assert result.exit_code == 1, result.output
+        assert f"{tmp_path} is in use by another titans-compose train run (process 4242)" in result.output
+        assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_FILE]
+    # the holder's end releases the lock (the OS does so for a killed holder too): the run goes ahead
+    assert invoke(runner, tmp_path, "--steps", "2").exit_code == 0
+
+
+def test_concurrent_runs_and_a_kill_in_real_processes(tmp_path: Path) -> None:
+    """A real run holds its directory; a second process is refused; after a SIGKILL the lock is gone and --resume
+    continues from the last checkpoint."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT, SPECS
+
+    sets = [arg for item in NARROW for arg in ("--set", item)]
+    base = [sys.executable, "-m", "titans_compose.cli.main", "train", str(SPECS / "titans_mac_small.yaml")]
+    args = [*base, "-o", str(tmp_path), "--seq-len", "32", "--batch", "2", "--max-mb", "0.05", "--no-progress"]
+    args += ["--eval-batches", "1", "--eval-every", "1", *sets]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen([*args, "--steps", "100000"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "checkpoints" / "latest.json").is_file():
+            assert first.poll() is None and time.monotonic() < deadline, first.stderr.read() if first.stderr else ""
+            time.sleep(0.1)
+        second = subprocess.run([*args, "--steps", "2"], env=env, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 1 and "is in use by another titans-compose train run" in second.stderr
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=60)
+    latest = json.loads((tmp_path / "checkpoints" / "latest.json").read_text())["checkpoint"]
+    done = int(latest.removeprefix("step-").removesuffix(".json"))
+    resumed = subprocess.run(
+        [*args, "--resume", "--steps", str(done + 1)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    history = json.loads((tmp_path / "metrics.json").read_text())["history"]
+    assert [r["step"] for r in history] == list(range(1, done + 2))
+
+
+def kill_during_build(out: Path) -> None:
+    """What a run killed while writing its build leaves: its config, part of the build and an atomic-write
+    temporary (no manifest, no checkpoint)."""
+    build_dir = out / "build"
+    (build_dir / "spec.resolved.yaml").write_text("model: {}\n")
+    (build_dir / ".weights.safetensors.k1ll3d.tmp").write_bytes(b"\0" * 10)
+
+
+def kill_during_checkpoint(out: Path) -> None:
+    """What a run killed while checkpointing leaves: its build rewritten in part (the manifest is removed first),
+    a checkpoint's temporary, and a newer checkpoint's step files written but never put in force."""
+    (out / "build" / "manifest.json").unlink()
+    (out / "build" / ".graph.dot.k1ll3d.tmp").write_text("digraph {")
+    (out / "checkpoints" / ".step-00000004.safetensors.k1ll3d.tmp").write_bytes(b"\0" * 10)
+    (out / "checkpoints" / "step-00000004.safetensors").write_bytes(b"\0" * 10)
+
+
+@pytest.mark.parametrize("stage", ["build", "checkpoint"])
+def test_resume_works_after_a_kill_at_each_write_stage(runner, tmp_path: Path, stage: str) -> None:
+    first = invoke(runner, tmp_path, "--steps", "2", "--eval-every", "1")
+    assert first.exit_code == 0, first.output
+    if stage == "build":  # killed before its first checkpoint: only its config.json and a part of the build
+        config = (tmp_path / "config.json").read_text()
+        for path in ("build", "checkpoints", "metrics.json", "metrics.csv"):
+            target = tmp_path / path
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+        (tmp_path / "build").mkdir()
+        (tmp_path / "config.json").write_text(config)
+        kill_during_build(tmp_path)
+    else:
+        kill_during_checkpoint(tmp_path)
+    result = invoke(runner, tmp_path, "--resume", "--steps", "4")
+    assert result.exit_code == 0, result.output
+    history = json.loads((tmp_path / "metrics.json").read_text())["history"]
+    assert [r["step"] for r in history] == [1, 2, 3, 4]
+    assert not list(tmp_path.rglob("*.tmp"))
+    assert (tmp_path / "build" / "manifest.json").is_file()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "latest.json",
+        "step-00000003.json",
+        "step-00000003.safetensors",
+        "step-00000004.json",
+        "step-00000004.safetensors",
+    ]
+
+
+def test_a_foreign_build_folder_is_still_refused(runner, tmp_path: Path) -> None:
+    """Only what a killed build leaves is cleared: a build/ holding other files is the user's and stays."""
+    (tmp_path / "build").mkdir(parents=True)
+    (tmp_path / "build" / "notes.txt").write_text("mine")
+    result = invoke(runner, tmp_path, "--steps", "2")
+    assert result.exit_code == 1 and "refusing to write into it" in result.output
+    assert (tmp_path / "build" / "notes.txt").read_text() == "mine" and not (tmp_path / "config.json").exists()
+
+
+def test_remove_interrupted_keeps_the_checkpoint_in_force(tmp_path: Path) -> None:
+    train(tiny(), repeat_source(), steps=2, checkpoint_dir=tmp_path, checkpoint_every=1, progress=False)
+    kept = sorted(p.name for p in tmp_path.iterdir())
+    (tmp_path / ".latest.json.x.tmp").write_text("{")
+    (tmp_path / "step-00000003.json").write_text("{}")
+    removed = remove_interrupted(tmp_path)
+    assert [p.name for p in removed] == [".latest.json.x.tmp", "step-00000003.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == kept
+    (tmp_path / "latest.json").write_text("not json")  # a damaged pointer: no step file is judged by it
+    assert remove_interrupted(tmp_path) == [] and sorted(p.name for p in tmp_path.iterdir()) == kept
+
+
+def test_resume_records_the_new_steps_in_config_json(runner, tmp_path: Path) -> None:
+    assert invoke(runner, tmp_path, "--steps", "2").exit_code == 0
+    assert json.loads((tmp_path / "config.json").read_text())["steps"] == 2
+    assert invoke(runner, tmp_path, "--resume", "--steps", "3").exit_code == 0
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["steps"] == 3 and json.loads((tmp_path / "metrics.json").read_text())["config"] == config
+    # a later --resume without --steps continues to the recorded 3: nothing left to train, the history stays
+    assert invoke(runner, tmp_path, "--resume").exit_code == 0
+    assert [r["step"] for r in json.loads((tmp_path / "metrics.json").read_text())["history"]] == [1, 2, 3]
+
+
+def test_a_full_disk_is_a_user_error_naming_the_file(runner, tmp_path: Path, monkeypatch) -> None:
+    import errno
+    import os
+
+    import titans_compose.io
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(titans_compose.io.os, "fsync", full)
+    result = invoke(runner, tmp_path, "--steps", "2")
+    assert result.exit_code == 1, result.output
+    assert f"error: No space left on device: {tmp_path / 'config.json'}" in result.output
+    assert "internal error" not in result.output and not list(tmp_path.rglob("*.tmp"))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--set", "model.vocab_size=100"], "model.vocab_size is 100, but the training data (lm on python stdlib"),
+        (["--task", "mqar", "--seq-len", "160", "--set", "model.vocab_size=120"], "byte values up to 122"),
+    ],
+)
+def test_a_vocabulary_below_the_data_bytes_is_a_user_error(runner, tmp_path: Path, args, message) -> None:
+    result = invoke(runner, tmp_path, "--steps", "1", *args)
+    assert result.exit_code == 1 and message in result.output and "internal error" not in result.output
+
+
+def test_a_forced_triton_backend_without_the_interpreter_is_a_user_error(runner, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("TITANS_COMPOSE_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    result = invoke(runner, tmp_path, "--steps", "1")  # the build's smoke check runs on the CPU, even with a GPU
+    assert result.exit_code == 1, result.output
+    assert "error: TITANS_COMPOSE_BACKEND=triton on CPU tensors needs Triton's interpreter" in result.output
+    assert "internal error" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        (["--lr", "nan"], "'--lr'"),
+        (["--lr", "inf"], "'--lr'"),
+        (["--weight-decay", "nan"], "'--weight-decay'"),
+        (["--grad-clip", "inf"], "'--grad-clip'"),
+        (["--max-mb", "inf"], "'--max-mb'"),
+        (["--task", "passkey", "--depth", "nan"], "'--depth'"),
+        (["--seed", str(2**64)], "'--seed'"),
+        (["--device", "cuda:99"], "'--device'"),
+        (["--device", "nonsense"], "'--device'"),
+    ],
+)
+def test_values_torch_would_reject_are_usage_errors(runner, tmp_path: Path, args, option) -> None:
+    result = invoke(runner, tmp_path / "run", *args)
+    assert result.exit_code == 2 and f"Invalid value for {option}" in result.output, result.output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda_is_a_usage_error(runner, tmp_path: Path) -> None:
+    result = invoke(runner, tmp_path, "--device", "cuda")
+    assert result.exit_code == 2 and "Invalid value for '--device': 'cuda' cannot be used here" in result.output
+
+
+# --- bounded, non-blocking reads of --data ------------------------------------------------------------------------
+
+
+def test_data_files_are_read_only_up_to_the_cap(text_dir: Path, monkeypatch) -> None:
+    import io as io_module
+    import os
+
+    requested = []
+    real_fdopen = os.fdopen
+
+    class Counting(io_module.BufferedReader):
+        def read(self, size: int = -1) -> bytes:
+            requested.append(size)
+            return super().read(size)
+
+    def fdopen(fd: int, mode: str = "r", *args, **kwargs):
+        return Counting(real_fdopen(fd, "rb", buffering=0)) if mode == "rb" else real_fdopen(fd, mode, *args, **kwargs)
+
+    monkeypatch.setattr("titans_compose.train.data.os.fdopen", fdopen)
+    corpus = load_corpus(text_dir, max_bytes=100)  # blob.bin (sorted first, not text), then 100 bytes of one file
+    assert corpus.train.numel() + corpus.val.numel() == 100 and corpus.files == (1, 0)
+    assert requested == [100, 100]
+
+
+def test_fifos_and_devices_are_skipped_or_refused(runner, tmp_path: Path, text_dir: Path) -> None:
+    import os
+
+    os.mkfifo(text_dir / "pipe.txt")  # nobody writes it: reading it would block for ever
+    os.symlink("/dev/zero", text_dir / "zero.txt")  # reading it would never end
+    corpus = load_corpus(text_dir)
+    assert corpus.skipped == (f"{text_dir / 'pipe.txt'} (a FIFO)", f"{text_dir / 'zero.txt'} (a character device)")
+    assert sum(corpus.files) == 40
+    for special in (text_dir / "pipe.txt", Path("/dev/zero")):
+        with pytest.raises(DataError, match="give a text file or a directory"):
+            load_corpus(special)
+    result = invoke(runner, tmp_path / "run", "--data", str(text_dir), "--steps", "1", "--seq-len", "8")
+    assert result.exit_code == 0, result.output
+    assert f"warning: --data: skipped {text_dir / 'pipe.txt'} (a FIFO)" in result.output
+    result = invoke(runner, tmp_path / "run2", "--data", str(text_dir / "pipe.txt"), "--steps", "1")
+    assert result.exit_code == 2 and "Invalid value for '--data'" in result.output and "(a FIFO)" in result.output

@@ -6,20 +6,27 @@ from pathlib import Path
 
 import click
 
-from titans_compose.cli.main import common_options, echo_diagnostics, guarded, model_registry, settings
+from titans_compose.cli.main import (
+    common_options,
+    device_option,
+    echo_diagnostics,
+    guarded,
+    model_registry,
+    out_option,
+    settings,
+)
 
 
 @click.command()
 @click.argument("sweep_file", metavar="SWEEP", type=click.Path(dir_okay=False))
-@click.option(
-    "-o",
-    "--out",
+@out_option(
+    "out",
+    "Results directory [default: sweeps/<sweep name>]. Finished points there are not run again.",
     type=click.Path(file_okay=False, path_type=Path),
-    help="Results directory [default: sweeps/<sweep name>]. Finished points there are not run again.",
 )
 @click.option("--retry-failed", is_flag=True, help="Run the points recorded as failed again.")
 @click.option("--dry-run", is_flag=True, help="Validate every point and list them; run nothing.")
-@click.option("--device", default=None, help="torch device [default: cuda if available, else cpu].")
+@device_option
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @common_options
 @click.pass_context
@@ -35,12 +42,14 @@ def sweep(
     sub_debug: bool,
 ) -> None:
     """Run SWEEP: every point (base spec x variants x grid x zip) is validated first, then built and, with a
-    `train` section, trained for its budget and evaluated. Writes results.json, results.csv and plot.png to --out
-    and prints the table; an interrupted sweep resumes from its results."""
+    `train` section, trained for its budget and evaluated. Writes results.json, results.csv, plot.png and a folder
+    per point (points/<key>/: its result and training metrics) to --out and prints the table; an interrupted sweep
+    resumes from its results, saying which points it skips. One sweep at a time holds --out."""
     plugins, debug = settings(ctx, sub_plugins, sub_debug)
 
     def body() -> int:
         from titans_compose.sweep import SweepError, load_plan, make_sweep_task, plot, run_sweep, table
+        from titans_compose.sweep.run import RESULTS_JSON
 
         registry = model_registry(plugins, debug)
         if registry is None:
@@ -66,11 +75,14 @@ def sweep(
                 retry_failed=retry_failed,
                 progress=not no_progress,
                 task=task,
+                say=lambda line: click.echo(line, err=True),
             )
         except SweepError as exc:
             raise click.ClickException(str(exc)) from None
         except KeyboardInterrupt:
-            click.echo(f"\ninterrupted: finished points are in {target}; run the same command to resume", err=True)
+            results = target / RESULTS_JSON
+            where = f"finished points are in {results}" if results.is_file() else "no point had finished"
+            click.echo(f"\ninterrupted: {where}; run the same command to resume", err=True)
             return 130
         click.echo(table(records))
         click.echo(plot(records, target / "plot.png", f"{plan.name}: {what}"), err=True)

@@ -9,7 +9,17 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from titans_compose.cli.main import echo_diagnostics, guarded, model_registry, settings, spec_options
+from titans_compose.cli.main import (
+    SEED,
+    FiniteFloat,
+    device_option,
+    echo_diagnostics,
+    guarded,
+    model_registry,
+    out_option,
+    settings,
+    spec_options,
+)
 
 if TYPE_CHECKING:  # torch is imported only when the command runs
     import torch
@@ -56,15 +66,15 @@ def default_warmup(steps: int) -> int:
 @click.option("--steps", type=click.IntRange(min=1), default=200, show_default=True)
 @click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True, help="Sequences per step.")
 @click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True, help="Tokens per sequence.")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
+@click.option("--lr", type=FiniteFloat(min=0, min_open=True), default=1e-3, show_default=True)
 @click.option("--warmup", type=click.IntRange(min=0), help="Warm-up steps [default: steps/10, at most 100].")
-@click.option("--weight-decay", type=click.FloatRange(min=0), default=0.1, show_default=True)
-@click.option("--grad-clip", type=click.FloatRange(min=0), default=1.0, show_default=True, help="0: no clipping.")
+@click.option("--weight-decay", type=FiniteFloat(min=0), default=0.1, show_default=True)
+@click.option("--grad-clip", type=FiniteFloat(min=0), default=1.0, show_default=True, help="0: no clipping.")
 @click.option(
     "--eval-every", type=click.IntRange(min=0), help="Evaluate and checkpoint every N steps [default: steps/5]."
 )
 @click.option("--eval-batches", type=click.IntRange(min=1), default=4, show_default=True)
-@click.option("--depth", type=click.FloatRange(0, 1), help="passkey: needle depth in [0, 1] [default: random].")
+@click.option("--depth", type=FiniteFloat(0, 1), help="passkey: needle depth in [0, 1] [default: random].")
 @click.option("--digits", type=click.IntRange(1, 18), default=5, show_default=True, help="passkey: key digits.")
 @click.option("--pairs", type=click.IntRange(1, 676), default=16, show_default=True, help="mqar: key-value pairs.")
 @click.option("--queries", type=click.IntRange(min=1), default=4, show_default=True, help="mqar: queries.")
@@ -76,12 +86,12 @@ def default_warmup(steps: int) -> int:
     help="passkey/mqar: train on the answer tokens only, or on every token.",
 )
 @click.option(
-    "--max-mb", type=click.FloatRange(min=0, min_open=True), default=8.0, show_default=True, help="Text to read, MB."
+    "--max-mb", type=FiniteFloat(min=0, min_open=True), default=8.0, show_default=True, help="Text to read, MB."
 )
-@click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), help="Run directory [runs/<spec>].")
+@out_option("out", "Run directory [runs/<spec>].", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its newest checkpoint.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the weights, batches and dropout.")
-@click.option("--device", default=None, help="torch device [default: cuda if available, else cpu].")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed for the initial weights and the batches.")
+@device_option
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @spec_options
 @click.pass_context
@@ -89,6 +99,7 @@ def train(ctx: click.Context, spec: str, sub_plugins: tuple[str, ...], sub_debug
     """Train SPEC's model on byte-level text (--task lm) or a synthetic task, with checkpoints and metrics in --out.
 
     lm reports validation loss and bits per byte; passkey and mqar report exact-match accuracy on held-out batches.
+    One run at a time holds --out; a run killed at any moment continues with --resume.
     """
     plugins, debug = settings(ctx, sub_plugins, sub_debug)
     # paths as absolute strings, so that resuming from another directory compares equal
@@ -97,8 +108,12 @@ def train(ctx: click.Context, spec: str, sub_plugins: tuple[str, ...], sub_debug
     options["overrides"] = list(options["overrides"])
 
     def body() -> int:
-        from titans_compose.builder import BuildError, build, spec_name
+        from titans_compose.builder import BuildError, build, check_output_dir, spec_name
+        from titans_compose.io import atomic_write
+        from titans_compose.lock import locked
         from titans_compose.spec import load_spec
+        from titans_compose.train.checkpoint import remove_interrupted
+        from titans_compose.train.tasks import check_vocabulary
 
         registry = model_registry(plugins, debug)
         if registry is None:
@@ -106,44 +121,60 @@ def train(ctx: click.Context, spec: str, sub_plugins: tuple[str, ...], sub_debug
         given = list(options["overrides"])
         loaded = load_spec(spec, given, registry=registry)
         out = options["out"] or Path("runs") / spec_name(loaded)
-        resolve_run(ctx, out, options)
-        if options["overrides"] != given:  # resuming a run made with other --set values: rebuild its spec
-            loaded = load_spec(spec, options["overrides"], registry=registry)
-        echo_diagnostics(loaded.warnings)
-        if options["warmup"] is None:
-            options["warmup"] = default_warmup(options["steps"])
-        if options["eval_every"] is None:
-            options["eval_every"] = max(1, options["steps"] // 5)
-        config = {k: v for k, v in options.items() if k not in ("out", "resume", "device", "no_progress")}
-        source, val_batches, describe = make_task(options)
-        try:
-            built = build(loaded, plugins=plugins, output_dir=out / "build", seed=options["seed"])
-        except BuildError as exc:
-            raise click.ClickException(str(exc)) from None
-        return run(built.module, source, val_batches, describe, options, config, out)
+        with locked(out, "train run", click.ClickException):
+            remove_interrupted(out / "checkpoints")
+            from_checkpoint = resolve_run(ctx, out, options)
+            if options["overrides"] != given:  # resuming a run made with other --set values: rebuild its spec
+                loaded = load_spec(spec, options["overrides"], registry=registry)
+            echo_diagnostics(loaded.warnings)
+            if options["warmup"] is None:
+                options["warmup"] = default_warmup(options["steps"])
+            if options["eval_every"] is None:
+                options["eval_every"] = max(1, options["steps"] // 5)
+            config = {k: v for k, v in options.items() if k not in ("out", "resume", "device", "no_progress")}
+            source, val_batches, describe, top = make_task(options)
+            try:
+                check_vocabulary(loaded.spec.model.vocab_size, top, describe)
+            except ValueError as exc:
+                raise click.ClickException(f"{loaded.source}: {exc}") from None
+            remove_interrupted_build(out / "build")
+            try:
+                check_output_dir(out / "build", Path(loaded.source))
+                # written before anything else (atomically, and again on every resume, for its --steps), so a run
+                # killed at any later moment resumes
+                atomic_write(out / "config.json", json.dumps(config, indent=2) + "\n")
+                built = build(loaded, plugins=plugins, output_dir=out / "build", seed=options["seed"])
+            except BuildError as exc:
+                raise click.ClickException(str(exc)) from None
+            return run(built.module, source, val_batches, describe, options, config, out, from_checkpoint)
 
     guarded(ctx, debug, body)
 
 
-def resolve_run(ctx: click.Context, out: Path, options: dict[str, Any]) -> None:
-    """Check ``out`` against ``--resume`` and, when resuming, take the run's settings from its ``config.json``.
+def resolve_run(ctx: click.Context, out: Path, options: dict[str, Any]) -> bool:
+    """Check ``out`` against ``--resume`` and, when resuming, take the run's settings from its ``config.json``;
+    return whether training continues from a checkpoint.
 
-    A new run must not start over an existing one, and a resumed run must exist. A resumed run keeps the settings
-    that decide its batches and model (:data:`FIXED_ON_RESUME`; one given with another value is an error); the
-    others (``--steps``, ``--eval-every``, ``--eval-batches``) may change. Settings not given are the run's.
+    A new run must not start over an existing one, and a resumed run must exist: a ``config.json`` (a run killed
+    before its first checkpoint starts again from step 0 with its settings) or a checkpoint. A resumed run keeps the
+    settings that decide its batches and model (:data:`FIXED_ON_RESUME`; one given with another value is an error);
+    the others (``--steps``, ``--eval-every``, ``--eval-batches``) may change. Settings not given are the run's.
     """
     from titans_compose.train.checkpoint import LATEST
 
     has_checkpoint = (out / "checkpoints" / LATEST).is_file()
-    if options["resume"] and not has_checkpoint:
-        raise click.BadParameter(f"no checkpoint in {out / 'checkpoints'} to resume from", param_hint="'--resume'")
+    if options["resume"] and not has_checkpoint and not (out / "config.json").is_file():
+        raise click.BadParameter(
+            f"no run in {out} to resume (no config.json, no checkpoint in {out / 'checkpoints'})",
+            param_hint="'--resume'",
+        )
     if not options["resume"]:
         if has_checkpoint:
             raise click.BadParameter(
                 f"{out} already holds a run: pass --resume to continue it, or choose another --out",
                 param_hint="'--out'",
             )
-        return
+        return False
     try:
         saved = json.loads((out / "config.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
@@ -158,14 +189,33 @@ def resolve_run(ctx: click.Context, out: Path, options: dict[str, Any]) -> None:
             changed.append(f"--{key.replace('_', '-')} {options[key]!r} (the run has {value!r})")
     if changed:
         raise click.UsageError(f"--resume continues a run with its own settings; these differ: {', '.join(changed)}")
+    return has_checkpoint
 
 
-def make_task(options: dict[str, Any]) -> tuple[BatchSource, list[Batch], str]:
-    """The training batch source, the validation batches and a one-line description for the chosen task."""
+def remove_interrupted_build(path: Path) -> None:
+    """Delete ``path`` if it is a build that a killed run left half-written: no manifest of a build, and nothing but
+    the files a build writes and their atomic-write temporaries. Anything else there is left for the builder's
+    own check (which refuses a directory holding other files)."""
+    import shutil
+
+    from titans_compose.builder import BUILD_FILES, FORMAT
+    from titans_compose.io import temporaries
+    from titans_compose.manifest import MANIFEST, read_manifest
+
+    if not path.is_dir() or read_manifest(path, FORMAT) is not None:
+        return
+    ours = {*BUILD_FILES, MANIFEST, *(p.name for p in temporaries(path, (*BUILD_FILES, MANIFEST)))}
+    if all(entry.is_file() and entry.name in ours for entry in path.iterdir()):
+        shutil.rmtree(path)
+
+
+def make_task(options: dict[str, Any]) -> tuple[BatchSource, list[Batch], str, int]:
+    """The training batch source, the validation batches, a one-line description for the chosen task and the
+    largest token id its batches can hold. Files of a ``--data`` folder that were skipped are named on stderr."""
     import torch
 
     from titans_compose.train.data import DataError, WindowSampler, derive_seed, load_corpus
-    from titans_compose.train.tasks import mqar_batch, mqar_len, passkey_batch, passkey_min_len
+    from titans_compose.train.tasks import max_token, mqar_batch, mqar_len, passkey_batch, passkey_min_len
 
     task, batch, seq_len, seed = options["task"], options["batch"], options["seq_len"], options["seed"]
     corpus = None
@@ -174,6 +224,8 @@ def make_task(options: dict[str, Any]) -> tuple[BatchSource, list[Batch], str]:
             corpus = load_corpus(options["data"], max_bytes=int(options["max_mb"] * 1e6))
         except DataError as exc:
             raise click.BadParameter(str(exc), param_hint="'--data'") from None
+        for skipped in corpus.skipped:
+            click.echo(f"warning: --data: skipped {skipped}", err=True)
     n_eval = options["eval_batches"]
 
     if task == "lm":
@@ -182,7 +234,8 @@ def make_task(options: dict[str, Any]) -> tuple[BatchSource, list[Batch], str]:
             val_src = WindowSampler(corpus.val, batch, seq_len, seed, "val")
         except DataError as exc:
             raise click.BadParameter(str(exc), param_hint="'--seq-len'") from None
-        return train_src, [val_src(i) for i in range(n_eval)], f"lm on {corpus.describe()}"
+        top = max(int(corpus.train.max()), int(corpus.val.max()))
+        return train_src, [val_src(i) for i in range(n_eval)], f"lm on {corpus.describe()}", top
 
     filler = "repeat" if corpus is None else corpus.train
     loss_on = options["loss_on"]  # validation scores the answers either way
@@ -233,7 +286,8 @@ def make_task(options: dict[str, Any]) -> tuple[BatchSource, list[Batch], str]:
         describe = f"mqar: {pairs} pairs, {queries} queries in {seq_len} bytes"
     if isinstance(filler, torch.Tensor) and filler.numel() < seq_len:
         raise click.BadParameter(f"the text has fewer than {seq_len} bytes", param_hint="'--data'")
-    return (lambda step: make(step, "train")), [make(i, "val") for i in range(n_eval)], describe
+    top = max_token(task, filler)
+    return (lambda step: make(step, "train")), [make(i, "val") for i in range(n_eval)], describe, top
 
 
 def evaluate(model: torch.nn.Module, batches: list[Batch]) -> dict[str, float]:
@@ -262,8 +316,10 @@ def run(
     options: dict[str, Any],
     config: dict[str, Any],
     out: Path,
+    from_checkpoint: bool,
 ) -> int:
-    """Train, write ``config.json``, ``metrics.json`` and ``metrics.csv`` to ``out`` and print a summary."""
+    """Train (continuing from the newest checkpoint in ``out`` if ``from_checkpoint``), write ``metrics.json`` and
+    ``metrics.csv`` to ``out`` and print a summary."""
     import csv
     import io
 
@@ -278,8 +334,6 @@ def run(
         module = module.to(device)
     except (RuntimeError, ValueError) as exc:
         raise click.BadParameter(str(exc), param_hint="'--device'") from None
-    if not options["resume"]:
-        atomic_write(out / "config.json", json.dumps(config, indent=2) + "\n")
     torch.manual_seed(options["seed"])
     click.echo(f"training on {device}: {describe}", err=True)
     try:
@@ -295,7 +349,7 @@ def run(
             eval_fn=lambda model: evaluate(model, val_batches),
             checkpoint_dir=out / "checkpoints",
             checkpoint_every=options["eval_every"],
-            resume=options["resume"],
+            resume=from_checkpoint,
             progress=not options["no_progress"],
         )
     except (CheckpointError, TrainingError) as exc:

@@ -4,7 +4,9 @@ written as soon as it is known, so an interrupted sweep resumes where it stopped
 A point is keyed by the sha256 of its resolved spec, the seed and the training options (the budget included):
 a point whose key already has a result in the output directory is not run again, and a changed point (another
 value, another budget) gets a new key. A point that fails is recorded with its error and the sweep goes on; a
-rerun keeps the failure unless asked to retry it.
+rerun keeps the failure unless asked to retry it. Each finished point also has a folder ``points/<key>/`` with its
+record (``result.json``) and, when trained, its per-step history and evaluations (``metrics.json``); the folders of
+points a changed sweep file no longer has stay. One sweep at a time holds the output directory.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import click
 
 from titans_compose.errors import Diagnostic, Location, SpecError
 from titans_compose.io import atomic_write
+from titans_compose.lock import locked
 from titans_compose.spec import LoadedSpec
 from titans_compose.sweep.plan import Plan, Point, yaml_value
 
@@ -29,6 +32,8 @@ FORMAT_VERSION = 1
 RESULTS_JSON = "results.json"
 RESULTS_CSV = "results.csv"
 PLOT = "plot.png"
+#: the folder of per-point folders, ``points/<key>/``
+POINTS = "points"
 #: a result's measurements, in table order (a point's axis values come before them)
 METRICS = (
     "parameters",
@@ -55,6 +60,7 @@ class Task:
     source: Callable[[int], Any]
     val_batches: list[Any]
     describe: str
+    max_token: int
 
 
 def make_sweep_task(plan: Plan) -> Task | None:
@@ -65,26 +71,30 @@ def make_sweep_task(plan: Plan) -> Task | None:
     from titans_compose.cli.train import make_task
 
     try:
-        source, val_batches, describe = make_task({**plan.train, "seed": plan.seed})
+        source, val_batches, describe, top = make_task({**plan.train, "seed": plan.seed})
     except click.BadParameter as exc:
         key = (exc.param_hint or "").strip("'-").replace("-", "_")
         raise SpecError(
             [Diagnostic("TC207", exc.message, f"train.{key}" if key else "train", Location(str(plan.source)))]
         ) from None
-    return Task(source, val_batches, describe)
+    return Task(source, val_batches, describe, top)
 
 
 def run_point(
     point: Point, loaded: LoadedSpec, plan: Plan, task: Task | None, plugins: list[str], device: str
 ) -> dict[str, Any]:
     """Build ``point`` (smoke-checked) and, with a task, train it for the plan's budget and evaluate it at the end.
-    Returns the measurements (:data:`METRICS`, those that apply); raises whatever the build or training raises."""
+    Returns the measurements (:data:`METRICS`, those that apply) and, when trained, ``metrics``: the per-step
+    history and the evaluations; raises whatever the build or training raises."""
     import torch
 
     from titans_compose.builder import build
     from titans_compose.cli.train import evaluate
     from titans_compose.train.loop import train
+    from titans_compose.train.tasks import check_vocabulary
 
+    if task is not None:
+        check_vocabulary(loaded.spec.model.vocab_size, task.max_token, task.describe)
     started = time.perf_counter()
     built = build(loaded, plugins=plugins, seed=plan.seed)
     backends = sorted({backend for _, backend, _ in built.report.backends})
@@ -109,7 +119,7 @@ def run_point(
     )
     loss, speed = result.recent(10)
     final = result.evals[-1][1]
-    out.update(steps=len(result.history), tokens_per_s=speed, train_loss=loss, **final)
+    out.update(steps=len(result.history), tokens_per_s=speed, train_loss=loss, **final, metrics=result.to_json())
     out["seconds"] = time.perf_counter() - started
     return out
 
@@ -173,6 +183,14 @@ def write_results(plan: Plan, records: list[dict[str, Any]], out: Path, task: Ta
     atomic_write(out / RESULTS_CSV, table.getvalue())
 
 
+def write_point(out: Path, record: dict[str, Any], metrics: dict[str, Any] | None) -> None:
+    """The point's folder ``points/<key>/``: ``result.json`` (its record) and, when trained, ``metrics.json``."""
+    folder = out / POINTS / record["key"]
+    if metrics is not None:
+        atomic_write(folder / "metrics.json", json.dumps({"name": record["name"], **metrics}, indent=1) + "\n")
+    atomic_write(folder / "result.json", json.dumps(record, indent=1) + "\n")
+
+
 def yaml_cell(value: Any) -> str:
     return "" if value is None else yaml_value(value)
 
@@ -187,42 +205,55 @@ def run_sweep(
     progress: bool = True,
     runner: Runner = run_point,
     task: Task | None = None,
+    say: Callable[[str], None] = lambda line: None,
 ) -> list[dict[str, Any]]:
     """Run every point of ``plan`` not already finished in ``out``, writing the results after each one.
 
     Returns one record per point, in the plan's order: ``key``, ``name``, ``settings``, ``status`` (``ok`` or
     ``failed``), ``error`` and the measurements. A point that raises is recorded as failed and the sweep goes on;
     a KeyboardInterrupt stops it with every finished point saved. ``task`` is the plan's training task (made with
-    :func:`make_sweep_task` if not given)."""
+    :func:`make_sweep_task` if not given). ``say`` gets a line naming the points not run because they are done.
+    Raises :class:`SweepError` if another sweep holds ``out``."""
     from tqdm.auto import tqdm
 
     task = task if task is not None else make_sweep_task(plan)
-    done = read_results(out)
-    records: dict[str, dict[str, Any]] = {
-        p.key: done[p.key] for p in plan.points if p.key in done and (done[p.key]["status"] == "ok" or not retry_failed)
-    }
+    with locked(out, "sweep", SweepError):
+        done = read_results(out)
+        records: dict[str, dict[str, Any]] = {
+            p.key: done[p.key]
+            for p in plan.points
+            if p.key in done and (done[p.key]["status"] == "ok" or not retry_failed)
+        }
+        for status, why in (("ok", "finished earlier"), ("failed", "failed earlier; --retry-failed runs them again")):
+            names = [records[p.key]["name"] for p in plan.points if records.get(p.key, {}).get("status") == status]
+            if names:
+                say(f"skipping {len(names)} point(s) {why} (results in {out / RESULTS_JSON}): {'; '.join(names)}")
 
-    def ordered() -> list[dict[str, Any]]:
-        return [records[p.key] for p in plan.points if p.key in records]
+        def ordered() -> list[dict[str, Any]]:
+            return [records[p.key] for p in plan.points if p.key in records]
 
-    todo = [p for p in plan.points if p.key not in records]
-    total = len(plan.points)
-    bar = tqdm(total=total, initial=total - len(todo), disable=not progress, unit="point", dynamic_ncols=True)
-    try:
-        for p in todo:
-            bar.set_postfix_str(p.point.name)
-            record: dict[str, Any] = {"key": p.key, "name": p.point.name, "settings": p.point.settings}
-            try:
-                record.update(status="ok", error=None, **runner(p.point, p.loaded, plan, task, plugins, device))
-            except Exception as exc:
-                where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
-                at = f" (at {Path(where.filename).name}:{where.lineno})" if where else ""
-                message = " ".join(str(exc).split()) or "no message"
-                record.update(status="failed", error=f"{type(exc).__name__}: {message}{at}")
-            records[p.key] = record
-            write_results(plan, ordered(), out, task)
-            bar.update(1)
-    finally:
-        bar.close()
-    write_results(plan, ordered(), out, task)
-    return ordered()
+        todo = [p for p in plan.points if p.key not in records]
+        total = len(plan.points)
+        bar = tqdm(total=total, initial=total - len(todo), disable=not progress, unit="point", dynamic_ncols=True)
+        try:
+            for p in todo:
+                bar.set_postfix_str(p.point.name)
+                record: dict[str, Any] = {"key": p.key, "name": p.point.name, "settings": p.point.settings}
+                metrics = None
+                try:
+                    measured = runner(p.point, p.loaded, plan, task, plugins, device)
+                    metrics = measured.pop("metrics", None)
+                    record.update(status="ok", error=None, **measured)
+                except Exception as exc:
+                    where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+                    at = f" (at {Path(where.filename).name}:{where.lineno})" if where else ""
+                    message = " ".join(str(exc).split()) or "no message"
+                    record.update(status="failed", error=f"{type(exc).__name__}: {message}{at}")
+                write_point(out, record, metrics)
+                records[p.key] = record
+                write_results(plan, ordered(), out, task)
+                bar.update(1)
+        finally:
+            bar.close()
+        write_results(plan, ordered(), out, task)
+        return ordered()

@@ -4,7 +4,8 @@ A checkpoint of step ``s`` is two files in the checkpoint directory, ``step-<s>.
 ``model/<name>`` tensors, the optimizer's per-parameter ``optimizer/<index>/<key>`` tensors and the random number
 generators' ``rng/<device>`` states) and ``step-<s>.json`` (the optimizer's parameter groups and non-tensor state,
 the caller's training state, and the sha256 of the tensor file). ``latest.json``, written last, names the newest
-one, so a crash while writing leaves the previous checkpoint in force. Every file is written atomically.
+one, so a crash while writing leaves the previous checkpoint in force. Every file is written atomically;
+:func:`remove_interrupted` clears what a killed writer leaves behind.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 from safetensors.torch import load as load_tensors
 
-from titans_compose.io import atomic_write
+from titans_compose.io import atomic_write, temporaries
 
 FORMAT = "titans-compose-checkpoint"
 FORMAT_VERSION = 1
@@ -86,6 +87,27 @@ def save_checkpoint(
         old.with_suffix(".safetensors").unlink(missing_ok=True)
         old.unlink(missing_ok=True)
     return root / f"{name}.json"
+
+
+def remove_interrupted(directory: str | os.PathLike[str]) -> list[Path]:
+    """Delete what a run killed while checkpointing left in ``directory`` and return it: atomic-write temporaries
+    and step files newer than the checkpoint ``latest.json`` names (written, never put in force). Only for the
+    holder of the run's lock: another writer's temporaries would look the same."""
+    root = Path(directory)
+    if not root.is_dir():
+        return []
+    removed = temporaries(root)
+    newest: str | None = ""  # without latest.json no checkpoint is in force: every step file is uncommitted
+    if (root / LATEST).exists():
+        try:
+            newest = Path(str(_read_json(root / LATEST).get("checkpoint"))).stem
+        except CheckpointError:
+            newest = None  # a damaged pointer: keep the step files, read_checkpoint names the problem
+    if newest is not None:
+        removed += sorted(p for p in root.glob("step-*") if p.name.split(".")[0] > newest)
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -3,13 +3,16 @@
 The default corpus is the Python standard library's own ``.py`` files, present on every machine that runs Python,
 so training works with no download. Any text file or directory can be used instead. Files are split into training
 and validation by a hash of their path relative to the corpus root, so the split does not depend on which other
-files exist, on the order of the directory listing, or on the machine.
+files exist, on the order of the directory listing, or on the machine. Only regular files are read, and only as
+many bytes as the cap asks for: a FIFO, device or socket in a folder is skipped (and named), and one given as the
+corpus itself is refused, since reading it could block or never end.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,12 +43,14 @@ class Batch:
 
 @dataclass(frozen=True)
 class Corpus:
-    """A byte corpus split by file: ``train`` and ``val`` are uint8 tensors; ``files`` counts (train, val) files."""
+    """A byte corpus split by file: ``train`` and ``val`` are uint8 tensors; ``files`` counts (train, val) files;
+    ``skipped`` names the entries that were not read because they are not regular files."""
 
     train: torch.Tensor
     val: torch.Tensor
     source: str
     files: tuple[int, int]
+    skipped: tuple[str, ...] = ()
 
     def describe(self) -> str:
         """One line: the source and the size of each split."""
@@ -87,12 +92,37 @@ def _corpus_files(root: Path, suffix: str) -> list[Path]:
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
-def _read_text(path: Path) -> bytes | None:
-    """The file's bytes if it looks like text (no NUL byte at its start), else ``None``; unreadable files are None."""
+class NotRegular(OSError):
+    """An entry that is not a regular file (a FIFO, device, socket): reading it could block or never end."""
+
+
+def _kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return name
+    return "a socket" if stat.S_ISSOCK(mode) else "not a regular file"
+
+
+def _read_text(path: Path, limit: int) -> bytes | None:
+    """At most ``limit`` bytes of the file if it looks like text (no NUL byte at its start), else ``None``;
+    unreadable files are None. Raises :class:`NotRegular` for anything but a regular file, which is checked on the
+    opened descriptor (opened non-blocking, so a FIFO without a writer does not hang the open)."""
     try:
-        data = path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError:
         return None
+    with os.fdopen(fd, "rb") as handle:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise NotRegular(f"{path} ({_kind(mode)})")
+        try:
+            data = handle.read(limit)
+        except OSError:
+            return None
     return None if b"\0" in data[:SNIFF_BYTES] or not data.strip() else data
 
 
@@ -106,26 +136,34 @@ def load_corpus(
 
     ``path`` is a text file, a directory (every text file under it, sorted by relative path; hidden directories
     skipped), or ``None`` for the standard library's ``.py`` files (without installed packages). Reading stops once
-    ``max_bytes`` are collected, so loading is fast; the cut is deterministic. A file lands in validation when a
+    ``max_bytes`` are collected, and no file is read past what is still wanted, so loading is fast and bounded;
+    the cut is deterministic. Entries that are not regular files (FIFOs, devices, sockets) are skipped and listed
+    in the corpus's ``skipped``. A file lands in validation when a
     hash of its relative path says so (``val_percent`` of files). A single file, or a directory whose hash puts
     nothing on one side, is split by bytes instead: the last ``val_percent`` of the text is the validation part.
-    Raises :class:`DataError` if there is no text.
+    Raises :class:`DataError` if there is no text, or if ``path`` itself is neither a regular file nor a directory.
     """
     if max_bytes < 2:
         raise DataError(f"max_bytes must be at least 2, got {max_bytes}")
     root = stdlib_dir() if path is None else Path(path)
     if not root.exists():
         raise DataError(f"{root}: no such file or directory")
-    files = [root] if root.is_file() else _corpus_files(root, ".py" if path is None else "")
+    files = [root] if not root.is_dir() else _corpus_files(root, ".py" if path is None else "")
     source = "python stdlib" if path is None else str(root)
     parts: dict[bool, list[bytes]] = {False: [], True: []}
     counts = {False: 0, True: 0}
+    skipped: list[str] = []
     total = 0
     for file in files:
-        data = _read_text(file)
+        try:
+            data = _read_text(file, max_bytes - total)
+        except NotRegular as exc:
+            if file == root:
+                raise DataError(f"{exc}: give a text file or a directory") from None
+            skipped.append(str(exc))
+            continue
         if data is None:
             continue
-        data = data[: max_bytes - total]
         relative = file.name if file == root else file.relative_to(root).as_posix()
         side = is_validation(relative, val_percent)
         parts[side].append(data)
@@ -140,7 +178,7 @@ def load_corpus(
         text = train or val
         cut = max(1, min(len(text) - 1, round(len(text) * (1 - val_percent / 100))))
         train, val = text[:cut], text[cut:]
-    return Corpus(_bytes_tensor(train), _bytes_tensor(val), source, (counts[False], counts[True]))
+    return Corpus(_bytes_tensor(train), _bytes_tensor(val), source, (counts[False], counts[True]), tuple(skipped))
 
 
 def _bytes_tensor(data: bytes) -> torch.Tensor:

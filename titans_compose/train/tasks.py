@@ -29,6 +29,11 @@ DIGIT0 = ord("0")
 LETTER_A = ord("a")
 #: the largest key space MQAR samples distinct keys from (26 ** key_len)
 MAX_KEY_SPACE = 1 << 20
+#: the bytes of each task's batches besides the filler's
+TASK_BYTES = {
+    "passkey": NEEDLE_PREFIX + NEEDLE_SUFFIX + QUERY + "0123456789",
+    "mqar": "abcdefghijklmnopqrstuvwxyz0123456789= ",
+}
 
 Filler = Literal["repeat", "digits"] | torch.Tensor
 LossOn = Literal["answer", "all"]
@@ -63,6 +68,30 @@ def filler_tokens(filler: Filler, batch: int, length: int, gen: torch.Generator)
         noise = torch.randint(10, (batch, length), generator=gen) + DIGIT0
         return noise.masked_fill(torch.rand(batch, length, generator=gen) < 0.2, ord(" "))
     raise ValueError(f"unknown filler {filler!r}: use 'repeat', 'digits' or a corpus byte tensor")
+
+
+def max_token(task: str, filler: Filler) -> int:
+    """The largest token id a ``task`` batch with ``filler`` can hold: a model's vocabulary must exceed it."""
+    if task not in TASK_BYTES:
+        raise ValueError(f"unknown task {task!r}: use one of {', '.join(TASK_BYTES)}")
+    if isinstance(filler, torch.Tensor):
+        filler_max = int(filler.max()) if filler.numel() else 0
+    elif filler == "repeat":
+        filler_max = max(REPEAT_FILLER.encode("utf-8"))
+    elif filler == "digits":
+        filler_max = ord("9")
+    else:
+        raise ValueError(f"unknown filler {filler!r}: use 'repeat', 'digits' or a corpus byte tensor")
+    return max(filler_max, *TASK_BYTES[task].encode("utf-8"))
+
+
+def check_vocabulary(vocab_size: int, top: int, data: str) -> None:
+    """Raise ValueError unless a model with ``vocab_size`` tokens can take ``data``'s byte values (up to ``top``)."""
+    if vocab_size <= top:
+        raise ValueError(
+            f"model.vocab_size is {vocab_size}, but the training data ({data}) hold byte values up to {top}: a "
+            f"byte-level model needs a vocab_size above {top} (e.g. model.vocab_size: 256)"
+        )
 
 
 def _digits(values: torch.Tensor, width: int, base: int, first: int) -> torch.Tensor:
