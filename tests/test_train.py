@@ -458,6 +458,29 @@ def test_resume_works_after_a_kill_at_each_write_stage(runner, tmp_path: Path, s
     ]
 
 
+def test_resume_works_after_a_full_disk_while_writing_the_build(runner, tmp_path: Path, monkeypatch) -> None:
+    import errno
+
+    import titans_compose.manifest
+
+    assert invoke(runner, tmp_path, "--steps", "2").exit_code == 0
+    real = titans_compose.manifest.atomic_write
+
+    def fills_up(path, data):
+        if Path(path).name == "graph.dot":  # after the manifest is removed and some files are rewritten
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, data)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(titans_compose.manifest, "atomic_write", fills_up)
+        full = invoke(runner, tmp_path, "--resume", "--steps", "3")
+    assert full.exit_code == 1 and "No space left on device" in full.output, full.output
+    assert not (tmp_path / "build" / "manifest.json").exists()
+    result = invoke(runner, tmp_path, "--resume", "--steps", "3")
+    assert result.exit_code == 0, result.output
+    assert [r["step"] for r in json.loads((tmp_path / "metrics.json").read_text())["history"]] == [1, 2, 3]
+
+
 def test_a_foreign_build_folder_is_still_refused(runner, tmp_path: Path) -> None:
     """Only what a killed build leaves is cleared: a build/ holding other files is the user's and stays."""
     (tmp_path / "build").mkdir(parents=True)
