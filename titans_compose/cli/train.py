@@ -220,8 +220,13 @@ def make_task(options: dict[str, Any]) -> tuple[BatchSource, list[Batch], str, i
     task, batch, seq_len, seed = options["task"], options["batch"], options["seq_len"], options["seed"]
     corpus = None
     if task == "lm" or options["data"] is not None:
+        max_bytes = int(options["max_mb"] * 1e6)
+        if max_bytes < 2:
+            raise click.BadParameter(
+                f"{options['max_mb']} MB is less than the 2 bytes of text needed", param_hint="'--max-mb'"
+            )
         try:
-            corpus = load_corpus(options["data"], max_bytes=int(options["max_mb"] * 1e6))
+            corpus = load_corpus(options["data"], max_bytes=max_bytes)
         except DataError as exc:
             raise click.BadParameter(str(exc), param_hint="'--data'") from None
         for skipped in corpus.skipped:
