@@ -362,7 +362,6 @@ def test_a_second_run_into_a_held_run_directory_is_refused(runner, tmp_path: Pat
 
     from titans_compose.lock import LOCK_FILE
 
-    tmp_path.mkdir(exist_ok=True)
     with open(tmp_path / LOCK_FILE, "w") as held:  # an open file description of its own, as another process has
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         held.write("4242\n")
@@ -583,7 +582,7 @@ def test_data_files_are_read_only_up_to_the_cap(text_dir: Path, monkeypatch) -> 
     import io as io_module
     import os
 
-    requested = []
+    requested = []  # the sizes asked of each opened file
     real_fdopen = os.fdopen
 
     class Counting(io_module.BufferedReader):
@@ -602,11 +601,18 @@ def test_data_files_are_read_only_up_to_the_cap(text_dir: Path, monkeypatch) -> 
 
 def test_fifos_and_devices_are_skipped_or_refused(runner, tmp_path: Path, text_dir: Path) -> None:
     import os
+    import socket
 
     os.mkfifo(text_dir / "pipe.txt")  # nobody writes it: reading it would block for ever
     os.symlink("/dev/zero", text_dir / "zero.txt")  # reading it would never end
-    corpus = load_corpus(text_dir)
-    assert corpus.skipped == (f"{text_dir / 'pipe.txt'} (a FIFO)", f"{text_dir / 'zero.txt'} (a character device)")
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(text_dir / "sock.txt"))  # cannot even be opened
+        corpus = load_corpus(text_dir)
+    assert corpus.skipped == (
+        f"{text_dir / 'pipe.txt'} (a FIFO)",
+        f"{text_dir / 'sock.txt'} (a socket)",
+        f"{text_dir / 'zero.txt'} (a character device)",
+    )
     assert sum(corpus.files) == 40
     for special in (text_dir / "pipe.txt", Path("/dev/zero")):
         with pytest.raises(DataError, match="give a text file or a directory"):

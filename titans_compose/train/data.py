@@ -92,33 +92,30 @@ def _corpus_files(root: Path, suffix: str) -> list[Path]:
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
-class NotRegular(OSError):
+class NotRegular(Exception):
     """An entry that is not a regular file (a FIFO, device, socket): reading it could block or never end."""
 
 
-def _kind(mode: int) -> str:
-    for test, name in (
-        (stat.S_ISFIFO, "a FIFO"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-    ):
-        if test(mode):
-            return name
-    return "a socket" if stat.S_ISSOCK(mode) else "not a regular file"
+def _check_regular(mode: int, path: Path) -> None:
+    """Raise :class:`NotRegular` naming ``path`` and its kind unless ``mode`` is a regular file's."""
+    if stat.S_ISREG(mode):
+        return
+    kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+    kind = next((name for test, name in (*kinds, (stat.S_ISSOCK, "a socket")) if test(mode)), "not a regular file")
+    raise NotRegular(f"{path} ({kind})")
 
 
 def _read_text(path: Path, limit: int) -> bytes | None:
     """At most ``limit`` bytes of the file if it looks like text (no NUL byte at its start), else ``None``;
-    unreadable files are None. Raises :class:`NotRegular` for anything but a regular file, which is checked on the
-    opened descriptor (opened non-blocking, so a FIFO without a writer does not hang the open)."""
+    unreadable files are None. Raises :class:`NotRegular` for anything but a regular file (checked before opening,
+    and again on the descriptor, opened non-blocking so that a FIFO put there meanwhile cannot hang the open)."""
     try:
+        _check_regular(os.stat(path).st_mode, path)
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError:
         return None
     with os.fdopen(fd, "rb") as handle:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise NotRegular(f"{path} ({_kind(mode)})")
+        _check_regular(os.fstat(fd).st_mode, path)
         try:
             data = handle.read(limit)
         except OSError:
