@@ -325,6 +325,9 @@ def test_cli_errors_name_the_option(runner, tmp_path: Path) -> None:
     for args, option in cases:
         result = invoke(runner, tmp_path / "run", *args)
         assert result.exit_code == 2 and f"Invalid value for {option}" in result.output, (args, result.output)
+    result = invoke(runner, tmp_path / "typo", "--resume")
+    assert result.exit_code == 2 and "no such directory" in result.output
+    assert not (tmp_path / "typo").exists()  # a mistyped --resume directory is not created
 
 
 # --- the real model in the loop ---------------------------------------------------------------------------------

@@ -121,6 +121,8 @@ def train(ctx: click.Context, spec: str, sub_plugins: tuple[str, ...], sub_debug
         given = list(options["overrides"])
         loaded = load_spec(spec, given, registry=registry)
         out = options["out"] or Path("runs") / spec_name(loaded)
+        if options["resume"] and not out.is_dir():  # before the lock, which would create a mistyped directory
+            raise click.BadParameter(f"no run in {out} to resume (no such directory)", param_hint="'--resume'")
         with locked(out, "train run", click.ClickException):
             remove_interrupted(out / "checkpoints")
             from_checkpoint = resolve_run(ctx, out, options)
