@@ -293,6 +293,13 @@ def test_cache_commands_list_and_clear(cache_in, runner):
     assert loaded.path.name in listing.output and "layers 32x8 8x32; silu, l2, chunk 16" in listing.output
     as_json = json.loads(runner.invoke(cli, ["cache", "ls", "--json"]).output)
     assert as_json["directory"] == str(cache_in) and [e["digest"] for e in as_json["entries"]] == [make_key().digest()]
+    assert as_json["entries"][0]["verified"] and "does not match" not in listing.output
+    loaded.path.write_text(loaded.path.read_text() + "# edited\n")
+    edited = runner.invoke(cli, ["cache", "ls"]).output
+    assert (
+        f"{loaded.path.name}  " in edited
+        and "(does not match its recorded sha256: generated again when needed)" in edited
+    )
     cleared = runner.invoke(cli, ["cache", "clear"])
     assert cleared.exit_code == 0 and "removed 1 kernel source(s)" in cleared.output
     assert cache.entries() == []
