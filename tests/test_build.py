@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -64,7 +65,7 @@ def test_build_writes_every_file_and_a_manifest_of_their_hashes(stand_in, tmp_pa
     result = build(MAC, output_dir=out, seed=3)
     assert sorted(p.name for p in out.iterdir()) == sorted([*BUILD_FILES, MANIFEST])  # no temporary files left
     manifest = json.loads((out / MANIFEST).read_text())
-    assert manifest["format"] == "titans-compose-build" and manifest["format_version"] == 1
+    assert manifest["format"] == "titans-compose-build" and manifest["format_version"] == 2
     assert manifest["seed"] == 3 and manifest["spec"] == "titans-mac-small"
     assert manifest["spec_sha256"] == builder.spec_hash(result.loaded) == builder.spec_hash(load_build(out).loaded)
     assert set(manifest["versions"]) == {"titans_compose", "torch", "triton", "python"}
@@ -211,7 +212,9 @@ def test_output_conflicts_are_refused_and_the_spec_is_never_touched(stand_in, tm
     (out / "notes.txt").write_text("mine")
     with pytest.raises(BuildError, match=r"also holds notes\.txt, which the build did not write"):
         build(spec, output_dir=out)
-    assert (out / "notes.txt").read_text() == "mine" and load_build(out).report.seed == 1
+    assert (out / "notes.txt").read_text() == "mine"
+    with pytest.raises(BuildError, match=r"holds notes\.txt, which manifest\.json does not list"):
+        load_build(out)  # every file of a build is listed and verified
 
 
 def test_cli_prints_the_report_it_writes(stand_in, runner, tmp_path):
@@ -245,18 +248,28 @@ def test_cli_graph_prints_the_mermaid_text(stand_in, runner, tmp_path):
     assert f"graph nodes in all)\n{mermaid}" in result.output and " nodes\n" not in result.output
 
 
-def test_load_build_reuses_the_builds_plugins(runner, tmp_path, monkeypatch):
+def test_load_build_takes_the_builds_plugins_only_from_its_caller(runner, tmp_path, monkeypatch):
     plugin, out = tmp_path / "cauchy_plugin.py", tmp_path / "b"
     plugin.write_text(PLUGIN)
     monkeypatch.chdir(tmp_path)
     args = ["build", str(MAC), "-o", "b", "--plugin", plugin.name, "--set", "update.loss=cauchy", "--no-smoke"]
     assert runner.invoke(cli, args).exit_code == 0
-    monkeypatch.chdir(ROOT)  # the plug-in is found from another directory
-    reset_default_registry()  # as in a fresh process: only the built-ins, until the manifest's plug-in is loaded
-    reloaded = load_build(out)
+    digest = hashlib.sha256(PLUGIN.encode()).hexdigest()
+    # portable: the file's name and contents, not where it lay
+    assert json.loads((out / MANIFEST).read_text())["plugins"] == [
+        {"kind": "file", "name": "cauchy_plugin.py", "sha256": digest}
+    ]
+    monkeypatch.chdir(ROOT)
+    reset_default_registry()  # as in a fresh process: only the built-ins
+    with pytest.raises(BuildError, match=rf"made with the plug-in file cauchy_plugin\.py \(sha256 {digest[:12]}…\)"):
+        load_build(out)
+    copy = tmp_path / "elsewhere" / "renamed.py"  # the same plug-in anywhere, under any name
+    copy.parent.mkdir()
+    copy.write_text(PLUGIN)
+    reloaded = load_build(out, [str(copy)])
     assert reloaded.loaded.spec.update.loss.name == "cauchy"
     tokens = torch.randint(256, (1, 20), generator=torch.Generator().manual_seed(2))
-    again = build(MAC, ["update.loss=cauchy"], [str(plugin)], smoke=False).module
+    again = build(MAC, ["update.loss=cauchy"], [str(copy)], smoke=False).module
     with torch.no_grad():
         assert torch.equal(again(tokens).logits, reloaded.module(tokens).logits)
 
@@ -302,3 +315,103 @@ def test_importing_the_package_imports_no_torch_and_exports_the_functions():
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split("\n")[:2] == ["torch imported: False", "True True"]
+
+
+#: values of every JSON type, to replace a manifest value with one of another type
+WRONG_TYPES = {"null": None, "bool": True, "int": 7, "float": 1.5, "str": "x", "list": [], "dict": {}}
+REMOVED = object()
+
+
+def _json_type(value):
+    return next(name for name, wrong in WRONG_TYPES.items() if type(wrong) is type(value) or (wrong is None is value))
+
+
+def manifest_mutations(manifest, wrong):
+    """(path, manifest) for every value in ``manifest``, at every depth, with ``wrong`` put in its place (or the key
+    removed, for :data:`REMOVED`), where ``wrong`` is of another JSON type than the value."""
+
+    def paths(node, at=()):
+        for key, value in node.items() if isinstance(node, dict) else enumerate(node):
+            yield (*at, key), value
+            if isinstance(value, dict | list):
+                yield from paths(value, (*at, key))
+
+    for path, value in list(paths(manifest)):
+        if wrong is not REMOVED and _json_type(value) == _json_type(wrong):
+            continue
+        mutated = json.loads(json.dumps(manifest))
+        parent = mutated
+        for key in path[:-1]:
+            parent = parent[key]
+        if wrong is REMOVED:
+            del parent[path[-1]]
+        else:
+            parent[path[-1]] = wrong
+        yield ".".join(map(str, path)), mutated
+
+
+def refusals(directory, loader, error, wrong):
+    """Load ``directory`` with each mutation of its manifest: every failure must be ``error`` naming a file of the
+    directory. Returns the paths whose mutation loaded (they still describe a valid manifest) and the messages."""
+    original = (directory / MANIFEST).read_text()
+    loaded, messages = [], []
+    try:
+        for path, mutated in manifest_mutations(json.loads(original), wrong):
+            (directory / MANIFEST).write_text(json.dumps(mutated))
+            try:
+                loader(directory)
+            except error as exc:
+                assert str(directory) in str(exc), (path, str(exc))
+                messages.append(str(exc))
+            else:
+                loaded.append(path)
+    finally:
+        (directory / MANIFEST).write_text(original)
+    return loaded, messages
+
+
+@pytest.mark.parametrize("wrong", [REMOVED, *WRONG_TYPES.values()], ids=["removed", *WRONG_TYPES])
+def test_a_malformed_build_manifest_is_refused_naming_it(stand_in, tmp_path, wrong):
+    out = tmp_path / "b"
+    build(MAC, output_dir=out, smoke=False)
+    loaded, messages = refusals(out, load_build, BuildError, wrong)
+    # versions are informational for a build: a version missing or unknown (None) still loads
+    assert all(path.startswith("versions.") for path in loaded), loaded
+    assert len(messages) >= 10  # every other field, at every depth
+
+
+def test_an_entry_point_plugin_is_recorded_and_not_asked_for(stand_in, tmp_path, monkeypatch):
+    namespace: dict = {}
+    exec(PLUGIN, namespace)  # the Cauchy loss, as an installed package's entry point would register it
+    ep = SimpleNamespace(name="cauchy_ep", value="cauchy_pkg:register", load=lambda: namespace["register"])
+    monkeypatch.setenv("TITANS_COMPOSE_NO_ENTRY_POINTS", "0")
+    monkeypatch.setattr("titans_compose.registry.plugins.entry_points", lambda group: [ep])
+    monkeypatch.setattr("importlib.metadata.entry_points", lambda group: [ep])
+    reset_default_registry()
+    out = tmp_path / "b"
+    build(MAC, ["update.loss=cauchy"], output_dir=out, smoke=False)
+    assert json.loads((out / MANIFEST).read_text())["plugins"] == [
+        {"kind": "entry_point", "name": "cauchy_ep", "sha256": None}
+    ]
+    assert load_build(out).loaded.spec.update.loss.name == "cauchy"  # installed code, loaded by every run anyway
+
+
+def test_a_manifest_naming_a_file_outside_the_build_is_refused(stand_in, tmp_path):
+    out = tmp_path / "b"
+    build(MAC, output_dir=out, smoke=False)
+    (tmp_path / "outside").write_text("x")
+    manifest = json.loads((out / MANIFEST).read_text())
+    for name in ("../outside", str(tmp_path / "outside"), "./graph.dot", "graph.dot/"):
+        files = {**manifest["files"], name: {"sha256": sha256(tmp_path / "outside"), "bytes": 1}}
+        (out / MANIFEST).write_text(json.dumps({**manifest, "files": files}))
+        with pytest.raises(BuildError, match=f"lists '{re.escape(name)}', which is not a file name inside {out}"):
+            load_build(out)
+
+
+def test_a_file_added_in_a_subdirectory_is_refused(stand_in, tmp_path):
+    out = tmp_path / "b"
+    build(MAC, output_dir=out, smoke=False)
+    (out / "extra").mkdir()
+    (out / "extra" / "planted.py").write_text("raise SystemExit")
+    with pytest.raises(BuildError, match=r"holds extra/planted\.py, which manifest\.json does not list"):
+        load_build(out)

@@ -3,11 +3,13 @@ crashes, clear errors for a damaged file, listing and clearing (also through ``t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -141,7 +143,9 @@ def test_concurrent_processes_leave_one_complete_file_and_a_later_one_hits(cache
         results.append(json.loads(out.strip().splitlines()[-1]))
     assert [r["hit"] for r in results] == [False] * n  # all generated, at the same time
     assert len({r["path"] for r in results}) == 1
-    assert sorted(os.listdir(cache_in)) == [Path(results[0]["path"]).name]  # no temporary files left
+    source = Path(results[0]["path"])
+    assert sorted(os.listdir(cache_in)) == [source.name, f"{source.stem}.sha256"]  # no temporary files left
+    assert cache.digest_path(source).read_text() == hashlib.sha256(source.read_bytes()).hexdigest()
     assert Path(results[0]["path"]).read_text() == tiny_source(make_key())
     later = run_python(LOAD_SCRIPT, cache_in, "must-hit", str(tmp_path / "unused"), "1")
     out, err = later.communicate(timeout=300)
@@ -181,19 +185,73 @@ def test_a_failing_generator_writes_nothing(cache_in):
     assert not cache_in.exists() or os.listdir(cache_in) == []
 
 
-def test_a_damaged_cached_file_names_itself_and_suggests_clearing(cache_in):
-    path = cache.source_path(make_key())
-    path.parent.mkdir(parents=True)
-    source = tiny_source(make_key())
-    path.write_text(source[: source.index("offsets =")])  # a function without its body, as a disk error might
+def test_a_cached_file_that_fails_to_import_names_itself_and_suggests_clearing(cache_in):
+    # a source that matches its recorded sha256 and still fails: e.g. one a later triton cannot import
+    path = cache.store(make_key(), "import triton\ndef broken(:\n")
     with pytest.raises(cache.CachedKernelError) as info:
         cache.load(make_key(), Counting())
     assert str(path.absolute()) in str(info.value) and "titans-compose cache clear" in str(info.value)
     assert isinstance(info.value.__cause__, SyntaxError)
-    with pytest.raises(cache.CachedKernelError, match="generated just now"):
+    with pytest.raises(cache.CachedKernelError, match=r"generated just now.*titans-compose cache clear"):
         cache.load(make_key(chunk=8), lambda key: "def broken(:\n")
     assert cache.clear().sources == 2
     assert cache.load(make_key(), Counting()).module.CHUNK == 16  # regenerated after clearing
+
+
+@pytest.mark.parametrize("recorded", [True, False], ids=["recorded", "unrecorded"])
+def test_a_damaged_or_planted_source_is_generated_again_not_imported(cache_in, tmp_path, recorded):
+    source = tiny_source(make_key())
+    genuine = cache.store(make_key(), source)
+    truncated = source[: source.index("@triton.jit")]  # still imports, without its kernel
+    planted = f"from pathlib import Path\nPath({str(tmp_path / 'marker')!r}).touch()\n"
+    for damaged in (truncated, planted):
+        genuine.write_text(damaged)
+        if not recorded:
+            cache.digest_path(genuine).unlink(missing_ok=True)
+        generate = Counting()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loaded = cache.load(make_key(), generate)
+        assert not loaded.hit and len(generate.calls) == 1 and loaded.module.scale
+        assert genuine.read_text() == source and not (tmp_path / "marker").exists()
+        assert any("did not match the sha256 recorded" in str(w.message) for w in caught) == recorded
+        cache._LOADED.clear()  # as in a fresh process
+    assert cache.load(make_key(), Counting()).hit  # regenerated with its sha256: verified from now on
+
+
+def test_a_source_lacking_a_kernel_is_named(cache_in):
+    loaded = cache.load(make_key(), tiny_source)
+    assert loaded.kernel("scale") is loaded.module.scale
+    with pytest.raises(cache.CachedKernelError, match=rf"{loaded.path} has no backward_kernel: .*cache clear"):
+        loaded.kernel("backward_kernel")
+
+
+def test_a_cache_directory_others_may_write_is_refused(cache_in, tmp_path):
+    cache_in.mkdir(mode=0o700)
+    cache_in.chmod(0o777)  # e.g. a cache put in a shared directory
+    planted = f"from pathlib import Path\nPath({str(tmp_path / 'marker')!r}).touch()\n"
+    cache.digest_path(cache.store(make_key(), planted)).write_text("0" * 64)  # planted, with a wrong sha256
+    with pytest.raises(
+        cache.CachedKernelError,
+        match=rf"the kernel cache {cache_in} may be written by others .*"
+        rf"mode drwxrwxrwx.*chmod go-w {cache_in}",
+    ):
+        cache.load(make_key(), Counting())
+    assert not (tmp_path / "marker").exists()
+    cache_in.chmod(0o700)
+    with pytest.warns(UserWarning, match="did not match the sha256 recorded"):
+        assert cache.load(make_key(), Counting()).module.CHUNK == 16
+    assert not (tmp_path / "marker").exists()
+
+
+def test_the_cache_is_created_private(cache_in):
+    old = os.umask(0o002)  # a umask that lets a group write
+    try:
+        loaded = cache.load(make_key(), tiny_source)
+    finally:
+        os.umask(old)
+    for path in (cache_in, loaded.path, cache.digest_path(loaded.path)):
+        assert not path.stat().st_mode & 0o022, path
 
 
 def test_entries_read_the_key_from_the_header_and_ignore_other_files(cache_in):
@@ -207,7 +265,9 @@ def test_entries_read_the_key_from_the_header_and_ignore_other_files(cache_in):
     entry = found[a.path.name]
     assert entry.slug == make_key().slug() and entry.digest == make_key().digest()
     assert entry.size == len(tiny_source(make_key()).encode()) and entry.mtime == a.path.stat().st_mtime
-    assert entry.key == json.loads(make_key(chunk=16).canonical())
+    assert entry.key == json.loads(make_key(chunk=16).canonical()) and entry.verified
+    a.path.write_text(a.path.read_text() + "# edited\n")
+    assert not cache.entries()[0].verified  # (sorted by name: a's chunk-16 file first)
     assert found[bare.path.name].key is None and found[bad.path.name].key is None
     cleared = cache.clear()
     assert (cleared.sources, cleared.temporaries) == (3, 0)
@@ -233,6 +293,13 @@ def test_cache_commands_list_and_clear(cache_in, runner):
     assert loaded.path.name in listing.output and "layers 32x8 8x32; silu, l2, chunk 16" in listing.output
     as_json = json.loads(runner.invoke(cli, ["cache", "ls", "--json"]).output)
     assert as_json["directory"] == str(cache_in) and [e["digest"] for e in as_json["entries"]] == [make_key().digest()]
+    assert as_json["entries"][0]["verified"] and "does not match" not in listing.output
+    loaded.path.write_text(loaded.path.read_text() + "# edited\n")
+    edited = runner.invoke(cli, ["cache", "ls"]).output
+    assert (
+        f"{loaded.path.name}  " in edited
+        and "(does not match its recorded sha256: generated again when needed)" in edited
+    )
     cleared = runner.invoke(cli, ["cache", "clear"])
     assert cleared.exit_code == 0 and "removed 1 kernel source(s)" in cleared.output
     assert cache.entries() == []

@@ -18,7 +18,6 @@ from tests.test_neural_memory import build, randomise_gates, rel, x_of
 from titans_compose.builder import build as build_model
 from titans_compose.codegen import cache, emit
 from titans_compose.codegen.key import kernel_key
-from titans_compose.io import atomic_write
 from titans_compose.kernels.dispatch import AUTO, ENV_VAR, INTERPRET_VAR, BackendChoice, MemoryBackend, choose_backend
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -158,7 +157,7 @@ def test_the_mac_specs_memory_runs_on_its_tiled_clipped_kernel(interpreter):
 def test_a_kernel_already_on_disk_is_taken_from_the_cache(interpreter):
     module = build(["memory.chunk_size=8"], backend="triton", dtype=F32)
     key = kernel_key(module.config, "float32")
-    atomic_write(cache.source_path(key), emit.generate(key))  # as an earlier run left it
+    cache.store(key, emit.generate(key))  # as an earlier run left it
     module(x_of(9, dtype=F32))
     assert f"kernel {cache.source_path(key).name} taken from the cache" in module.choice.reason
 

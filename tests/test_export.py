@@ -3,6 +3,7 @@ and the torch.export program gives the module's logits without any pickle."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -14,6 +15,8 @@ import pytest
 import torch
 
 from tests.conftest import ROOT, SPECS
+from tests.test_build import REMOVED, WRONG_TYPES, refusals
+from tests.test_registry import PLUGIN
 from titans_compose.builder import build
 from titans_compose.cli.main import cli
 from titans_compose.export import ExportError, export_module, load, load_program
@@ -155,3 +158,136 @@ def test_export_cli_from_a_build_and_refusals(tmp_path, runner):
     assert again.exit_code == 1 and "holds no manifest.json of a titans-compose exported artifact" in again.output
     bad = runner.invoke(cli, ["export", str(build_dir), "-o", str(out), "--set", "memory.depth=1"])
     assert bad.exit_code == 1 and "--set applies to a spec" in bad.output
+
+
+def copy_of(artifact, tmp_path):
+    out, _, _ = artifact
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    return copy
+
+
+def rehash(directory, name):
+    """Record ``name``'s present contents in the manifest, as someone forging an artifact would."""
+    manifest = json.loads((directory / "manifest.json").read_text())
+    data = (directory / name).read_bytes()
+    manifest["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_an_edited_kernel_source_or_an_unlisted_file_is_refused(artifact, tmp_path):
+    copy = copy_of(artifact, tmp_path)
+    (kernel,) = json.loads((copy / "manifest.json").read_text())["kernels"]
+    with open(copy / kernel, "a") as handle:
+        handle.write("\nimport os  # planted\n")
+    with pytest.raises(ExportError, match=f"{copy / kernel} does not match its sha256"):
+        load(copy)
+    shutil.rmtree(copy)
+    copy = copy_of(artifact, tmp_path)
+    (copy / "kernels" / "extra.py").write_text("x = 1\n")
+    (copy / "notes.txt").write_text("mine")
+    with pytest.raises(ExportError, match=r"holds kernels/extra\.py, notes\.txt, which manifest\.json does not list"):
+        load(copy)
+
+
+MARKER_PLUGIN = """
+import os
+from pathlib import Path
+Path(os.environ["MARKER"]).write_text("imported")
+
+def register(registry):
+    pass
+"""
+
+
+def test_loading_imports_no_plugin_the_manifest_names(artifact, tmp_path, monkeypatch):
+    _, model, _ = artifact
+    plugin, marker = tmp_path / "marker_plugin.py", tmp_path / "marker"
+    plugin.write_text(MARKER_PLUGIN)
+    monkeypatch.setenv("MARKER", str(marker))
+    built = build(SPEC, TINY, seed=3, smoke=False)
+    export_module(model, built.loaded, tmp_path / "art", plugins=[str(plugin)])
+    manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
+    digest = hashlib.sha256(MARKER_PLUGIN.encode()).hexdigest()
+    assert manifest["plugins"] == [{"kind": "file", "name": "marker_plugin.py", "sha256": digest}]
+    with pytest.raises(ExportError, match=r"made with the plug-in file marker_plugin\.py .* which was not passed"):
+        load(tmp_path / "art")
+    assert not marker.exists()  # refused before anything ran
+    other = tmp_path / "other" / "marker_plugin.py"
+    other.parent.mkdir()
+    other.write_text(MARKER_PLUGIN + "# edited\n")
+    with pytest.raises(ExportError, match=rf"\({other} given, but with other contents\)"):
+        load(tmp_path / "art", plugins=[str(other)])
+    assert not marker.exists()
+    tokens = torch.randint(256, (1, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # passed by the caller, the plug-in is imported and the model loads
+        assert torch.equal(load(tmp_path / "art", plugins=[str(plugin)])(tokens).logits, model(tokens).logits)
+    assert marker.read_text() == "imported"
+
+
+@pytest.mark.parametrize("wrong", [REMOVED, *WRONG_TYPES.values()], ids=["removed", *WRONG_TYPES])
+def test_a_malformed_manifest_is_refused_naming_it(artifact, tmp_path, wrong):
+    copy = copy_of(artifact, tmp_path)
+    loaded, messages = refusals(copy, load, ExportError, wrong)
+    # a missing or unknown (None) torch, triton or Python version is informational for load (load_program checks
+    # torch's), a float difference may be written as an integer, and the kernels list is informational too
+    valid = {"versions.torch", "versions.triton", "versions.python", "program.max_abs_diff", "kernels.0", "program"}
+    assert set(loaded) <= valid, loaded
+    assert len(messages) >= 10  # every other field, at every depth
+    _, messages = refusals(copy, load_program, ExportError, wrong)
+    assert messages
+
+
+def _header_length(data: bytes, length: int) -> bytes:
+    return length.to_bytes(8, "little") + data[8:]
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda data: data[:5],  # shorter than the 8-byte header length
+        lambda data: data[: 8 + int.from_bytes(data[:8], "little") // 2],  # cut inside the JSON header
+        lambda data: _header_length(data, len(data) * 4),  # a header longer than the file
+        lambda data: _header_length(data, 1 << 62),  # an absurd header length
+        lambda data: data[:8] + b"[" + data[9:],  # a header that is not a JSON object
+        lambda data: data[: len(data) - 4],  # tensor data shorter than the header says
+    ],
+    ids=["truncated", "cut-header", "long-header", "huge-header", "not-json", "short-data"],
+)
+def test_damaged_weights_with_a_matching_hash_are_refused_naming_them(artifact, tmp_path, damage):
+    copy = copy_of(artifact, tmp_path)
+    weights = copy / "weights.safetensors"
+    weights.write_bytes(damage(weights.read_bytes()))
+    rehash(copy, "weights.safetensors")
+    with pytest.raises(ExportError, match=f"{weights} is not a readable safetensors file"):
+        load(copy)
+
+
+@pytest.mark.parametrize("name", ["manifest.json", "spec.resolved.yaml", "weights.safetensors"])
+@pytest.mark.parametrize("kind", ["dev-zero", "pipe"])
+def test_an_artifact_file_that_is_a_device_or_pipe_is_refused_without_reading_it(artifact, tmp_path, name, kind):
+    copy = copy_of(artifact, tmp_path)
+    (copy / name).unlink()
+    if kind == "pipe":
+        os.mkfifo(copy / name)  # nothing writes it: opening or reading it blindly would hang
+    else:
+        (copy / name).symlink_to("/dev/zero")  # endless, with st_size 0
+    what = "a pipe" if kind == "pipe" else "a character device"
+    with pytest.raises(ExportError, match=f"{copy / name} is {what}, not a regular file"):
+        load(copy)
+
+
+def test_export_cli_from_a_build_takes_its_plugins_only_from_the_command_line(tmp_path, runner):
+    plugin = tmp_path / "cauchy_plugin.py"
+    plugin.write_text(PLUGIN)
+    build_dir, out = tmp_path / "build", tmp_path / "art"
+    made = ["--plugin", str(plugin), "build", str(SPEC), "-o", str(build_dir), "--no-smoke"]
+    assert runner.invoke(cli, [*made, *(f"--set={o}" for o in [*TINY, "update.loss=cauchy"])]).exit_code == 0
+    refused = runner.invoke(cli, ["export", str(build_dir), "-o", str(out)])
+    assert refused.exit_code == 1 and "made with the plug-in file cauchy_plugin.py" in refused.output
+    assert "pass it yourself (--plugin FILE_OR_MODULE" in refused.output and not out.exists()
+    done = runner.invoke(cli, ["export", str(build_dir), "-o", str(out), "--plugin", str(plugin)])
+    assert done.exit_code == 0, done.output
+    recorded = json.loads((out / "manifest.json").read_text())["plugins"]
+    assert recorded == [{"kind": "file", "name": plugin.name, "sha256": hashlib.sha256(PLUGIN.encode()).hexdigest()}]
+    assert load(out, plugins=[str(plugin)]).memory_configs()

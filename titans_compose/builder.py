@@ -23,17 +23,28 @@ from typing import Any
 
 import networkx as nx
 import torch
-from safetensors import TensorSpec, serialize
+from safetensors import SafetensorError, TensorSpec, serialize
 from safetensors.torch import load as load_tensors
 
 from titans_compose.codegen.cache import cache_dir
 from titans_compose.errors import SpecError
-from titans_compose.manifest import MANIFEST, read_verified, sha256, versions, write_with_manifest
+from titans_compose.manifest import (
+    MANIFEST,
+    Header,
+    Plugin,
+    Sha256,
+    read_verified,
+    sha256,
+    versions,
+    write_with_manifest,
+)
 from titans_compose.manifest import check_output_dir as check_dir
+from titans_compose.registry import ENTRY_POINT_GROUP, Registry
 from titans_compose.spec import LoadedSpec, load_spec
 
 FORMAT = "titans-compose-build"
-FORMAT_VERSION = 1
+#: 2: plug-ins recorded as kind, name and sha256 (version 1 recorded absolute paths)
+FORMAT_VERSION = 2
 SPEC_FILE = "spec.resolved.yaml"
 WEIGHTS_FILE = "weights.safetensors"
 REPORT_FILE = "report.json"
@@ -45,6 +56,15 @@ SMOKE_SHAPE = (2, 64)
 
 class BuildError(RuntimeError):
     """A build could not be made, written or loaded; the message says which file or check and why."""
+
+
+class ModelHeader(Header):
+    """The manifest fields of a directory that holds a model (a build or an exported artifact)."""
+
+    spec: str
+    spec_sha256: Sha256
+    seed: int
+    plugins: list[Plugin]
 
 
 @dataclass(frozen=True)
@@ -304,31 +324,90 @@ def write_build(result: BuildResult, weights: dict[str, torch.Tensor], path: Pat
         "spec": result.report.spec_name,
         "spec_sha256": spec_hash(result.loaded),
         "seed": result.report.seed,
-        "plugins": plugin_paths(plugins),
+        "plugins": plugin_records(plugins, result.loaded.registry),
         "versions": versions(),
     }
     write_with_manifest(path, files, header)
 
 
-def plugin_paths(plugins: Sequence[str]) -> list[str]:
-    """Plug-in files by absolute path (modules by name), so that a loader finds them from any working directory."""
-    return [str(Path(p).resolve()) if Path(p).is_file() else p for p in plugins]
+def plugin_records(plugins: Sequence[str], registry: Registry | None = None) -> list[dict[str, Any]]:
+    """How a manifest records the plug-ins a model was made with (see :class:`~titans_compose.manifest.Plugin`):
+    a ``--plugin`` file by its file name and sha256, which do not depend on where it lay (a loader is given the
+    file and checks it), a module by its name and, given the ``registry``, each entry-point plug-in that registered
+    something in it by its entry-point name."""
+    records = []
+    for target in plugins:
+        path = Path(target)
+        if path.is_file():
+            records.append({"kind": "file", "name": path.name, "sha256": sha256(path.read_bytes())})
+        else:
+            kind = "file" if target.endswith(".py") else "module"  # a missing file: named, never matched
+            records.append({"kind": kind, "name": target, "sha256": None})
+    if registry is not None:
+        from importlib.metadata import entry_points
+
+        sources = {entry.source for entry in registry.entries()}
+        records += [
+            {"kind": "entry_point", "name": ep.name, "sha256": None}
+            for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name)
+            if f"plugin {ep.name}" in sources and ep.name not in plugins
+        ]
+    return records
+
+
+def _identity(record: dict[str, Any]) -> tuple[str, str | None]:
+    """What a given plug-in must share with a recorded one: a file its contents, a module its name."""
+    return record["kind"], record["sha256"] if record["kind"] == "file" else record["name"]
+
+
+def _describe(record: dict[str, Any]) -> str:
+    if record["kind"] == "module":
+        return f"module {record['name']}"
+    return f"file {record['name']} (sha256 {record['sha256'][:12]}…)"
+
+
+def check_plugins(
+    root: Path, manifest: dict[str, Any], plugins: Sequence[str], what: str, error: type[Exception]
+) -> None:
+    """Refuse, before anything is imported, a directory whose model was made with a plug-in file or module that is
+    not among ``plugins``: loading imports only what its caller names (a file matches by content, wherever it
+    lies). Entry-point plug-ins are installed code that every run loads anyway, so they are not asked for."""
+    given = {_identity(record) for record in plugin_records(plugins)}
+    missing = [r for r in manifest["plugins"] if r["kind"] != "entry_point" and _identity(r) not in given]
+    if not missing:
+        return
+    named = ", ".join(_describe(record) for record in missing)
+    differ = sorted({p for p in plugins for r in missing if r["kind"] == "file" and Path(p).name == r["name"]})
+    note = f" ({', '.join(differ)} given, but with other contents)" if differ else ""
+    raise error(
+        f"{root / MANIFEST}: the {what} was made with the plug-in {named}{note}, which was not passed; loading "
+        f"imports no plug-in that a {what} names: if you trust it, pass it yourself (--plugin FILE_OR_MODULE on "
+        "the command line, plugins=[...] in Python)"
+    )
 
 
 def load_build(path: str | os.PathLike[str], plugins: Sequence[str] = ()) -> BuildResult:
     """Verify the build in ``path`` and rebuild its module with the saved weights.
 
-    Every file must match the manifest's sha256 and the format version must be this one; a missing or changed file
-    is refused with a :class:`BuildError` naming it. The module is rebuilt from ``spec.resolved.yaml`` with
-    ``plugins`` (by default those the build was made with) and the weights are loaded strictly. The report is the
-    one recorded at build time.
+    Every file in the directory must be listed in the manifest and match its sha256, and the format version must
+    be this one; a missing, changed or unlisted file is refused with a :class:`BuildError` naming it. The module
+    is rebuilt from ``spec.resolved.yaml`` with ``plugins``, which must include every plug-in file or module the
+    build was made with (none is imported on the manifest's word; see :func:`check_plugins`), and the weights are
+    loaded strictly. The report is the one recorded at build time.
     """
     root = Path(path)
+    remedy = "build the spec again"
     manifest, data = read_verified(
-        root, FORMAT, FORMAT_VERSION, list(BUILD_FILES), what="build", remedy="build the spec again", error=BuildError
+        root, ModelHeader, FORMAT, FORMAT_VERSION, list(BUILD_FILES), what="build", remedy=remedy, error=BuildError
     )
-    module, graph, loaded = restore(root, manifest, data[WEIGHTS_FILE], plugins, "build the spec again", BuildError)
-    report = BuildReport.from_json(json.loads(data[REPORT_FILE]))
+    check_plugins(root, manifest, plugins, "build", BuildError)
+    module, graph, loaded = restore(root, manifest, data[WEIGHTS_FILE], plugins, remedy, BuildError)
+    try:
+        report = BuildReport.from_json(json.loads(data[REPORT_FILE]))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BuildError(
+            f"{root / REPORT_FILE} is not a build report ({type(exc).__name__}: {exc}): {remedy}"
+        ) from None
     return BuildResult(module, report, graph, loaded, root)
 
 
@@ -340,12 +419,13 @@ def restore(
     remedy: str,
     error: type[Exception],
 ) -> tuple[torch.nn.Module, nx.DiGraph, LoadedSpec]:
-    """The module of a verified directory (a build or an exported artifact): ``spec.resolved.yaml`` loaded with
-    ``plugins`` (by default the manifest's), checked against the manifest's ``spec_sha256``, compiled, and given
-    ``weights`` (safetensors bytes) strictly. Raises ``error`` naming the file that does not fit."""
+    """The module of a verified directory (a build or an exported artifact) whose plug-ins were checked
+    (:func:`check_plugins`): ``spec.resolved.yaml`` loaded with ``plugins``, checked against the manifest's
+    ``spec_sha256``, compiled, and given ``weights`` (safetensors bytes) strictly. Raises ``error`` naming the
+    file that does not fit."""
     from titans_compose.graph import compile_graph
 
-    loaded = _load(root / SPEC_FILE, (), plugins or manifest.get("plugins", ()))
+    loaded = _load(root / SPEC_FILE, (), plugins)
     if spec_hash(loaded) != manifest.get("spec_sha256"):
         raise error(
             f"{root / SPEC_FILE} no longer resolves to the spec that was built (its spec_sha256 in {MANIFEST} "
@@ -354,7 +434,11 @@ def restore(
     graph, _ = compile_graph(loaded)
     module = seeded_module(graph, loaded, manifest["seed"])
     try:
-        module.load_state_dict(load_tensors(weights), strict=True)
+        tensors = load_tensors(weights)
+    except SafetensorError as exc:
+        raise error(f"{root / WEIGHTS_FILE} is not a readable safetensors file ({exc}): {remedy}") from None
+    try:
+        module.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:
         raise error(f"{root / WEIGHTS_FILE} does not fit the model of {SPEC_FILE}: {exc}") from None
     return module, graph, loaded

@@ -8,10 +8,12 @@ reading and auditing: a loader regenerates or takes them from its own cache) and
 :class:`torch.export.ExportedProgram` of the forward pass (tokens [B, T] -> logits, batch size dynamic, T fixed at
 export) on the chunked PyTorch path, checked at export to give the module's outputs.
 
-:func:`load` verifies every hash and the versions, rebuilds the module from the spec and loads the weights: no
-pickle is involved. ``program.pt2`` is torch.export's archive: the graph as JSON, plain tensors as raw bytes, and
-any sample inputs or tensor subclasses pickled; the artifact saves no sample inputs and the model has no tensor
-subclasses, and :func:`load_program` refuses an archive that would need unpickling.
+:func:`load` verifies that the directory holds exactly the files the manifest lists, every hash and the versions,
+rebuilds the module from the spec and loads the weights: no pickle is involved, and no code runs that the caller
+did not pass (a plug-in the manifest names must be given to :func:`load`). ``program.pt2`` is torch.export's
+archive: the graph as JSON, plain tensors as raw bytes, and any sample inputs or tensor subclasses pickled; the
+artifact saves no sample inputs and the model has no tensor subclasses, and :func:`load_program` refuses an
+archive that would need unpickling.
 """
 
 from __future__ import annotations
@@ -26,16 +28,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import BaseModel, ConfigDict
 
-from titans_compose.builder import (
-    FORMAT as BUILD_FORMAT,
-)
 from titans_compose.builder import (
     SPEC_FILE,
     WEIGHTS_FILE,
+    ModelHeader,
     build,
+    check_plugins,
     load_build,
-    plugin_paths,
+    plugin_records,
     restore,
     safetensors_bytes,
     spec_hash,
@@ -45,7 +47,6 @@ from titans_compose.manifest import (
     MANIFEST,
     check_output_dir,
     package_version,
-    read_manifest,
     read_verified,
     versions,
 )
@@ -53,7 +54,8 @@ from titans_compose.manifest import write_with_manifest as write_files
 from titans_compose.spec import LoadedSpec
 
 FORMAT = "titans-compose-artifact"
-FORMAT_VERSION = 1
+#: 2: plug-ins recorded as kind, name and sha256 (version 1 recorded absolute paths)
+FORMAT_VERSION = 2
 PROGRAM_FILE = "program.pt2"
 WHAT = "exported artifact"
 REMEDY = "export the model again with this titans-compose"
@@ -63,6 +65,21 @@ EXAMPLE_SHAPE = (2, 64)
 
 class ExportError(RuntimeError):
     """An artifact could not be written or loaded; the message names the file and says why."""
+
+
+class ArtifactHeader(ModelHeader):
+    """An artifact's manifest: a model's, plus its kernel sources and its program (None without one)."""
+
+    class Program(BaseModel):
+        model_config = ConfigDict(strict=True, extra="allow")
+        file: str
+        input: str
+        tokens: int
+        output: str
+        max_abs_diff: float
+
+    kernels: list[str]
+    program: Program | None
 
 
 @dataclass
@@ -136,8 +153,10 @@ def export_module(
     example: tuple[int, int] = EXAMPLE_SHAPE,
 ) -> Exported:
     """Write ``module`` (a model of ``loaded``, e.g. after training) as an artifact in ``out`` (new, empty, or an
-    earlier artifact). ``plugins`` are those the spec needs; with ``torch_export`` the forward is also exported
-    (traced with ``example`` = (batch, tokens) and checked against the module)."""
+    earlier artifact). ``plugins`` are the ``--plugin`` targets the spec was loaded with (recorded with the
+    entry-point plug-ins that registered something; see :func:`~titans_compose.builder.plugin_records`); with
+    ``torch_export`` the forward is also exported (traced with ``example`` = (batch, tokens) and checked against
+    the module)."""
     target = Path(out)
     check_output_dir(target, FORMAT, WHAT, ExportError, (SPEC_FILE, WEIGHTS_FILE, PROGRAM_FILE, MANIFEST))
     module = module.cpu()
@@ -154,7 +173,7 @@ def export_module(
         "spec": spec_name(loaded),
         "spec_sha256": spec_hash(loaded),
         "seed": seed,
-        "plugins": plugin_paths(plugins),
+        "plugins": plugin_records(plugins, loaded.registry),
         "versions": versions(),
         "kernels": sorted(f"kernels/{name}" for name in kernels),
         "program": None,
@@ -189,9 +208,8 @@ def export(
     if path.is_dir():
         if overrides:
             raise ExportError(f"{path} is a build: --set applies to a spec, not to a build's fixed model")
-        built = load_build(path, plugins)  # verified; plug-ins default to the build's own
-        made_with = (read_manifest(path, BUILD_FORMAT) or {}).get("plugins", [])
-        plugins, seed = plugins or made_with, built.report.seed
+        built = load_build(path, plugins)  # verified; refused unless plugins has the build's plug-ins
+        seed = built.report.seed
     else:
         built = build(path, overrides, plugins, seed=seed, smoke=False)
     return export_module(
@@ -200,9 +218,16 @@ def export(
 
 
 def _verify(path: str | os.PathLike[str], names: list[str]) -> tuple[Path, dict[str, Any], dict[str, bytes]]:
-    """The artifact's manifest and the bytes of ``names``, verified; refuses another titans_compose release."""
+    """The artifact's manifest and the bytes of every file, verified, ``names`` and the kernels and program the
+    manifest names among them; refuses another titans_compose release."""
     root = Path(path)
-    manifest, data = read_verified(root, FORMAT, FORMAT_VERSION, names, what=WHAT, remedy=REMEDY, error=ExportError)
+    manifest, data = read_verified(
+        root, ArtifactHeader, FORMAT, FORMAT_VERSION, names, what=WHAT, remedy=REMEDY, error=ExportError
+    )
+    named = [*manifest["kernels"], *([manifest["program"]["file"]] if manifest["program"] else [])]
+    for name in named:
+        if name not in data:
+            raise ExportError(f"{root / MANIFEST} names {name} but does not list it among the files: {REMEDY}")
     made = manifest.get("versions", {}).get("titans_compose")
     running = package_version("titans_compose")
     if _major_minor(made) != _major_minor(running):
@@ -215,10 +240,13 @@ def _verify(path: str | os.PathLike[str], names: list[str]) -> tuple[Path, dict[
 
 def load(path: str | os.PathLike[str], plugins: Sequence[str] = ()) -> torch.nn.Module:
     """The model of the artifact in ``path`` as a plain ``nn.Module`` (``model(tokens).logits``), with its weights,
-    for any training loop or ``torch.compile``. Every file is checked against the manifest (a changed, missing or
-    unlisted file, another format version or another titans_compose release is refused with an
-    :class:`ExportError` naming the file). ``plugins`` default to those it was exported with."""
+    for any training loop or ``torch.compile``. Every file in the directory is checked against the manifest (a
+    changed, missing or unlisted file, a malformed manifest, another format version or another titans_compose
+    release is refused with an :class:`ExportError` naming the file). ``plugins`` must include every plug-in file
+    or module the artifact was exported with: none is imported on the manifest's word, and a missing one is
+    refused, naming it, before anything is imported."""
     root, manifest, data = _verify(path, [SPEC_FILE, WEIGHTS_FILE])
+    check_plugins(root, manifest, plugins, WHAT, ExportError)
     module, _, _ = restore(root, manifest, data[WEIGHTS_FILE], plugins, REMEDY, ExportError)
     return module
 

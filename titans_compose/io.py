@@ -1,14 +1,23 @@
-"""Crash-safe file output: write to a temporary file in the target's directory, then rename over the target.
+"""File input and output that a damaged or hostile file cannot subvert.
 
-A process killed while writing leaves its temporary (``.<name>.<random>.tmp``) behind; :func:`temporaries` finds
-them, so the next run in that directory can remove them."""
+Output is crash-safe: write to a temporary file in the target's directory, then rename over the target. A process
+killed while writing leaves its temporary (``.<name>.<random>.tmp``) behind; :func:`temporaries` finds them, so the
+next run in that directory can remove them. Input of a file the program did not write (a spec, a manifest, weights)
+is bounded: only a regular file is read, and at most a stated number of bytes, so a path that is a device, a pipe or
+a symlink to one neither hangs nor fills memory.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from pathlib import Path
+
+
+class UnreadableFile(OSError):
+    """A file :func:`read_bounded` refuses: not a regular file, or larger than the limit. The message names it."""
 
 
 def _default_mode() -> int:
@@ -32,14 +41,16 @@ def temporaries(directory: str | os.PathLike[str], names: tuple[str, ...] | None
     return sorted(found)
 
 
-def atomic_write(path: str | os.PathLike[str], data: str | bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see either the old file or the complete new one, never a part."""
+def atomic_write(path: str | os.PathLike[str], data: str | bytes, *, private: bool = False) -> None:
+    """Write ``data`` to ``path`` so that readers see either the old file or the complete new one, never a part.
+    The file gets the permissions a plain ``open()`` would give, without group and other write with ``private``."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     payload = data.encode("utf-8") if isinstance(data, str) else data
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=TEMP_SUFFIX, dir=target.parent)
     try:
-        os.fchmod(fd, _default_mode())  # mkstemp makes 0600 files; give what a plain open() would
+        # mkstemp makes 0600 files; give what a plain open() would
+        os.fchmod(fd, _default_mode() & ~(0o022 if private else 0))
         with os.fdopen(fd, "wb") as handle:
             handle.write(payload)
             handle.flush()
@@ -51,3 +62,43 @@ def atomic_write(path: str | os.PathLike[str], data: str | bytes) -> None:
         if isinstance(exc, OSError) and exc.filename is None:  # a failed write names no file: name the target
             exc.filename = str(target)
         raise
+
+
+def _kind(mode: int) -> str:
+    """What a non-regular file is, in words."""
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISFIFO, "a pipe"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def read_bounded(path: str | os.PathLike[str], limit: int, what: str) -> bytes:
+    """The bytes of the regular file ``path`` (``what`` it is, e.g. "manifest", names it in errors), at most
+    ``limit`` of them. Raises :class:`UnreadableFile` if ``path`` (or what a symlink there points to) is a device,
+    pipe, directory or socket, or holds more than ``limit`` bytes; other ``OSError``\\ s (a missing file) pass
+    through. The size is not taken on trust (``st_size`` is 0 for devices and wrong for some virtual files): the
+    file is opened without blocking, checked to be regular, and read to at most ``limit + 1`` bytes."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise UnreadableFile(f"{path} is {_kind(mode)}, not a regular file: refusing to read it as the {what}")
+        chunks, left = [], limit + 1
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    if len(data) > limit:
+        raise UnreadableFile(f"{path} holds more than {limit:,} bytes: refusing to read it as the {what}")
+    return data

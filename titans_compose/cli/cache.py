@@ -41,7 +41,8 @@ def _key_summary(key: dict | None) -> str:
 @_debug
 @click.pass_context
 def ls(ctx: click.Context, as_json: bool, sub_debug: bool) -> None:
-    """List the cached kernel sources: file, size, modification time and the kernel key they were generated for."""
+    """List the cached kernel sources: file, size, modification time, the kernel key they were generated for, and
+    any that do not match the sha256 recorded when they were written."""
     _, debug = settings(ctx, (), sub_debug)
 
     def body() -> int:
@@ -55,7 +56,8 @@ def ls(ctx: click.Context, as_json: bool, sub_debug: bool) -> None:
         click.echo(f"{directory}: {len(found)} kernel source{'s' * (len(found) != 1)}, {_size(total)}")
         for e in found:
             when = dt.datetime.fromtimestamp(e.mtime).strftime("%Y-%m-%d %H:%M")
-            click.echo(f"  {e.path.name}  {_size(e.size)}  {when}")
+            unverified = "" if e.verified else "  (does not match its recorded sha256: generated again when needed)"
+            click.echo(f"  {e.path.name}  {_size(e.size)}  {when}{unverified}")
             click.echo(f"      {_key_summary(e.key)}")
         return 0
 
@@ -66,7 +68,7 @@ def ls(ctx: click.Context, as_json: bool, sub_debug: bool) -> None:
 @_debug
 @click.pass_context
 def clear(ctx: click.Context, sub_debug: bool) -> None:
-    """Delete every cached kernel source (they are generated again when next needed)."""
+    """Delete every cached kernel source and its recorded sha256 (they are generated again when next needed)."""
     _, debug = settings(ctx, (), sub_debug)
 
     def body() -> int:

@@ -43,7 +43,9 @@ def export(
     sub_debug: bool,
 ) -> None:
     """Export SPEC (its initial weights) or a BUILD_DIR (verified) to --out: the resolved spec, safetensors weights
-    and a manifest of hashes and versions that `titans_compose.load(OUT)` verifies and loads as a plain nn.Module."""
+    and a manifest of hashes and versions that `titans_compose.load(OUT)` verifies and loads as a plain nn.Module.
+    A BUILD_DIR made with plug-in files or modules needs them passed again with --plugin: none is imported on the
+    build's word."""
     plugins, debug = settings(ctx, sub_plugins, sub_debug)
     shape = _shape(example)
 

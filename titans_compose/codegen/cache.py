@@ -4,7 +4,11 @@
 ``<cache dir>/<slug>-<digest>.py`` and imported by path. Writes are atomic (temp file, then rename) and the source
 is a deterministic function of the key, so concurrent builds that generate the same key race harmlessly: the last
 rename wins with identical bytes, and a crash mid-write leaves at most a hidden temporary file, never a partial
-source. The directory is ``$TITANS_COMPOSE_CACHE`` if set, else ``$XDG_CACHE_HOME/titans_compose/kernels``
+source. Since a cached source is imported, it is trusted only as far as it is checked: the sha256 of each source is
+recorded next to it when it is written (``<slug>-<digest>.sha256``) and a source that does not match it (damaged,
+truncated, edited or planted), or that others than its owner may write, is generated again before anything is
+imported; a cache directory that others than its owner may write to is refused (it is created private). The
+directory is ``$TITANS_COMPOSE_CACHE`` if set, else ``$XDG_CACHE_HOME/titans_compose/kernels``
 (``~/.cache/...``). :func:`entries` lists it and :func:`clear` empties it (``titans-compose cache ls|clear``);
 neither imports torch or triton.
 """
@@ -16,6 +20,9 @@ import hashlib
 import json
 import os
 import re
+import stat
+import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +30,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from titans_compose.imports import import_file
-from titans_compose.io import atomic_write
+from titans_compose.io import atomic_write, read_bounded
 
 if TYPE_CHECKING:
     from titans_compose.codegen.key import KernelKey
@@ -32,8 +39,13 @@ ENV_VAR = "TITANS_COMPOSE_CACHE"
 _MODULE_PREFIX = "titans_compose_generated"
 #: ``<slug>-<digest>.py`` as :func:`source_path` names a generated source.
 _SOURCE_NAME = re.compile(r"^(?P<slug>\w+)-(?P<digest>[0-9a-f]{20})\.py$")
-#: The temporary files :func:`~titans_compose.io.atomic_write` makes next to a source (left only by a crash).
-_TEMP_NAME = re.compile(r"^\.\w+-[0-9a-f]{20}\.py\..+\.tmp$")
+#: ``<slug>-<digest>.sha256``: the sha256 of the source, recorded when it was written.
+_DIGEST_NAME = re.compile(r"^\w+-[0-9a-f]{20}\.sha256$")
+#: The temporary files :func:`~titans_compose.io.atomic_write` makes next to a source or its digest (left only by a
+#: crash).
+_TEMP_NAME = re.compile(r"^\.\w+-[0-9a-f]{20}\.(py|sha256)\..+\.tmp$")
+#: The largest source read for verification (generated sources are tens of KB).
+_SOURCE_LIMIT = 16 << 20
 #: How many leading lines of a source :func:`header_key` reads.
 _HEADER_LINES = 40
 
@@ -51,7 +63,43 @@ def source_path(key: KernelKey) -> Path:
 
 
 class CachedKernelError(ImportError):
-    """A generated kernel source exists but cannot be imported."""
+    """A generated kernel source cannot be used: the cache directory is open to others, or the source does not
+    import or lacks a kernel. The message names the directory or file and what to do."""
+
+
+def digest_path(source: Path) -> Path:
+    """Where the sha256 of ``source`` is recorded."""
+    return source.with_suffix(".sha256")
+
+
+def _writable_by_others(info: os.stat_result) -> bool:
+    """Whether someone other than this user (or root) may change the file or directory ``info`` describes."""
+    return info.st_uid not in (os.geteuid(), 0) or bool(info.st_mode & (stat.S_IWGRP | stat.S_IWOTH))
+
+
+def check_directory(directory: Path) -> None:
+    """Refuse a cache ``directory`` that others than its owner (this user, or root) may write to: a source
+    planted there would be imported and run. Raises :class:`CachedKernelError` saying how to fix it."""
+    info = directory.stat()
+    if not _writable_by_others(info):
+        return
+    owner = "another user owns it" if info.st_uid not in (os.geteuid(), 0) else f"mode {stat.filemode(info.st_mode)}"
+    raise CachedKernelError(
+        f"the kernel cache {directory} may be written by others than its owner ({owner}): its sources are imported "
+        f"and run, so it must be private: `chmod go-w {directory}`, or set ${ENV_VAR} to a directory of your own"
+    )
+
+
+def verified(path: Path) -> bool:
+    """Whether the source ``path`` is exactly what was written there: it matches the sha256 recorded next to it,
+    is a regular file of this user's that no one else may write, and holds at most 16 MiB."""
+    try:
+        recorded = read_bounded(digest_path(path), 64, "recorded sha256").decode("ascii")
+        data = read_bounded(path, _SOURCE_LIMIT, "generated kernel source")
+        info = path.stat()
+    except (OSError, UnicodeDecodeError):
+        return False
+    return not _writable_by_others(info) and hashlib.sha256(data).hexdigest() == recorded
 
 
 @dataclass(frozen=True)
@@ -62,23 +110,55 @@ class Loaded:
     path: Path
     hit: bool
 
+    def kernel(self, name: str) -> Any:
+        """The module's kernel ``name``; a source without it raises :class:`CachedKernelError` naming the file."""
+        try:
+            return getattr(self.module, name)
+        except AttributeError:
+            raise CachedKernelError(
+                f"generated kernel source {self.path} has no {name}: it may be stale or damaged: run "
+                "`titans-compose cache clear` to regenerate it"
+            ) from None
+
 
 #: Modules imported by this process, by source path: each is imported once, and keeps the ``hit`` of its first load.
 _LOADED: dict[Path, Loaded] = {}
 
 
-def load(key: KernelKey, generate: Callable[[KernelKey], str]) -> Loaded:
-    """The generated module for ``key``: imported once per process, from the cache file when present, else from
-    ``generate(key)`` written atomically to the cache first.
+def store(key: KernelKey, source: str) -> Path:
+    """Write ``source`` as ``key``'s cached source, then its sha256, each atomically and writable by this user
+    only; returns the source's path."""
+    path = source_path(key)
+    atomic_write(path, source, private=True)
+    atomic_write(digest_path(path), hashlib.sha256(source.encode("utf-8")).hexdigest(), private=True)
+    return path
 
-    Raises :class:`CachedKernelError`, naming the file, if the source does not import.
+
+def load(key: KernelKey, generate: Callable[[KernelKey], str]) -> Loaded:
+    """The generated module for ``key``: imported once per process, from the cache file when it is verified
+    (:func:`verified`), else from ``generate(key)`` written atomically to the cache first with its sha256.
+
+    Raises :class:`CachedKernelError`, naming it, if the cache directory is open to others
+    (:func:`check_directory`) or the source does not import.
     """
     path = source_path(key).absolute()
     if path in _LOADED:
         return _LOADED[path]
-    hit = path.is_file()
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    check_directory(path.parent)
+    hit = verified(path)
     if not hit:
-        atomic_write(path, generate(key))
+        if digest_path(path).exists():
+            warnings.warn(
+                f"{path} did not match the sha256 recorded when it was written: generating it again", stacklevel=2
+            )
+        store(key, generate(key))
+    # the bytecode directory must be private too: Python runs the files there in place of a source they match
+    bytecode = path.parent / "__pycache__"
+    if not sys.dont_write_bytecode:
+        bytecode.mkdir(mode=0o700, exist_ok=True)
+    if bytecode.is_dir():
+        check_directory(bytecode)
     where = hashlib.sha256(str(path.parent).encode()).hexdigest()[:8]
     name = f"{_MODULE_PREFIX}_{key.digest()}_{where}"
     try:
@@ -87,7 +167,10 @@ def load(key: KernelKey, generate: Callable[[KernelKey], str]) -> Loaded:
         if hit:
             hint = "it may be damaged or stale: run `titans-compose cache clear` to regenerate it"
         else:
-            hint = "it was generated just now, so the generator produced it wrongly: please report this"
+            hint = (
+                "it was generated just now, so the generator produced it wrongly: please report this "
+                "(`titans-compose cache clear` removes it)"
+            )
         raise CachedKernelError(
             f"generated kernel source {path} failed to import ({type(exc).__name__}: {exc}); {hint}"
         ) from exc
@@ -102,7 +185,9 @@ def load(key: KernelKey, generate: Callable[[KernelKey], str]) -> Loaded:
 @dataclass(frozen=True)
 class Entry:
     """One cached source: its file, the key's slug and digest, size in bytes, modification time (seconds since the
-    epoch) and the canonical key from the source's header (None when the header has none that parses)."""
+    epoch), the canonical key from the source's header (None when the header has none that parses) and whether it
+    matches the sha256 recorded when it was written (:func:`verified`; if not, it is generated again when next
+    needed)."""
 
     path: Path
     slug: str
@@ -110,6 +195,7 @@ class Entry:
     size: int
     mtime: float
     key: dict[str, Any] | None
+    verified: bool
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -119,6 +205,7 @@ class Entry:
             "size": self.size,
             "mtime": self.mtime,
             "key": self.key,
+            "verified": self.verified,
         }
 
 
@@ -156,7 +243,8 @@ def entries(directory: Path | None = None) -> list[Entry]:
             info = path.stat()
         except FileNotFoundError:  # removed by a concurrent clear
             continue
-        out.append(Entry(path, match["slug"], match["digest"], info.st_size, info.st_mtime, header_key(path)))
+        key = header_key(path)
+        out.append(Entry(path, match["slug"], match["digest"], info.st_size, info.st_mtime, key, verified(path)))
     return out
 
 
@@ -171,10 +259,10 @@ class Cleared:
 
 
 def clear(directory: Path | None = None) -> Cleared:
-    """Remove every generated source in ``directory`` (default :func:`cache_dir`), its compiled bytecode, and any
-    temporary files a crashed write left. Only files named as this cache names them are touched; the directory
-    itself stays. Modules this process imported stay usable, but the next :func:`load` of their keys writes and
-    imports them again."""
+    """Remove every generated source in ``directory`` (default :func:`cache_dir`), its recorded sha256, its
+    compiled bytecode, and any temporary files a crashed write left. Only files named as this cache names them are
+    touched; the directory itself stays. Modules this process imported stay usable, but the next :func:`load` of
+    their keys writes and imports them again."""
     directory = cache_dir() if directory is None else directory
     sources = temporaries = freed = 0
     if not directory.is_dir():
@@ -182,14 +270,14 @@ def clear(directory: Path | None = None) -> Cleared:
     stems = set()
     for path in directory.iterdir():
         source = _SOURCE_NAME.match(path.name)
-        if source is None and _TEMP_NAME.match(path.name) is None:
+        temporary = _TEMP_NAME.match(path.name)
+        if source is None and temporary is None and _DIGEST_NAME.match(path.name) is None:
             continue
         freed += _remove(path)
         if source is not None:
             sources += 1
             stems.add(path.stem)
-        else:
-            temporaries += 1
+        temporaries += temporary is not None
     bytecode = directory / "__pycache__"
     if bytecode.is_dir():
         for path in bytecode.iterdir():

@@ -10,8 +10,6 @@ implementations) so that torch.compile can trace them on a GPU; the key travels 
 
 from __future__ import annotations
 
-from types import ModuleType
-
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
@@ -29,10 +27,11 @@ from titans_compose.kernels.state import MemoryState, Pending, resume, with_read
 _KEYS: dict[str, KernelKey] = {}
 
 
-def kernels(key: KernelKey) -> ModuleType:
-    """The generated module of ``key`` (from the source cache; generated on a miss)."""
+def kernels(key: KernelKey) -> cache.Loaded:
+    """The generated module of ``key`` (from the source cache; generated on a miss); take its kernels with
+    :meth:`~titans_compose.codegen.cache.Loaded.kernel`, which names the file if one is missing."""
     _KEYS[key.digest()] = key
-    return cache.load(key, emit.generate).module
+    return cache.load(key, emit.generate)
 
 
 def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -62,13 +61,15 @@ def memory_forward(
 ) -> tuple[Tensor, Tensor]:
     """y [N, T, d] and the boundary states [N, T // chunk + 1, STATE_SIZE] (float32; slot 0 = ``state0``)."""
     kk = _KEYS[key]
-    module = kernels(kk)
+    loaded = kernels(kk)
     n, length, _ = q.shape
     slots = _boundaries(kk, length)
     states = _alloc((n, slots, emit.layout(kk).size), torch.float32, q.device)
     states[:, 0] = state0
     y = _alloc(tuple(q.shape), q.dtype, q.device)
-    wrap_triton(module.forward_kernel)[(n,)](q, k, v, theta, *_gates(log_eta, log_keep), y, states, length, slots)
+    wrap_triton(loaded.kernel("forward_kernel"))[(n,)](
+        q, k, v, theta, *_gates(log_eta, log_keep), y, states, length, slots
+    )
     return y, states
 
 
@@ -94,7 +95,7 @@ def memory_backward(
 ) -> list[Tensor]:
     """Gradients [q, k, v, theta, (log_eta), (log_keep), initial state] from those of y and the final state."""
     kk = _KEYS[key]
-    module = kernels(kk)
+    loaded = kernels(kk)
     n, length, _ = q.shape
     gates = _gates(log_eta, log_keep)
     grads = [_alloc(tuple(t.shape), t.dtype, t.device) for t in (q, k, v, theta, *gates)]
@@ -105,7 +106,7 @@ def memory_backward(
     hidden = kk.layer_shapes[0][0]
     scratch = [_alloc((n, block(kk.chunk_size), hidden), torch.float32, q.device)] if kk.hidden_tile else []
     if chunks:
-        wrap_triton(module.backward_kernel)[(n,)](
+        wrap_triton(loaded.kernel("backward_kernel"))[(n,)](
             q, k, v, theta, *gates, states, gy, gstates, *grads, *scratch, length, states.shape[1]
         )
     return [*grads, gstates[:, 0].clone()]
