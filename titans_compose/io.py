@@ -1,11 +1,23 @@
-"""Crash-safe file output: write to a temporary file in the target's directory, then rename over the target."""
+"""File input and output that a damaged or hostile file cannot subvert.
+
+Output is crash-safe: write to a temporary file in the target's directory, then rename over the target. Input of a
+file the program did not write (a spec, a manifest, weights) is bounded: only a regular file is read, and at most a
+stated number of bytes, so a path that is a device, a pipe or a symlink to one neither hangs nor fills memory.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from pathlib import Path
+
+from titans_compose.errors import Diagnostic, SpecError
+
+
+class UnreadableFile(OSError):
+    """A file :func:`read_bounded` refuses: not a regular file, or larger than the limit. The message names it."""
 
 
 def _default_mode() -> int:
@@ -32,3 +44,63 @@ def atomic_write(path: str | os.PathLike[str], data: str | bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _kind(mode: int) -> str:
+    """What a non-regular file is, in words."""
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISFIFO, "a pipe"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def read_bounded(path: str | os.PathLike[str], limit: int, what: str) -> bytes:
+    """The bytes of the regular file ``path`` (``what`` it is, e.g. "manifest", names it in errors), at most
+    ``limit`` of them. Raises :class:`UnreadableFile` if ``path`` (or what a symlink there points to) is a device,
+    pipe, directory or socket, or holds more than ``limit`` bytes; other ``OSError``\\ s (a missing file) pass
+    through. The size is not taken on trust (``st_size`` is 0 for devices and wrong for some virtual files): the
+    file is opened without blocking, checked to be regular, and read to at most ``limit + 1`` bytes."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise UnreadableFile(f"{path} is {_kind(mode)}, not a regular file: refusing to read it as the {what}")
+        chunks, left = [], limit + 1
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    if len(data) > limit:
+        raise UnreadableFile(f"{path} holds more than {limit:,} bytes: refusing to read it as the {what}")
+    return data
+
+
+def default_dir(folder: str, name: str) -> Path:
+    """The default output directory ``folder/name`` (``build/<spec name>``, ``runs/...``, ``sweeps/...``).
+
+    Raises :class:`~titans_compose.errors.SpecError` (TC208) unless ``name`` is one plain path component, so that
+    no name (``..``, ``a/../../x``, an absolute path) can put a default output outside ``folder``."""
+    target = os.path.normpath(os.path.join(folder, name))
+    if not name or os.path.dirname(target) != os.path.normpath(folder):
+        raise SpecError(
+            [
+                Diagnostic(
+                    "TC208",
+                    f"{name!r} cannot name a folder inside {folder}/",
+                    "name",
+                    hint="give a `name:` of letters, digits, '.', '_' and '-', or choose the output directory with -o",
+                )
+            ]
+        )
+    return Path(target)

@@ -98,6 +98,7 @@ def train(ctx: click.Context, spec: str, sub_plugins: tuple[str, ...], sub_debug
 
     def body() -> int:
         from titans_compose.builder import BuildError, build, spec_name
+        from titans_compose.io import default_dir
         from titans_compose.spec import load_spec
 
         registry = model_registry(plugins, debug)
@@ -105,7 +106,7 @@ def train(ctx: click.Context, spec: str, sub_plugins: tuple[str, ...], sub_debug
             return 1
         given = list(options["overrides"])
         loaded = load_spec(spec, given, registry=registry)
-        out = options["out"] or Path("runs") / spec_name(loaded)
+        out = options["out"] or default_dir("runs", spec_name(loaded))
         resolve_run(ctx, out, options)
         if options["overrides"] != given:  # resuming a run made with other --set values: rebuild its spec
             loaded = load_spec(spec, options["overrides"], registry=registry)
