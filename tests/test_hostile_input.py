@@ -186,7 +186,8 @@ def test_extends_and_sweep_bases_that_are_devices_are_refused(tmp_path):
     fifo = tmp_path / "pipe.yaml"
     run = run_cli("sweep", str(fifo), "--dry-run", timeout=20)
     assert (
-        run.code == 1 and f"{fifo} is a pipe, not a regular file: refusing to read it as the sweep file" in run.stderr
+        run.code == 1
+        and f"{fifo} is a pipe, not a regular file: refusing to read it as the sweep [TC101]" in run.stderr
     )
 
 

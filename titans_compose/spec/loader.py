@@ -23,8 +23,9 @@ Override = str | tuple[str, Location]
 
 
 def read_spec_file(path: str | os.PathLike[str], what: str = "spec") -> SourceDoc:
-    """Read and parse one YAML file (no inheritance). The top level must be a mapping. Only a regular file is read,
-    and at most 4 MiB of it: a device, a pipe, a directory (or a symlink to one) or a larger file is refused."""
+    """Read and parse one YAML file (no inheritance), a ``what`` (spec or sweep) in messages. The top level must be
+    a mapping. Only a regular file is read, and at most 4 MiB of it: a device, a pipe, a directory (or a symlink to
+    one) or a larger file is refused."""
     name = str(path)
     try:
         text = read_bounded(path, _MAX_BYTES, what).decode("utf-8")

@@ -273,7 +273,7 @@ def load_plan(path: str | os.PathLike[str], registry: Registry) -> Plan:
     from titans_compose.graph import compile_graph
 
     source = Path(path)
-    doc = read_spec_file(source, "sweep file")
+    doc = read_spec_file(source, "sweep")
     raw_train = doc.data.get("train")
     options, problems = train_options(raw_train, doc, source) if isinstance(raw_train, dict) else (None, [])
     try:
