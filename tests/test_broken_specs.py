@@ -497,6 +497,125 @@ CASES += [
     Case("control_character", BASE + "name: a\x01b  # <-\nblocks:\n  - kind: lmm\n", "TC102", 4),
 ]
 
+# Issue 15: input that escaped its folder, exploded the loader, reached the allocator or crashed with exit 3.
+CASES += [
+    Case("name_is_a_relative_path", BASE + "name: ../../../x  # <-\nblocks:\n  - kind: lmm\n", "TC208", 4, 7),
+    Case("name_is_absolute", BASE + "name: /tmp/x  # <-\nblocks:\n  - kind: lmm\n", "TC208", 4, 7),
+    Case("name_starts_with_a_dot", BASE + "name: .hidden  # <-\nblocks:\n  - kind: lmm\n", "TC208", 4, 7),
+    Case("name_too_long", BASE + f"name: {'n' * 129}  # <-\nblocks:\n  - kind: lmm\n", "TC208", 4, 7),
+    Case(
+        "name_set_to_a_path",
+        BASE + "blocks:\n  - kind: lmm\n",
+        "TC208",
+        None,
+        sets=("name=a/../../b",),
+        where="--set name=a/../../b",
+    ),
+    Case(
+        "model_dim_a_billion",
+        "model:\n  vocab_size: 256\n  dim: 1000000000\nblocks:\n  - kind: lmm  # <-\n",
+        "TC306",
+        5,
+        5,
+        hint="TITANS_COMPOSE_MAX_PARAMS",
+    ),
+    Case(
+        "vocab_a_billion",
+        "model:  # <-\n  vocab_size: 1000000000\n  dim: 128\nblocks:\n  - kind: lmm\n",
+        "TC306",
+        1,
+        1,
+    ),
+    Case(
+        "memory_heads_a_million",
+        BASE + "memory: {heads: 1000000}\nblocks:\n  - kind: lmm  # <-\n",
+        "TC306",
+        6,
+        5,
+    ),
+    Case(
+        "attention_heads_a_million",
+        BASE + "attention: {heads: 1000000, head_dim: 64}\nblocks:\n  - kind: attention  # <-\n",
+        "TC306",
+        6,
+        5,
+    ),
+    Case(
+        "memory_expansion_a_million",
+        BASE + "memory: {expansion: 1000000.0}\nblocks:\n  - kind: lmm  # <-\n",
+        "TC306",
+        6,
+        5,
+    ),
+    Case(
+        "persistent_tokens_a_billion",
+        BASE + "persistent: {tokens: 1000000000}\nblocks:\n  - kind: mag  # <-\n",
+        "TC306",
+        6,
+        5,
+    ),
+    Case(
+        "more_than_1024_layers",  # a billion is in test_limits.py (in a subprocess: it hung the old code)
+        BASE + "blocks:\n  - kind: lmm\n  - kind: mag\n    repeat: 1024  # <-\n",
+        "TC307",
+        7,
+        13,
+        hint="repeat counts",
+    ),
+    Case(
+        "integer_of_5000_digits",
+        f"model:\n  vocab_size: {'9' * 5000}  # <-\n  dim: 128\nblocks:\n  - kind: lmm\n",
+        "TC108",
+        2,
+        15,
+    ),
+    Case(
+        "integer_of_5000_digits_in_set",
+        BASE + "blocks:\n  - kind: lmm\n",
+        "TC106",
+        None,
+        sets=(f"model.dim={'9' * 5000}",),
+        where=f"--set model.dim={'9' * 5000}",
+    ),
+    Case(
+        "base_60_integer_of_20000_fields",
+        f"model: {{vocab_size: 1{':1' * 20_000}, dim: 128}}  # <-\nblocks: [{{kind: lmm}}]\n",
+        "TC108",
+        1,
+        21,
+    ),
+    Case("timestamp_out_of_range", BASE + "description: 2001-13-45  # <-\nblocks:\n  - kind: lmm\n", "TC108", 4, 14),
+    Case("recursive_merge_key", BASE + "memory: &m {depth: 1, <<: *m}  # <-\nblocks:\n  - kind: lmm\n", "TC108", 4, 9),
+    Case(
+        "merge_key_bomb",
+        BASE
+        + "x0: &x0 {}  # <-\n"  # merges add no value, so only counting the merges themselves stops this
+        + "".join(f"x{i}: &x{i} {{<<: [{', '.join([f'*x{i - 1}'] * 10)}]}}\n" for i in range(1, 7))
+        + "blocks:\n  - kind: lmm\n",
+        "TC108",
+        4,
+        5,
+    ),
+    Case(
+        "merge_chain_deeper_than_any_spec",
+        BASE
+        + "x0: &x0 {a: 1}  # <-\n"
+        + "".join(f"x{i}: &x{i} {{<<: *x{i - 1}}}\n" for i in range(1, 100))
+        + "blocks:\n  - kind: lmm\n",
+        "TC108",
+        4,
+        13,
+    ),
+    Case(
+        "sweep_file_given_to_validate",
+        "base: titans_lmm_small.yaml  # <-\ngrid: {memory.depth: [1, 2]}\n",
+        "TC109",
+        1,
+        1,
+        hint="titans-compose sweep",
+    ),
+]
+
 
 # ------------------------------------------------------------------------------------------------ helpers
 

@@ -100,6 +100,37 @@ def test_plugin_without_register_and_missing_plugin(tmp_path):
     assert load_plugin(registry, "no_such_module_xyz").code == "TC501"
 
 
+@pytest.mark.parametrize(
+    "source",
+    [
+        "import sys\nsys.exit(0)\n",
+        "def register(registry):\n    raise SystemExit(0)\n",
+        "class Stop(BaseException):\n    pass\n\n\ndef register(registry):\n    raise Stop('odd')\n",
+    ],
+    ids=["sys_exit_on_import", "system_exit_in_register", "base_exception_subclass"],
+)
+def test_a_plugin_that_exits_fails_like_any_other(tmp_path, runner, monkeypatch, source):
+    """A plug-in file or module that calls sys.exit (or raises another BaseException) is a TC501 failure: it
+    cannot end the command with its own status, or with 0 and no output."""
+    (tmp_path / "exiting_plugin_mod.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for target in (str(tmp_path / "exiting_plugin_mod.py"), "exiting_plugin_mod"):
+        registry = new_registry()
+        problem = load_plugin(registry, target)
+        assert problem is not None and problem.code == "TC501", target
+        result = runner.invoke(cli, ["--plugin", target, "validate", str(SPECS / "titans_lmm_small.yaml")])
+        assert result.exit_code == 1, result.output
+        assert "[TC501]" in result.stderr and target in result.stderr and "ok" not in result.stdout
+        sys.modules.pop("exiting_plugin_mod", None)
+
+
+def test_ctrl_c_in_a_plugin_is_not_swallowed(tmp_path):
+    plugin = tmp_path / "interrupted_plugin.py"
+    plugin.write_text("def register(registry):\n    raise KeyboardInterrupt\n")
+    with pytest.raises(KeyboardInterrupt):
+        load_plugin(new_registry(), str(plugin))
+
+
 def test_plugin_params_must_subclass_ruleparams():
     from pydantic import BaseModel
 
@@ -135,12 +166,17 @@ def test_plugin_file_adds_a_loss_seen_in_ls_validation_and_schema(tmp_path, runn
 
 
 def test_a_broken_plugin_is_named_and_the_builtins_still_work(tmp_path, runner):
+    """The specs are still checked with the built-ins (a bad one is reported), but with a plug-in missing the
+    command fails and calls no spec ok."""
     plugin = tmp_path / "broken_plugin.py"
     plugin.write_text("raise ImportError('missing dependency foo')\n")
-    result = runner.invoke(cli, ["--plugin", str(plugin), "validate", str(SPECS / "titans_mac_small.yaml")])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {vocab_size: 256, dim: 64}\nmemory: {depth: 12}\nblocks: [{kind: lmm}]\n")
+    result = runner.invoke(cli, ["--plugin", str(plugin), "validate", str(SPECS / "titans_mac_small.yaml"), str(bad)])
     assert result.exit_code == 1
     assert "broken_plugin.py" in result.output and "missing dependency foo" in result.output
-    assert "ok: " in result.output and "Traceback" not in result.output
+    assert f"{bad}:2:17: memory.depth" in result.output and "[TC204]" in result.output
+    assert "ok" not in result.stdout and "Traceback" not in result.output
 
 
 def _entry_point_env(tmp_path, target: str) -> dict[str, str]:
@@ -177,6 +213,14 @@ def test_broken_entry_point_plugin_is_reported_by_name(tmp_path):
     assert out.returncode == 1
     assert "plug-in 'throwaway'" in out.stderr and "bad" in out.stderr
     assert "mac" in out.stdout and "Traceback" not in out.stderr
+
+
+def test_entry_point_plugin_that_exits_is_reported_by_name(tmp_path):
+    (tmp_path / "throwaway_exit.py").write_text("import sys\nsys.exit(0)\n")
+    out = _run_cli(_entry_point_env(tmp_path, "throwaway_exit"), "validate", str(SPECS / "titans_lmm_small.yaml"))
+    assert out.returncode == 1, out.stdout
+    assert "plug-in 'throwaway'" in out.stderr and "sys.exit(0)" in out.stderr and "[TC501]" in out.stderr
+    assert "ok" not in out.stdout
 
 
 def test_default_registry_loads_each_plugin_once(tmp_path):

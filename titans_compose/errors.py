@@ -22,6 +22,7 @@ CODES: dict[str, str] = {
     "TC106": "bad --set override",
     "TC107": "duplicate key in a mapping",
     "TC108": "unsupported YAML tag or construct",
+    "TC109": "a sweep file where a spec was expected",
     # schema (TC2xx)
     "TC201": "unknown key",
     "TC202": "missing required field",
@@ -30,12 +31,16 @@ CODES: dict[str, str] = {
     "TC205": "unknown registered name",
     "TC206": "invalid choice",
     "TC207": "invalid value",
+    "TC208": "name is not a safe file name",
     # cross-field rules (TC3xx)
     "TC301": "attention heads do not divide the model width",
     "TC302": "MAC segment is not a multiple of the memory chunk size",
     "TC303": "learning-rate gate initial value out of range",
     "TC304": "MAC order is not a permutation of persistent, memory, segment",
     "TC305": "memory width does not match the model width",
+    "TC306": "model size beyond the limit (parameters or activations per token), or a bad limit setting",
+    "TC307": "too many layers",
+    "TC308": "too many sweep points",
     # graph passes (TC4xx)
     "TC401": "cycle through non-recurrent edges",
     "TC402": "node unreachable from the input or not reaching the output",

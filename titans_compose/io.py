@@ -15,6 +15,8 @@ import stat
 import tempfile
 from pathlib import Path
 
+from titans_compose.errors import Diagnostic, SpecError
+
 
 class UnreadableFile(OSError):
     """A file :func:`read_bounded` refuses: not a regular file, or larger than the limit. The message names it."""
@@ -102,3 +104,23 @@ def read_bounded(path: str | os.PathLike[str], limit: int, what: str) -> bytes:
     if len(data) > limit:
         raise UnreadableFile(f"{path} holds more than {limit:,} bytes: refusing to read it as the {what}")
     return data
+
+
+def default_dir(folder: str, name: str) -> Path:
+    """The default output directory ``folder/name`` (``build/<spec name>``, ``runs/...``, ``sweeps/...``).
+
+    Raises :class:`~titans_compose.errors.SpecError` (TC208) unless ``name`` is one plain path component, so that
+    no name (``..``, ``a/../../x``, an absolute path) can put a default output outside ``folder``."""
+    target = os.path.normpath(os.path.join(folder, name))
+    if not name or os.path.dirname(target) != os.path.normpath(folder):
+        raise SpecError(
+            [
+                Diagnostic(
+                    "TC208",
+                    f"{name!r} cannot name a folder inside {folder}/",
+                    "name",
+                    hint="give a `name:` of letters, digits, '.', '_' and '-', or choose the output directory with -o",
+                )
+            ]
+        )
+    return Path(target)

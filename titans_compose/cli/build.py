@@ -37,6 +37,7 @@ def build(
 
     def body() -> int:
         from titans_compose.builder import BuildError, build, spec_name
+        from titans_compose.io import default_dir
         from titans_compose.spec import load_spec
 
         registry = model_registry(plugins, debug)
@@ -44,7 +45,7 @@ def build(
             return 1
         loaded = load_spec(spec, overrides, registry=registry)
         echo_diagnostics(loaded.warnings)
-        out = Path(output) if output is not None else Path("build") / spec_name(loaded)
+        out = Path(output) if output is not None else default_dir("build", spec_name(loaded))
         try:
             result = build(loaded, plugins=plugins, output_dir=out, seed=seed, smoke=not no_smoke)
         except BuildError as exc:

@@ -48,6 +48,7 @@ def sweep(
     plugins, debug = settings(ctx, sub_plugins, sub_debug)
 
     def body() -> int:
+        from titans_compose.io import default_dir
         from titans_compose.sweep import SweepError, load_plan, make_sweep_task, plot, run_sweep, table
         from titans_compose.sweep.run import RESULTS_JSON
 
@@ -65,7 +66,7 @@ def sweep(
             return 0
         import torch
 
-        target = out or Path("sweeps") / plan.name
+        target = out or default_dir("sweeps", plan.name)
         try:
             records = run_sweep(
                 plan,

@@ -109,7 +109,7 @@ def train(ctx: click.Context, spec: str, sub_plugins: tuple[str, ...], sub_debug
 
     def body() -> int:
         from titans_compose.builder import BuildError, build, check_output_dir, spec_name
-        from titans_compose.io import atomic_write
+        from titans_compose.io import atomic_write, default_dir
         from titans_compose.lock import locked
         from titans_compose.spec import load_spec
         from titans_compose.train.checkpoint import remove_interrupted
@@ -120,7 +120,7 @@ def train(ctx: click.Context, spec: str, sub_plugins: tuple[str, ...], sub_debug
             return 1
         given = list(options["overrides"])
         loaded = load_spec(spec, given, registry=registry)
-        out = options["out"] or Path("runs") / spec_name(loaded)
+        out = options["out"] or default_dir("runs", spec_name(loaded))
         if options["resume"] and not out.is_dir():  # before the lock, which would create a mistyped directory
             raise click.BadParameter(f"no run in {out} to resume (no such directory)", param_hint="'--resume'")
         with locked(out, "train run", click.ClickException):

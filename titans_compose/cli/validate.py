@@ -20,7 +20,8 @@ def validate(
     sub_plugins: tuple[str, ...],
     sub_debug: bool,
 ) -> None:
-    """Check SPECS: YAML, schema, cross-field rules and the graph passes. Exit status 1 if any spec is bad."""
+    """Check SPECS: YAML, schema, cross-field rules and the graph passes. Exit status 1 if any spec is bad or a
+    plug-in failed to load (the specs are still checked, with what did load, but none is reported ok)."""
     plugins, debug = settings(ctx, sub_plugins, sub_debug)
 
     def body() -> int:
@@ -40,6 +41,8 @@ def validate(
                 failed = True
                 continue
             echo_diagnostics(loaded.warnings)
+            if problems:  # checked without a plug-in that failed: not ok
+                continue
             if resolved:
                 click.echo(loaded.resolved_yaml())
             else:

@@ -2,7 +2,9 @@
 
 A plug-in is a module (or a callable) with ``register(registry)``. Each plug-in registers inside a registry
 transaction, so a plug-in that fails half-way leaves nothing behind; its failure is returned as a TC501 diagnostic
-naming it, and the built-ins and the other plug-ins stay usable.
+naming it, and the built-ins and the other plug-ins stay usable. A plug-in that raises ``SystemExit`` (calls
+``sys.exit``) or another ``BaseException`` on import or registration fails the same way, so it cannot end the
+command; only ``KeyboardInterrupt`` (the user's Ctrl-C) passes through.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ def _register_fn(obj: Any, label: str) -> Callable[[Registry], Any]:
 def _failure(label: str, exc: BaseException) -> Diagnostic:
     if isinstance(exc, SpecError):
         detail = "; ".join(d.message for d in exc.diagnostics)
+    elif isinstance(exc, SystemExit):
+        detail = f"it called sys.exit({exc.code!r})"
     else:
         detail = f"{type(exc).__name__}: {exc}"
     return Diagnostic(
@@ -58,8 +62,8 @@ def load_plugin(registry: Registry, target: str, *, debug: bool = False) -> Diag
             else:
                 module = importlib.import_module(target)
             _register_fn(module, label)(registry)
-    except Exception as exc:
-        if debug:
+    except BaseException as exc:
+        if debug or isinstance(exc, KeyboardInterrupt):
             raise
         return _failure(label, exc)
     return None
@@ -73,8 +77,8 @@ def load_entry_point_plugins(registry: Registry, *, debug: bool = False) -> list
         try:
             with registry.transaction(f"plugin {ep.name}"):
                 _register_fn(ep.load(), label)(registry)
-        except Exception as exc:
-            if debug:
+        except BaseException as exc:
+            if debug or isinstance(exc, KeyboardInterrupt):
                 raise
             problems.append(_failure(label, exc))
     return problems

@@ -12,9 +12,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import yaml
-
 from titans_compose.errors import Diagnostic, Location, SpecError
+from titans_compose.io import UnreadableFile, read_bounded
 from titans_compose.spec.source import SourceDoc, dotted, graft, merge, parse_yaml
 
 _MAX_BYTES = 4 * 1024 * 1024
@@ -23,40 +22,25 @@ _MAX_BYTES = 4 * 1024 * 1024
 Override = str | tuple[str, Location]
 
 
-def read_spec_file(path: str | os.PathLike[str]) -> SourceDoc:
-    """Read and parse one YAML file (no inheritance). The top level must be a mapping."""
+def read_spec_file(path: str | os.PathLike[str], what: str = "spec") -> SourceDoc:
+    """Read and parse one YAML file (no inheritance), a ``what`` (spec or sweep) in messages. The top level must be
+    a mapping. Only a regular file is read, and at most 4 MiB of it: a device, a pipe, a directory (or a symlink to
+    one) or a larger file is refused."""
     name = str(path)
-    p = Path(path)
     try:
-        if p.is_dir():
-            raise IsADirectoryError(name)
-        if p.stat().st_size > _MAX_BYTES:
-            raise SpecError(
-                [
-                    Diagnostic(
-                        "TC101",
-                        f"{name} is larger than {_MAX_BYTES >> 20} MiB; not a spec",
-                        location=Location(name),
-                    )
-                ]
-            )
-        text = p.read_text(encoding="utf-8")
-    except SpecError:
-        raise
+        text = read_bounded(path, _MAX_BYTES, what).decode("utf-8")
+    except UnreadableFile as exc:
+        raise SpecError([Diagnostic("TC101", str(exc), location=Location(name))]) from None
     except FileNotFoundError:
         raise SpecError(
             [
                 Diagnostic(
                     "TC101",
-                    f"spec file not found: {name}",
+                    f"{what} file not found: {name}",
                     location=Location(name),
                     hint="check the path; relative paths are taken from the current directory",
                 )
             ]
-        ) from None
-    except IsADirectoryError:
-        raise SpecError(
-            [Diagnostic("TC101", f"{name} is a directory, not a spec file", location=Location(name))]
         ) from None
     except UnicodeDecodeError as exc:
         raise SpecError(
@@ -74,14 +58,14 @@ def read_spec_file(path: str | os.PathLike[str]) -> SourceDoc:
         ) from None
     doc = parse_yaml(text, name)
     if not isinstance(doc.data, dict):
-        what = "empty" if doc.data is None else f"a {_yaml_type(doc.data)}"
+        kind = "empty" if doc.data is None else f"a {_yaml_type(doc.data)}"
         raise SpecError(
             [
                 Diagnostic(
                     "TC103",
-                    f"the top level of a spec must be a mapping, but this file is {what}",
+                    f"the top level of a {what} must be a mapping, but this file is {kind}",
                     location=doc.location(()) or Location(name, 1, 1),
-                    hint="a spec starts with keys such as `model:` and `blocks:`",
+                    hint="a spec starts with keys such as `model:` and `blocks:`" if what == "spec" else "",
                 )
             ]
         )
@@ -95,7 +79,8 @@ def _yaml_type(value: object) -> str:
 def load_document(path: str | os.PathLike[str], overrides: Sequence[Override] = ()) -> SourceDoc:
     """Read ``path`` with its ``extends`` chain resolved, then apply ``overrides`` (``a.b=value``, or a pair of it
     and the location it was written at, e.g. a line of a sweep file)."""
-    doc = _load_with_parents(Path(path), str(path), ())
+    doc = _load_with_parents(Path(path), str(path), (), {})
+    _refuse_sweep_file(doc, str(path))
     problems: list[Diagnostic] = []
     for override in overrides:
         arg, where = (override, None) if isinstance(override, str) else override
@@ -108,9 +93,31 @@ def load_document(path: str | os.PathLike[str], overrides: Sequence[Override] = 
     return doc
 
 
-def _load_with_parents(path: Path, shown: str, chain: tuple[Path, ...]) -> SourceDoc:
+def _refuse_sweep_file(doc: SourceDoc, name: str) -> None:
+    """A sweep file given where a spec belongs (its ``base:`` and no ``model:`` or ``blocks:``) is named as one,
+    instead of failing key by key."""
+    if "base" in doc.data and not {"model", "blocks"} & doc.data.keys():
+        raise SpecError(
+            [
+                Diagnostic(
+                    "TC109",
+                    f"{name} is a sweep file (it has `base:` and no `model:` or `blocks:`), not a spec",
+                    "base",
+                    doc.location(("base",), key=True),
+                    f"run it with `titans-compose sweep {name}` (add --dry-run to only validate its points)",
+                )
+            ]
+        )
+
+
+def _load_with_parents(path: Path, shown: str, chain: tuple[Path, ...], loaded: dict[Path, SourceDoc]) -> SourceDoc:
+    """``path`` merged over its ``extends`` chain. ``chain`` holds the files that extend it (a cycle is TC104);
+    ``loaded`` memoises the files done in this load by resolved path, so a parent shared by several files (a
+    diamond) is read and merged once, however many paths reach it."""
+    real = Path(os.path.realpath(path))  # not resolve(), which raises on a symlink loop: the read reports it
+    if real in loaded:
+        return loaded[real]
     doc = read_spec_file(shown)
-    real = path.resolve()
     parents = doc.data.pop("extends", None)
     extends_loc = doc.location(("extends",))
     doc.locs.pop(("extends",), None)
@@ -118,6 +125,7 @@ def _load_with_parents(path: Path, shown: str, chain: tuple[Path, ...]) -> Sourc
     for p in [p for p in doc.locs if p[:1] == ("extends",)]:
         del doc.locs[p]
     if parents is None:
+        loaded[real] = doc
         return doc
     if isinstance(parents, str):
         parents = [parents]
@@ -137,8 +145,9 @@ def _load_with_parents(path: Path, shown: str, chain: tuple[Path, ...]) -> Sourc
     for parent in parents:
         target = path.parent / parent
         shown_target = os.path.normpath(os.path.join(os.path.dirname(shown), parent))
-        if target.resolve() in (*chain, real):
-            cycle = " -> ".join(str(c) for c in (*chain, real, target.resolve()))
+        resolved = Path(os.path.realpath(target))
+        if resolved in (*chain, real):
+            cycle = " -> ".join(str(c) for c in (*chain, real, resolved))
             raise SpecError(
                 [
                     Diagnostic(
@@ -150,7 +159,7 @@ def _load_with_parents(path: Path, shown: str, chain: tuple[Path, ...]) -> Sourc
                     )
                 ]
             )
-        if not target.is_file():
+        if not target.exists():
             raise SpecError(
                 [
                     Diagnostic(
@@ -162,10 +171,11 @@ def _load_with_parents(path: Path, shown: str, chain: tuple[Path, ...]) -> Sourc
                     )
                 ]
             )
-        parent_doc = _load_with_parents(target, shown_target, (*chain, real))
+        parent_doc = _load_with_parents(target, shown_target, (*chain, real), loaded)
         base = parent_doc if base is None else merge(base, parent_doc)
     assert base is not None
-    return merge(base, doc)
+    loaded[real] = merge(base, doc)
+    return loaded[real]
 
 
 def parse_override(arg: str, where: Location | None = None) -> tuple[tuple[str | int, ...], object]:
@@ -185,10 +195,10 @@ def parse_override(arg: str, where: Location | None = None) -> tuple[tuple[str |
                 )
             ]
         )
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as exc:
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    try:  # as safely as a file, within the same limits (nesting, aliases, number lengths)
+        value = parse_yaml(raw, str(where)).data if raw.strip() else None
+    except SpecError as exc:
+        problem = "; ".join(d.message.removeprefix("malformed YAML: ") for d in exc.diagnostics)
         raise SpecError(
             [
                 Diagnostic(

@@ -11,6 +11,7 @@ block kinds) are checked against the registry, so the models are built per regis
 :func:`spec_model`; unknown keys are errors everywhere (``extra="forbid"``) and no type is coerced (strict mode).
 """
 
+import re
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
@@ -33,6 +34,9 @@ GRANULARITY_HELP = (
     "per_token: one value per token from a linear layer + sigmoid (paper); per_chunk: the mean over each chunk; "
     "constant: one learned value per head"
 )
+#: a ``name`` (of a spec or a sweep) names its default output folder (``build/<name>``), so it is a file-name slug
+NAME_PATTERN = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$"
+NAME_HELP = "letters, digits, '.', '_' and '-', not starting with '.', at most 128 characters"
 SECTIONS = ("memory", "update", "projections", "persistent", "attention", "mac", "mag", "mlp", "norm")
 MAC_ORDER_PARTS = ("persistent", "memory", "segment")
 
@@ -120,6 +124,22 @@ class MAGSpec(Section):
         description="o = norm_a(y) * gate(norm_b(m)): sigmoid (paper), silu, or linear (no nonlinearity)",
     )
     norms: bool = Field(True, description="learned normalisations norm_a, norm_b on both branches before gating")
+
+
+def _check_name(value: str) -> str:
+    if re.fullmatch(NAME_PATTERN, value) is None:
+        raise PydanticCustomError(
+            "TC208", "'{value}' is not a safe file name, and a name names an output folder", {"value": value[:200]}
+        )
+    return value
+
+
+#: the type of a ``name``: a slug that can name a folder (never a path: ``../x`` or ``/x`` are refused)
+SafeName = Annotated[
+    str,
+    AfterValidator(_check_name),
+    WithJsonSchema({"type": "string", "pattern": NAME_PATTERN, "maxLength": 128}),
+]
 
 
 def _registry_name(registry: Registry, kind: str) -> Any:
@@ -318,7 +338,10 @@ def build_spec_model(registry: Registry) -> type[BaseModel]:
     block = _tagged_union(registry, "block", "kind", block_models)
 
     top: dict[str, Any] = {
-        "name": (str | None, Field(None, description="a name for the model")),
+        "name": (
+            SafeName | None,
+            Field(None, description=f"a name for the model and its default output folders (build/<name>): {NAME_HELP}"),
+        ),
         "description": (str | None, Field(None, description="free text")),
         "extends": (
             str | list[str] | None,

@@ -5,7 +5,10 @@ file:line:col it was written at. Loading, `extends` inheritance, `--set` overrid
 top-level sections all go through this type, so any error found later can point at the line the user wrote.
 
 Only safe YAML is accepted: the document is composed with PyYAML's SafeLoader and only the standard scalar,
-sequence and mapping tags are constructed; anything else is reported, never executed.
+sequence and mapping tags are constructed; anything else is reported, never executed. Whatever makes a loader
+recurse or explode is refused with a located TC108: nesting deeper than 64 levels (merge keys included), more than
+100 000 values after aliases and merge keys are expanded ("billion laughs"), an alias or merge key inside its own
+anchor, numbers longer than 100 characters, and scalars PyYAML cannot convert (a timestamp with month 13).
 """
 
 from __future__ import annotations
@@ -25,6 +28,11 @@ _SEQ_TAG = "tag:yaml.org,2002:seq"
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 _MAX_NODES = 100_000
 _MAX_DEPTH = 64  # a spec nests about six levels; anything far deeper is a mistake or an attack
+_INT_TAG = "tag:yaml.org,2002:int"
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+# a spec's numbers are short; a longer one is refused before it is converted (int() of 5000 digits raises, and a
+# YAML 1.1 base-60 integer such as 1:2:3:... takes quadratic time to convert)
+_MAX_NUMBER_CHARS = 100
 
 
 @dataclass
@@ -199,7 +207,9 @@ class _Builder:
     def fail(self, code: str, message: str, node: yaml.Node, path: Path, hint: str = "") -> None:
         self.diagnostics.append(Diagnostic(code, message, dotted(path), self.loc(node), hint))
 
-    def build(self, node: yaml.Node, path: Path) -> Any:
+    def enter(self, node: yaml.Node, path: Path) -> bool:
+        """Count ``node`` against the limits before it is built (as a value or merged into a mapping): False, with
+        a diagnostic the first time a limit is passed, if it must be skipped."""
         self.count += 1
         if self.count > _MAX_NODES:
             if self.count == _MAX_NODES + 1:
@@ -210,13 +220,18 @@ class _Builder:
                     path,
                     "YAML aliases can multiply a document; a spec never needs this many values",
                 )
-            return None
-        if len(path) > _MAX_DEPTH:
+            return False
+        if len(self.active) >= _MAX_DEPTH:
             if not any(d.code == "TC108" and "nests" in d.message for d in self.diagnostics):
                 self.diagnostics.append(_too_deep(self.loc(node), path[:_MAX_DEPTH]))
-            return None
+            return False
         if id(node) in self.active:
             self.fail("TC108", "recursive YAML alias", node, path, "an anchor may not be used inside itself")
+            return False
+        return True
+
+    def build(self, node: yaml.Node, path: Path) -> Any:
+        if not self.enter(node, path):
             return None
         self.locs[path] = self.loc(node)
         if isinstance(node, yaml.ScalarNode):
@@ -235,6 +250,15 @@ class _Builder:
             self.active.discard(id(node))
 
     def scalar(self, node: yaml.ScalarNode, path: Path) -> Any:
+        if node.tag in (_INT_TAG, _FLOAT_TAG) and len(node.value) > _MAX_NUMBER_CHARS:
+            self.fail(
+                "TC108",
+                f"a number written with {len(node.value)} characters (at most {_MAX_NUMBER_CHARS})",
+                node,
+                path,
+                "no setting needs this many digits: write it in exponent form (1.0e+9), or quote it if it is text",
+            )
+            return None
         try:
             return self.loader.construct_object(node, deep=True)
         except yaml.constructor.ConstructorError:
@@ -245,7 +269,16 @@ class _Builder:
                 path,
                 "specs are data: tags that construct objects are never run; remove the tag",
             )
-            return None
+        except (ValueError, OverflowError) as exc:
+            kind = node.tag.rsplit(":", 1)[-1]
+            self.fail(
+                "TC108",
+                f"{node.value[:40]!r} looks like a {kind} but cannot be read as one: {exc}",
+                node,
+                path,
+                "quote it if it is text",
+            )
+        return None
 
     def mapping(self, node: yaml.MappingNode, path: Path) -> dict:
         out: dict[str, Any] = {}
@@ -257,8 +290,14 @@ class _Builder:
                     if not isinstance(src, yaml.MappingNode):
                         self.fail("TC108", "a YAML merge key (<<) needs a mapping", src, path)
                         continue
-                    for k, v in self.mapping(src, path).items():
-                        merged.setdefault(k, v)
+                    if not self.enter(src, path):
+                        continue
+                    self.active.add(id(src))
+                    try:
+                        for k, v in self.mapping(src, path).items():
+                            merged.setdefault(k, v)
+                    finally:
+                        self.active.discard(id(src))
                 continue
             if not isinstance(key_node, yaml.ScalarNode):
                 self.fail("TC108", "mapping keys must be plain words, not lists or mappings", key_node, path)

@@ -18,6 +18,7 @@ from titans_compose.errors import Diagnostic, Location, SpecError, dedupe, did_y
 from titans_compose.registry.core import Registry
 from titans_compose.spec.checks import check_block
 from titans_compose.spec.models import spec_model
+from titans_compose.spec.size import check_size
 from titans_compose.spec.source import Path, SourceDoc, dotted
 
 _TAGS = ("kind", "name")
@@ -67,6 +68,8 @@ def validate_document(doc: SourceDoc, registry: Registry, source: str) -> Loaded
     except ValidationError as exc:
         problems.extend(pydantic_diagnostic(err, doc, model) for err in exc.errors())
     problems.extend(_cross_field(spec, doc, model))
+    if spec is not None:
+        problems.extend(check_size(spec, doc, registry))
     problems = [_as_written(d, doc) for d in problems]
     errors = [d for d in problems if d.severity == "error"]
     if errors:

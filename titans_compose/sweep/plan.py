@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -34,11 +35,15 @@ from titans_compose.errors import Diagnostic, Location, SpecError, dedupe, did_y
 from titans_compose.registry import Registry
 from titans_compose.spec import LoadedSpec, load_spec
 from titans_compose.spec.loader import read_spec_file
+from titans_compose.spec.models import NAME_HELP, SafeName
 from titans_compose.spec.source import SourceDoc
 from titans_compose.spec.validate import pydantic_diagnostic
 
 #: ``titans-compose train`` options a sweep's ``train`` section does not take: they concern one run's files, output
 #: or spec, or the sweep sets them itself (``seed``; evaluation once, after the last step)
+#: every point is validated before anything runs, so the product of the axes is capped before it is enumerated
+MAX_POINTS = 1000
+
 NOT_TRAIN_KEYS = frozenset(
     {"out", "resume", "device", "no_progress", "eval_every", "seed", "overrides", "sub_plugins", "sub_debug"}
 )
@@ -55,7 +60,9 @@ class SweepFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     base: str = Field(description="the base spec, relative to the sweep file")
-    name: str | None = Field(None, description="the sweep's name (default: the file name)")
+    name: SafeName | None = Field(
+        None, description=f"the sweep's name, and its output folder sweeps/<name> (default: the file name): {NAME_HELP}"
+    )
     description: str | None = None
     seed: int = Field(0, description="seed for every point's weights and batches")
     set: dict[str, Any] = Field(default_factory=dict, description="overrides for every point")
@@ -143,7 +150,8 @@ def expand(sweep: SweepFile, doc: SourceDoc, source: Path) -> list[Point]:
 
 
 def _structure_problems(sweep: SweepFile, doc: SourceDoc) -> list[Diagnostic]:
-    """Problems pydantic cannot see: unequal zip lengths, repeated variant names, a point with no overrides twice."""
+    """Problems pydantic cannot see: unequal zip lengths, repeated variant names, more than :data:`MAX_POINTS`
+    points (counted from the axes' lengths, before any point is made), a path on two axes."""
     problems = []
     lengths = {p: len(v) for p, v in sweep.zip.items()}
     if len(set(lengths.values())) > 1:
@@ -169,6 +177,20 @@ def _structure_problems(sweep: SweepFile, doc: SourceDoc) -> list[Diagnostic]:
                 )
             )
         seen.add(v.name)
+    axes = [("variants", len(sweep.variants) or 1), *((f"grid.{p}", len(v)) for p, v in sweep.grid.items())]
+    axes.append(("zip", min((len(v) for v in sweep.zip.values()), default=1)))
+    points = math.prod(n for _, n in axes)
+    if points > MAX_POINTS:
+        problems.append(
+            Diagnostic(
+                "TC308",
+                f"the sweep has {points:,} points ({' x '.join(f'{n} {a}' for a, n in axes if n > 1)}), more than "
+                f"{MAX_POINTS}",
+                "grid" if sweep.grid else "",
+                doc.location(("grid",), key=True) if sweep.grid else doc.location(()),
+                "every point is validated, built and trained: split the sweep, or use zip for values that go together",
+            )
+        )
     overlap = set(sweep.grid) & set(sweep.zip)
     if overlap:
         problems.append(
@@ -251,7 +273,7 @@ def load_plan(path: str | os.PathLike[str], registry: Registry) -> Plan:
     from titans_compose.graph import compile_graph
 
     source = Path(path)
-    doc = read_spec_file(source)
+    doc = read_spec_file(source, "sweep")
     raw_train = doc.data.get("train")
     options, problems = train_options(raw_train, doc, source) if isinstance(raw_train, dict) else (None, [])
     try:
