@@ -12,7 +12,7 @@ import yaml
 
 from tests.conftest import SPECS, shipped_specs
 from titans_compose.graph import compile_graph
-from titans_compose.nn.model import LMOutput, ModelState, TitansLM
+from titans_compose.nn.model import LMOutput, MemoryGates, ModelState, TitansLM
 from titans_compose.registry import new_registry
 from titans_compose.spec import load_spec
 
@@ -124,14 +124,53 @@ def test_mac_without_causal_memory_tokens_sees_later_tokens_of_its_segment(tmp_p
 )
 def test_streaming_in_pieces_equals_one_call(tmp_path, kind, sizes):
     model, _ = build(tmp_path, kind)
-    toks = tokens(2, sum(sizes), seed=sum(sizes) + len(sizes))
+    assert_streams_like_one_call(model, tokens(2, sum(sizes), seed=sum(sizes) + len(sizes)), sizes)
+
+
+def assert_streams_like_one_call(model: TitansLM, toks: torch.Tensor, sizes: list[int]) -> None:
+    """``toks`` in pieces of ``sizes`` give one call's logits (float64: 1e-10 covers summation order), and the
+    carried states continue alike."""
     full = model(toks)
     pieces, state = run_pieces(model, toks, sizes)
     assert (pieces - full.logits).abs().max() < 1e-10
     assert state.position == full.state.position == toks.shape[1]
-    nxt = tokens(2, 3, seed=5)  # the carried states agree too
+    nxt = tokens(2, 3, seed=5)
     a, b = model(nxt, state).logits, model(nxt, full.state).logits
     assert (a - b).abs().max() < 1e-10
+
+
+def randomise_gates(model: TitansLM, scale: float = 0.3) -> None:
+    """Gate projections start at zero (every gate at its initial value, so a per-chunk mean changes nothing); give
+    them data dependence."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, MemoryGates):
+                for gate in (module.lr_gate, module.momentum_gate, module.forget_gate):
+                    gate.proj.weight.normal_(0, scale, generator=torch.Generator().manual_seed(4))
+
+
+PER_CHUNK_GATES = [f"update.{g}.gate=per_chunk" for g in ("lr", "momentum", "forget")]
+
+
+@pytest.mark.parametrize(
+    ("kind", "sizes"), [("mac", [1, 2, 5, 9]), ("mag", [3, 1, 6, 4]), ("mal", [1, 6, 2, 5]), ("lmm", [5, 1, 3, 5])]
+)
+def test_streaming_with_per_chunk_gates(tmp_path, kind, sizes):
+    """Per-chunk lr, momentum and forget gates with per-chunk retrieval (causal: a token reads only completed
+    chunks): pieces ending anywhere inside chunks stream exactly like one call, and the carried states agree."""
+    model, _ = build(tmp_path, kind, [*PER_CHUNK_GATES, "memory.retrieval=per_chunk"])
+    randomise_gates(model)
+    assert_streams_like_one_call(model, tokens(2, sum(sizes), seed=len(sizes)), sizes)
+
+
+@pytest.mark.parametrize(("kind", "sizes"), [("mac", [4, 8, 4]), ("mag", [8, 4, 4]), ("mal", [2, 4, 8, 2])])
+def test_per_chunk_gates_read_after_stream_exactly_in_whole_chunks(tmp_path, kind, sizes):
+    """With ``after`` retrieval one call's output at a token reads the mean gate over its whole chunk, later tokens
+    included (TCW03): a piece ending inside a chunk cannot know them, and its outputs feed the next layer's memory.
+    Pieces ending on chunk boundaries (MAL's memory sees its 2 persistent tokens first) stream exactly."""
+    model, _ = build(tmp_path, kind, [*PER_CHUNK_GATES, "memory.retrieval=after"])
+    randomise_gates(model)
+    assert_streams_like_one_call(model, tokens(2, sum(sizes), seed=len(sizes)), sizes)
 
 
 @pytest.mark.parametrize("kind", VARIANTS)

@@ -28,7 +28,7 @@ from titans_compose.kernels.config import MemoryConfig, memory_config
 from titans_compose.kernels.dispatch import BackendChoice, MemoryBackend
 from titans_compose.kernels.state import MemoryState
 from titans_compose.nn.attention import Attention
-from titans_compose.nn.memory import _chunk_log_mean, _depthwise_causal_conv, _Gate, _logit
+from titans_compose.nn.memory import InnerGates, _depthwise_causal_conv, _Gate, _logit, inner_gates
 
 if TYPE_CHECKING:
     from titans_compose.registry.core import Registry
@@ -219,8 +219,11 @@ class Conv(Node):
 
 
 class MemoryGates(Node):
-    """theta, log eta, log(1 - alpha) per (batch x head) row and token; per-chunk gates average on the chunk grid,
-    which continues the pending tokens of the memory state (port ``state``, added when the model is built)."""
+    """theta, log eta, log(1 - alpha) per (batch x head) row and token (:func:`inner_gates`); per-chunk gates average
+    on the chunk grid, which continues the pending tokens of the memory state (port ``state``, added when the model
+    is built). The node's own state: the per-chunk gates' log values of those pending tokens."""
+
+    stateful = True
 
     def __init__(self, params: dict[str, Any], ctx: BuildContext) -> None:
         super().__init__(params, ctx)
@@ -235,20 +238,10 @@ class MemoryGates(Node):
         keep0 = 2.0 ** (-1.0 / forget["half_life"])
         self.forget_gate = _Gate(dim, self.heads, forget["gate"], _logit(1.0 - keep0)) if "forget" in gates else None
 
-    def _series(self, gate: _Gate | None, x: Tensor, log_fn: Any, offset: int) -> Tensor | None:
-        if gate is None:
-            return None
-        logs = log_fn(gate(x))
-        if gate.granularity == "per_chunk":
-            logs = _chunk_log_mean(logs, offset, self.chunk)
-        return logs.transpose(1, 2).reshape(-1, x.shape[1])
-
-    def run(self, inputs: dict[str, Any], state: Any, step: Step) -> tuple[tuple, Any]:
-        x, offset = inputs["x"], inputs["state"].pending_len
-        theta = self.max_lr * self._series(self.lr_gate, x, F.logsigmoid, offset).exp()
-        log_eta = self._series(self.momentum_gate, x, F.logsigmoid, offset)
-        log_keep = self._series(self.forget_gate, x, lambda z: F.logsigmoid(-z), offset)
-        return (theta, log_eta, log_keep), None
+    def run(self, inputs: dict[str, Any], state: dict[str, Tensor] | None, step: Step) -> tuple[InnerGates, Any]:
+        gates = {"lr": self.lr_gate, "momentum": self.momentum_gate, "forget": self.forget_gate}
+        out = inner_gates(gates, self.max_lr, self.chunk, inputs["x"], inputs["state"], state)
+        return out, out.carry
 
 
 def _to_heads(t: Tensor, heads: int) -> Tensor:
@@ -297,8 +290,11 @@ class _Write:
     node: MemoryWrite
     k: Tensor
     v: Tensor
-    gates: tuple
-    state: MemoryState
+    gates: InnerGates
+
+    @property
+    def series(self) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        return self.gates.theta, self.gates.log_eta, self.gates.log_keep
 
 
 class MemoryWrite(Node):
@@ -316,13 +312,15 @@ class MemoryWrite(Node):
         return self.dispatch.choice
 
     def run(self, inputs: dict[str, Any], state: Any, step: Step) -> tuple[_Write, Any]:
+        """The write's inputs; the memory state it continues comes with the gates (its pending tokens' per-chunk
+        gates recomputed), so the ``state`` port only orders the nodes."""
         k, v = _to_heads(inputs["keys"], self.heads), _to_heads(inputs["values"], self.heads)
-        return _Write(self, k, v, inputs["gates"], inputs["state"]), None
+        return _Write(self, k, v, inputs["gates"]), None
 
     def apply(self, write: _Write, q: Tensor, retrieval: str) -> tuple[Tensor, MemoryState]:
         """Read ``q`` [B*H, T, d] with ``retrieval`` while writing: (y, the state after the write)."""
         cfg = dataclasses.replace(self.config, retrieval=retrieval)
-        return self.dispatch(q, write.k, write.v, *write.gates, write.state, cfg)
+        return self.dispatch(q, write.k, write.v, *write.series, write.gates.memory, cfg)
 
 
 def _memory_config(params: dict[str, Any], ctx: BuildContext) -> MemoryConfig:
