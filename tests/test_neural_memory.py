@@ -103,6 +103,28 @@ def test_per_chunk_gates_are_constant_within_a_chunk():
         assert not torch.allclose(chunks[0][:, 0], chunks[1][:, 0])
 
 
+def test_per_chunk_gates_are_float64_means():
+    """Per-chunk gates in a float64 module are the chunk means of the per-token gate values to rounding (1e-14
+    relative): a float32 step anywhere (e.g. the log of an integer count, which torch computes in float32) is off
+    by ~1e-8. Chunk 4 over 6 + 5 tokens: full chunks, a chunk split between the calls, a partial last chunk."""
+    module = build([f"update.{g}.gate=per_chunk" for g in ("lr", "momentum", "forget")])
+    randomise_gates(module)
+    x = x_of(11)
+    values = {  # per-token gate values [B, T, H]: theta, eta, 1 - alpha
+        "theta": module.max_lr * torch.sigmoid(module.lr_gate(x)),
+        "log_eta": torch.sigmoid(module.momentum_gate(x)),
+        "log_keep": torch.sigmoid(-module.forget_gate(x)),
+    }
+    _, state = module(x[:, :6])
+    first, second = module.gates(x[:, :6]), module.gates(x[:, 6:], state)
+    for name, per_token in values.items():
+        means = torch.cat([c.mean(1, keepdim=True).expand_as(c) for c in per_token.split(4, 1)], 1)
+        want = means.transpose(1, 2).reshape(-1, 11)
+        got = torch.cat([getattr(first, name)[:, :4], getattr(second.memory.pending, name), getattr(second, name)], 1)
+        assert got.dtype == F64
+        assert rel(got if name == "theta" else got.exp(), want) < 1e-14, name
+
+
 def test_gate_initial_values_follow_the_spec():
     module = build(["update.forget.half_life=100", "update.lr.init=0.05", "update.momentum.init=0.8"])
     gates = module.gates(x_of(3))
