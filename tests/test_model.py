@@ -269,7 +269,6 @@ def test_initial_state_and_detach(tmp_path):
     [
         (torch.zeros(2, 5), "LongTensor"),
         (torch.zeros(5, dtype=torch.long), "LongTensor"),
-        (torch.zeros(2, 0, dtype=torch.long), "LongTensor"),
         (torch.full((2, 5), VOCAB), "token ids"),
     ],
 )
@@ -277,6 +276,29 @@ def test_bad_tokens(tmp_path, bad, message):
     model, _ = build(tmp_path, "lmm")
     with pytest.raises(ValueError, match=message):
         model(bad)
+
+
+@pytest.mark.parametrize("kind", VARIANTS)
+def test_empty_input_and_an_empty_batch(tmp_path, kind):
+    """T = 0 gives empty logits and leaves the stream where it was (fresh, or inside a chunk and a segment); a
+    batch of 0 rows runs forward, streaming and generation."""
+    model, _ = build(tmp_path, kind, [*PER_CHUNK_GATES, "memory.retrieval=per_chunk"])
+    toks = tokens(2, 11)
+    empty = model(toks[:, :0])
+    assert empty.logits.shape == (2, 0, VOCAB) and empty.state.position == 0 and empty.state.batch == 2
+    first = model(toks[:, :5])  # inside a chunk (4) and a MAC segment (8)
+    same = model(toks[:, :0], first.state)
+    assert same.logits.shape == (2, 0, VOCAB) and same.state is first.state
+    rest = model(toks[:, 5:], same.state).logits
+    assert (torch.cat([first.logits, rest], 1) - model(toks).logits).abs().max() < 1e-10
+    rows = tokens(0, 11)
+    assert model(rows).logits.shape == (0, 11, VOCAB)
+    pieces, state = run_pieces(model, rows, [5, 0, 6])
+    assert pieces.shape == (0, 11, VOCAB) and state.position == 11
+    assert model.generate(rows[:, :3], 4).shape == model.generate(rows[:, :3], 4, temperature=1.0).shape == (0, 7)
+    assert model.generate(toks[:, :0], 0).shape == (2, 0)
+    with pytest.raises(ValueError, match="at least one token"):
+        model.generate(toks[:, :0], 2)
 
 
 def test_state_from_another_batch(tmp_path):

@@ -228,6 +228,21 @@ def test_a_state_without_its_per_chunk_gate_values_is_refused():
         module(x_of(3), dataclasses.replace(state, gates=None))
 
 
+def test_empty_input_and_an_empty_batch():
+    """T = 0 gives an empty output and the state unchanged, fresh or with pending tokens (and per-chunk gate values,
+    and convolution history); a batch of 0 rows runs and streams."""
+    module = build(["update.lr.gate=per_chunk"])
+    y, state = module(x_of(0))
+    assert y.shape == (2, 0, 24) and state.memory.pending_len == 0
+    _, state = module(x_of(6))
+    y, same = module(x_of(0), state)
+    assert y.shape == (2, 0, 24) and same is state
+    y, state = module(x_of(6, batch=0))
+    assert y.shape == (0, 6, 24) and state.memory.pending_len == 2
+    assert module(x_of(3, batch=0), state)[0].shape == (0, 3, 24)
+    assert module(x_of(0, batch=1), cu_seqlens=[0, 0])[0].shape == (1, 0, 24)
+
+
 def test_document_boundaries_reset_the_memory():
     module = build()
     randomise_gates(module)

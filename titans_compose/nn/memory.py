@@ -173,7 +173,8 @@ class NeuralMemory(nn.Module):
 
     ``forward(x, state=None, cu_seqlens=None) -> (out, state)``: ``x`` [B, T, dim]. With ``cu_seqlens``
     (document boundaries of a packed batch of one row, like FlashAttention's), the memory and the convolutions
-    restart at every boundary and the returned state is the last document's.
+    restart at every boundary and the returned state is the last document's. An empty ``x`` (T = 0) gives an empty
+    output and the state unchanged.
     """
 
     def __init__(
@@ -281,6 +282,8 @@ class NeuralMemory(nn.Module):
             return self._forward_documents(x, state, cu_seqlens)
         batch, length, _ = x.shape
         state = self.initial_state(batch) if state is None else state
+        if length == 0:  # nothing to read or write
+            return x.new_zeros(batch, 0, self.dim if self.out_proj is not None else self.heads * self.head_dim), state
         new_conv: dict[str, Tensor] = {}
         q = self._project("q", self.q_proj, x, state.conv, new_conv)
         k = self._project("k", self.k_proj, x, state.conv, new_conv)
@@ -323,4 +326,6 @@ class NeuralMemory(nn.Module):
             if end > start:
                 out, last = self(x[:, start:end])
                 outs.append(out)
+        if not outs:  # only empty documents
+            return self(x)
         return torch.cat(outs, 1), last

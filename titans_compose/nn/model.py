@@ -121,9 +121,13 @@ class Head(Node):
         self.proj = None if params["tied"] else nn.Linear(params["dim"], params["vocab_size"], bias=False)
         self._tied = [ctx.embedding] if params["tied"] else []  # a list: not registered twice as a submodule
 
+    @property
+    def weight(self) -> Tensor:
+        """The output matrix [vocab, dim]."""
+        return self._tied[0].weight if self.proj is None else self.proj.weight
+
     def run(self, inputs: dict[str, Any], state: Any, step: Step) -> tuple[Tensor, Any]:
-        weight = self._tied[0].weight if self.proj is None else self.proj.weight
-        return F.linear(inputs["x"], weight), None
+        return F.linear(inputs["x"], self.weight), None
 
 
 class Persistent(Node):
@@ -182,7 +186,7 @@ class Norm(Node):
         x = inputs["x"]
         if self.norm is not None:
             return self.norm(x), None
-        h = x.unflatten(-1, (self.heads, -1))
+        h = x.unflatten(-1, (self.heads, x.shape[-1] // self.heads))
         if self.gain is None:
             h = F.normalize(h, dim=-1, eps=1e-6)
         else:
@@ -246,8 +250,9 @@ class MemoryGates(Node):
 
 def _to_heads(t: Tensor, heads: int) -> Tensor:
     """[B, T, H*d] -> [B*H, T, d]."""
-    b, n, _ = t.shape
-    return t.view(b, n, heads, -1).transpose(1, 2).reshape(b * heads, n, -1)
+    b, n, width = t.shape
+    d = width // heads  # explicit sizes: -1 is ambiguous for an empty batch
+    return t.view(b, n, heads, d).transpose(1, 2).reshape(b * heads, n, d)
 
 
 def _from_heads(t: Tensor, heads: int) -> Tensor:
@@ -584,11 +589,11 @@ class TitansLM(nn.Module):
         return ModelState(0, batch, {})
 
     def _check(self, tokens: Tensor, state: ModelState | None) -> None:
-        if not isinstance(tokens, Tensor) or tokens.dtype != torch.long or tokens.dim() != 2 or tokens.shape[1] == 0:
+        if not isinstance(tokens, Tensor) or tokens.dtype != torch.long or tokens.dim() != 2:
             what = (
                 f"{tokens.dtype} tensor of shape {tuple(tokens.shape)}" if isinstance(tokens, Tensor) else type(tokens)
             )
-            raise ValueError(f"tokens must be a LongTensor [batch, length] with length >= 1, got {what}")
+            raise ValueError(f"tokens must be a LongTensor [batch, length], got {what}")
         tracing = torch.compiler.is_compiling()  # torch.compile / torch.export: the ids' values are not known
         if tokens.numel() and not tracing and (int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab_size):
             raise ValueError(
@@ -598,8 +603,13 @@ class TitansLM(nn.Module):
             raise ValueError(f"the state is for a batch of {state.batch} rows, the tokens have {tokens.shape[0]}")
 
     def forward(self, tokens: Tensor, state: ModelState | None = None) -> LMOutput:
-        """Logits for ``tokens`` [B, T] continuing the stream of ``state`` (None: a new stream)."""
+        """Logits for ``tokens`` [B, T] continuing the stream of ``state`` (None: a new stream); T = 0 gives empty
+        logits and the state unchanged."""
         self._check(tokens, state)
+        if tokens.shape[1] == 0:  # no tokens: empty logits, and the stream stays where it was
+            head = next(m for m in self.nodes.values() if isinstance(m, Head))
+            logits = torch.zeros(*tokens.shape, self.vocab_size, dtype=head.weight.dtype, device=tokens.device)
+            return LMOutput(logits, self.initial_state(tokens.shape[0]) if state is None else state)
         position = 0 if state is None else state.position
         cur: dict[str, Any] = {} if state is None else dict(state.nodes)
         env: dict[str, Any] = {}
@@ -633,6 +643,8 @@ class TitansLM(nn.Module):
         most likely tokens if given."""
         if max_new_tokens < 0 or temperature < 0 or (top_k is not None and top_k < 1):
             raise ValueError("max_new_tokens and temperature must be >= 0 and top_k >= 1")
+        if prompt.dim() == 2 and prompt.shape[1] == 0 and max_new_tokens:
+            raise ValueError("generate needs a prompt of at least one token: the first new token is predicted from it")
         out = self(prompt)
         tokens = [prompt]
         for i in range(max_new_tokens):
