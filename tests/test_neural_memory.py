@@ -57,6 +57,7 @@ def x_of(length, batch=2, dim=24, seed=1, dtype=F64):
 def test_builds_from_every_memory_spec(spec):
     registry = new_registry()
     loaded = load_spec(SPECS / spec, registry=registry)
+    torch.manual_seed(0)
     module = NeuralMemory.from_block(loaded.spec.blocks[0], loaded.spec.model, registry)
     y, state = module(torch.randn(1, 20, loaded.spec.model.dim))
     assert y.shape == (1, 20, loaded.spec.model.dim) and torch.isfinite(y).all()
@@ -326,6 +327,7 @@ def test_depthwise_causal_conv_equals_grouped_conv1d(kernel):
     from titans_compose.nn.memory import _depthwise_causal_conv
 
     channels, length = 6, 11
+    torch.manual_seed(kernel)
     conv = torch.nn.Conv1d(channels, channels, kernel, groups=channels, bias=False).to(F64)
     full = torch.randn(2, kernel - 1 + length, channels, dtype=F64, requires_grad=True)
     ours = _depthwise_causal_conv(full, conv.weight[:, 0, :])
