@@ -11,8 +11,11 @@ import torch.nn.functional as F
 import yaml
 
 from tests.conftest import SPECS, shipped_specs
+from tests.test_neural_memory import DIVERGING
 from titans_compose.graph import compile_graph
-from titans_compose.nn.model import LMOutput, MemoryGates, ModelState, TitansLM
+from titans_compose.kernels.dispatch import MemoryBackend
+from titans_compose.kernels.finite import MemoryDivergedError
+from titans_compose.nn.model import LMOutput, MemoryGates, MemoryWrite, ModelState, TitansLM
 from titans_compose.registry import new_registry
 from titans_compose.spec import load_spec
 
@@ -229,8 +232,10 @@ def test_mac_reads_the_memory_as_it_was_at_the_segment_start(tmp_path):
 
 @pytest.mark.parametrize("kind", VARIANTS)
 def test_state_is_bounded(tmp_path, kind):
-    """The memory state is O(1) in the stream length and the attention cache is bounded by the window / segment."""
-    model, _ = build(tmp_path, kind)
+    """The memory state is O(1) in the stream length and the attention cache is bounded by the window / segment.
+    With the inner gradient clip: without it the tiny MAC's second memory diverges at token 41 (its weights grow
+    from 4 at token 19 to 1e69 at token 39), which the model reports."""
+    model, _ = build(tmp_path, kind, ["update.grad_clip=1.0"])
 
     def size(state: ModelState) -> int:
         leaves = [state.nodes]
@@ -299,6 +304,83 @@ def test_empty_input_and_an_empty_batch(tmp_path, kind):
     assert model.generate(toks[:, :0], 0).shape == (2, 0)
     with pytest.raises(ValueError, match="at least one token"):
         model.generate(toks[:, :0], 2)
+
+
+def first_nonfinite(logits: torch.Tensor) -> int:
+    """The first position whose logits are not all finite, in any row."""
+    return int((~logits.isfinite()).any(-1).any(0).nonzero()[0])
+
+
+def test_a_diverging_memory_stops_the_model_at_its_layer_and_token(tmp_path):
+    """A rule the spec admits whose recurrence diverges (matrix memory, momentum 0.9, theta 5; float32): the forward
+    raises MemoryDivergedError naming the layer and the first token whose memory weights W_t are not finite. With
+    the check off and the sequential reference backend (which forms every W_t and reads it) the logits turn
+    non-finite exactly there. (The chunked read of a token inside a chunk never forms W_t, so it may stay finite a
+    token longer.) Streaming names the same stream token from the piece holding it; generation raises too."""
+    model, _ = build(tmp_path, "lmm", DIVERGING, dtype=torch.float32)
+    toks = tokens(2, 300)
+    with pytest.raises(MemoryDivergedError) as caught:
+        model(toks)
+    model.check_finite = False
+    for module in model.modules():
+        if isinstance(module, MemoryWrite):
+            module.dispatch = MemoryBackend("reference")
+    first = first_nonfinite(model(toks).logits)
+    layer = caught.value.layer  # here the second layer's memory diverges first: the earliest token is reported
+    assert layer in ("L0.memory.write", "L1.memory.write") and caught.value.token == first and 0 < first < 300
+    assert f"from token {first} of the stream" in str(caught.value) and "update.grad_clip" in str(caught.value)
+    model.check_finite = True
+    state = model(toks[:, : first - 5]).state
+    with pytest.raises(MemoryDivergedError, match=f"{layer}: the memory weights are not finite from token {first} "):
+        model(toks[:, first - 5 :], state)
+    with pytest.raises(MemoryDivergedError):
+        model.generate(toks[:, : first - 1], 3)
+
+
+def test_training_stops_at_a_diverging_memory(tmp_path, runner):
+    """``train`` stops before any update with a TrainingError naming the step, the layer and the token, and the CLI
+    says so with exit status 1 (a user error, not an internal one)."""
+    from titans_compose.cli.main import cli
+    from titans_compose.train.data import Batch
+    from titans_compose.train.loop import TrainingError, train
+
+    model, _ = build(tmp_path, "lmm", DIVERGING, dtype=torch.float32)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(
+        TrainingError, match=r"^step 1: memory layer L\d\.memory\.write: .* from token \d+ of the stream"
+    ):
+        train(model, lambda step: Batch(tokens(2, 300, seed=step)), steps=2, progress=False)
+    assert all(torch.equal(a, b.detach()) for a, b in zip(before, model.parameters(), strict=True))
+    spec = tmp_path / "lmm.yaml"
+    (tmp_path / "text.txt").write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    args = ["train", str(spec), "--data", str(tmp_path / "text.txt"), "--steps", "2", "--batch", "2"]
+    args += ["--seq-len", "300", "--no-progress", "-o", str(tmp_path / "run")]
+    overrides = [*DIVERGING, "model.vocab_size=256"]  # byte-level text
+    result = runner.invoke(cli, args + [arg for o in overrides for arg in ("--set", o)])
+    assert result.exit_code == 1, result.output
+    assert "step 1: memory layer L" in result.output and "internal error" not in result.output
+
+
+def test_training_stops_at_a_non_finite_gradient():
+    """A finite loss with a NaN gradient (sqrt's derivative at 0 times 0) stops training before the update, with
+    or without gradient clipping, instead of writing NaN into the weights."""
+    from titans_compose.train.data import Batch
+    from titans_compose.train.loop import TrainingError, train
+
+    class Model(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.root = torch.nn.Parameter(torch.zeros(()))
+            self.logits = torch.nn.Parameter(torch.zeros(VOCAB))
+
+        def forward(self, toks):
+            return LMOutput(self.logits + 0 * self.root.sqrt() + toks[..., None] * 0, None)
+
+    for clip in (1.0, None):
+        model = Model()
+        with pytest.raises(TrainingError, match="the gradient norm is nan at step 1"):
+            train(model, lambda step: Batch(tokens(2, 5)), steps=2, grad_clip=clip, progress=False)
+        assert model.logits.eq(0).all()
 
 
 def test_state_from_another_batch(tmp_path):

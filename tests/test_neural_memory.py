@@ -11,6 +11,7 @@ import torch
 
 from tests.conftest import SPECS
 from titans_compose.kernels.dispatch import ENV_VAR, choose_backend
+from titans_compose.kernels.finite import MemoryDivergedError
 from titans_compose.nn import NeuralMemory
 from titans_compose.registry import new_registry
 from titans_compose.spec import load_spec
@@ -242,6 +243,35 @@ def test_empty_input_and_an_empty_batch():
     assert y.shape == (0, 6, 24) and state.memory.pending_len == 2
     assert module(x_of(3, batch=0), state)[0].shape == (0, 3, 24)
     assert module(x_of(0, batch=1), cu_seqlens=[0, 0])[0].shape == (1, 0, 24)
+
+
+#: a rule the spec admits whose recurrence diverges: a matrix memory (no output LayerNorm, which bounds the
+#: gradient) with momentum 0.9 and theta 5 on unit keys
+DIVERGING = [
+    *("memory.depth=1", "memory.residual=false", "memory.output_norm=false", "update.forget=off"),
+    *("update.momentum.init=0.9", "update.lr.max_lr=10", "update.lr.init=5"),
+]
+
+
+@pytest.mark.parametrize("retrieval", ["after", "per_chunk"])
+def test_a_diverging_memory_is_reported_with_its_first_token(retrieval):
+    """Float32, 300 tokens: the weights overflow at token ~108. The module raises MemoryDivergedError at the first
+    token whose weights W_t are not finite: where the sequential reference's output (which forms and reads every
+    W_t) turns non-finite with ``after`` retrieval, and within the chunk before that with per-chunk retrieval
+    (which reads W_t only from the next chunk on); switched off, the module returns the non-finite output."""
+    module = build([*DIVERGING, f"memory.retrieval={retrieval}", "memory.out_proj=false"], dtype=torch.float32)
+    x = x_of(300, dtype=torch.float32)
+    with pytest.raises(MemoryDivergedError, match="the memory weights are not finite from token") as caught:
+        module(x)
+    reference = build([*DIVERGING, f"memory.retrieval={retrieval}", "memory.out_proj=false"], backend="reference")
+    reference.load_state_dict(module.state_dict())
+    reference = reference.float()
+    reference.check_finite, reference.readout_norm = False, None
+    y = reference(x)[0].view(2, 300, 2, 6)
+    after = module.config.retrieval == "after"
+    first = int((~y.isfinite()).flatten(2).any(-1).any(0).nonzero()[0])
+    assert caught.value.layer == "NeuralMemory" and 0 < caught.value.token < 300
+    assert caught.value.token == first if after else first - module.config.chunk_size <= caught.value.token < first
 
 
 def test_document_boundaries_reset_the_memory():

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from titans_compose.kernels.config import MemoryConfig, memory_config
 from titans_compose.kernels.dispatch import BackendChoice, MemoryBackend
+from titans_compose.kernels.finite import MemoryDivergedError, finite_flag, first_nonfinite_token
 from titans_compose.kernels.state import MemoryState
 from titans_compose.registry.core import Registry
 
@@ -174,7 +175,9 @@ class NeuralMemory(nn.Module):
     ``forward(x, state=None, cu_seqlens=None) -> (out, state)``: ``x`` [B, T, dim]. With ``cu_seqlens``
     (document boundaries of a packed batch of one row, like FlashAttention's), the memory and the convolutions
     restart at every boundary and the returned state is the last document's. An empty ``x`` (T = 0) gives an empty
-    output and the state unchanged.
+    output and the state unchanged. With ``check_finite`` (the default) a call whose memory output or state is not
+    finite raises :class:`~titans_compose.kernels.finite.MemoryDivergedError` naming the first such token (one
+    reduction and one host synchronisation per call; switch it off for speed once a rule is known to be stable).
     """
 
     def __init__(
@@ -187,8 +190,10 @@ class NeuralMemory(nn.Module):
         *,
         eps: float = 1e-6,
         backend: str | None = None,
+        check_finite: bool = True,
     ) -> None:
         super().__init__()
+        self.check_finite = check_finite
         self.dim, self.heads, self.head_dim = dim, memory.heads, memory.head_dim
         self.config: MemoryConfig = memory_config(memory, update, registry)
         self.dispatch = MemoryBackend(backend)
@@ -294,6 +299,9 @@ class NeuralMemory(nn.Module):
         gates = self.gates(x, state)
         series = (gates.theta, gates.log_eta, gates.log_keep)
         y, memory_state = self.dispatch(q, k, v, *series, gates.memory, self.config)
+        if self.check_finite and not torch.compiler.is_compiling() and not finite_flag(y, memory_state):
+            token, cause = first_nonfinite_token(k, v, *series, gates.memory, self.config)
+            raise MemoryDivergedError(type(self).__name__, token, "of this call", cause)
         y = y.view(batch, self.heads, length, self.head_dim).transpose(1, 2)  # [B, T, H, d]
         if self.readout_norm is not None:
             y = y * torch.rsqrt(y.square().mean(-1, keepdim=True) + self.eps) * self.readout_norm

@@ -26,6 +26,7 @@ from titans_compose.graph.ir import dag_view, inputs_of
 from titans_compose.kernels import mlp as memory_mlp
 from titans_compose.kernels.config import MemoryConfig, memory_config
 from titans_compose.kernels.dispatch import BackendChoice, MemoryBackend
+from titans_compose.kernels.finite import MemoryDivergedError, finite_flag, first_nonfinite_token
 from titans_compose.kernels.state import MemoryState
 from titans_compose.nn.attention import Attention
 from titans_compose.nn.memory import InnerGates, _depthwise_causal_conv, _Gate, _logit, inner_gates
@@ -498,30 +499,55 @@ class _LayerProgram:
     def _ports(self, node: str) -> dict[str, str]:
         return next(ports for n, ports in self.program if n == node)
 
-    def run(self, x: Tensor, cur: dict[str, Any], position: int) -> Tensor:
-        """The layer's output for ``x`` [B, T, D] starting ``position`` tokens into the stream; updates ``cur``."""
+    def run(self, x: Tensor, cur: dict[str, Any], position: int, checks: list[_Check] | None) -> Tensor:
+        """The layer's output for ``x`` [B, T, D] starting ``position`` tokens into the stream; updates ``cur`` and
+        appends each memory write's finiteness check to ``checks`` (None: no checks)."""
         if self.segment is None:
-            return self._piece(x, cur, Step(position, x.shape[0]))
+            return self._piece(x, cur, Step(position, x.shape[0]), checks)
         outs, start = [], 0
         while start < x.shape[1]:
             pos = position + start
             seg_pos = pos % self.segment
             n = min(self.segment - seg_pos, x.shape[1] - start)
-            outs.append(self._piece(x[:, start : start + n], cur, Step(pos, x.shape[0], seg_pos)))
+            outs.append(self._piece(x[:, start : start + n], cur, Step(pos, x.shape[0], seg_pos), checks))
             start += n
         return torch.cat(outs, 1)
 
-    def _piece(self, x: Tensor, cur: dict[str, Any], step: Step) -> Tensor:
+    def _piece(self, x: Tensor, cur: dict[str, Any], step: Step, checks: list[_Check] | None) -> Tensor:
         env: dict[str, Any] = {self.input: x}
         for node, ports in self.program:
             module = self.modules[_key(node)]
-            out, new = module.run({port: env[src] for port, src in ports.items()}, cur.get(node), step)
+            inputs = {port: env[src] for port, src in ports.items()}
+            out, new = module.run(inputs, cur.get(node), step)
             if node in self.read_updates:
                 out, cur[self.read_updates[node]] = out
+                if checks is not None:
+                    write = inputs["state"]  # the memory sees x after any prefix (MAL's persistent tokens)
+                    first = step.position - (write.k.shape[1] - x.shape[1])
+                    checks.append(_Check(ports["state"], write, first, finite_flag(out, cur[self.read_updates[node]])))
             env[node] = out
             if module.stateful:
                 cur[node] = new
         return env[self.output]
+
+
+@dataclass(frozen=True)
+class _Check:
+    """One memory write of a forward pass: its node, inputs, the stream position of its first memory token and
+    whether its output and state are finite (a 0-d tensor, read once per forward with the others)."""
+
+    node: str
+    write: _Write
+    first: int
+    finite: Tensor
+
+    def error(self) -> MemoryDivergedError:
+        """The error for this write, naming its first token whose memory weights are not finite."""
+        w = self.write
+        token, cause = first_nonfinite_token(w.k, w.v, *w.series, w.gates.memory, w.node.config)
+        if token is not None and self.first + token < 0:  # MAL: one of the persistent tokens written first
+            return MemoryDivergedError(self.node, token, "of the memory's input (a persistent token)", cause)
+        return MemoryDivergedError(self.node, None if token is None else self.first + token, "of the stream", cause)
 
 
 def _component(node: str, data: dict) -> str:
@@ -543,7 +569,13 @@ def _component(node: str, data: dict) -> str:
 
 class TitansLM(nn.Module):
     """The language model of a checked graph: one module per node (``self.nodes``, keyed by node id with ``.`` as
-    ``__``), run in topological order. ``forward(tokens, state=None) -> LMOutput``."""
+    ``__``), run in topological order. ``forward(tokens, state=None) -> LMOutput``.
+
+    With ``check_finite`` (the default) every forward folds each memory layer's output and state into one finiteness
+    flag, read once at the end (one host synchronisation per forward); if one is not finite it raises
+    :class:`~titans_compose.kernels.finite.MemoryDivergedError` naming the first such layer and the first token of
+    the stream whose memory weights are not finite (found by running that layer's write again). Set it to False to
+    skip the check; it is skipped under torch.compile / torch.export."""
 
     def __init__(self, graph: nx.DiGraph, loaded: LoadedSpec) -> None:
         super().__init__()
@@ -566,6 +598,7 @@ class TitansLM(nn.Module):
                 embedding = module.embedding
             self.nodes[_key(node)] = module
         self.vocab_size = loaded.spec.model.vocab_size
+        self.check_finite = True
         self.layers = [_LayerProgram(graph, rec, order, self.nodes) for rec in records]
 
         def unit(n: str) -> Any:
@@ -612,12 +645,13 @@ class TitansLM(nn.Module):
             return LMOutput(logits, self.initial_state(tokens.shape[0]) if state is None else state)
         position = 0 if state is None else state.position
         cur: dict[str, Any] = {} if state is None else dict(state.nodes)
+        checks: list[_Check] | None = None if torch.compiler.is_compiling() or not self.check_finite else []
         env: dict[str, Any] = {}
         step = Step(position, tokens.shape[0])
         for unit in self.plan:
             if isinstance(unit, tuple):
                 program = self.layers[unit[1]]
-                env[program.output] = program.run(env[program.input], cur, position)
+                env[program.output] = program.run(env[program.input], cur, position, checks)
                 continue
             op = self._graph_info[unit]["op"]
             if op == "input":
@@ -627,6 +661,10 @@ class TitansLM(nn.Module):
             else:
                 inputs = {port: env[src] for port, src in self.ports[unit].items()}
                 env[unit] = self.nodes[_key(unit)].run(inputs, None, step)[0]
+        if checks and not torch.stack([c.finite for c in checks]).all():
+            # a layer fed by a diverged one fails too, later in the stream: report the earliest token
+            errors = [c.error() for c in checks if not c.finite]
+            raise min(errors, key=lambda e: (e.token is None, e.where == "of the stream", e.token or 0))
         return LMOutput(env[self.output], ModelState(position + tokens.shape[1], tokens.shape[0], cur))
 
     @torch.no_grad()
