@@ -160,10 +160,15 @@ PER_CHUNK_GATES = [f"update.{g}.gate=per_chunk" for g in ("lr", "momentum", "for
 )
 def test_streaming_with_per_chunk_gates(tmp_path, kind, sizes):
     """Per-chunk lr, momentum and forget gates with per-chunk retrieval (causal: a token reads only completed
-    chunks): pieces ending anywhere inside chunks stream exactly like one call, and the carried states agree."""
+    chunks): pieces ending anywhere inside chunks stream exactly like one call, the carried states agree, and
+    generation token by token from the cache picks what recomputation picks."""
     model, _ = build(tmp_path, kind, [*PER_CHUNK_GATES, "memory.retrieval=per_chunk"])
     randomise_gates(model)
-    assert_streams_like_one_call(model, tokens(2, sum(sizes), seed=len(sizes)), sizes)
+    toks = tokens(2, sum(sizes), seed=len(sizes))
+    assert_streams_like_one_call(model, toks, sizes)
+    out = model.generate(toks[:, :5], 6)
+    with torch.no_grad():
+        assert torch.equal(out[:, 5:], model(out[:, :-1]).logits[:, 4:].argmax(-1))
 
 
 @pytest.mark.parametrize(("kind", "sizes"), [("mac", [4, 8, 4]), ("mag", [8, 4, 4]), ("mal", [2, 4, 8, 2])])
