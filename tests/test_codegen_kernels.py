@@ -138,10 +138,12 @@ def errors(cfg, got, want) -> dict[str, float]:
     return out
 
 
-def check(cfg, T=21, pieces=None, seed=0) -> None:
+def check(cfg, T=21, pieces=None, seed=0, zero_keys=()) -> None:
     """The kernel path (in ``pieces``) against the float64 chunked path, within TOL or ERROR_RATIO times the float32
-    chunked path's own error."""
+    chunked path's own error; the tokens ``zero_keys`` have zero keys."""
     inputs = make_inputs(cfg, T=T, N=2, seed=seed, requires_grad=True, theta_max=0.1)
+    with torch.no_grad():
+        inputs[1][:, list(zero_keys)] = 0.0
     *series, weights = inputs
     y_ref, s_ref = chunked_memory(*series, MemoryState.initial(weights, cfg.momentum), cfg)
     leaves = [t for t in (*series, *weights) if t is not None]
@@ -271,6 +273,17 @@ def test_clipped_kernel_matches_chunked(case, monkeypatch):
     cfg = config(**case)
     assert kernel_key(cfg, "float32").grad_clip == case["grad_clip"]
     check(cfg, seed=sum(map(ord, str(case))) % 83)
+
+
+@pytest.mark.parametrize("tiled", [False, True])
+def test_clipped_kernel_with_a_zero_inner_gradient(tiled, monkeypatch):
+    """Tokens with zero keys have a zero inner gradient, ||g_t|| = 0 in the clip factor: the kernels' clip keeps
+    ||g_t||^2 at least the smallest normal float32 and takes the factor's derivative only where the clip acts, so
+    their gradients stay finite (``errors`` asserts it) and match the chunked path."""
+    if tiled:
+        force_tiles(monkeypatch)
+    cfg = config(depth=2, hidden=40 if tiled else 24, grad_clip=0.5, chunk_size=5)
+    check(cfg, T=12, seed=3, zero_keys=(0, 6, 11))
 
 
 @pytest.mark.parametrize("grad_clip", [None, 1.0])

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from titans_compose.kernels import mlp
 from titans_compose.kernels.chunked import GateTables, LastRow, chunked_memory, coefficients, segsum
 from titans_compose.kernels.config import MemoryConfig
+from titans_compose.kernels.dispatch import MemoryBackend
 from titans_compose.kernels.reference import reference_memory
 from titans_compose.kernels.state import MemoryState
 from titans_compose.registry.rules import ACTIVATIONS, LOSSES, OPTIMIZERS, RETENTIONS, HuberParams, LpParams
@@ -185,7 +186,8 @@ def test_segsum_and_coefficients_in_closed_form():
     x = torch.tensor([[0.5, -1.0, 2.0]], dtype=F64)
     s = segsum(x)[0]
     assert s[2, 0].item() == pytest.approx(1.0) and s[1, 1].item() == 0 and s[0, 1].item() == float("-inf")
-    theta, log_eta, log_keep = (torch.rand(1, 4, dtype=F64) for _ in range(3))
+    g = torch.Generator().manual_seed(0)
+    theta, log_eta, log_keep = (torch.rand(1, 4, generator=g, dtype=F64) for _ in range(3))
     log_eta, log_keep = log_eta.log(), log_keep.log()
     c = coefficients(theta, log_eta, log_keep)
     eta, keep = log_eta.exp()[0], log_keep.exp()[0]
@@ -261,7 +263,7 @@ def test_large_chunk_without_momentum_or_forget_is_minibatch_gd():
 
 
 @pytest.mark.parametrize("fn", [chunked_memory, reference_memory], ids=["chunked", "reference"])
-@pytest.mark.parametrize("cuts", [[5, 9, 23], [1] * 23, [16, 7], [4, 4, 4, 11]])
+@pytest.mark.parametrize("cuts", [[5, 9, 23], [1] * 23, [16, 7], [4, 4, 4, 11], [0, 5, 0, 9, 9, 0]])
 def test_pieces_carrying_state_equal_one_call(fn, cuts):
     cfg = make_cfg(2, chunk_size=4, residual=True, output_norm=True)
     q, k, v, theta, log_eta, log_keep, weights = make_inputs(cfg, T=sum(cuts))
@@ -276,6 +278,36 @@ def test_pieces_carrying_state_equal_one_call(fn, cuts):
     assert state.pending_len == whole_state.pending_len
     for a, b in zip(state.weights, whole_state.weights, strict=True):
         assert rel(a, b) < 1e-10
+
+
+def assert_same_state(a: MemoryState, b: MemoryState) -> None:
+    """Equal weights, momentum and pending tokens (values, not identity)."""
+    assert a.pending_len == b.pending_len
+    pending = [] if a.pending is None else zip(vars(a.pending).values(), vars(b.pending).values(), strict=True)
+    pairs = [*zip(a.weights, b.weights, strict=True), *zip(a.momentum or (), b.momentum or (), strict=True), *pending]
+    assert all((x is None and y is None) or torch.equal(x, y) for x, y in pairs)
+
+
+@pytest.mark.parametrize(
+    "fn", [chunked_memory, reference_memory, MemoryBackend("chunked")], ids=["chunked", "reference", "dispatch"]
+)
+def test_empty_input_gives_empty_output_and_the_state_unchanged(fn):
+    """T = 0, on a fresh state and with 2 pending tokens; and a batch of 0 rows."""
+    cfg = make_cfg(2, chunk_size=4)
+    q, k, v, theta, log_eta, log_keep, weights = make_inputs(cfg, T=6)
+    fresh = MemoryState.initial(weights, True)
+    _, pending = fn(q, k, v, theta, log_eta, log_keep, fresh, cfg)
+    assert pending.pending_len == 2
+    for state in (fresh, pending):
+        none = slice(0, 0)
+        y, after = fn(
+            q[:, none], k[:, none], v[:, none], theta[:, none], log_eta[:, none], log_keep[:, none], state, cfg
+        )
+        assert y.shape == (3, 0, cfg.head_dim)
+        assert_same_state(after, state)
+    rows = make_inputs(cfg, T=6, N=0)
+    y, state = run(fn, cfg, *rows)
+    assert y.shape == (0, 6, cfg.head_dim) and state.pending_len == 2 and state.weights[0].shape[0] == 0
 
 
 def recall_error(cfg: MemoryConfig, pairs: int, theta: float, passes: int, seed: int = 0) -> tuple[float, ...]:

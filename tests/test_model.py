@@ -11,8 +11,11 @@ import torch.nn.functional as F
 import yaml
 
 from tests.conftest import SPECS, shipped_specs
+from tests.test_neural_memory import DIVERGING
 from titans_compose.graph import compile_graph
-from titans_compose.nn.model import LMOutput, ModelState, TitansLM
+from titans_compose.kernels.dispatch import MemoryBackend
+from titans_compose.kernels.finite import MemoryDivergedError
+from titans_compose.nn.model import LMOutput, MemoryGates, MemoryWrite, ModelState, TitansLM
 from titans_compose.registry import new_registry
 from titans_compose.spec import load_spec
 
@@ -124,14 +127,58 @@ def test_mac_without_causal_memory_tokens_sees_later_tokens_of_its_segment(tmp_p
 )
 def test_streaming_in_pieces_equals_one_call(tmp_path, kind, sizes):
     model, _ = build(tmp_path, kind)
-    toks = tokens(2, sum(sizes), seed=sum(sizes) + len(sizes))
+    assert_streams_like_one_call(model, tokens(2, sum(sizes), seed=sum(sizes) + len(sizes)), sizes)
+
+
+def assert_streams_like_one_call(model: TitansLM, toks: torch.Tensor, sizes: list[int]) -> None:
+    """``toks`` in pieces of ``sizes`` give one call's logits (float64: 1e-10 covers summation order), and the
+    carried states continue alike."""
     full = model(toks)
     pieces, state = run_pieces(model, toks, sizes)
     assert (pieces - full.logits).abs().max() < 1e-10
     assert state.position == full.state.position == toks.shape[1]
-    nxt = tokens(2, 3, seed=5)  # the carried states agree too
+    nxt = tokens(2, 3, seed=5)
     a, b = model(nxt, state).logits, model(nxt, full.state).logits
     assert (a - b).abs().max() < 1e-10
+
+
+def randomise_gates(model: TitansLM, scale: float = 0.3) -> None:
+    """Gate projections start at zero (every gate at its initial value, so a per-chunk mean changes nothing); give
+    them data dependence."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, MemoryGates):
+                for gate in (module.lr_gate, module.momentum_gate, module.forget_gate):
+                    gate.proj.weight.normal_(0, scale, generator=torch.Generator().manual_seed(4))
+
+
+PER_CHUNK_GATES = [f"update.{g}.gate=per_chunk" for g in ("lr", "momentum", "forget")]
+
+
+@pytest.mark.parametrize(
+    ("kind", "sizes"), [("mac", [1, 2, 5, 9]), ("mag", [3, 1, 6, 4]), ("mal", [1, 6, 2, 5]), ("lmm", [5, 1, 3, 5])]
+)
+def test_streaming_with_per_chunk_gates(tmp_path, kind, sizes):
+    """Per-chunk lr, momentum and forget gates with per-chunk retrieval (causal: a token reads only completed
+    chunks): pieces ending anywhere inside chunks stream exactly like one call, the carried states agree, and
+    generation token by token from the cache picks what recomputation picks."""
+    model, _ = build(tmp_path, kind, [*PER_CHUNK_GATES, "memory.retrieval=per_chunk"])
+    randomise_gates(model)
+    toks = tokens(2, sum(sizes), seed=len(sizes))
+    assert_streams_like_one_call(model, toks, sizes)
+    out = model.generate(toks[:, :5], 6)
+    with torch.no_grad():
+        assert torch.equal(out[:, 5:], model(out[:, :-1]).logits[:, 4:].argmax(-1))
+
+
+@pytest.mark.parametrize(("kind", "sizes"), [("mac", [4, 8, 4]), ("mag", [8, 4, 4]), ("mal", [2, 4, 8, 2])])
+def test_per_chunk_gates_read_after_stream_exactly_in_whole_chunks(tmp_path, kind, sizes):
+    """With ``after`` retrieval one call's output at a token reads the mean gate over its whole chunk, later tokens
+    included (TCW03): a piece ending inside a chunk cannot know them, and its outputs feed the next layer's memory.
+    Pieces ending on chunk boundaries (MAL's memory sees its 2 persistent tokens first) stream exactly."""
+    model, _ = build(tmp_path, kind, [*PER_CHUNK_GATES, "memory.retrieval=after"])
+    randomise_gates(model)
+    assert_streams_like_one_call(model, tokens(2, sum(sizes), seed=len(sizes)), sizes)
 
 
 @pytest.mark.parametrize("kind", VARIANTS)
@@ -190,8 +237,10 @@ def test_mac_reads_the_memory_as_it_was_at_the_segment_start(tmp_path):
 
 @pytest.mark.parametrize("kind", VARIANTS)
 def test_state_is_bounded(tmp_path, kind):
-    """The memory state is O(1) in the stream length and the attention cache is bounded by the window / segment."""
-    model, _ = build(tmp_path, kind)
+    """The memory state is O(1) in the stream length and the attention cache is bounded by the window / segment.
+    With the inner gradient clip: without it the tiny MAC's second memory diverges at token 41 (its weights grow
+    from 4 at token 19 to 1e69 at token 39), which the model reports."""
+    model, _ = build(tmp_path, kind, ["update.grad_clip=1.0"])
 
     def size(state: ModelState) -> int:
         leaves = [state.nodes]
@@ -230,7 +279,6 @@ def test_initial_state_and_detach(tmp_path):
     [
         (torch.zeros(2, 5), "LongTensor"),
         (torch.zeros(5, dtype=torch.long), "LongTensor"),
-        (torch.zeros(2, 0, dtype=torch.long), "LongTensor"),
         (torch.full((2, 5), VOCAB), "token ids"),
     ],
 )
@@ -238,6 +286,106 @@ def test_bad_tokens(tmp_path, bad, message):
     model, _ = build(tmp_path, "lmm")
     with pytest.raises(ValueError, match=message):
         model(bad)
+
+
+@pytest.mark.parametrize("kind", VARIANTS)
+def test_empty_input_and_an_empty_batch(tmp_path, kind):
+    """T = 0 gives empty logits and leaves the stream where it was (fresh, or inside a chunk and a segment); a
+    batch of 0 rows runs forward, streaming and generation."""
+    model, _ = build(tmp_path, kind, [*PER_CHUNK_GATES, "memory.retrieval=per_chunk"])
+    toks = tokens(2, 11)
+    empty = model(toks[:, :0])
+    assert empty.logits.shape == (2, 0, VOCAB) and empty.state.position == 0 and empty.state.batch == 2
+    first = model(toks[:, :5])  # inside a chunk (4) and a MAC segment (8)
+    same = model(toks[:, :0], first.state)
+    assert same.logits.shape == (2, 0, VOCAB) and same.state is first.state
+    rest = model(toks[:, 5:], same.state).logits
+    assert (torch.cat([first.logits, rest], 1) - model(toks).logits).abs().max() < 1e-10
+    rows = tokens(0, 11)
+    assert model(rows).logits.shape == (0, 11, VOCAB)
+    pieces, state = run_pieces(model, rows, [5, 0, 6])
+    assert pieces.shape == (0, 11, VOCAB) and state.position == 11
+    assert model.generate(rows[:, :3], 4).shape == model.generate(rows[:, :3], 4, temperature=1.0).shape == (0, 7)
+    assert model.generate(toks[:, :0], 0).shape == (2, 0)
+    with pytest.raises(ValueError, match="at least one token"):
+        model.generate(toks[:, :0], 2)
+
+
+def first_nonfinite(logits: torch.Tensor) -> int:
+    """The first position whose logits are not all finite, in any row."""
+    return int((~logits.isfinite()).any(-1).any(0).nonzero()[0])
+
+
+def test_a_diverging_memory_stops_the_model_at_its_layer_and_token(tmp_path):
+    """A rule the spec admits whose recurrence diverges (matrix memory, momentum 0.9, theta 5; float32): the forward
+    raises MemoryDivergedError naming the layer and the first token whose memory weights W_t are not finite. With
+    the check off and the sequential reference backend (which forms every W_t and reads it) the logits turn
+    non-finite exactly there. (The chunked read of a token inside a chunk never forms W_t, so it may stay finite a
+    token longer.) Streaming names the same stream token from the piece holding it; generation raises too."""
+    model, _ = build(tmp_path, "lmm", DIVERGING, dtype=torch.float32)
+    toks = tokens(2, 300)
+    with pytest.raises(MemoryDivergedError) as caught:
+        model(toks)
+    model.check_finite = False
+    for module in model.modules():
+        if isinstance(module, MemoryWrite):
+            module.dispatch = MemoryBackend("reference")
+    first = first_nonfinite(model(toks).logits)
+    layer = caught.value.layer  # here the second layer's memory diverges first: the earliest token is reported
+    assert layer in ("L0.memory.write", "L1.memory.write") and caught.value.token == first and 0 < first < 300
+    assert f"from token {first} of the stream" in str(caught.value) and "update.grad_clip" in str(caught.value)
+    model.check_finite = True
+    state = model(toks[:, : first - 5]).state
+    with pytest.raises(MemoryDivergedError, match=f"{layer}: the memory weights are not finite from token {first} "):
+        model(toks[:, first - 5 :], state)
+    with pytest.raises(MemoryDivergedError):
+        model.generate(toks[:, : first - 1], 3)
+
+
+def test_training_stops_at_a_diverging_memory(tmp_path, runner):
+    """``train`` stops before any update with a TrainingError naming the step, the layer and the token, and the CLI
+    says so with exit status 1 (a user error, not an internal one)."""
+    from titans_compose.cli.main import cli
+    from titans_compose.train.data import Batch
+    from titans_compose.train.loop import TrainingError, train
+
+    model, _ = build(tmp_path, "lmm", DIVERGING, dtype=torch.float32)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(
+        TrainingError, match=r"^step 1: memory layer L\d\.memory\.write: .* from token \d+ of the stream"
+    ):
+        train(model, lambda step: Batch(tokens(2, 300, seed=step)), steps=2, progress=False)
+    assert all(torch.equal(a, b.detach()) for a, b in zip(before, model.parameters(), strict=True))
+    spec = tmp_path / "lmm.yaml"
+    (tmp_path / "text.txt").write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    args = ["train", str(spec), "--data", str(tmp_path / "text.txt"), "--steps", "2", "--batch", "2"]
+    args += ["--seq-len", "300", "--no-progress", "-o", str(tmp_path / "run")]
+    overrides = [*DIVERGING, "model.vocab_size=256"]  # byte-level text
+    result = runner.invoke(cli, args + [arg for o in overrides for arg in ("--set", o)])
+    assert result.exit_code == 1, result.output
+    assert "step 1: memory layer L" in result.output and "internal error" not in result.output
+
+
+def test_training_stops_at_a_non_finite_gradient():
+    """A finite loss with a NaN gradient (sqrt's derivative at 0 times 0) stops training before the update, with
+    or without gradient clipping, instead of writing NaN into the weights."""
+    from titans_compose.train.data import Batch
+    from titans_compose.train.loop import TrainingError, train
+
+    class Model(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.root = torch.nn.Parameter(torch.zeros(()))
+            self.logits = torch.nn.Parameter(torch.zeros(VOCAB))
+
+        def forward(self, toks):
+            return LMOutput(self.logits + 0 * self.root.sqrt() + toks[..., None] * 0, None)
+
+    for clip in (1.0, None):
+        model = Model()
+        with pytest.raises(TrainingError, match="the gradient norm is nan at step 1"):
+            train(model, lambda step: Batch(tokens(2, 5)), steps=2, grad_clip=clip, progress=False)
+        assert model.logits.eq(0).all()
 
 
 def test_state_from_another_batch(tmp_path):

@@ -4,11 +4,14 @@ checkpointing, and finiteness on long and extreme inputs."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from tests.conftest import SPECS
 from titans_compose.kernels.dispatch import ENV_VAR, choose_backend
+from titans_compose.kernels.finite import MemoryDivergedError
 from titans_compose.nn import NeuralMemory
 from titans_compose.registry import new_registry
 from titans_compose.spec import load_spec
@@ -55,6 +58,7 @@ def x_of(length, batch=2, dim=24, seed=1, dtype=F64):
 def test_builds_from_every_memory_spec(spec):
     registry = new_registry()
     loaded = load_spec(SPECS / spec, registry=registry)
+    torch.manual_seed(0)
     module = NeuralMemory.from_block(loaded.spec.blocks[0], loaded.spec.model, registry)
     y, state = module(torch.randn(1, 20, loaded.spec.model.dim))
     assert y.shape == (1, 20, loaded.spec.model.dim) and torch.isfinite(y).all()
@@ -94,16 +98,39 @@ def test_module_backends_agree_for_every_gate_granularity(granularity, retrieval
 def test_per_chunk_gates_are_constant_within_a_chunk():
     module = build(["update.forget.gate=per_chunk", "update.lr.gate=per_chunk"])
     randomise_gates(module)
-    theta, _, log_keep = module.gates(x_of(10), offset=0)
-    for series in (theta, log_keep):
+    gates = module.gates(x_of(10))
+    for series in (gates.theta, gates.log_keep):
         chunks = series.split(4, dim=1)  # chunk 4: tokens 0-3, 4-7, 8-9
         assert all(torch.allclose(c, c[:, :1].expand_as(c)) for c in chunks)
         assert not torch.allclose(chunks[0][:, 0], chunks[1][:, 0])
 
 
+def test_per_chunk_gates_are_float64_means():
+    """Per-chunk gates in a float64 module are the chunk means of the per-token gate values to rounding (1e-14
+    relative): a float32 step anywhere (e.g. the log of an integer count, which torch computes in float32) is off
+    by ~1e-8. Chunk 4 over 6 + 5 tokens: full chunks, a chunk split between the calls, a partial last chunk."""
+    module = build([f"update.{g}.gate=per_chunk" for g in ("lr", "momentum", "forget")])
+    randomise_gates(module)
+    x = x_of(11)
+    values = {  # per-token gate values [B, T, H]: theta, eta, 1 - alpha
+        "theta": module.max_lr * torch.sigmoid(module.lr_gate(x)),
+        "log_eta": torch.sigmoid(module.momentum_gate(x)),
+        "log_keep": torch.sigmoid(-module.forget_gate(x)),
+    }
+    _, state = module(x[:, :6])
+    first, second = module.gates(x[:, :6]), module.gates(x[:, 6:], state)
+    for name, per_token in values.items():
+        means = torch.cat([c.mean(1, keepdim=True).expand_as(c) for c in per_token.split(4, 1)], 1)
+        want = means.transpose(1, 2).reshape(-1, 11)
+        got = torch.cat([getattr(first, name)[:, :4], getattr(second.memory.pending, name), getattr(second, name)], 1)
+        assert got.dtype == F64
+        assert rel(got if name == "theta" else got.exp(), want) < 1e-14, name
+
+
 def test_gate_initial_values_follow_the_spec():
     module = build(["update.forget.half_life=100", "update.lr.init=0.05", "update.momentum.init=0.8"])
-    theta, log_eta, log_keep = module.gates(x_of(3), offset=0)
+    gates = module.gates(x_of(3))
+    theta, log_eta, log_keep = gates.theta, gates.log_eta, gates.log_keep
     assert torch.allclose(theta, torch.full_like(theta, 0.05))
     assert torch.allclose(log_eta.exp(), torch.full_like(log_eta, 0.8))
     assert torch.allclose(log_keep.exp(), torch.full_like(log_keep, 2 ** (-1 / 100)))  # alpha_0 = 1 - 2^(-1/100)
@@ -122,6 +149,129 @@ def test_streaming_equals_one_call(cuts):
         outs.append(y)
         start += n
     assert rel(torch.cat(outs, 1), whole) < 1e-10
+
+
+def stream(module, x, cuts, state=None):
+    """The outputs of ``x`` fed in pieces of the lengths ``cuts``, one list entry per piece, and the final state."""
+    outs, start = [], 0
+    for n in cuts:
+        y, state = module(x[:, start : start + n], state)
+        outs.append(y)
+        start += n
+    return outs, state
+
+
+def assert_same_memory_state(a, b, tol=1e-12):
+    """Two NeuralMemoryStates carry the same weights, momentum, pending tokens and per-chunk gate values."""
+    for x, y in zip(
+        a.memory.weights + (a.memory.momentum or ()), b.memory.weights + (b.memory.momentum or ()), strict=True
+    ):
+        assert rel(x, y) < tol
+    assert a.memory.pending_len == b.memory.pending_len
+    if a.memory.pending is not None:
+        for x, y in zip(vars(a.memory.pending).values(), vars(b.memory.pending).values(), strict=True):
+            assert (x is None) == (y is None) and (x is None or rel(x, y) < tol)
+    assert (a.gates is None) == (b.gates is None)
+    for name in a.gates or {}:
+        assert rel(a.gates[name], b.gates[name]) < tol
+
+
+@pytest.mark.parametrize("gate", ["lr", "momentum", "forget"])
+@pytest.mark.parametrize("retrieval", ["per_chunk", "after", "before"])
+def test_streaming_with_a_per_chunk_gate(gate, retrieval):
+    """A per-chunk gate is the mean over its chunk, which a call ending mid-chunk has only partly seen: the earlier
+    tokens' gate values travel in the state, so a chunk completed in a later call is folded with the mean one call
+    takes (the state equals one call's) and every piece's output equals one call's over the stream up to the
+    piece's end. With per-chunk retrieval a token reads only completed chunks, so the pieces equal one call over the
+    whole stream. With after / before, one call's output at a token already reads the mean over the later tokens of
+    its chunk (the spec warns, TCW03); no stream can know those before they come, so only pieces ending on a chunk
+    boundary (8 and 16 here, chunk 4) match the whole stream's outputs. Float64; 1e-10 covers summation order."""
+    module = build([f"update.{gate}.gate=per_chunk", f"memory.retrieval={retrieval}"])
+    randomise_gates(module)
+    cuts = [6, 2, 3, 5, 3]
+    x = x_of(sum(cuts))
+    whole, whole_state = module(x)
+    outs, state = stream(module, x, cuts)
+    assert_same_memory_state(state, whole_state, tol=1e-10)
+    end = 0
+    for n, y in zip(cuts, outs, strict=True):
+        end += n
+        assert rel(y, module(x[:, :end])[0][:, end - n :]) < 1e-10, end
+        if retrieval == "per_chunk" or end % 4 == 0:
+            assert rel(y, whole[:, end - n : end]) < 1e-10, end
+    nxt = x_of(5, seed=7)  # the carried states continue alike
+    assert rel(module(nxt, state)[0], module(nxt, whole_state)[0]) < 1e-10
+
+
+def test_a_chunk_split_between_calls_takes_one_mean():
+    """The issue's case: chunk 4..7 split after token 5. Its four tokens fold with the same theta, the mean one call
+    takes, and the gradient through the streamed pieces equals one call's (per-chunk retrieval, so the outputs are
+    the same function of the parameters)."""
+    module = build(["update.lr.gate=per_chunk", "memory.retrieval=per_chunk"])
+    randomise_gates(module)
+    x = x_of(12)
+    one = module.gates(x).theta[:, 4:8]
+    _, state = module(x[:, :6])
+    second = module.gates(x[:, 6:8], state)
+    streamed = torch.cat([second.memory.pending.theta, second.theta], 1)
+    assert rel(streamed, one) < 1e-14 and rel(one, one[:, :1].expand_as(one)) < 1e-14
+    grads = []
+    for outs in ([module(x)[0]], stream(module, x, [6, 3, 3])[0]):
+        weight = module.lr_gate.proj.weight
+        (grad,) = torch.autograd.grad(torch.cat(outs, 1).square().sum(), weight)
+        grads.append(grad)
+    assert grads[0].abs().sum() > 0 and rel(*grads) < 1e-10
+
+
+def test_a_state_without_its_per_chunk_gate_values_is_refused():
+    module = build(["update.forget.gate=per_chunk"])
+    _, state = module(x_of(6))
+    with pytest.raises(ValueError, match="pending tokens but not their per-chunk forget gate values"):
+        module(x_of(3), dataclasses.replace(state, gates=None))
+
+
+def test_empty_input_and_an_empty_batch():
+    """T = 0 gives an empty output and the state unchanged, fresh or with pending tokens (and per-chunk gate values,
+    and convolution history); a batch of 0 rows runs and streams."""
+    module = build(["update.lr.gate=per_chunk"])
+    y, state = module(x_of(0))
+    assert y.shape == (2, 0, 24) and state.memory.pending_len == 0
+    _, state = module(x_of(6))
+    y, same = module(x_of(0), state)
+    assert y.shape == (2, 0, 24) and same is state
+    y, state = module(x_of(6, batch=0))
+    assert y.shape == (0, 6, 24) and state.memory.pending_len == 2
+    assert module(x_of(3, batch=0), state)[0].shape == (0, 3, 24)
+    assert module(x_of(0, batch=1), cu_seqlens=[0, 0])[0].shape == (1, 0, 24)
+
+
+#: a rule the spec admits whose recurrence diverges: a matrix memory (no output LayerNorm, which bounds the
+#: gradient) with momentum 0.9 and theta 5 on unit keys
+DIVERGING = [
+    *("memory.depth=1", "memory.residual=false", "memory.output_norm=false", "update.forget=off"),
+    *("update.momentum.init=0.9", "update.lr.max_lr=10", "update.lr.init=5"),
+]
+
+
+@pytest.mark.parametrize("retrieval", ["after", "per_chunk"])
+def test_a_diverging_memory_is_reported_with_its_first_token(retrieval):
+    """Float32, 300 tokens: the weights overflow at token ~108. The module raises MemoryDivergedError at the first
+    token whose weights W_t are not finite: where the sequential reference's output (which forms and reads every
+    W_t) turns non-finite with ``after`` retrieval, and within the chunk before that with per-chunk retrieval
+    (which reads W_t only from the next chunk on); switched off, the module returns the non-finite output."""
+    module = build([*DIVERGING, f"memory.retrieval={retrieval}", "memory.out_proj=false"], dtype=torch.float32)
+    x = x_of(300, dtype=torch.float32)
+    with pytest.raises(MemoryDivergedError, match="the memory weights are not finite from token") as caught:
+        module(x)
+    reference = build([*DIVERGING, f"memory.retrieval={retrieval}", "memory.out_proj=false"], backend="reference")
+    reference.load_state_dict(module.state_dict())
+    reference = reference.float()
+    reference.check_finite, reference.readout_norm = False, None
+    y = reference(x)[0].view(2, 300, 2, 6)
+    after = module.config.retrieval == "after"
+    first = int((~y.isfinite()).flatten(2).any(-1).any(0).nonzero()[0])
+    assert caught.value.layer == "NeuralMemory" and 0 < caught.value.token < 300
+    assert caught.value.token == first if after else first - module.config.chunk_size <= caught.value.token < first
 
 
 def test_document_boundaries_reset_the_memory():
@@ -207,6 +357,7 @@ def test_depthwise_causal_conv_equals_grouped_conv1d(kernel):
     from titans_compose.nn.memory import _depthwise_causal_conv
 
     channels, length = 6, 11
+    torch.manual_seed(kernel)
     conv = torch.nn.Conv1d(channels, channels, kernel, groups=channels, bias=False).to(F64)
     full = torch.randn(2, kernel - 1 + length, channels, dtype=F64, requires_grad=True)
     ours = _depthwise_causal_conv(full, conv.weight[:, 0, :])

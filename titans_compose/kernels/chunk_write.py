@@ -54,12 +54,25 @@ def supported(cfg: MemoryConfig) -> bool:
     return os.environ.get(ENV_VAR, "manual") != "autograd"
 
 
+def clip_floor(max_norm: float, dtype: torch.dtype) -> float:
+    """max_norm^2, kept within ``dtype``'s normal range: a squared gradient norm below it leaves the clip factor at 1
+    (up to the range limit: below the smallest normal number the factor is max_norm / sqrt(tiny))."""
+    info = torch.finfo(dtype)
+    return min(max(max_norm**2, info.tiny), info.max)
+
+
+def clip_factor(sq: Tensor, max_norm: float) -> Tensor:
+    """min(1, max_norm / sqrt(sq)) per token from the squared gradient norm ``sq``, computed from ``sq`` clamped below
+    at :func:`clip_floor`, where the factor is 1 anyway: a zero gradient (a zero key, or a value the memory already
+    returns) never takes 1/sqrt(0), whose infinite derivative times the clamp's zero is NaN under autograd."""
+    return (max_norm * sq.clamp_min(clip_floor(max_norm, sq.dtype)).rsqrt()).clamp(max=1.0)
+
+
 def clip_scale(inputs: list[Tensor], deltas: list[Tensor], max_norm: float) -> tuple[Tensor, Tensor]:
     """Per-token factor min(1, max_norm / ||g_t||) with ||g_t||^2 = sum_l ||delta_l||^2 ||a_l||^2 (the token's
-    gradient over all layers), and ||g_t||^2 itself (plus the smallest normal number, which keeps it positive)."""
+    gradient over all layers), and ||g_t||^2 itself."""
     sq = sum(d.square().sum(-1) * a.square().sum(-1) for a, d in zip(inputs, deltas, strict=True))
-    sq = sq + torch.finfo(sq.dtype).tiny
-    return (max_norm * sq.rsqrt()).clamp(max=1.0), sq
+    return clip_factor(sq, max_norm), sq
 
 
 def _col(x: Tensor) -> Tensor:
@@ -237,9 +250,10 @@ class _ChunkWrite(torch.autograd.Function):
             if g_scale_out is not None:
                 g_scale = g_scale + g_scale_out
             g_c, g_e = g_c * scale, None if e_raw is None else g_e * scale
-            # ds/d(sq) = -s / (2 sq) where the clip acts; d(sq)/d delta_l = 2 ||a_l||^2 delta_l, and likewise for a_l
-            acts = cfg.grad_clip * sq.rsqrt() <= 1.0
-            coef = torch.where(acts, -g_scale * scale / sq, 0.0).unsqueeze(-1)
+            # ds/d(sq) = -s / (2 sq) where the clip acts (sq above the floor: never sq = 0); d(sq)/d delta_l =
+            # 2 ||a_l||^2 delta_l, and likewise for a_l
+            floor = clip_floor(cfg.grad_clip, sq.dtype)
+            coef = torch.where(sq >= floor, -g_scale * scale / sq.clamp_min(floor), 0.0).unsqueeze(-1)
             for i in range(n):
                 a, d = inputs[i], deltas[i]
                 g_deltas[i] = torch.addcmul(g_deltas[i], d, coef * a.square().sum(-1, keepdim=True))

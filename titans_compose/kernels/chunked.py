@@ -272,8 +272,11 @@ def chunked_memory(
     ``q, k, v``: [N, T, d]; ``theta``: inner learning rates [N, T]; ``log_eta``: log momentum decay (None
     without momentum); ``log_keep``: log(1 - alpha) of the forget gate (None without forgetting), which the
     retention rule turns into the weights' decay (:func:`log_factor`). Tokens continue the chunk left
-    unfinished in ``state``; a chunk this call leaves unfinished is returned as pending.
+    unfinished in ``state``; a chunk this call leaves unfinished is returned as pending. No tokens (T = 0): an empty
+    output and ``state`` itself.
     """
+    if q.shape[1] == 0:  # nothing to read or write: an unfinished chunk waits for more tokens
+        return q[:, :0], state
     p = state.pending_len
     k, v, theta, log_eta, log_keep = resume(state, k, v, theta, log_eta, log_keep)
     q = with_read_rows(q, p)

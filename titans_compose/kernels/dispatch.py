@@ -104,6 +104,8 @@ class MemoryBackend:
         state: Any,
         cfg: MemoryConfig,
     ) -> Any:
+        if q.shape[1] == 0:  # no tokens: no backend runs, and the state is unchanged
+            return q[:, :0], state
         self.choice = self.resolve(q, cfg)
         return self.choice.fn(q, k, v, theta, log_eta, log_keep, state, cfg)
 

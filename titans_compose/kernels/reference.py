@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from titans_compose.kernels import mlp
+from titans_compose.kernels.chunk_write import clip_factor
 from titans_compose.kernels.config import MemoryConfig
 from titans_compose.kernels.state import MemoryState, Pending, resume
 
@@ -56,8 +57,7 @@ def reference_memory(
         g = token_gradient(w_start, k[:, t], v[:, t], cfg)
         th = theta[:, t, None, None]
         if cfg.grad_clip is not None:
-            norm = torch.sqrt(sum(gi.square().sum((-1, -2)) for gi in g))
-            th = th * (cfg.grad_clip / norm.clamp_min(torch.finfo(norm.dtype).tiny)).clamp(max=1.0)[:, None, None]
+            th = th * clip_factor(sum(gi.square().sum((-1, -2)) for gi in g), cfg.grad_clip)[:, None, None]
         if s is not None:
             eta = log_eta[:, t, None, None].exp()
             s = tuple(cfg.optimizer.step(si, gi, eta, th, None) for si, gi in zip(s, g, strict=True))

@@ -48,6 +48,11 @@ class MemoryState:
     def pending_len(self) -> int:
         return 0 if self.pending is None else len(self.pending)
 
+    def with_pending_gates(self, **series: Tensor) -> MemoryState:
+        """The same state with the named gate series of the pending tokens (``theta``, ``log_eta``, ``log_keep``)
+        replaced: a per-chunk gate is recomputed once more tokens of its chunk are known."""
+        return replace(self, pending=replace(self.pending, **series))
+
     def detach(self) -> MemoryState:
         """The same state cut from the autograd graph (for truncated backpropagation through time)."""
 

@@ -118,7 +118,7 @@ class Attention(nn.Module):
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
         """Split-head q [B, h, n, d] against k, v [B, h, m, d] with a [n, m] mask -> [B, n, dim]."""
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.out(y.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1))
+        return self.out(y.transpose(1, 2).reshape(q.shape[0], q.shape[2], y.shape[1] * y.shape[3]))
 
     def _project(self, queries: Tensor, keys: Tensor, q_pos: Tensor, k_pos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Split-head q, k, v of query sources [B, n, dim] and key sources [B, m, dim], RoPE at the positions."""

@@ -20,20 +20,25 @@ from torch import Tensor, nn
 
 from titans_compose.kernels.config import MemoryConfig, memory_config
 from titans_compose.kernels.dispatch import BackendChoice, MemoryBackend
+from titans_compose.kernels.finite import MemoryDivergedError, finite_flag, first_nonfinite_token
 from titans_compose.kernels.state import MemoryState
 from titans_compose.registry.core import Registry
 
 
 @dataclass(frozen=True)
 class NeuralMemoryState:
-    """The memory state (per batch row and head) and the causal convolutions' last inputs."""
+    """The memory state (per batch row and head), the causal convolutions' last inputs, and the per-chunk gates'
+    log values for the memory's pending tokens (see :func:`inner_gates`)."""
 
     memory: MemoryState
     conv: dict[str, Tensor] | None
+    gates: dict[str, Tensor] | None = None
 
     def detach(self) -> NeuralMemoryState:
-        conv = None if self.conv is None else {k: t.detach() for k, t in self.conv.items()}
-        return NeuralMemoryState(self.memory.detach(), conv)
+        def cut(ts: dict[str, Tensor] | None) -> dict[str, Tensor] | None:
+            return None if ts is None else {k: t.detach() for k, t in ts.items()}
+
+        return NeuralMemoryState(self.memory.detach(), cut(self.conv), cut(self.gates))
 
 
 def _logit(p: float) -> float:
@@ -59,18 +64,97 @@ class _Gate(nn.Module):
         return self.proj(x) + self.bias
 
 
-def _chunk_log_mean(log_values: Tensor, offset: int, chunk: int) -> Tensor:
-    """log(mean over each chunk of exp(log_values)) broadcast back to the tokens; [B, T, H], chunk grid starting
-    ``offset`` tokens before this call."""
-    b, t, h = log_values.shape
-    front = offset % chunk
-    padded_len = math.ceil((front + t) / chunk) * chunk
-    padded = log_values.new_full((b, padded_len, h), float("-inf"))
-    padded[:, front : front + t] = log_values
-    blocks = padded.view(b, padded_len // chunk, chunk, h)
-    counts = torch.isfinite(blocks).sum(2, keepdim=True).clamp_min(1)
-    means = torch.logsumexp(blocks, 2, keepdim=True) - counts.log()
-    return means.expand_as(blocks).reshape(b, padded_len, h)[:, front : front + t]
+def _chunk_log_mean(log_values: Tensor, chunk: int) -> Tensor:
+    """log(mean over each chunk of exp(log_values)) broadcast back to the tokens; [B, T, H] starting at a chunk
+    boundary. The last chunk may be partial: its mean is over the tokens present. Counts enter as Python floats,
+    so the result keeps the input's dtype (an integer count's ``log()`` would be float32)."""
+    length = log_values.shape[1]
+    full = length - length % chunk
+    parts = []
+    if full:
+        blocks = log_values[:, :full].unflatten(1, (full // chunk, chunk))
+        means = blocks.logsumexp(2, keepdim=True) - math.log(chunk)
+        parts.append(means.expand_as(blocks).flatten(1, 2))
+    if length > full:
+        tail = log_values[:, full:]
+        parts.append((tail.logsumexp(1, keepdim=True) - math.log(length - full)).expand_as(tail))
+    return torch.cat(parts, 1) if parts else log_values
+
+
+#: each gate's log value from its logit (theta / max_lr = sigmoid(z), eta = sigmoid(z), 1 - alpha = sigmoid(-z)) and
+#: the :class:`Pending` field holding its series
+_GATE_LOGS: dict[str, tuple[Any, str]] = {
+    "lr": (F.logsigmoid, "theta"),
+    "momentum": (F.logsigmoid, "log_eta"),
+    "forget": (lambda z: F.logsigmoid(-z), "log_keep"),
+}
+
+
+@dataclass(frozen=True)
+class InnerGates:
+    """The inner-loop gates of one call. ``theta``, ``log_eta``, ``log_keep``: [B*H, T] for the call's tokens (None
+    where a gate is off). ``memory``: the memory state to continue, its pending tokens' per-chunk gates recomputed
+    over every token of their chunk seen so far. ``carry``: per per-chunk gate, the log values [B, p, H] of the
+    tokens left pending after the call, which the next call averages with its own (None when there are none)."""
+
+    theta: Tensor
+    log_eta: Tensor | None
+    log_keep: Tensor | None
+    memory: MemoryState
+    carry: dict[str, Tensor] | None
+
+
+def inner_gates(
+    gates: dict[str, _Gate | None],
+    max_lr: float,
+    chunk: int,
+    x: Tensor,
+    memory: MemoryState,
+    carried: dict[str, Tensor] | None,
+) -> InnerGates:
+    """The gates ``{"lr", "momentum", "forget"}`` (None: off) for ``x`` [B, T, D] continuing ``memory``.
+
+    A per-chunk gate is the mean over its chunk, whose earlier tokens may have come in earlier calls: their log
+    values travel in ``carried`` (the previous call's :attr:`InnerGates.carry`), so the chunk's mean, and with it the
+    pending tokens' gates folded when the chunk completes, are those of one call over the whole stream. A chunk that
+    the stream has not completed yet averages the tokens seen so far (one call ending there does the same)."""
+    pend = memory.pending_len
+    batch, length, _ = x.shape
+    left = (pend + length) % chunk
+    series: dict[str, Tensor | None] = {}
+    pending: dict[str, Tensor] = {}
+    carry: dict[str, Tensor] = {}
+
+    def rows(t: Tensor) -> Tensor:  # [B, n, H] -> [B*H, n]
+        return t.transpose(1, 2).reshape(batch * t.shape[2], t.shape[1])
+
+    for name, gate in gates.items():
+        if gate is None:
+            series[name] = None
+            continue
+        log_fn, field = _GATE_LOGS[name]
+        logs = log_fn(gate(x))
+        if gate.granularity == "per_chunk":
+            if pend:
+                if carried is None or name not in carried:
+                    raise ValueError(
+                        f"the state has {pend} pending tokens but not their per-chunk {name} gate values: continue a "
+                        "stream with the state this module returned"
+                    )
+                logs = torch.cat([carried[name], logs], 1)
+            if left:
+                carry[name] = logs[:, logs.shape[1] - left :]
+            logs = _chunk_log_mean(logs, chunk)
+            if pend:
+                pending[field] = rows(logs[:, :pend])
+                logs = logs[:, pend:]
+        series[name] = rows(logs)
+    if "theta" in pending:
+        pending["theta"] = max_lr * pending["theta"].exp()
+    if pending:
+        memory = memory.with_pending_gates(**pending)
+    theta = max_lr * series["lr"].exp()
+    return InnerGates(theta, series.get("momentum"), series.get("forget"), memory, carry or None)
 
 
 def _depthwise_causal_conv(full: Tensor, weight: Tensor) -> Tensor:
@@ -90,7 +174,10 @@ class NeuralMemory(nn.Module):
 
     ``forward(x, state=None, cu_seqlens=None) -> (out, state)``: ``x`` [B, T, dim]. With ``cu_seqlens``
     (document boundaries of a packed batch of one row, like FlashAttention's), the memory and the convolutions
-    restart at every boundary and the returned state is the last document's.
+    restart at every boundary and the returned state is the last document's. An empty ``x`` (T = 0) gives an empty
+    output and the state unchanged. With ``check_finite`` (the default) a call whose memory output or state is not
+    finite raises :class:`~titans_compose.kernels.finite.MemoryDivergedError` naming the first such token (one
+    reduction and one host synchronisation per call; switch it off for speed once a rule is known to be stable).
     """
 
     def __init__(
@@ -103,8 +190,10 @@ class NeuralMemory(nn.Module):
         *,
         eps: float = 1e-6,
         backend: str | None = None,
+        check_finite: bool = True,
     ) -> None:
         super().__init__()
+        self.check_finite = check_finite
         self.dim, self.heads, self.head_dim = dim, memory.heads, memory.head_dim
         self.config: MemoryConfig = memory_config(memory, update, registry)
         self.dispatch = MemoryBackend(backend)
@@ -182,21 +271,12 @@ class NeuralMemory(nn.Module):
         b, n, _ = t.shape
         return t.view(b, n, self.heads, self.head_dim).transpose(1, 2).reshape(b * self.heads, n, self.head_dim)
 
-    def _gate_series(self, gate: _Gate, x: Tensor, log_fn: Any, offset: int) -> Tensor:
-        """Log gate values per token [B*H, T] with the gate's granularity."""
-        logs = log_fn(gate(x))
-        if gate.granularity == "per_chunk":
-            logs = _chunk_log_mean(logs, offset, self.config.chunk_size)
-        return logs.transpose(1, 2).reshape(-1, x.shape[1])
-
-    def gates(self, x: Tensor, offset: int) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """theta [B*H, T], log eta, log(1 - alpha) for the tokens of ``x``."""
-        theta = self.max_lr * self._gate_series(self.lr_gate, x, F.logsigmoid, offset).exp()
-        log_eta = None if self.momentum_gate is None else self._gate_series(self.momentum_gate, x, F.logsigmoid, offset)
-        log_keep = None
-        if self.forget_gate is not None:
-            log_keep = self._gate_series(self.forget_gate, x, lambda z: F.logsigmoid(-z), offset)
-        return theta, log_eta, log_keep
+    def gates(self, x: Tensor, state: NeuralMemoryState | None = None) -> InnerGates:
+        """theta, log eta, log(1 - alpha) [B*H, T] for the tokens of ``x`` continuing ``state`` (see
+        :func:`inner_gates`)."""
+        state = self.initial_state(x.shape[0]) if state is None else state
+        gates = {"lr": self.lr_gate, "momentum": self.momentum_gate, "forget": self.forget_gate}
+        return inner_gates(gates, self.max_lr, self.config.chunk_size, x, state.memory, state.gates)
 
     # ------------------------------------------------------------------------------------------------ forward
 
@@ -207,6 +287,8 @@ class NeuralMemory(nn.Module):
             return self._forward_documents(x, state, cu_seqlens)
         batch, length, _ = x.shape
         state = self.initial_state(batch) if state is None else state
+        if length == 0:  # nothing to read or write
+            return x.new_zeros(batch, 0, self.dim if self.out_proj is not None else self.heads * self.head_dim), state
         new_conv: dict[str, Tensor] = {}
         q = self._project("q", self.q_proj, x, state.conv, new_conv)
         k = self._project("k", self.k_proj, x, state.conv, new_conv)
@@ -214,8 +296,12 @@ class NeuralMemory(nn.Module):
         q, k, v = self._heads(q), self._heads(k), self._heads(v)
         if self.qk_l2norm:
             q, k = F.normalize(q, dim=-1, eps=1e-6), F.normalize(k, dim=-1, eps=1e-6)
-        theta, log_eta, log_keep = self.gates(x, state.memory.pending_len)
-        y, memory_state = self.dispatch(q, k, v, theta, log_eta, log_keep, state.memory, self.config)
+        gates = self.gates(x, state)
+        series = (gates.theta, gates.log_eta, gates.log_keep)
+        y, memory_state = self.dispatch(q, k, v, *series, gates.memory, self.config)
+        if self.check_finite and not torch.compiler.is_compiling() and not finite_flag(y, memory_state):
+            token, cause = first_nonfinite_token(k, v, *series, gates.memory, self.config)
+            raise MemoryDivergedError(type(self).__name__, token, "of this call", cause)
         y = y.view(batch, self.heads, length, self.head_dim).transpose(1, 2)  # [B, T, H, d]
         if self.readout_norm is not None:
             y = y * torch.rsqrt(y.square().mean(-1, keepdim=True) + self.eps) * self.readout_norm
@@ -225,7 +311,7 @@ class NeuralMemory(nn.Module):
             y = y * (torch.sigmoid(g) if self.output_gate == "sigmoid" else F.silu(g))
         if self.out_proj is not None:
             y = self.out_proj(y)
-        return y, NeuralMemoryState(memory_state, new_conv or None)
+        return y, NeuralMemoryState(memory_state, new_conv or None, gates.carry)
 
     def _forward_documents(
         self, x: Tensor, state: NeuralMemoryState | None, cu_seqlens: Tensor | list[int]
@@ -248,4 +334,6 @@ class NeuralMemory(nn.Module):
             if end > start:
                 out, last = self(x[:, start:end])
                 outs.append(out)
+        if not outs:  # only empty documents
+            return self(x)
         return torch.cat(outs, 1), last

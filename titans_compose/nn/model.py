@@ -26,9 +26,10 @@ from titans_compose.graph.ir import dag_view, inputs_of
 from titans_compose.kernels import mlp as memory_mlp
 from titans_compose.kernels.config import MemoryConfig, memory_config
 from titans_compose.kernels.dispatch import BackendChoice, MemoryBackend
+from titans_compose.kernels.finite import MemoryDivergedError, finite_flag, first_nonfinite_token
 from titans_compose.kernels.state import MemoryState
 from titans_compose.nn.attention import Attention
-from titans_compose.nn.memory import _chunk_log_mean, _depthwise_causal_conv, _Gate, _logit
+from titans_compose.nn.memory import InnerGates, _depthwise_causal_conv, _Gate, _logit, inner_gates
 
 if TYPE_CHECKING:
     from titans_compose.registry.core import Registry
@@ -121,9 +122,13 @@ class Head(Node):
         self.proj = None if params["tied"] else nn.Linear(params["dim"], params["vocab_size"], bias=False)
         self._tied = [ctx.embedding] if params["tied"] else []  # a list: not registered twice as a submodule
 
+    @property
+    def weight(self) -> Tensor:
+        """The output matrix [vocab, dim]."""
+        return self._tied[0].weight if self.proj is None else self.proj.weight
+
     def run(self, inputs: dict[str, Any], state: Any, step: Step) -> tuple[Tensor, Any]:
-        weight = self._tied[0].weight if self.proj is None else self.proj.weight
-        return F.linear(inputs["x"], weight), None
+        return F.linear(inputs["x"], self.weight), None
 
 
 class Persistent(Node):
@@ -182,7 +187,7 @@ class Norm(Node):
         x = inputs["x"]
         if self.norm is not None:
             return self.norm(x), None
-        h = x.unflatten(-1, (self.heads, -1))
+        h = x.unflatten(-1, (self.heads, x.shape[-1] // self.heads))
         if self.gain is None:
             h = F.normalize(h, dim=-1, eps=1e-6)
         else:
@@ -219,8 +224,11 @@ class Conv(Node):
 
 
 class MemoryGates(Node):
-    """theta, log eta, log(1 - alpha) per (batch x head) row and token; per-chunk gates average on the chunk grid,
-    which continues the pending tokens of the memory state (port ``state``, added when the model is built)."""
+    """theta, log eta, log(1 - alpha) per (batch x head) row and token (:func:`inner_gates`); per-chunk gates average
+    on the chunk grid, which continues the pending tokens of the memory state (port ``state``, added when the model
+    is built). The node's own state: the per-chunk gates' log values of those pending tokens."""
+
+    stateful = True
 
     def __init__(self, params: dict[str, Any], ctx: BuildContext) -> None:
         super().__init__(params, ctx)
@@ -235,26 +243,17 @@ class MemoryGates(Node):
         keep0 = 2.0 ** (-1.0 / forget["half_life"])
         self.forget_gate = _Gate(dim, self.heads, forget["gate"], _logit(1.0 - keep0)) if "forget" in gates else None
 
-    def _series(self, gate: _Gate | None, x: Tensor, log_fn: Any, offset: int) -> Tensor | None:
-        if gate is None:
-            return None
-        logs = log_fn(gate(x))
-        if gate.granularity == "per_chunk":
-            logs = _chunk_log_mean(logs, offset, self.chunk)
-        return logs.transpose(1, 2).reshape(-1, x.shape[1])
-
-    def run(self, inputs: dict[str, Any], state: Any, step: Step) -> tuple[tuple, Any]:
-        x, offset = inputs["x"], inputs["state"].pending_len
-        theta = self.max_lr * self._series(self.lr_gate, x, F.logsigmoid, offset).exp()
-        log_eta = self._series(self.momentum_gate, x, F.logsigmoid, offset)
-        log_keep = self._series(self.forget_gate, x, lambda z: F.logsigmoid(-z), offset)
-        return (theta, log_eta, log_keep), None
+    def run(self, inputs: dict[str, Any], state: dict[str, Tensor] | None, step: Step) -> tuple[InnerGates, Any]:
+        gates = {"lr": self.lr_gate, "momentum": self.momentum_gate, "forget": self.forget_gate}
+        out = inner_gates(gates, self.max_lr, self.chunk, inputs["x"], inputs["state"], state)
+        return out, out.carry
 
 
 def _to_heads(t: Tensor, heads: int) -> Tensor:
     """[B, T, H*d] -> [B*H, T, d]."""
-    b, n, _ = t.shape
-    return t.view(b, n, heads, -1).transpose(1, 2).reshape(b * heads, n, -1)
+    b, n, width = t.shape
+    d = width // heads  # explicit sizes: -1 is ambiguous for an empty batch
+    return t.view(b, n, heads, d).transpose(1, 2).reshape(b * heads, n, d)
 
 
 def _from_heads(t: Tensor, heads: int) -> Tensor:
@@ -297,8 +296,11 @@ class _Write:
     node: MemoryWrite
     k: Tensor
     v: Tensor
-    gates: tuple
-    state: MemoryState
+    gates: InnerGates
+
+    @property
+    def series(self) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        return self.gates.theta, self.gates.log_eta, self.gates.log_keep
 
 
 class MemoryWrite(Node):
@@ -316,13 +318,15 @@ class MemoryWrite(Node):
         return self.dispatch.choice
 
     def run(self, inputs: dict[str, Any], state: Any, step: Step) -> tuple[_Write, Any]:
+        """The write's inputs; the memory state it continues comes with the gates (its pending tokens' per-chunk
+        gates recomputed), so the ``state`` port only orders the nodes."""
         k, v = _to_heads(inputs["keys"], self.heads), _to_heads(inputs["values"], self.heads)
-        return _Write(self, k, v, inputs["gates"], inputs["state"]), None
+        return _Write(self, k, v, inputs["gates"]), None
 
     def apply(self, write: _Write, q: Tensor, retrieval: str) -> tuple[Tensor, MemoryState]:
         """Read ``q`` [B*H, T, d] with ``retrieval`` while writing: (y, the state after the write)."""
         cfg = dataclasses.replace(self.config, retrieval=retrieval)
-        return self.dispatch(q, write.k, write.v, *write.gates, write.state, cfg)
+        return self.dispatch(q, write.k, write.v, *write.series, write.gates.memory, cfg)
 
 
 def _memory_config(params: dict[str, Any], ctx: BuildContext) -> MemoryConfig:
@@ -495,30 +499,55 @@ class _LayerProgram:
     def _ports(self, node: str) -> dict[str, str]:
         return next(ports for n, ports in self.program if n == node)
 
-    def run(self, x: Tensor, cur: dict[str, Any], position: int) -> Tensor:
-        """The layer's output for ``x`` [B, T, D] starting ``position`` tokens into the stream; updates ``cur``."""
+    def run(self, x: Tensor, cur: dict[str, Any], position: int, checks: list[_Check] | None) -> Tensor:
+        """The layer's output for ``x`` [B, T, D] starting ``position`` tokens into the stream; updates ``cur`` and
+        appends each memory write's finiteness check to ``checks`` (None: no checks)."""
         if self.segment is None:
-            return self._piece(x, cur, Step(position, x.shape[0]))
+            return self._piece(x, cur, Step(position, x.shape[0]), checks)
         outs, start = [], 0
         while start < x.shape[1]:
             pos = position + start
             seg_pos = pos % self.segment
             n = min(self.segment - seg_pos, x.shape[1] - start)
-            outs.append(self._piece(x[:, start : start + n], cur, Step(pos, x.shape[0], seg_pos)))
+            outs.append(self._piece(x[:, start : start + n], cur, Step(pos, x.shape[0], seg_pos), checks))
             start += n
         return torch.cat(outs, 1)
 
-    def _piece(self, x: Tensor, cur: dict[str, Any], step: Step) -> Tensor:
+    def _piece(self, x: Tensor, cur: dict[str, Any], step: Step, checks: list[_Check] | None) -> Tensor:
         env: dict[str, Any] = {self.input: x}
         for node, ports in self.program:
             module = self.modules[_key(node)]
-            out, new = module.run({port: env[src] for port, src in ports.items()}, cur.get(node), step)
+            inputs = {port: env[src] for port, src in ports.items()}
+            out, new = module.run(inputs, cur.get(node), step)
             if node in self.read_updates:
                 out, cur[self.read_updates[node]] = out
+                if checks is not None:
+                    write = inputs["state"]  # the memory sees x after any prefix (MAL's persistent tokens)
+                    first = step.position - (write.k.shape[1] - x.shape[1])
+                    checks.append(_Check(ports["state"], write, first, finite_flag(out, cur[self.read_updates[node]])))
             env[node] = out
             if module.stateful:
                 cur[node] = new
         return env[self.output]
+
+
+@dataclass(frozen=True)
+class _Check:
+    """One memory write of a forward pass: its node, inputs, the stream position of its first memory token and
+    whether its output and state are finite (a 0-d tensor, read once per forward with the others)."""
+
+    node: str
+    write: _Write
+    first: int
+    finite: Tensor
+
+    def error(self) -> MemoryDivergedError:
+        """The error for this write, naming its first token whose memory weights are not finite."""
+        w = self.write
+        token, cause = first_nonfinite_token(w.k, w.v, *w.series, w.gates.memory, w.node.config)
+        if token is not None and self.first + token < 0:  # MAL: one of the persistent tokens written first
+            return MemoryDivergedError(self.node, token, "of the memory's input (a persistent token)", cause)
+        return MemoryDivergedError(self.node, None if token is None else self.first + token, "of the stream", cause)
 
 
 def _component(node: str, data: dict) -> str:
@@ -540,7 +569,13 @@ def _component(node: str, data: dict) -> str:
 
 class TitansLM(nn.Module):
     """The language model of a checked graph: one module per node (``self.nodes``, keyed by node id with ``.`` as
-    ``__``), run in topological order. ``forward(tokens, state=None) -> LMOutput``."""
+    ``__``), run in topological order. ``forward(tokens, state=None) -> LMOutput``.
+
+    With ``check_finite`` (the default) every forward folds each memory layer's output and state into one finiteness
+    flag, read once at the end (one host synchronisation per forward); if one is not finite it raises
+    :class:`~titans_compose.kernels.finite.MemoryDivergedError` naming the first such layer and the first token of
+    the stream whose memory weights are not finite (found by running that layer's write again). Set it to False to
+    skip the check; it is skipped under torch.compile / torch.export."""
 
     def __init__(self, graph: nx.DiGraph, loaded: LoadedSpec) -> None:
         super().__init__()
@@ -563,6 +598,7 @@ class TitansLM(nn.Module):
                 embedding = module.embedding
             self.nodes[_key(node)] = module
         self.vocab_size = loaded.spec.model.vocab_size
+        self.check_finite = True
         self.layers = [_LayerProgram(graph, rec, order, self.nodes) for rec in records]
 
         def unit(n: str) -> Any:
@@ -586,11 +622,11 @@ class TitansLM(nn.Module):
         return ModelState(0, batch, {})
 
     def _check(self, tokens: Tensor, state: ModelState | None) -> None:
-        if not isinstance(tokens, Tensor) or tokens.dtype != torch.long or tokens.dim() != 2 or tokens.shape[1] == 0:
+        if not isinstance(tokens, Tensor) or tokens.dtype != torch.long or tokens.dim() != 2:
             what = (
                 f"{tokens.dtype} tensor of shape {tuple(tokens.shape)}" if isinstance(tokens, Tensor) else type(tokens)
             )
-            raise ValueError(f"tokens must be a LongTensor [batch, length] with length >= 1, got {what}")
+            raise ValueError(f"tokens must be a LongTensor [batch, length], got {what}")
         tracing = torch.compiler.is_compiling()  # torch.compile / torch.export: the ids' values are not known
         if tokens.numel() and not tracing and (int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab_size):
             raise ValueError(
@@ -600,16 +636,22 @@ class TitansLM(nn.Module):
             raise ValueError(f"the state is for a batch of {state.batch} rows, the tokens have {tokens.shape[0]}")
 
     def forward(self, tokens: Tensor, state: ModelState | None = None) -> LMOutput:
-        """Logits for ``tokens`` [B, T] continuing the stream of ``state`` (None: a new stream)."""
+        """Logits for ``tokens`` [B, T] continuing the stream of ``state`` (None: a new stream); T = 0 gives empty
+        logits and the state unchanged."""
         self._check(tokens, state)
+        if tokens.shape[1] == 0:  # no tokens: empty logits, and the stream stays where it was
+            head = next(m for m in self.nodes.values() if isinstance(m, Head))
+            logits = torch.zeros(*tokens.shape, self.vocab_size, dtype=head.weight.dtype, device=tokens.device)
+            return LMOutput(logits, self.initial_state(tokens.shape[0]) if state is None else state)
         position = 0 if state is None else state.position
         cur: dict[str, Any] = {} if state is None else dict(state.nodes)
+        checks: list[_Check] | None = None if torch.compiler.is_compiling() or not self.check_finite else []
         env: dict[str, Any] = {}
         step = Step(position, tokens.shape[0])
         for unit in self.plan:
             if isinstance(unit, tuple):
                 program = self.layers[unit[1]]
-                env[program.output] = program.run(env[program.input], cur, position)
+                env[program.output] = program.run(env[program.input], cur, position, checks)
                 continue
             op = self._graph_info[unit]["op"]
             if op == "input":
@@ -619,6 +661,10 @@ class TitansLM(nn.Module):
             else:
                 inputs = {port: env[src] for port, src in self.ports[unit].items()}
                 env[unit] = self.nodes[_key(unit)].run(inputs, None, step)[0]
+        if checks and not torch.stack([c.finite for c in checks]).all():
+            # a layer fed by a diverged one fails too, later in the stream: report the earliest token
+            errors = [c.error() for c in checks if not c.finite]
+            raise min(errors, key=lambda e: (e.token is None, e.where == "of the stream", e.token or 0))
         return LMOutput(env[self.output], ModelState(position + tokens.shape[1], tokens.shape[0], cur))
 
     @torch.no_grad()
@@ -635,6 +681,8 @@ class TitansLM(nn.Module):
         most likely tokens if given."""
         if max_new_tokens < 0 or temperature < 0 or (top_k is not None and top_k < 1):
             raise ValueError("max_new_tokens and temperature must be >= 0 and top_k >= 1")
+        if prompt.dim() == 2 and prompt.shape[1] == 0 and max_new_tokens:
+            raise ValueError("generate needs a prompt of at least one token: the first new token is predicted from it")
         out = self(prompt)
         tokens = [prompt]
         for i in range(max_new_tokens):

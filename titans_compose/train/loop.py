@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from titans_compose.kernels.finite import MemoryDivergedError
 from titans_compose.train.checkpoint import load_checkpoint, save_checkpoint
 from titans_compose.train.data import Batch
 
@@ -30,7 +31,8 @@ EvalFn = Callable[[torch.nn.Module], dict[str, float]]
 
 
 class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. the loss is not finite); the message says at which step."""
+    """Training cannot go on (the loss, a gradient or a memory state is not finite); the message says at which step
+    (and, for a memory, which layer and token)."""
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,14 @@ def lm_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     return next_token_loss(model(batch.tokens.to(device)).logits, batch)
 
 
+def _diverged_at(step: int, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)``, with a memory layer's divergence reported as a :class:`TrainingError` at ``step``."""
+    try:
+        return fn(*args)
+    except MemoryDivergedError as exc:
+        raise TrainingError(f"step {step}: {exc}") from exc
+
+
 def train(
     model: torch.nn.Module,
     batches: BatchSource,
@@ -136,7 +146,8 @@ def train(
     arguments it reproduces the uninterrupted run exactly on the CPU (a different ``steps`` continues on the new
     schedule). With ``time_limit`` (seconds), training ends after the first step that finishes past it, which then
     counts as the last step (evaluated and checkpointed); the schedule still spans ``steps``. Raises
-    :class:`TrainingError` on a non-finite loss.
+    :class:`TrainingError` before any update from a non-finite loss or gradient, or when a memory layer diverges
+    (the model's :class:`~titans_compose.kernels.finite.MemoryDivergedError`, naming the layer and token).
     """
     if steps < 1 or warmup < 0 or eval_every < 0 or checkpoint_every < 0 or lr <= 0:
         raise ValueError(
@@ -180,14 +191,18 @@ def train(
             rate = lr_at(step, lr=lr, warmup=warmup, steps=steps)
             for group in optimizer.param_groups:
                 group["lr"] = rate
-            loss = lm_loss(model, batch)
+            loss = _diverged_at(step, lm_loss, model, batch)
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise TrainingError(f"the training loss is {value} at step {step}: lower the learning rate")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            # the norm is needed anyway to clip; without clipping max_norm=inf leaves the gradients as they are
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf if grad_clip is None else grad_clip)
+            if not math.isfinite(float(norm)):
+                raise TrainingError(
+                    f"the gradient norm is {float(norm)} at step {step} (the loss is {value}): lower the learning rate"
+                )
             optimizer.step()
             if loss.is_cuda:  # kernels run asynchronously: wait for them, so the step's time is its own
                 torch.cuda.synchronize(loss.device)
@@ -197,7 +212,7 @@ def train(
             bar.set_postfix(loss=f"{value:.4f}", tok_s=f"{speed:,.0f}")
             last = step == steps or (time_limit is not None and time.perf_counter() - started >= time_limit)
             if last or (eval_every and step % eval_every == 0):
-                evaluate(step)
+                _diverged_at(step, evaluate, step)
             if checkpoint_dir is not None and (last or (checkpoint_every and step % checkpoint_every == 0)):
                 checkpoint(step)
             if last:
