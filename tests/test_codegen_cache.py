@@ -133,6 +133,7 @@ def test_two_keys_give_two_files_and_one_key_is_generated_once(cache_in):
     assert again is a and len(generate.calls) == 2  # imported once per process, never regenerated
 
 
+@pytest.mark.slow
 def test_concurrent_processes_leave_one_complete_file_and_a_later_one_hits(cache_in, tmp_path):
     n = 3
     procs = [run_python(LOAD_SCRIPT, cache_in, "race", str(tmp_path / "barrier"), str(n)) for _ in range(n)]

@@ -133,6 +133,7 @@ def test_the_interpreter_runs_the_kernel_with_document_boundaries(interpreter):
     assert "backend=triton" in repr(triton)
 
 
+@pytest.mark.slow
 def test_the_mac_specs_memory_runs_on_its_tiled_clipped_kernel(interpreter):
     """The MAC spec's memory at its shipped size (head dim 64, hidden 256, chunk 16, inner gradient clip 1.0) as a
     whole module, forced onto the kernel in the interpreter: its hidden-tiled, clipped kernel gives the chunked

@@ -41,6 +41,7 @@ def artifact(tmp_path_factory):
     return out, model, done
 
 
+@pytest.mark.slow
 def test_an_artifact_reloads_in_a_fresh_process_and_trains(artifact):
     out, model, _ = artifact
     script = textwrap.dedent(
@@ -71,6 +72,7 @@ def test_an_artifact_reloads_in_a_fresh_process_and_trains(artifact):
         assert checksum == pytest.approx(float(model(tokens).logits.double().sum()), rel=1e-9)
 
 
+@pytest.mark.slow
 def test_a_loaded_model_runs_under_torch_compile(artifact):
     out, _, _ = artifact
     model = load(out)

@@ -29,6 +29,7 @@ SINGLE_FILE = ROOT / "examples" / "plugins" / "log_cosh.py"
 TINY = ["model.dim=32", "memory.heads=1", "memory.head_dim=16", "memory.expansion=2", "blocks.0.repeat=1"]
 
 
+@pytest.mark.slow
 def test_the_example_package_installs_and_its_rules_work_from_the_entry_point(tmp_path):
     source, target = tmp_path / "package", tmp_path / "site"
     shutil.copytree(PACKAGE, source)  # setuptools builds in the source tree: keep the repository clean

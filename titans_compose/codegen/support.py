@@ -1,12 +1,11 @@
 """What the generated kernels cover: why a configuration cannot run on them (it then runs on the chunked PyTorch
-path), and which options' backward is not generated."""
+path). Every configuration they run has a generated backward too."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from titans_compose.codegen import tiling
-from titans_compose.codegen.key import KernelKey
 from titans_compose.kernels.config import MemoryConfig
 from titans_compose.registry.rules import OPTIMIZERS
 
@@ -41,13 +40,4 @@ def unsupported_reason(cfg: MemoryConfig, dtype: Any) -> str | None:
             over.append(f"padded chunk x layer areas {by_areas} > {tiling.MAX_CHUNK_BY_AREAS}")
         tiled = "hidden-dim tiling is generated for depth 2 only" if cfg.depth != 2 else "no hidden tile fits either"
         return f"{' and '.join(over)}: too large for one program per row with whole state matrices ({tiled})"
-    return None
-
-
-def backward_fallback_reason(key: KernelKey) -> str | None:
-    """Why the backward of ``key`` would recompute through the chunked PyTorch path instead of a generated kernel.
-
-    Always None: every key that :func:`unsupported_reason` admits has the generated backward (every depth, loss,
-    activation, residual / LayerNorm, momentum / forget and retrieval mode, checked against autograd through the
-    chunked path in tests/test_codegen_kernels.py). A future option whose backward is not generated says so here."""
     return None

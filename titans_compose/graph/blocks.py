@@ -6,8 +6,8 @@ reports the line the user would edit.
 
 The memory state node holds the state at the start of the current chunk (or MAC segment); a write takes it and
 produces the updated states, and a recurrent edge carries the last one back. Reads take their state from the
-write (retrieval after / before / per_chunk, memory-math.md section 3) except MAC's context read, which reads the
-pre-segment state straight from the state node.
+write (retrieval after / before / per_chunk, memory-math.md sections 1.6 and 3.4) except MAC's context read, which
+reads the pre-segment state straight from the state node.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 chunks. The last, partial chunk (and the plain autograd path) runs the same forward under autograd.
 
 ``per_chunk`` retrieval reads every query at the chunk-start weights, M(W^0; q). ``after`` / ``before`` read every
-query through its own token's weights without forming them (memory-math.md section 3), layer by layer:
+query through its own token's weights without forming them (memory-math.md section 3.4), layer by layer:
 
     z_l = diag(A) h_l W_l^T + diag(B) h_l S_l^T - (C o X_l) delta_l,   X_l = h_l a_l^T,   C = FP o theta_i,
 

@@ -49,7 +49,7 @@ class Coefficients:
 
 
 def coefficients(theta: Tensor, log_eta: Tensor | None, log_keep: Tensor | None) -> Coefficients:
-    """A, B, C, D, E of memory-math.md section 3 from the gates of one chunk ([..., b] each), spelled out for
+    """A, B, C, D, E of memory-math.md section 3.1 from the gates of one chunk ([..., b] each), spelled out for
     inspection and for checking the :class:`GateTables` the hot path uses against the formulas."""
     t = GateTables.build(log_eta, log_keep, theta.shape, theta.dtype, theta.device, "after")
     ones = torch.ones_like(theta)
@@ -134,7 +134,7 @@ def _shift(x: Tensor | None, first: float, axis: int) -> Tensor | None:
 
 @dataclass(frozen=True)
 class LastRow:
-    """What a full chunk's fold takes from its gates alone (memory-math.md section 3, row t = b): c = C_{b,.} and
+    """What a full chunk's fold takes from its gates alone (memory-math.md section 3.3, row t = b): c = C_{b,.} and
     e = E_{b,.} [..., b], keep = A_b, carry = B_b, decay = D_b [...] (None where a gate is off)."""
 
     c: Tensor

@@ -127,7 +127,6 @@ class MemoryBackend:
     def _decide(self, device: str, key: KernelKey | None, why_not: str | None) -> BackendChoice:
         """The backend for ``device`` tensors, given the kernel key (None with the reason the kernel cannot run)."""
         from titans_compose.codegen import cache, emit
-        from titans_compose.codegen.support import backward_fallback_reason
 
         forced = self.planned.name == "triton"
         if not forced and device != "cuda":
@@ -147,9 +146,7 @@ class MemoryBackend:
             _check_interpreter(device)
         loaded = cache.load(key, emit.generate)
         origin = "taken from the cache" if loaded.hit else "generated now"
-        fallback = backward_fallback_reason(key)
-        backward = "generated Triton" if fallback is None else f"chunked recompute ({fallback})"
-        note = f"kernel {loaded.path.name} {origin}; backward: {backward}"
+        note = f"kernel {loaded.path.name} {origin}; backward: generated Triton"
         return BackendChoice("triton", f"{source}; {note}", loaded.path)
 
 

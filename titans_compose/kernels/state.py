@@ -1,7 +1,7 @@
 """The memory state carried between calls: weights and momentum at the start of the current chunk, and the tokens
 of the chunk that is not finished yet.
 
-Inside a chunk every gradient is taken at the chunk-start weights (memory-math.md section 3), so a chunk that a
+Inside a chunk every gradient is taken at the chunk-start weights (memory-math.md sections 1.3 and 6), so a chunk that a
 call ends in the middle of cannot be folded into the weights yet: its tokens wait in ``pending`` and the next call
 continues the same chunk. This makes a sequence processed in pieces (down to one token at a time) compute exactly
 what one call computes.

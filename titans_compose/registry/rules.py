@@ -4,8 +4,9 @@ Each part is plain tensor arithmetic written with tensor methods only, so this m
 spec tooling stays light. The memory core (sequential reference and chunked form) calls these functions; the
 kernel generator pairs each with its Triton expression.
 
-Conventions (docs/memory-math.md): ``err = M(k) - v``; a loss's ``grad`` is dl/d(output) per element, which is all
-the inner update needs (section 2: every per-token gradient is a sum of outer products driven by this error).
+Conventions (docs/memory-math.md section 1.3): ``err = M(k) - v``; a loss's ``grad`` is dl/d(output) per element,
+which is all the inner update needs (section 2: every per-token gradient is a sum of outer products driven by this
+error).
 
 Triton expressions (optional fields ``triton_*``): single Python/Triton expressions that the kernel generator
 (:mod:`titans_compose.codegen.emit`) inlines as small ``@triton.jit`` helpers. An activation's expressions are in

@@ -14,7 +14,7 @@ from typing import Any
 @dataclass(frozen=True)
 class MemoryModel:
     """``layer_shapes(memory_spec)`` -> [(out_features, in_features), ...] of the inner linear layers, first
-    layer first. Only these matrices are updated by the inner loop (memory-math.md section 1)."""
+    layer first. Only these matrices are updated by the inner loop (memory-math.md section 1.2)."""
 
     layer_shapes: Callable[[Any], list[tuple[int, int]]]
 
