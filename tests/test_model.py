@@ -202,6 +202,9 @@ def test_sampling_is_reproducible_and_top_k_1_is_greedy(tmp_path):
     assert torch.equal(a, b) and int(a.max()) < VOCAB
     greedy = model.generate(prompt, 6)
     assert torch.equal(model.generate(prompt, 6, temperature=0.7, top_k=1), greedy)
+    for temperature in (float("nan"), float("inf"), -1.0):  # NaN compares false with every bound
+        with pytest.raises(ValueError, match="temperature must be finite"):
+            model.generate(prompt, 6, temperature=temperature)
 
 
 @pytest.mark.parametrize(("segment", "length", "sizes"), [(16, 7, [2, 5]), (8, 13, [5, 3, 5]), (4, 10, [1, 6, 3])])

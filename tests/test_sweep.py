@@ -158,6 +158,14 @@ def test_bad_sweep_file_and_train_options_are_located(tmp_path):
     with pytest.raises(SpecError) as exc:
         load_plan(path, new_registry())
     assert sorted(exc.value.codes) == ["TC204", "TC204"] and "is not a finite number" in str(exc.value)
+    # a NaN or infinite time budget would never end its point; a seed outside torch's range would fail deep inside
+    for bad in ({"train": {**TRAIN, "minutes": float("nan")}}, {"train": {**TRAIN, "minutes": float("inf")}}):
+        with pytest.raises(SpecError) as exc:
+            load_plan(write_sweep(tmp_path, **bad), new_registry())
+        assert exc.value.codes == ["TC204"] and "train.minutes" in str(exc.value)
+    with pytest.raises(SpecError) as exc:
+        load_plan(write_sweep(tmp_path, seed=2**64), new_registry())
+    assert exc.value.codes == ["TC204"] and "seed" in str(exc.value)
     path = write_sweep(tmp_path, zip={"memory.depth": [1, 2], "memory.expansion": [2]})
     with pytest.raises(SpecError, match="zip lists must have equal lengths"):
         load_plan(path, new_registry())

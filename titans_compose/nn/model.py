@@ -14,6 +14,7 @@ nodes run once per piece, the memory state flowing from piece to piece.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -679,8 +680,11 @@ class TitansLM(nn.Module):
         """``prompt`` [B, T0] followed by ``max_new_tokens`` tokens, each from the cached state (no recomputation):
         greedy at ``temperature`` 0, else sampled from softmax(logits / temperature), restricted to the ``top_k``
         most likely tokens if given."""
-        if max_new_tokens < 0 or temperature < 0 or (top_k is not None and top_k < 1):
-            raise ValueError("max_new_tokens and temperature must be >= 0 and top_k >= 1")
+        if max_new_tokens < 0 or not 0 <= temperature < math.inf or (top_k is not None and top_k < 1):
+            raise ValueError(
+                f"max_new_tokens and temperature must be finite and >= 0 and top_k >= 1 "
+                f"(got {max_new_tokens}, {temperature}, {top_k})"
+            )
         if prompt.dim() == 2 and prompt.shape[1] == 0 and max_new_tokens:
             raise ValueError("generate needs a prompt of at least one token: the first new token is predicted from it")
         out = self(prompt)

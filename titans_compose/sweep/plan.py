@@ -64,7 +64,9 @@ class SweepFile(BaseModel):
         None, description=f"the sweep's name, and its output folder sweeps/<name> (default: the file name): {NAME_HELP}"
     )
     description: str | None = None
-    seed: int = Field(0, description="seed for every point's weights and batches")
+    seed: int = Field(
+        0, ge=-(2**63), le=2**64 - 1, description="seed for every point's weights and batches (torch's range)"
+    )
     set: dict[str, Any] = Field(default_factory=dict, description="overrides for every point")
     variants: list[Variant] = Field(default_factory=list, description="named sets of overrides")
     grid: dict[str, Annotated[list[Any], Field(min_length=1)]] = Field(
@@ -236,7 +238,9 @@ def train_options(raw: dict[str, Any], doc: SourceDoc, source: Path) -> tuple[di
     for key, value in raw.items():
         where = doc.location(("train", key))
         if key == "minutes":
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or value <= 0):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf
+            ):
                 problems.append(
                     Diagnostic("TC204", f"minutes must be a positive number, got {value!r}", "train.minutes", where)
                 )
