@@ -61,7 +61,7 @@ def atomic_write(path: str | os.PathLike[str], data: str | bytes, *, private: bo
     except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        if isinstance(exc, OSError) and exc.filename is None:  # a failed write names no file: name the target
+        if isinstance(exc, OSError) and exc.errno is not None and exc.filename is None:  # name the target
             exc.filename = str(target)
         raise
 
@@ -80,27 +80,49 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
-def read_bounded(path: str | os.PathLike[str], limit: int, what: str) -> bytes:
-    """The bytes of the regular file ``path`` (``what`` it is, e.g. "manifest", names it in errors), at most
-    ``limit`` of them. Raises :class:`UnreadableFile` if ``path`` (or what a symlink there points to) is a device,
-    pipe, directory or socket, or holds more than ``limit`` bytes; other ``OSError``\\ s (a missing file) pass
-    through. The size is not taken on trust (``st_size`` is 0 for devices and wrong for some virtual files): the
-    file is opened without blocking, checked to be regular, and read to at most ``limit + 1`` bytes."""
+def open_regular(path: str | os.PathLike[str], what: str) -> int:
+    """A read-only descriptor of the regular file ``path`` (``what`` it is names it in errors). Raises
+    :class:`UnreadableFile` if ``path`` (or what a symlink there points to) is a device, pipe, directory or socket;
+    other ``OSError``\\ s (a missing file) pass through. The file is opened without blocking, so a FIFO cannot hang
+    the open, and checked on the descriptor, so nothing swapped in after a check is read."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise UnreadableFile(f"{path} is {_kind(mode)}, not a regular file: refusing to read it as the {what}")
-        chunks, left = [], limit + 1
-        while left > 0:
-            chunk = os.read(fd, min(left, 1 << 20))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            left -= len(chunk)
+        check_regular(path, os.fstat(fd).st_mode, what)
+    except UnreadableFile:
+        os.close(fd)
+        raise
+    return fd
+
+
+def check_regular(path: str | os.PathLike[str], mode: int, what: str) -> None:
+    """Raise :class:`UnreadableFile` naming ``path`` and its kind unless ``mode`` (its ``st_mode``) is a regular
+    file's. Check before opening where the open itself could fail or block (a socket cannot be opened at all)."""
+    if not stat.S_ISREG(mode):
+        raise UnreadableFile(f"{path} is {_kind(mode)}, not a regular file: refusing to read it as the {what}")
+
+
+def read_prefix(fd: int, limit: int) -> bytes:
+    """At most ``limit`` bytes from the start of the open file ``fd``, read in pieces of at most 1 MiB."""
+    chunks, left = [], limit
+    while left > 0:
+        chunk = os.read(fd, min(left, 1 << 20))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def read_bounded(path: str | os.PathLike[str], limit: int, what: str) -> bytes:
+    """The bytes of the regular file ``path`` (``what`` it is, e.g. "manifest", names it in errors), at most
+    ``limit`` of them. Raises :class:`UnreadableFile` if ``path`` is not a regular file (:func:`open_regular`) or
+    holds more than ``limit`` bytes. The size is not taken on trust (``st_size`` is 0 for devices and wrong for some
+    virtual files): the file is read to at most ``limit + 1`` bytes."""
+    fd = open_regular(path, what)
+    try:
+        data = read_prefix(fd, limit + 1)
     finally:
         os.close(fd)
-    data = b"".join(chunks)
     if len(data) > limit:
         raise UnreadableFile(f"{path} holds more than {limit:,} bytes: refusing to read it as the {what}")
     return data

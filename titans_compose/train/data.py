@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import stat
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from titans_compose.io import UnreadableFile, check_regular, open_regular, read_prefix
 
 #: bytes read from the start of a file to decide whether it is text
 SNIFF_BYTES = 4096
@@ -92,34 +93,27 @@ def _corpus_files(root: Path, suffix: str) -> list[Path]:
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
-class NotRegular(Exception):
-    """An entry that is not a regular file (a FIFO, device, socket): reading it could block or never end."""
-
-
-def _check_regular(mode: int, path: Path) -> None:
-    """Raise :class:`NotRegular` naming ``path`` and its kind unless ``mode`` is a regular file's."""
-    if stat.S_ISREG(mode):
-        return
-    kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
-    kind = next((name for test, name in (*kinds, (stat.S_ISSOCK, "a socket")) if test(mode)), "not a regular file")
-    raise NotRegular(f"{path} ({kind})")
-
-
 def _read_text(path: Path, limit: int) -> bytes | None:
     """At most ``limit`` bytes of the file if it looks like text (no NUL byte at its start), else ``None``;
-    unreadable files are None. Raises :class:`NotRegular` for anything but a regular file (checked before opening,
-    and again on the descriptor, opened non-blocking so that a FIFO put there meanwhile cannot hang the open)."""
+    unreadable files are None. Raises :class:`~titans_compose.io.UnreadableFile` for anything but a regular file
+    (:func:`~titans_compose.io.open_regular`: a FIFO cannot hang the open)."""
     try:
-        _check_regular(os.stat(path).st_mode, path)
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        mode = os.stat(path).st_mode
     except OSError:
         return None
-    with os.fdopen(fd, "rb") as handle:
-        _check_regular(os.fstat(fd).st_mode, path)
-        try:
-            data = handle.read(limit)
-        except OSError:
-            return None
+    check_regular(path, mode, "text data")  # before the open: a socket cannot be opened, and would pass unnamed
+    try:
+        fd = open_regular(path, "text data")
+    except UnreadableFile:
+        raise
+    except OSError:
+        return None
+    try:
+        data = read_prefix(fd, limit)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
     return None if b"\0" in data[:SNIFF_BYTES] or not data.strip() else data
 
 
@@ -154,7 +148,7 @@ def load_corpus(
     for file in files:
         try:
             data = _read_text(file, max_bytes - total)
-        except NotRegular as exc:
+        except UnreadableFile as exc:
             if file == root:
                 raise DataError(f"{exc}: give a text file or a directory") from None
             skipped.append(str(exc))
