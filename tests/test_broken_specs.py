@@ -276,6 +276,7 @@ CASES: list[Case] = [
     ),
     Case("extends_not_a_path", "extends: 3  # <-\n" + BASE, "TC105", 1, 10),
     Case("extends_empty_list", "name: x\nextends: []  # <-\n", "TC105", 2, 10),
+    Case("extends_nul_byte", 'name: x\nextends: "a\\0b"  # <-\n', "TC105", 2, 10),  # no file has that name
     Case(
         "extends_cycle_of_two_files",
         "name: a\nextends: b.yaml\n",

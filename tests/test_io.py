@@ -82,3 +82,8 @@ def test_read_bounded_refuses_what_is_not_a_regular_file(tmp_path, make, kind):
     path = make(tmp_path)
     with pytest.raises(io.UnreadableFile, match=f"^{path} is {kind}, not a regular file: refusing to read it as"):
         io.read_bounded(path, 1 << 30, "manifest")
+
+
+def test_read_bounded_refuses_a_path_with_a_nul_byte(tmp_path):
+    with pytest.raises(io.UnreadableFile, match="NUL byte"):
+        io.read_bounded(f"{tmp_path}/a\0b", 10, "spec")

@@ -85,7 +85,10 @@ def open_regular(path: str | os.PathLike[str], what: str) -> int:
     :class:`UnreadableFile` if ``path`` (or what a symlink there points to) is a device, pipe, directory or socket;
     other ``OSError``\\ s (a missing file) pass through. The file is opened without blocking, so a FIFO cannot hang
     the open, and checked on the descriptor, so nothing swapped in after a check is read."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except ValueError:  # a NUL byte in the path: no file can have that name
+        raise UnreadableFile(f"{str(path)!r} is not a valid path (it holds a NUL byte)") from None
     try:
         check_regular(path, os.fstat(fd).st_mode, what)
     except UnreadableFile:

@@ -129,7 +129,11 @@ def _load_with_parents(path: Path, shown: str, chain: tuple[Path, ...], loaded: 
         return doc
     if isinstance(parents, str):
         parents = [parents]
-    if not isinstance(parents, list) or not parents or not all(isinstance(p, str) and p for p in parents):
+    if (
+        not isinstance(parents, list)
+        or not parents
+        or not all(isinstance(p, str) and p and "\0" not in p for p in parents)
+    ):
         raise SpecError(
             [
                 Diagnostic(
