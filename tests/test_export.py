@@ -290,6 +290,7 @@ def test_export_cli_from_a_build_takes_its_plugins_only_from_the_command_line(tm
     assert "pass it yourself (--plugin FILE_OR_MODULE" in refused.output and not out.exists()
     done = runner.invoke(cli, ["export", str(build_dir), "-o", str(out), "--plugin", str(plugin)])
     assert done.exit_code == 0, done.output
+    assert f"load it with: titans_compose.load({str(out)!r}, plugins={[str(plugin)]!r})" in done.output
     recorded = json.loads((out / "manifest.json").read_text())["plugins"]
     assert recorded == [{"kind": "file", "name": plugin.name, "sha256": hashlib.sha256(PLUGIN.encode()).hexdigest()}]
     assert load(out, plugins=[str(plugin)]).memory_configs()

@@ -381,7 +381,7 @@ def check_plugins(
     note = f" ({', '.join(differ)} given, but with other contents)" if differ else ""
     raise error(
         f"{root / MANIFEST}: the {what} was made with the plug-in {named}{note}, which was not passed; loading "
-        f"imports no plug-in that a {what} names: if you trust it, pass it yourself (--plugin FILE_OR_MODULE on "
+        f"imports no plug-in that the {what} names: if you trust it, pass it yourself (--plugin FILE_OR_MODULE on "
         "the command line, plugins=[...] in Python)"
     )
 

@@ -75,7 +75,8 @@ def export(
             click.echo(
                 f"program.pt2 checked: logits equal the module's (max abs difference {done.program_max_diff:.3g})"
             )
-        click.echo(f"load it with: titans_compose.load({str(out)!r})")
+        with_plugins = f", plugins={list(plugins)!r}" if plugins else ""
+        click.echo(f"load it with: titans_compose.load({str(out)!r}{with_plugins})")
         return 0
 
     guarded(ctx, debug, body)
