@@ -14,7 +14,9 @@ import dataclasses
 import torch
 from torch import Tensor
 
+from titans_compose.kernels.chunked import chunked_memory
 from titans_compose.kernels.config import MemoryConfig
+from titans_compose.kernels.reference import reference_memory
 from titans_compose.kernels.state import MemoryState
 
 HINT = (
@@ -59,9 +61,6 @@ def first_nonfinite_token(
     is NaN), whatever the size of the finite weights. The chunked path read with zero queries at the chunk-start
     weights finds the first chunk whose end state is not finite; the sequential reference, which forms every W_t,
     then finds the token inside that chunk."""
-    from titans_compose.kernels.chunked import chunked_memory
-    from titans_compose.kernels.reference import reference_memory
-
     per_token = [t.isfinite().all(-1) for t in (k, v)]
     per_token += [t.isfinite() for t in (theta, log_eta, log_keep) if t is not None]
     first_input = _first(~torch.stack([f.all(0) for f in per_token]).all(0))
