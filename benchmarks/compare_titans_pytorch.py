@@ -39,7 +39,7 @@ from pathlib import Path
 
 from record import append_section, pyplot, save_figure
 
-from titans_compose.kernels.flops import chunk_matmuls
+from titans_compose.ops.memory.flops import chunk_matmuls
 
 HERE = Path(__file__).resolve().parent
 SPEC = HERE.parent / "specs" / "titans_lmm_small.yaml"

@@ -1,5 +1,5 @@
 """Shared memory of the generated kernels compiled for a GPU, on any machine: the measurement behind the size limits
-of ``titans_compose/codegen/tiling.py``.
+of ``titans_compose/ops/memory/codegen/tiling.py``.
 
 Each configuration's forward and backward kernels are generated and compiled with ``triton.compile`` for an sm_90
 target (H100; Triton's bundled ptxas runs without a GPU), with the launch defaults the runtime uses (4 warps). The
@@ -11,7 +11,7 @@ a small CPU (Triton caches the cubins, so a rerun is quick).
     python benchmarks/kernel_footprint.py --head-dim 64 --hidden 256 --chunk 16 --tile 32 --no-record
 
 ``--tile 0`` compiles whole-matrix kernels, a positive tile the depth-2 hidden-tiled ones, and no ``--tile`` the
-tile :func:`titans_compose.codegen.tiling.hidden_tile` would choose.
+tile :func:`titans_compose.ops.memory.codegen.tiling.hidden_tile` would choose.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ from kernels import spec_block
 from record import append_section
 from tqdm import tqdm
 
-from titans_compose.codegen import cache, emit, tiling
-from titans_compose.codegen.key import kernel_key
-from titans_compose.kernels.config import MemoryConfig, memory_config
+from titans_compose.ops.memory.codegen import cache, emit, tiling
+from titans_compose.ops.memory.codegen.key import kernel_key
+from titans_compose.ops.memory.config import MemoryConfig, memory_config
 
 #: (depth, head dim, hidden, chunk, tile) of the recorded grid: whole matrices around tiling.py's limits, then the
 #: shipped memory (64 / 256) and its head-dim-128 version (128 / 512) on hidden tiles around the tiled limits.

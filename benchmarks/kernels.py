@@ -3,7 +3,7 @@ forward+backward over sequence lengths 2K..32K, head dims 64 and 128, memory dep
 
 Implementations (``--impls``), each configuration in a fresh process:
 
-- ``triton``: the generated kernel (``titans_compose.codegen.runtime.triton_memory``), the memory scan alone;
+- ``triton``: the generated kernel (``titans_compose.ops.memory.codegen.runtime.triton_memory``), the memory scan alone;
 - ``chunked``: the chunked dual form in PyTorch (``chunked_memory``) on the same inputs;
 - ``fla``: FLA's ``chunk_gated_delta_rule`` (PyPI flash-linear-attention, optional) on q, k, v of the same shapes,
   the forget gate as its decay and the inner learning rate as its beta; depth 1 only (a matrix memory);
@@ -14,7 +14,7 @@ Implementations (``--impls``), each configuration in a fresh process:
 The first three are the memory scan alone ([batch x heads, T, d] inputs), the last two whole modules ([batch, T,
 heads x d]). Batch x heads fills the GPU: ``--rows`` rows (default twice the number of SMs; one program runs one
 row), heads = ``--width`` / head dim. Times are medians of ``--repeats`` runs after ``--warmup`` (CUDA events);
-tokens/s counts batch x T tokens; TFLOP/s is the dual form's matmul work (``titans_compose.kernels.flops``: 2 m k n
+tokens/s counts batch x T tokens; TFLOP/s is the dual form's matmul work (``titans_compose.ops.memory.flops``: 2 m k n
 per product, 3x the forward for forward+backward), the same count for every implementation, against a bf16 matmul
 timed in the same run; peak memory is ``torch.cuda.max_memory_allocated`` over one forward+backward. Prints a
 table and appends it with the device, date and command to benchmarks/RESULTS.md.
@@ -76,7 +76,7 @@ def core_inputs(cfg: Any, rows: int, seq: int, d: int, dtype: Any, device: str) 
     import torch
     import torch.nn.functional as F
 
-    from titans_compose.kernels.state import MemoryState
+    from titans_compose.ops.memory.state import MemoryState
 
     gen = torch.Generator(device=device).manual_seed(0)
 
@@ -124,7 +124,7 @@ def make_step(args: argparse.Namespace) -> tuple[Callable[[], Any], list, Callab
         if ours.choice.name != "triton":
             raise NotImplementedError(ours.choice.reason)
         return lambda: ours(x), list(ours.parameters()), lambda out: out[0]
-    from titans_compose.kernels.config import memory_config
+    from titans_compose.ops.memory.config import memory_config
 
     cfg = memory_config(block.memory, block.update, registry)
     rows = batch * heads
@@ -142,9 +142,9 @@ def make_step(args: argparse.Namespace) -> tuple[Callable[[], Any], list, Callab
         fla = [q, k, v, theta, *([gate] if keep is not None else [])]
         return lambda: chunk_gated_delta_rule(q=q, k=k, v=v, g=gate, beta=theta), fla, lambda out: out[0]
     if args.impl == "triton":
-        from titans_compose.codegen.runtime import triton_memory as fn
+        from titans_compose.ops.memory.codegen.runtime import triton_memory as fn
     else:
-        from titans_compose.kernels.chunked import chunked_memory as fn
+        from titans_compose.ops.memory.chunked import chunked_memory as fn
     return lambda: fn(*leaves[:6], state, cfg), grads, lambda out: out[0]
 
 
@@ -244,8 +244,8 @@ def run_point(python: str, args: argparse.Namespace, impl: str, point: dict[str,
 
 def flops(args: argparse.Namespace, d: int, depth: int, seq: int) -> int:
     """Forward+backward matmul FLOPs of the memory scan at this configuration (all rows)."""
-    from titans_compose.kernels.config import memory_config
-    from titans_compose.kernels.flops import memory_flops
+    from titans_compose.ops.memory.config import memory_config
+    from titans_compose.ops.memory.flops import memory_flops
 
     heads = args.width // d
     block, _, registry = spec_block(d, depth, heads, args.chunk)
@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> None:
         type=int,
         default=16,
         help="memory chunk size: the shipped specs' 16 (FLA uses its own, 64; at 64 the depth-2 memory of head dim 64 "
-        "fits no hidden tile, see titans_compose/codegen/tiling.py)",
+        "fits no hidden tile, see titans_compose/ops/memory/codegen/tiling.py)",
     )
     parser.add_argument("--width", type=int, default=1024, help="heads x head dim (heads = width / head dim)")
     parser.add_argument("--rows", type=int, help="batch x heads at least this (default: twice the GPU's SMs)")
@@ -372,7 +372,7 @@ def main(argv: list[str] | None = None) -> None:
         f"torch {torch.__version__}, triton {_triton_version()}, {args.dtype}, chunk {args.chunk}, width "
         f"{args.width}, expansion {EXPANSION}, rows >= {args.rows}; median of {args.repeats} after {args.warmup} "
         f"warm-up runs, each configuration in a fresh process; measured {args.dtype} matmul peak {peak_text}. "
-        "TFLOP/s counts the dual form's matmul work (titans_compose.kernels.flops) for every implementation.\n\n"
+        "TFLOP/s counts the dual form's matmul work (titans_compose.ops.memory.flops) for every implementation.\n\n"
         f"{report}"
     )
     append_section(f"Generated kernels on {device}", __file__, body, argv)

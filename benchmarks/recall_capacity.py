@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from record import append_section
 
-from titans_compose.kernels import mlp
-from titans_compose.kernels.chunked import chunked_memory
-from titans_compose.kernels.config import MemoryConfig
-from titans_compose.kernels.state import MemoryState
+from titans_compose.ops.memory import mlp
+from titans_compose.ops.memory.chunked import chunked_memory
+from titans_compose.ops.memory.config import MemoryConfig
+from titans_compose.ops.memory.state import MemoryState
 from titans_compose.registry.rules import ACTIVATIONS, LOSSES
 
 THETAS = (0.05, 0.1, 0.2, 0.5)

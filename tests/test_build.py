@@ -20,7 +20,7 @@ from tests.test_registry import PLUGIN
 from titans_compose import builder, manifest
 from titans_compose.builder import BUILD_FILES, MANIFEST, BuildError, BuildReport, build, load_build
 from titans_compose.cli.main import cli
-from titans_compose.codegen.cache import cache_dir
+from titans_compose.ops.memory.codegen.cache import cache_dir
 from titans_compose.registry import reset_default_registry
 
 MAC = SPECS / "titans_mac_small.yaml"

@@ -22,9 +22,9 @@ import torch
 
 from tests.grids import fast_subset
 from tests.test_memory_core import make_cfg, make_inputs, rel, run
-from titans_compose.kernels import chunk_write, mlp
-from titans_compose.kernels.chunked import chunked_memory
-from titans_compose.kernels.reference import reference_memory
+from titans_compose.ops.memory import chunk_write, mlp
+from titans_compose.ops.memory.chunked import chunked_memory
+from titans_compose.ops.memory.reference import reference_memory
 
 GRID = [
     dict(depth=depth, activation=act, loss=loss, momentum=mom, forget=fgt, residual=res, output_norm=ln)

@@ -37,11 +37,11 @@ import torch
 
 from tests.grids import fast_subset
 from tests.test_memory_core import make_cfg, make_inputs, rel
-from titans_compose.codegen import cache, emit, runtime, tiling
-from titans_compose.codegen.key import kernel_key
-from titans_compose.codegen.support import unsupported_reason
-from titans_compose.kernels.chunked import chunked_memory
-from titans_compose.kernels.state import MemoryState
+from titans_compose.ops.memory.chunked import chunked_memory
+from titans_compose.ops.memory.codegen import cache, emit, runtime, tiling
+from titans_compose.ops.memory.codegen.key import kernel_key
+from titans_compose.ops.memory.codegen.support import unsupported_reason
+from titans_compose.ops.memory.state import MemoryState
 from titans_compose.registry.rules import Activation
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -314,8 +314,8 @@ def test_kernels_compile_for_an_h100(tmp_path):
     script = """
 import json, pytest
 from tests.test_codegen_kernels import config, force_tiles
-from titans_compose.codegen import cache, emit, tiling
-from titans_compose.codegen.key import kernel_key
+from titans_compose.ops.memory.codegen import cache, emit, tiling
+from titans_compose.ops.memory.codegen.key import kernel_key
 force_tiles(pytest.MonkeyPatch())
 key = kernel_key(config(depth=2, hidden=40, grad_clip=1.0, output_norm=True, residual=True), "float32")
 assert key.hidden_tile == 16
@@ -447,9 +447,9 @@ import os, dataclasses
 import triton  # built for the GPU: TRITON_INTERPRET is not set yet
 import torch
 from tests.test_memory_core import make_cfg, make_inputs
-from titans_compose.codegen import runtime
-from titans_compose.kernels.chunked import chunked_memory
-from titans_compose.kernels.state import MemoryState
+from titans_compose.ops.memory.codegen import runtime
+from titans_compose.ops.memory.chunked import chunked_memory
+from titans_compose.ops.memory.state import MemoryState
 os.environ["TRITON_INTERPRET"] = "1"
 os.environ["{cache.ENV_VAR}"] = {str(tmp_path)!r}
 cfg = make_cfg(depth=2, d=16, hidden=24, chunk_size=8, output_norm=True, activation="gelu", loss="lp")

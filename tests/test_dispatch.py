@@ -16,9 +16,16 @@ import torch
 from tests.conftest import ROOT, SPECS
 from tests.test_neural_memory import build, randomise_gates, rel, x_of
 from titans_compose.builder import build as build_model
-from titans_compose.codegen import cache, emit
-from titans_compose.codegen.key import kernel_key
-from titans_compose.kernels.dispatch import AUTO, ENV_VAR, INTERPRET_VAR, BackendChoice, MemoryBackend, choose_backend
+from titans_compose.ops.memory.codegen import cache, emit
+from titans_compose.ops.memory.codegen.key import kernel_key
+from titans_compose.ops.memory.dispatch import (
+    AUTO,
+    ENV_VAR,
+    INTERPRET_VAR,
+    BackendChoice,
+    MemoryBackend,
+    choose_backend,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,5 +1,5 @@
-"""The matmul FLOP count of the chunked dual form against closed forms worked out by hand (titans_compose.kernels.flops
-docstring), and against the products a chunk of the chunked path actually runs."""
+"""The matmul FLOP count of the chunked dual form against closed forms worked out by hand
+(titans_compose.ops.memory.flops docstring), and against the products a chunk of the chunked path actually runs."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from titans_compose.kernels.flops import chunk_matmuls, memory_flops
+from titans_compose.ops.memory.flops import chunk_matmuls, memory_flops
 
 
 def shape(layers, momentum=True, retrieval="after"):

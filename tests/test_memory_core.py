@@ -18,12 +18,12 @@ import torch
 import torch.nn.functional as F
 
 from tests.grids import fast_subset
-from titans_compose.kernels import mlp
-from titans_compose.kernels.chunked import GateTables, LastRow, chunked_memory, coefficients, segsum
-from titans_compose.kernels.config import MemoryConfig
-from titans_compose.kernels.dispatch import MemoryBackend
-from titans_compose.kernels.reference import reference_memory
-from titans_compose.kernels.state import MemoryState
+from titans_compose.ops.memory import mlp
+from titans_compose.ops.memory.chunked import GateTables, LastRow, chunked_memory, coefficients, segsum
+from titans_compose.ops.memory.config import MemoryConfig
+from titans_compose.ops.memory.dispatch import MemoryBackend
+from titans_compose.ops.memory.reference import reference_memory
+from titans_compose.ops.memory.state import MemoryState
 from titans_compose.registry.rules import ACTIVATIONS, LOSSES, OPTIMIZERS, RETENTIONS, HuberParams, LpParams
 
 F64 = torch.float64

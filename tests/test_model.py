@@ -13,9 +13,9 @@ import yaml
 from tests.conftest import SPECS, shipped_specs
 from tests.test_neural_memory import DIVERGING
 from titans_compose.graph import compile_graph
-from titans_compose.kernels.dispatch import MemoryBackend
-from titans_compose.kernels.finite import MemoryDivergedError
 from titans_compose.nn.model import LMOutput, MemoryGates, MemoryWrite, ModelState, TitansLM
+from titans_compose.ops.memory.dispatch import MemoryBackend
+from titans_compose.ops.memory.finite import MemoryDivergedError
 from titans_compose.registry import new_registry
 from titans_compose.spec import load_spec
 

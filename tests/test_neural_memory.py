@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from tests.conftest import SPECS
-from titans_compose.kernels.dispatch import ENV_VAR, choose_backend
-from titans_compose.kernels.finite import MemoryDivergedError
 from titans_compose.nn import NeuralMemory
+from titans_compose.ops.memory.dispatch import ENV_VAR, choose_backend
+from titans_compose.ops.memory.finite import MemoryDivergedError
 from titans_compose.registry import new_registry
 from titans_compose.spec import load_spec
 

@@ -26,7 +26,6 @@ import torch
 from safetensors import SafetensorError, TensorSpec, serialize
 from safetensors.torch import load as load_tensors
 
-from titans_compose.codegen.cache import cache_dir
 from titans_compose.errors import SpecError
 from titans_compose.manifest import (
     MANIFEST,
@@ -39,6 +38,7 @@ from titans_compose.manifest import (
     write_with_manifest,
 )
 from titans_compose.manifest import check_output_dir as check_dir
+from titans_compose.ops.memory.codegen.cache import cache_dir
 from titans_compose.registry import ENTRY_POINT_GROUP, Registry
 from titans_compose.spec import LoadedSpec, load_spec
 

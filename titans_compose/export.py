@@ -106,9 +106,9 @@ class Logits(torch.nn.Module):
 def kernel_sources(module: torch.nn.Module) -> dict[str, bytes]:
     """The generated kernel sources ``module``'s memory layers run on a CUDA device with float32 inputs (the
     artifact's dtype), by cache file name; a layer whose configuration has no generated kernel adds none."""
-    from titans_compose.codegen import cache, emit
-    from titans_compose.codegen.key import kernel_key
-    from titans_compose.codegen.support import unsupported_reason
+    from titans_compose.ops.memory.codegen import cache, emit
+    from titans_compose.ops.memory.codegen.key import kernel_key
+    from titans_compose.ops.memory.codegen.support import unsupported_reason
 
     configs = module.memory_configs() if hasattr(module, "memory_configs") else []
     keys = {kernel_key(cfg, "float32") for cfg in configs if unsupported_reason(cfg, "float32") is None}

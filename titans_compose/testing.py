@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from titans_compose.kernels.chunked import chunked_memory
-from titans_compose.kernels.config import MemoryConfig
-from titans_compose.kernels.reference import reference_memory
-from titans_compose.kernels.state import MemoryState
+from titans_compose.ops.memory.chunked import chunked_memory
+from titans_compose.ops.memory.config import MemoryConfig
+from titans_compose.ops.memory.reference import reference_memory
+from titans_compose.ops.memory.state import MemoryState
 from titans_compose.registry import Registry, default_registry
 from titans_compose.registry.rules import (
     ACTIVATIONS,
@@ -195,7 +195,7 @@ def _check_kernel(label: str, kind: str, rule: Any, params: Any, seed: int) -> i
     """The generated kernel (float32) against the chunked path (float64) with the rule in place, forward and every
     gradient; within KERNEL_TOL, or KERNEL_ERROR_RATIO times the float32 chunked path's own error where the rule is
     ill-conditioned. Returns the number of configurations checked."""
-    from titans_compose.codegen.runtime import triton_memory
+    from titans_compose.ops.memory.codegen.runtime import triton_memory
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     names = (label if kind == "activation" else "silu", label if kind == "loss" else "l2")

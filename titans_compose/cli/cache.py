@@ -14,7 +14,7 @@ _debug = click.option("--debug", "sub_debug", is_flag=True, help="Show traceback
 
 @click.group()
 def cache() -> None:
-    """The cache of generated Triton kernel sources ($TITANS_COMPOSE_CACHE, else ~/.cache/titans_compose/kernels)."""
+    """The cache of generated Triton kernel sources ($TITANS_COMPOSE_CACHE, else ~/.cache/titans_compose/ops/memory)."""
 
 
 def _size(n: int) -> str:
@@ -46,7 +46,7 @@ def ls(ctx: click.Context, as_json: bool, sub_debug: bool) -> None:
     _, debug = settings(ctx, (), sub_debug)
 
     def body() -> int:
-        from titans_compose.codegen.cache import cache_dir, entries
+        from titans_compose.ops.memory.codegen.cache import cache_dir, entries
 
         directory, found = cache_dir(), entries()
         if as_json:
@@ -72,7 +72,7 @@ def clear(ctx: click.Context, sub_debug: bool) -> None:
     _, debug = settings(ctx, (), sub_debug)
 
     def body() -> int:
-        from titans_compose.codegen.cache import cache_dir, clear
+        from titans_compose.ops.memory.codegen.cache import cache_dir, clear
 
         done = clear()
         temporaries = f" and {done.temporaries} unfinished temporary file(s)" if done.temporaries else ""

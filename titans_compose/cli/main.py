@@ -195,7 +195,7 @@ def environment_problem(exc: BaseException) -> str | None:
     if isinstance(exc, OSError) and exc.errno in ENVIRONMENT_ERRNOS:
         where = f": {exc.filename}" if exc.filename else ""
         return f"{os.strerror(exc.errno)}{where} (free space, fix the permissions or choose another path)"
-    dispatch = sys.modules.get("titans_compose.kernels.dispatch")  # not imported: the error cannot be its
+    dispatch = sys.modules.get("titans_compose.ops.memory.dispatch")  # not imported: the error cannot be its
     if dispatch is not None and isinstance(exc, dispatch.BackendUnavailable):
         return str(exc)
     return None

@@ -1,2 +1,5 @@
-"""The kernel generator: Triton source specialised per memory configuration (:mod:`key`), cached on disk and
-imported by path (:mod:`cache`)."""
+"""Deprecated: moved to :mod:`titans_compose.ops.memory.codegen` (this name keeps old imports working)."""
+
+from titans_compose._moved import alias_package
+
+alias_package(__name__, "titans_compose.ops.memory.codegen")

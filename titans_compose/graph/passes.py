@@ -141,7 +141,7 @@ def check_wiring(graph: nx.DiGraph, registry: Registry) -> list[Diagnostic]:
 def select_backends(graph: nx.DiGraph, registry: Registry) -> list[Diagnostic]:
     """Record on every memory write which implementation was asked for, and why: a forced backend, or ``auto``
     (resolved per call from the tensors' device; each memory module then records what ran)."""
-    from titans_compose.kernels.dispatch import BACKENDS, ENV_VAR, choose_backend
+    from titans_compose.ops.memory.dispatch import BACKENDS, ENV_VAR, choose_backend
 
     try:
         choice = choose_backend()

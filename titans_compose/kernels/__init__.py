@@ -1,0 +1,5 @@
+"""Deprecated: moved to :mod:`titans_compose.ops.memory` (this name keeps old imports working)."""
+
+from titans_compose._moved import alias_package
+
+alias_package(__name__, "titans_compose.ops.memory")

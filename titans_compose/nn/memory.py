@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from titans_compose.kernels.config import MemoryConfig, memory_config
-from titans_compose.kernels.dispatch import BackendChoice, MemoryBackend
-from titans_compose.kernels.finite import MemoryDivergedError, finite_flag, first_nonfinite_token
-from titans_compose.kernels.state import MemoryState
+from titans_compose.ops.memory.config import MemoryConfig, memory_config
+from titans_compose.ops.memory.dispatch import BackendChoice, MemoryBackend
+from titans_compose.ops.memory.finite import MemoryDivergedError, finite_flag, first_nonfinite_token
+from titans_compose.ops.memory.state import MemoryState
 from titans_compose.registry.core import Registry
 
 
@@ -176,7 +176,7 @@ class NeuralMemory(nn.Module):
     (document boundaries of a packed batch of one row, like FlashAttention's), the memory and the convolutions
     restart at every boundary and the returned state is the last document's. An empty ``x`` (T = 0) gives an empty
     output and the state unchanged. With ``check_finite`` (the default) a call whose memory output or state is not
-    finite raises :class:`~titans_compose.kernels.finite.MemoryDivergedError` naming the first such token (one
+    finite raises :class:`~titans_compose.ops.memory.finite.MemoryDivergedError` naming the first such token (one
     reduction and one host synchronisation per call; switch it off for speed once a rule is known to be stable).
     """
 

@@ -24,13 +24,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from titans_compose.graph.ir import dag_view, inputs_of
-from titans_compose.kernels import mlp as memory_mlp
-from titans_compose.kernels.config import MemoryConfig, memory_config
-from titans_compose.kernels.dispatch import BackendChoice, MemoryBackend
-from titans_compose.kernels.finite import MemoryDivergedError, finite_flag, first_nonfinite_token
-from titans_compose.kernels.state import MemoryState
 from titans_compose.nn.attention import Attention
 from titans_compose.nn.memory import InnerGates, _depthwise_causal_conv, _Gate, _logit, inner_gates
+from titans_compose.ops.memory import mlp as memory_mlp
+from titans_compose.ops.memory.config import MemoryConfig, memory_config
+from titans_compose.ops.memory.dispatch import BackendChoice, MemoryBackend
+from titans_compose.ops.memory.finite import MemoryDivergedError, finite_flag, first_nonfinite_token
+from titans_compose.ops.memory.state import MemoryState
 
 if TYPE_CHECKING:
     from titans_compose.registry.core import Registry
@@ -574,7 +574,7 @@ class TitansLM(nn.Module):
 
     With ``check_finite`` (the default) every forward folds each memory layer's output and state into one finiteness
     flag, read once at the end (one host synchronisation per forward); if one is not finite it raises
-    :class:`~titans_compose.kernels.finite.MemoryDivergedError` naming the first such layer and the first token of
+    :class:`~titans_compose.ops.memory.finite.MemoryDivergedError` naming the first such layer and the first token of
     the stream whose memory weights are not finite (found by running that layer's write again). Set it to False to
     skip the check; it is skipped under torch.compile / torch.export."""
 

@@ -9,9 +9,10 @@ which is all the inner update needs (section 2: every per-token gradient is a su
 error).
 
 Triton expressions (optional fields ``triton_*``): single Python/Triton expressions that the kernel generator
-(:mod:`titans_compose.codegen.emit`) inlines as small ``@triton.jit`` helpers. An activation's expressions are in
-the variable ``x`` (a float32 block); a loss's are in ``e`` (the error ``M(k) - v``) and may name the loss's
-parameters as ``str.format`` fields (``{p}``, ``{delta}``), substituted as float constants from the kernel key.
+(:mod:`titans_compose.ops.memory.codegen.emit`) inlines as small ``@triton.jit`` helpers. An activation's
+expressions are in the variable ``x`` (a float32 block); a loss's are in ``e`` (the error ``M(k) - v``) and may name
+the loss's parameters as ``str.format`` fields (``{p}``, ``{delta}``), substituted as float constants from the
+kernel key.
 Available names: ``tl`` (triton.language), core builtins only (tl.exp, tl.log, tl.where, tl.abs, tl.maximum,
 tl.math.erf, ...; not the ``@triton.jit`` helpers of triton.language.standard such as tl.sigmoid, which cannot run
 under the CPU interpreter in every process). A rule without them runs on the PyTorch paths only.

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from titans_compose.kernels.finite import MemoryDivergedError
+from titans_compose.ops.memory.finite import MemoryDivergedError
 from titans_compose.train.checkpoint import load_checkpoint, save_checkpoint
 from titans_compose.train.data import Batch
 
@@ -147,7 +147,7 @@ def train(
     schedule). With ``time_limit`` (seconds), training ends after the first step that finishes past it, which then
     counts as the last step (evaluated and checkpointed); the schedule still spans ``steps``. Raises
     :class:`TrainingError` before any update from a non-finite loss or gradient, or when a memory layer diverges
-    (the model's :class:`~titans_compose.kernels.finite.MemoryDivergedError`, naming the layer and token).
+    (the model's :class:`~titans_compose.ops.memory.finite.MemoryDivergedError`, naming the layer and token).
     """
     if steps < 1 or warmup < 0 or eval_every < 0 or checkpoint_every < 0 or lr <= 0:
         raise ValueError(

@@ -4,8 +4,8 @@ A depth-2 memory M(x) = W_1 act(W_0 x) has W_0 [H, D] and W_1 [D, H]; hidden til
 h*HT .. (h+1)*HT (and the same of S_0, S_1 and of every gradient). Everything of width H (pre-activations z_0,
 activations a_1, errors d_0, the query's hidden rows) is computed one tile at a time; everything of width D or b
 (z_1, the loss gradient, d_1, the retrieval's layer-1 sums, the b x b key products) is summed over the tiles. The
-math is that of :mod:`titans_compose.codegen.emit` (memory-math.md section 3), term for term; only the order of the
-sums over the hidden width differs. Per chunk, the forward kernel makes two passes over the tiles:
+math is that of :mod:`titans_compose.ops.memory.codegen.emit` (memory-math.md section 3), term for term; only
+the order of the sums over the hidden width differs. Per chunk, the forward kernel makes two passes over the tiles:
 
 1. z_1 = sum_h a_1[h] W_1[:, h]^T, from which the output error and d_1 (which needs all of z_1);
 2. per tile, d_0[h] = (d_1 W_1[:, h]) * act'(z_0[h]), the query's layer-0 read and hidden rows, their layer-1 sums
@@ -22,8 +22,8 @@ tiles. Stores and later loads of the same tiles by the same program are separate
 
 from __future__ import annotations
 
-from titans_compose.codegen.emit import _Code, _Generator
-from titans_compose.codegen.key import KernelKey
+from titans_compose.ops.memory.codegen.emit import _Code, _Generator
+from titans_compose.ops.memory.codegen.key import KernelKey
 
 
 class TiledGenerator(_Generator):

@@ -26,14 +26,14 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from torch import Tensor
 
-    from titans_compose.codegen.key import KernelKey
-    from titans_compose.kernels.config import MemoryConfig
+    from titans_compose.ops.memory.codegen.key import KernelKey
+    from titans_compose.ops.memory.config import MemoryConfig
 
-#: backend name -> (module, function) implementing the memory scan contract of ``chunked_memory``.
+#: backend name -> (module, function) implementing the memory op (contract: :mod:`titans_compose.ops.memory`).
 BACKENDS: dict[str, tuple[str, str]] = {
-    "chunked": ("titans_compose.kernels.chunked", "chunked_memory"),
-    "reference": ("titans_compose.kernels.reference", "reference_memory"),
-    "triton": ("titans_compose.codegen.runtime", "triton_memory"),
+    "chunked": ("titans_compose.ops.memory.chunked", "chunked_memory"),
+    "reference": ("titans_compose.ops.memory.reference", "reference_memory"),
+    "triton": ("titans_compose.ops.memory.codegen.runtime", "triton_memory"),
 }
 #: Resolved per call from the inputs' device (see the module docstring).
 AUTO = "auto"
@@ -113,8 +113,8 @@ class MemoryBackend:
         """The backend for inputs like ``q`` and configuration ``cfg``."""
         if self.planned.name not in (AUTO, "triton"):
             return self.planned
-        from titans_compose.codegen.key import kernel_key
-        from titans_compose.codegen.support import dtype_name, unsupported_reason
+        from titans_compose.ops.memory.codegen.key import kernel_key
+        from titans_compose.ops.memory.codegen.support import dtype_name, unsupported_reason
 
         device, dtype = q.device.type, dtype_name(q.dtype)
         why_not = unsupported_reason(cfg, dtype)
@@ -126,7 +126,7 @@ class MemoryBackend:
 
     def _decide(self, device: str, key: KernelKey | None, why_not: str | None) -> BackendChoice:
         """The backend for ``device`` tensors, given the kernel key (None with the reason the kernel cannot run)."""
-        from titans_compose.codegen import cache, emit
+        from titans_compose.ops.memory.codegen import cache, emit
 
         forced = self.planned.name == "triton"
         if not forced and device != "cuda":

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from titans_compose.kernels import mlp
-from titans_compose.kernels.config import MemoryConfig
+from titans_compose.ops.memory import mlp
+from titans_compose.ops.memory.config import MemoryConfig
 
 
 @dataclass(frozen=True)

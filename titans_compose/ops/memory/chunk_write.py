@@ -43,8 +43,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from titans_compose.kernels import chunk_read, mlp
-from titans_compose.kernels.config import MemoryConfig
+from titans_compose.ops.memory import chunk_read, mlp
+from titans_compose.ops.memory.config import MemoryConfig
 
 ENV_VAR = "TITANS_COMPOSE_CHUNK_BACKWARD"
 

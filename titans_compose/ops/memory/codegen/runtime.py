@@ -1,11 +1,11 @@
-"""Running the generated kernels: :func:`triton_memory`, with exactly the contract of
-:func:`~titans_compose.kernels.chunked.chunked_memory`.
+"""Running the generated kernels: :func:`triton_memory`, the memory op (contract: :mod:`titans_compose.ops.memory`).
 
-The kernels see a packed float32 state per row (every W_l, then every S_l; :class:`~titans_compose.codegen.emit.Layout`)
-and full sequences: the unfinished chunk of ``state.pending`` is put in front with differentiable torch ops, and a
-trailing partial chunk is read by the kernel but not folded, so it comes back as pending. The launches are the
-torch.library ops ``titans_compose::memory_forward`` / ``memory_backward`` (triton_op + wrap_triton, with fake
-implementations) so that torch.compile can trace them on a GPU; the key travels as its digest string.
+The kernels see a packed float32 state per row (every W_l, then every S_l;
+:class:`~titans_compose.ops.memory.codegen.emit.Layout`) and full sequences: the unfinished chunk of
+``state.pending`` is put in front with differentiable torch ops, and a trailing partial chunk is read by the kernel
+but not folded, so it comes back as pending. The launches are the torch.library ops
+``titans_compose::memory_forward`` / ``memory_backward`` (triton_op + wrap_triton, with fake implementations) so
+that torch.compile can trace them on a GPU; the key travels as its digest string.
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.library import triton_op, wrap_triton
 
-from titans_compose.codegen import cache, emit
-from titans_compose.codegen.key import KernelKey, kernel_key
-from titans_compose.codegen.support import dtype_name, unsupported_reason
-from titans_compose.codegen.tiling import block
-from titans_compose.kernels.chunked import log_factor
-from titans_compose.kernels.config import MemoryConfig
-from titans_compose.kernels.state import MemoryState, Pending, resume, with_read_rows
+from titans_compose.ops.memory.chunked import log_factor
+from titans_compose.ops.memory.codegen import cache, emit
+from titans_compose.ops.memory.codegen.key import KernelKey, kernel_key
+from titans_compose.ops.memory.codegen.support import dtype_name, unsupported_reason
+from titans_compose.ops.memory.codegen.tiling import block
+from titans_compose.ops.memory.config import MemoryConfig
+from titans_compose.ops.memory.state import MemoryState, Pending, resume, with_read_rows
 
 #: digest -> key of every kernel loaded in this process (the ops receive the digest).
 _KEYS: dict[str, KernelKey] = {}
@@ -29,7 +29,7 @@ _KEYS: dict[str, KernelKey] = {}
 
 def kernels(key: KernelKey) -> cache.Loaded:
     """The generated module of ``key`` (from the source cache; generated on a miss); take its kernels with
-    :meth:`~titans_compose.codegen.cache.Loaded.kernel`, which names the file if one is missing."""
+    :meth:`~titans_compose.ops.memory.codegen.cache.Loaded.kernel`, which names the file if one is missing."""
     _KEYS[key.digest()] = key
     return cache.load(key, emit.generate)
 
@@ -166,11 +166,12 @@ def triton_memory(
     state: MemoryState,
     cfg: MemoryConfig,
 ) -> tuple[Tensor, MemoryState]:
-    """:func:`~titans_compose.kernels.chunked.chunked_memory` on the generated kernels: the retrieved values
+    """The memory op (contract: :mod:`titans_compose.ops.memory`) on the generated kernels: the retrieved values
     [N, T, d] and the state after them (weights in the dtype of ``state.weights``; a trailing unfinished chunk comes
     back as pending). Gradients reach q, k, v, the gates and the initial state; the backward is first order (a
     double backward of the outer loss needs the chunked path). Raises NotImplementedError with
-    :func:`~titans_compose.codegen.support.unsupported_reason` for a configuration the kernels do not cover."""
+    :func:`~titans_compose.ops.memory.codegen.support.unsupported_reason` for a configuration the kernels do not
+    cover."""
     reason = unsupported_reason(cfg, q.dtype)
     if reason is not None:
         raise NotImplementedError(f"the generated kernel cannot run this memory: {reason}")

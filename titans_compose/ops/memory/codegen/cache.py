@@ -8,7 +8,7 @@ source. Since a cached source is imported, it is trusted only as far as it is ch
 recorded next to it when it is written (``<slug>-<digest>.sha256``) and a source that does not match it (damaged,
 truncated, edited or planted), or that others than its owner may write, is generated again before anything is
 imported; a cache directory that others than its owner may write to is refused (it is created private). The
-directory is ``$TITANS_COMPOSE_CACHE`` if set, else ``$XDG_CACHE_HOME/titans_compose/kernels``
+directory is ``$TITANS_COMPOSE_CACHE`` if set, else ``$XDG_CACHE_HOME/titans_compose/ops/memory``
 (``~/.cache/...``). :func:`entries` lists it and :func:`clear` empties it (``titans-compose cache ls|clear``);
 neither imports torch or triton.
 """
@@ -33,7 +33,7 @@ from titans_compose.imports import import_file
 from titans_compose.io import atomic_write, read_bounded
 
 if TYPE_CHECKING:
-    from titans_compose.codegen.key import KernelKey
+    from titans_compose.ops.memory.codegen.key import KernelKey
 
 ENV_VAR = "TITANS_COMPOSE_CACHE"
 _MODULE_PREFIX = "titans_compose_generated"

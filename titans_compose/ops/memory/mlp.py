@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from titans_compose.kernels.config import MemoryConfig
+from titans_compose.ops.memory.config import MemoryConfig
 
 
 def layer_norm(z: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:

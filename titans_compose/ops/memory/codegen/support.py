@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from titans_compose.codegen import tiling
-from titans_compose.kernels.config import MemoryConfig
+from titans_compose.ops.memory.codegen import tiling
+from titans_compose.ops.memory.config import MemoryConfig
 from titans_compose.registry.rules import OPTIMIZERS
 
 DTYPES = ("float32", "float16", "bfloat16")

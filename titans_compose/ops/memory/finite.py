@@ -14,10 +14,10 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from titans_compose.kernels.chunked import chunked_memory
-from titans_compose.kernels.config import MemoryConfig
-from titans_compose.kernels.reference import reference_memory
-from titans_compose.kernels.state import MemoryState
+from titans_compose.ops.memory.chunked import chunked_memory
+from titans_compose.ops.memory.config import MemoryConfig
+from titans_compose.ops.memory.reference import reference_memory
+from titans_compose.ops.memory.state import MemoryState
 
 HINT = (
     "the inner update diverged: lower update.lr (max_lr or init) or the momentum, turn on update.forget, or set "

@@ -12,8 +12,8 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from titans_compose.codegen import tiling
-from titans_compose.kernels.config import MemoryConfig, MemoryShape
+from titans_compose.ops.memory.codegen import tiling
+from titans_compose.ops.memory.config import MemoryConfig, MemoryShape
 
 #: Bump whenever the generated source changes for an unchanged key.
 GENERATOR_VERSION = 4
@@ -31,8 +31,8 @@ class KernelKey(MemoryShape):
     ``expressions`` the rules' Triton expressions by role (``act``, ``act_grad``, ``act_grad2``, ``loss_grad``,
     ``loss_grad2``; None where a rule gives none), so that changing a rule's code changes the key and the
     generator needs no registry; ``hidden_tile`` the columns of the hidden width one program holds at a time (0:
-    whole matrices; :func:`~titans_compose.codegen.tiling.hidden_tile`); ``grad_clip`` the per-token inner gradient
-    clip's max norm (None: no clip).
+    whole matrices; :func:`~titans_compose.ops.memory.codegen.tiling.hidden_tile`); ``grad_clip`` the per-token
+    inner gradient clip's max norm (None: no clip).
     """
 
     layer_shapes: tuple[tuple[int, int], ...]
@@ -82,7 +82,7 @@ class KernelKey(MemoryShape):
 
 def kernel_key(cfg: MemoryConfig, dtype: str) -> KernelKey:
     """The key of ``cfg`` run on inputs of ``dtype`` (e.g. ``"float32"``). ``cfg`` must carry its registry
-    names (configs made by :func:`~titans_compose.kernels.config.memory_config` do)."""
+    names (configs made by :func:`~titans_compose.ops.memory.config.memory_config` do)."""
     if cfg.names is None:
         raise ValueError("this MemoryConfig has no registry names; build it with memory_config() to key a kernel")
     params = cfg.loss_params.model_dump() if cfg.loss_params is not None else {}

@@ -14,10 +14,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from titans_compose.kernels import mlp
-from titans_compose.kernels.chunk_write import clip_factor
-from titans_compose.kernels.config import MemoryConfig
-from titans_compose.kernels.state import MemoryState, Pending, resume
+from titans_compose.ops.memory import mlp
+from titans_compose.ops.memory.chunk_write import clip_factor
+from titans_compose.ops.memory.config import MemoryConfig
+from titans_compose.ops.memory.state import MemoryState, Pending, resume
 
 
 def token_gradient(weights: tuple[Tensor, ...], k: Tensor, v: Tensor, cfg: MemoryConfig) -> tuple[Tensor, ...]:
@@ -44,7 +44,7 @@ def reference_memory(
     state: MemoryState,
     cfg: MemoryConfig,
 ) -> tuple[Tensor, MemoryState]:
-    """Same contract as :func:`titans_compose.kernels.chunked.chunked_memory`, computed one token at a time."""
+    """The memory op (contract: :mod:`titans_compose.ops.memory`) computed one token at a time."""
     p = state.pending_len
     k, v, theta, log_eta, log_keep = resume(state, k, v, theta, log_eta, log_keep)
     total, b = k.shape[1], cfg.chunk_size

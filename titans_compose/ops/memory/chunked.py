@@ -19,9 +19,9 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from titans_compose.kernels import chunk_read, chunk_write, mlp
-from titans_compose.kernels.config import MemoryConfig
-from titans_compose.kernels.state import MemoryState, Pending, resume, with_read_rows
+from titans_compose.ops.memory import chunk_read, chunk_write, mlp
+from titans_compose.ops.memory.config import MemoryConfig
+from titans_compose.ops.memory.state import MemoryState, Pending, resume, with_read_rows
 from titans_compose.registry.rules import RETENTIONS
 
 
@@ -267,14 +267,8 @@ def chunked_memory(
     state: MemoryState,
     cfg: MemoryConfig,
 ) -> tuple[Tensor, MemoryState]:
-    """Run the memory over a sequence: returns the retrieved values [N, T, d] and the state after it.
-
-    ``q, k, v``: [N, T, d]; ``theta``: inner learning rates [N, T]; ``log_eta``: log momentum decay (None
-    without momentum); ``log_keep``: log(1 - alpha) of the forget gate (None without forgetting), which the
-    retention rule turns into the weights' decay (:func:`log_factor`). Tokens continue the chunk left
-    unfinished in ``state``; a chunk this call leaves unfinished is returned as pending. No tokens (T = 0): an empty
-    output and ``state`` itself.
-    """
+    """The memory op (contract: :mod:`titans_compose.ops.memory`) in the chunked dual form: one autograd node per
+    chunk write and read. The retention rule turns ``log_keep`` into the weights' decay (:func:`log_factor`)."""
     if q.shape[1] == 0:  # nothing to read or write: an unfinished chunk waits for more tokens
         return q[:, :0], state
     p = state.pending_len
