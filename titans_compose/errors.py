@@ -56,6 +56,7 @@ CODES: dict[str, str] = {
     "TCW01": "setting has no effect",
     "TCW02": "setting is likely to hurt training",
     "TCW03": "setting breaks causality",
+    "TCW04": "inner update can diverge",
 }
 
 

@@ -7,9 +7,12 @@ model width without an output projection) is checked on the graph, by shape infe
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
+
+from titans_compose.spec.stability import stable_theta
 
 
 @dataclass(frozen=True)
@@ -72,3 +75,49 @@ def check_block(block: Any, model: Any) -> Iterator[Finding]:
                 "for a causal model use per_token or constant gates, or memory.retrieval: per_chunk",
                 severity="warning",
             )
+    if update is not None and memory is not None:
+        yield from _inner_divergence(memory, update, getattr(block, "projections", None))
+
+
+def _inner_divergence(memory: Any, update: Any, projections: Any) -> Iterator[Finding]:
+    """TCW04 when the largest theta the lr gate can produce (max_lr) leaves the depth-1 stability region at the
+    declared momentum and forget rate (docs/stability.md). Only where the analysis is exact: a matrix memory without
+    output LayerNorm (which bounds the output whatever the weights), the built-in l2 loss, momentum and decay
+    rules, unit keys (qk_l2norm) and no gradient clip (a clip bounds every step, so growth is at most linear)."""
+    if memory.depth != 1 or memory.output_norm or update.loss.name != "l2" or update.grad_clip is not None:
+        return
+    if projections is None or not projections.qk_l2norm:
+        return
+    momentum, forget = update.momentum, update.forget
+    if (momentum.enabled and momentum.rule.name != "momentum") or (forget.enabled and forget.rule.name != "decay"):
+        return
+    eta = momentum.init if momentum.enabled else 0.0
+    alpha = -math.expm1(-math.log(2.0) / forget.half_life) if forget.enabled else 0.0
+    bound = stable_theta(eta, alpha, memory.chunk_size)
+    max_lr = update.lr.max_lr
+    if max_lr <= bound.theta:
+        return
+    safe = _round_down(bound.theta)
+    rule = f"momentum eta = {eta:g} (update.momentum.init)" if momentum.enabled else "no momentum"
+    forgetting = f"forget rate alpha = {alpha:.2g} (half_life {forget.half_life:g})" if forget.enabled else "no forget"
+    repeats = f" (a chunk's {memory.chunk_size} steps add up)" if memory.chunk_size > 1 else ""
+    lower_init = f" and update.lr.init below it (now {update.lr.init:g})" if update.lr.init >= safe else ""
+    yield Finding(
+        "TCW04",
+        ("update", "lr", "max_lr"),
+        f"update.lr.max_lr = {max_lr:g} lets the inner update diverge: a depth-1 memory without output_norm, with "
+        f"{rule}, {forgetting} and memory.chunk_size = {memory.chunk_size}, stays bounded only for theta <= "
+        f"{bound.repeated:.3g} when a key repeats{repeats} and theta <= "
+        f"{bound.fresh:.3g} for keys that come back after their momentum has landed (the cumulative step "
+        f"2 theta / (1 - eta) must stay <= 2)",
+        f"lower update.lr.max_lr to {safe:g}{lower_init}, or lower the momentum or the chunk size, or set "
+        "memory.output_norm: true or update.grad_clip (see docs/stability.md)",
+        severity="warning",
+    )
+
+
+def _round_down(value: float) -> float:
+    """``value`` rounded down to two significant digits: a bound to quote that is itself inside the region (the
+    relative 1e-9 keeps a bound that is round in exact arithmetic, such as 1 - eta, from losing a digit)."""
+    scale = 10.0 ** (math.floor(math.log10(value)) - 1)
+    return math.floor(value / scale * (1 + 1e-9)) * scale
