@@ -119,5 +119,7 @@ def _inner_divergence(memory: Any, update: Any, projections: Any) -> Iterator[Fi
 def _round_down(value: float) -> float:
     """``value`` rounded down to two significant digits: a bound to quote that is itself inside the region (the
     relative 1e-9 keeps a bound that is round in exact arithmetic, such as 1 - eta, from losing a digit)."""
+    if value <= 0:
+        return 0.0
     scale = 10.0 ** (math.floor(math.log10(value)) - 1)
     return math.floor(value / scale * (1 + 1e-9)) * scale

@@ -61,16 +61,21 @@ def spectral_radius(a: Matrix) -> float:
 def repeated_key_map(beta: float, eta: float, keep: float, chunk: int) -> Matrix:
     """One chunk of b = ``chunk`` tokens that all write along the same unit key, as a map of (m, s) at the chunk's
     start to (m, s) at its end (target at 0: the affine shift by the fixed point does not change stability). Every
-    token's gradient is taken at the chunk-start value m0: s <- eta s - beta m0, m <- keep m + s."""
-    columns = []
-    for m0, s0 in ((1.0, 0.0), (0.0, 1.0)):
-        m, s = m0, s0
-        for _ in range(chunk):
-            s = eta * s - beta * m0
-            m = keep * m + s
-        columns.append((m, s))
-    (m1, s1), (m2, s2) = columns
-    return (m1, m2, s1, s2)
+    token's gradient is taken at the chunk-start value m0: s <- eta s - beta m0, m <- keep m + s. One token is a
+    3 x 3 map of (m, s, m0); the chunk is its b-th power (by squaring: a spec's chunk size is not bounded)."""
+    step = ((keep, eta, -beta), (0.0, eta, -beta), (0.0, 0.0, 1.0))
+    out = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0))
+    n = chunk
+    while n:
+        if n & 1:
+            out = _mul3(out, step)
+        step, n = _mul3(step, step), n >> 1
+    # the chunk starts with m0 = m
+    return (out[0][0] + out[0][2], out[0][1], out[1][0] + out[1][2], out[1][1])
+
+
+def _mul3(a: tuple, b: tuple) -> tuple:
+    return tuple(tuple(sum(a[i][k] * b[k][j] for k in range(3)) for j in range(3)) for i in range(3))
 
 
 def _write(beta: float, eta: float, keep: float) -> Matrix:
