@@ -24,6 +24,8 @@ from titans_compose.ops.memory.state import MemoryState
 from titans_compose.registry import new_registry
 from titans_compose.spec import load_spec
 from titans_compose.spec.stability import (
+    cycle_map,
+    largest_stable_beta_cycle,
     largest_stable_beta_revisit,
     repeated_key_map,
     revisit_map,
@@ -95,6 +97,34 @@ def test_revisit_map_is_the_reference_for_orthogonal_keys(period):
         revisit_map(2 * theta, eta, 1 - alpha, period), w0 @ q, torch.zeros(period, dtype=F64), cycles
     )
     assert rel(w @ q, m_pred) < 1e-9 and rel(s @ q, s_pred) < 1e-9
+
+
+@pytest.mark.parametrize("period,chunk", [(4, 3), (3, 4), (1, 5), (6, 1)])
+def test_cycle_map_is_the_reference_with_stale_chunk_gradients(period, chunk):
+    """Orthonormal keys cycling with period p in chunks of b (each gradient at its chunk's start): after n times
+    lcm(p, b) tokens the first direction's (W q, S q) is the cycle map's n-th power; with p = 1 it is the repeated-key
+    map and with b = 1 the revisit map."""
+    theta, eta, alpha, repeats = 0.05, 0.9, 0.01, 4
+    length = period * chunk // math.gcd(period, chunk)
+    basis = torch.linalg.qr(torch.randn(period, period, dtype=F64, generator=torch.Generator().manual_seed(5)))[0]
+    w0, w, s = run_reference(basis.T.repeat(length * repeats // period, 1), theta, eta, alpha, chunk)
+    q = basis[:, 0]
+    matrix = cycle_map(2 * theta, eta, 1 - alpha, period, chunk)
+    m_pred, s_pred = apply(matrix, w0 @ q, torch.zeros(period, dtype=F64), repeats)
+    assert rel(w @ q, m_pred) < 1e-9 and rel(s @ q, s_pred) < 1e-9
+    if period == 1:
+        assert matrix == pytest.approx(repeated_key_map(2 * theta, eta, 1 - alpha, chunk), rel=1e-12)
+    if chunk == 1:
+        assert matrix == pytest.approx(revisit_map(2 * theta, eta, 1 - alpha, period), rel=1e-12)
+
+
+@pytest.mark.parametrize("eta,chunk", [(0.9, 2), (0.9, 4), (0.99, 2), (0.5, 4)])
+def test_no_cycle_period_is_worse_than_the_two_patterns_validation_uses(eta, chunk):
+    """The bound validation quotes, min(repeated key in a chunk, fresh keys), is at or below the bound of every
+    orthogonal cycle period up to 3 chunks and at 4 and 8 chunks, at every phase."""
+    bound = stable_theta(eta, 0.0, chunk).theta
+    for period in [*range(1, 3 * chunk + 1), 4 * chunk, 8 * chunk]:
+        assert bound <= largest_stable_beta_cycle(eta, 1.0, period, chunk) / 2 * (1 + 1e-9), period
 
 
 def test_spectral_radius_and_the_closed_forms():

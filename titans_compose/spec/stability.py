@@ -131,6 +131,38 @@ def largest_stable_beta_fresh(eta: float, keep: float) -> tuple[float, int]:
     return min((_largest_stable_beta(_mul(c, at0), _mul(c, at1)), p) for p, c in powers)
 
 
+def cycle_map(beta: float, eta: float, keep: float, period: int, chunk: int, phase: int = 0) -> Matrix:
+    """The general orthogonal pattern: a key direction written by the tokens t = phase (mod ``period``), the other
+    tokens writing orthogonal keys, with every gradient taken at its chunk's start (stale by up to b - 1 tokens),
+    as a map of (m, s) over lcm(period, chunk) tokens from a chunk start. ``cycle_map(.., 1, b)`` is
+    :func:`repeated_key_map` and ``cycle_map(.., p, 1)`` is :func:`revisit_map`; validation uses those two, this one
+    checks that no period in between is worse (docs/stability.md section 1.3)."""
+    length = period * chunk // math.gcd(period, chunk)
+    start = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (1.0, 0.0, 0.0))  # m0 <- m at a chunk start
+    out = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0))
+    for t in range(length):
+        if t % chunk == 0:
+            out = _mul3(start, out)
+        step = -beta if t % period == phase else 0.0
+        out = _mul3(((keep, eta, step), (0.0, eta, step), (0.0, 0.0, 1.0)), out)
+    return (out[0][0], out[0][1], out[1][0], out[1][1])  # the first chunk start overwrites m0, so its column is 0
+
+
+def largest_stable_beta_cycle(eta: float, keep: float, period: int, chunk: int, steps: int = 60) -> float:
+    """The largest stable beta of :func:`cycle_map` over every phase (a phase shifted by a whole chunk is the same
+    product rotated, so ``min(period, chunk)`` phases cover them all), by bisection in log beta: with several
+    writes per period the map is a polynomial in beta, no longer affine. Assumes the stable set is an interval."""
+    worst = math.inf
+    for phase in range(min(period, chunk)):
+        lo, hi = 1e-9, 1e3
+        for _ in range(steps):
+            mid = math.sqrt(lo * hi)
+            stable = spectral_radius(cycle_map(mid, eta, keep, period, chunk, phase)) <= 1 + 1e-12
+            lo, hi = (mid, hi) if stable else (lo, mid)
+        worst = min(worst, lo)
+    return worst
+
+
 @dataclass(frozen=True)
 class StableTheta:
     """The largest inner learning rate at which a depth-1 memory (unit keys, squared loss) stays bounded, for each
