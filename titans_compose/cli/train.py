@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
 from titans_compose.cli.main import (
-    SEED,
-    FiniteFloat,
     device_option,
     echo_diagnostics,
     guarded,
@@ -20,6 +17,7 @@ from titans_compose.cli.main import (
     settings,
     spec_options,
 )
+from titans_compose.train.options import FIXED_ON_RESUME, default_warmup, seed_option, training_options
 
 if TYPE_CHECKING:  # torch is imported only when the command runs
     import torch
@@ -27,70 +25,22 @@ if TYPE_CHECKING:  # torch is imported only when the command runs
     from titans_compose.train.data import Batch
     from titans_compose.train.loop import BatchSource
 
-#: run options that must not change when a run is resumed (the batches and the model would differ)
-FIXED_ON_RESUME = (
-    "spec",
-    "overrides",
-    "task",
-    "data",
-    "max_mb",
-    "batch",
-    "seq_len",
-    "lr",
-    "warmup",
-    "weight_decay",
-    "grad_clip",
-    "seed",
-    "depth",
-    "digits",
-    "pairs",
-    "queries",
-    "loss_on",
-)
 
+def __getattr__(name: str) -> Any:
+    """``evaluate`` lived here; it is in :mod:`titans_compose.train.run` now (imported on use: it needs torch)."""
+    if name == "evaluate":
+        from titans_compose.train.run import evaluate
 
-def default_warmup(steps: int) -> int:
-    """The warm-up when none is given: a tenth of the steps, at most 100."""
-    return min(100, steps // 10)
+        return evaluate
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @click.command()
 @click.argument("spec", type=click.Path(dir_okay=False))
-@click.option(
-    "--data",
-    type=click.Path(exists=True, path_type=Path),
-    help="A text file or directory (default: the Python standard library's .py files). For the tasks it is the "
-    "haystack filler (default: a repeated sentence).",
-)
-@click.option("--task", type=click.Choice(["lm", "passkey", "mqar"]), default="lm", show_default=True)
-@click.option("--steps", type=click.IntRange(min=1), default=200, show_default=True)
-@click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True, help="Sequences per step.")
-@click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True, help="Tokens per sequence.")
-@click.option("--lr", type=FiniteFloat(min=0, min_open=True), default=1e-3, show_default=True)
-@click.option("--warmup", type=click.IntRange(min=0), help="Warm-up steps [default: steps/10, at most 100].")
-@click.option("--weight-decay", type=FiniteFloat(min=0), default=0.1, show_default=True)
-@click.option("--grad-clip", type=FiniteFloat(min=0), default=1.0, show_default=True, help="0: no clipping.")
-@click.option(
-    "--eval-every", type=click.IntRange(min=0), help="Evaluate and checkpoint every N steps [default: steps/5]."
-)
-@click.option("--eval-batches", type=click.IntRange(min=1), default=4, show_default=True)
-@click.option("--depth", type=FiniteFloat(0, 1), help="passkey: needle depth in [0, 1] [default: random].")
-@click.option("--digits", type=click.IntRange(1, 18), default=5, show_default=True, help="passkey: key digits.")
-@click.option("--pairs", type=click.IntRange(1, 676), default=16, show_default=True, help="mqar: key-value pairs.")
-@click.option("--queries", type=click.IntRange(min=1), default=4, show_default=True, help="mqar: queries.")
-@click.option(
-    "--loss-on",
-    type=click.Choice(["answer", "all"]),
-    default="answer",
-    show_default=True,
-    help="passkey/mqar: train on the answer tokens only, or on every token.",
-)
-@click.option(
-    "--max-mb", type=FiniteFloat(min=0, min_open=True), default=8.0, show_default=True, help="Text to read, MB."
-)
+@training_options
 @out_option("out", "Run directory [runs/<spec>].", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its newest checkpoint.")
-@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed for the initial weights and the batches.")
+@seed_option
 @device_option
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @spec_options
@@ -212,107 +162,15 @@ def remove_interrupted_build(path: Path) -> None:
 
 
 def make_task(options: dict[str, Any]) -> tuple[BatchSource, list[Batch], str, int]:
-    """The training batch source, the validation batches, a one-line description for the chosen task and the
-    largest token id its batches can hold. Files of a ``--data`` folder that were skipped are named on stderr."""
-    import torch
+    """:func:`titans_compose.train.run.make_task`, with a setting the task cannot use as a usage error naming the
+    option, and skipped ``--data`` files named on stderr."""
+    from titans_compose.train.run import OptionError
+    from titans_compose.train.run import make_task as make
 
-    from titans_compose.train.data import DataError, WindowSampler, derive_seed, load_corpus
-    from titans_compose.train.tasks import max_token, mqar_batch, mqar_len, passkey_batch, passkey_min_len
-
-    task, batch, seq_len, seed = options["task"], options["batch"], options["seq_len"], options["seed"]
-    corpus = None
-    if task == "lm" or options["data"] is not None:
-        max_bytes = int(options["max_mb"] * 1e6)
-        if max_bytes < 2:
-            raise click.BadParameter(
-                f"{options['max_mb']} MB is less than the 2 bytes of text needed", param_hint="'--max-mb'"
-            )
-        try:
-            corpus = load_corpus(options["data"], max_bytes=max_bytes)
-        except DataError as exc:
-            raise click.BadParameter(str(exc), param_hint="'--data'") from None
-        for skipped in corpus.skipped:
-            click.echo(f"warning: --data: skipped {skipped}", err=True)
-    n_eval = options["eval_batches"]
-
-    if task == "lm":
-        try:
-            train_src = WindowSampler(corpus.train, batch, seq_len, seed, "train")
-            val_src = WindowSampler(corpus.val, batch, seq_len, seed, "val")
-        except DataError as exc:
-            raise click.BadParameter(str(exc), param_hint="'--seq-len'") from None
-        top = max(int(corpus.train.max()), int(corpus.val.max()))
-        return train_src, [val_src(i) for i in range(n_eval)], f"lm on {corpus.describe()}", top
-
-    filler = "repeat" if corpus is None else corpus.train
-    loss_on = options["loss_on"]  # validation scores the answers either way
-    if task == "passkey":
-        if seq_len < passkey_min_len(options["digits"]):
-            raise click.BadParameter(
-                f"{seq_len} is too short for a {options['digits']}-digit pass key (at least "
-                f"{passkey_min_len(options['digits'])})",
-                param_hint="'--seq-len'",
-            )
-
-        def make(step: int, stream: str) -> Batch:
-            gen_seed = derive_seed(seed, stream, step)
-            return passkey_batch(
-                batch,
-                seq_len,
-                depth=options["depth"],
-                digits=options["digits"],
-                filler=filler,
-                loss_on=loss_on if stream == "train" else "answer",
-                seed=gen_seed,
-            )
-
-        depth = "random" if options["depth"] is None else options["depth"]
-        describe = f"passkey: {options['digits']} digits in {seq_len} bytes, depth {depth}"
-    else:
-        pairs, queries = options["pairs"], options["queries"]
-        if queries > pairs:
-            raise click.BadParameter(f"{queries} queries of {pairs} pairs: at most --pairs", param_hint="'--queries'")
-        if seq_len < mqar_len(pairs, queries):
-            raise click.BadParameter(
-                f"{seq_len} is too short for {pairs} pairs and {queries} queries (at least {mqar_len(pairs, queries)})",
-                param_hint="'--seq-len'",
-            )
-
-        def make(step: int, stream: str) -> Batch:
-            gen_seed = derive_seed(seed, stream, step)
-            return mqar_batch(
-                batch,
-                pairs=pairs,
-                queries=queries,
-                seq_len=seq_len,
-                filler=filler,
-                loss_on=loss_on if stream == "train" else "answer",
-                seed=gen_seed,
-            )
-
-        describe = f"mqar: {pairs} pairs, {queries} queries in {seq_len} bytes"
-    if isinstance(filler, torch.Tensor) and filler.numel() < seq_len:
-        raise click.BadParameter(f"the text has fewer than {seq_len} bytes", param_hint="'--data'")
-    top = max_token(task, filler)
-    return (lambda step: make(step, "train")), [make(i, "val") for i in range(n_eval)], describe, top
-
-
-def evaluate(model: torch.nn.Module, batches: list[Batch]) -> dict[str, float]:
-    """Mean validation loss over ``batches`` (with bits per byte: tokens are bytes) or, for task batches, the loss on
-    the answers and the exact-match accuracy."""
-    from titans_compose.train.loop import next_token_loss
-    from titans_compose.train.tasks import TaskBatch, exact_match
-
-    device = next(model.parameters()).device
-    loss = accuracy = 0.0
-    for b in batches:
-        logits = model(b.tokens.to(device)).logits
-        loss += float(next_token_loss(logits, b)) / len(batches)
-        if isinstance(b, TaskBatch):
-            accuracy += exact_match(logits, b) / len(batches)
-    if isinstance(batches[0], TaskBatch):
-        return {"val_answer_loss": loss, "val_accuracy": accuracy}
-    return {"val_loss": loss, "val_bits_per_byte": loss / math.log(2)}
+    try:
+        return make(options, warn=lambda line: click.echo(line, err=True))
+    except OptionError as exc:
+        raise click.BadParameter(exc.message, param_hint=f"'{exc.option}'") from None
 
 
 def run(
@@ -327,53 +185,23 @@ def run(
 ) -> int:
     """Train (continuing from the newest checkpoint in ``out`` if ``from_checkpoint``), write ``metrics.json`` and
     ``metrics.csv`` to ``out`` and print a summary."""
-    import csv
-    import io
-
     import torch
 
-    from titans_compose.io import atomic_write
     from titans_compose.train.checkpoint import CheckpointError
-    from titans_compose.train.loop import TrainingError, train
+    from titans_compose.train.loop import TrainingError
+    from titans_compose.train.run import run_training, write_metrics
 
     device = options["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         module = module.to(device)
     except (RuntimeError, ValueError) as exc:
         raise click.BadParameter(str(exc), param_hint="'--device'") from None
-    torch.manual_seed(options["seed"])
     click.echo(f"training on {device}: {describe}", err=True)
     try:
-        result = train(
-            module,
-            source,
-            steps=options["steps"],
-            lr=options["lr"],
-            warmup=options["warmup"],
-            weight_decay=options["weight_decay"],
-            grad_clip=options["grad_clip"] or None,
-            eval_every=options["eval_every"],
-            eval_fn=lambda model: evaluate(model, val_batches),
-            checkpoint_dir=out / "checkpoints",
-            checkpoint_every=options["eval_every"],
-            resume=from_checkpoint,
-            progress=not options["no_progress"],
-        )
+        result = run_training(module, source, val_batches, options, out, from_checkpoint)
     except (CheckpointError, TrainingError) as exc:
         raise click.ClickException(str(exc)) from None
-    final = result.evals[-1][1] if result.evals else {}
-    atomic_write(
-        out / "metrics.json",
-        json.dumps({"config": config, "task": describe, "final": final, **result.to_json()}, indent=1) + "\n",
-    )
-    eval_at = dict(result.evals)
-    names = sorted({k for _, m in result.evals for k in m})
-    table = io.StringIO()
-    writer = csv.writer(table, lineterminator="\n")
-    writer.writerow(["step", "loss", "lr", "tokens_per_s", *names])
-    for r in result.history:
-        writer.writerow([r.step, r.loss, r.lr, r.tokens_per_s, *(eval_at.get(r.step, {}).get(n, "") for n in names)])
-    atomic_write(out / "metrics.csv", table.getvalue())
+    final = write_metrics(out, config, describe, result)
     loss, speed = result.recent(10)
     click.echo(f"trained {options['steps']} steps: {describe}")
     click.echo(f"  train loss {loss:.4f} (mean of the last {min(10, len(result.history))} steps)")
