@@ -17,12 +17,19 @@ from titans_compose.cli.main import (
     settings,
     spec_options,
 )
-from titans_compose.train.options import FIXED_ON_RESUME, default_warmup, seed_option, training_options
+from titans_compose.train.options import (
+    FIXED_ON_RESUME,
+    default_warmup,
+    scaling_options,
+    seed_option,
+    training_options,
+)
 
 if TYPE_CHECKING:  # torch is imported only when the command runs
     import torch
 
     from titans_compose.train.data import Batch
+    from titans_compose.train.distributed import World
     from titans_compose.train.loop import BatchSource
 
 
@@ -41,6 +48,7 @@ def __getattr__(name: str) -> Any:
 @out_option("out", "Run directory [runs/<spec>].", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its newest checkpoint.")
 @seed_option
+@scaling_options
 @device_option
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @spec_options
@@ -58,59 +66,80 @@ def train(ctx: click.Context, spec: str, sub_plugins: tuple[str, ...], sub_debug
     options["overrides"] = list(options["overrides"])
 
     def body() -> int:
+        from contextlib import nullcontext
+
         from titans_compose.builder import BuildError, build, check_output_dir, spec_name
         from titans_compose.io import atomic_write, default_dir
         from titans_compose.lock import locked
         from titans_compose.spec import load_spec
         from titans_compose.train.checkpoint import remove_interrupted
+        from titans_compose.train.distributed import World, barrier, join_launched_group, shutdown
         from titans_compose.train.tasks import check_vocabulary
 
         registry = model_registry(plugins, debug)
         if registry is None:
             return 1
+        options["device"] = join_launched_group(options["device"])
+        world = World.current()
         given = list(options["overrides"])
         loaded = load_spec(spec, given, registry=registry)
         out = options["out"] or default_dir("runs", spec_name(loaded))
         if options["resume"] and not out.is_dir():  # before the lock, which would create a mistyped directory
             raise click.BadParameter(f"no run in {out} to resume (no such directory)", param_hint="'--resume'")
-        with locked(out, "train run", click.ClickException):
-            remove_interrupted(out / "checkpoints")
-            from_checkpoint = resolve_run(ctx, out, options)
+        # rank 0 holds the run and writes its files; the other ranks wait until it has, then read what they need
+        with locked(out, "train run", click.ClickException) if world.writes else nullcontext():
+            if world.writes:
+                remove_interrupted(out / "checkpoints")
+            else:
+                barrier()
+            from_checkpoint = resolve_run(ctx, out, options, world.size)
             if options["overrides"] != given:  # resuming a run made with other --set values: rebuild its spec
                 loaded = load_spec(spec, options["overrides"], registry=registry)
-            echo_diagnostics(loaded.warnings)
+            if world.writes:
+                echo_diagnostics(loaded.warnings)
             if options["warmup"] is None:
                 options["warmup"] = default_warmup(options["steps"])
             if options["eval_every"] is None:
                 options["eval_every"] = max(1, options["steps"] // 5)
+            options["world_size"] = world.size
+            options["global_batch"] = options["batch"] * options["accumulate"] * world.size
             config = {k: v for k, v in options.items() if k not in ("out", "resume", "device", "no_progress")}
-            source, val_batches, describe, top = make_task(options)
+            source, val_batches, describe, top = make_task({**options, "batch": options["global_batch"]})
             try:
                 check_vocabulary(loaded.spec.model.vocab_size, top, describe)
             except ValueError as exc:
                 raise click.ClickException(f"{loaded.source}: {exc}") from None
-            remove_interrupted_build(out / "build")
             try:
-                check_output_dir(out / "build", Path(loaded.source))
-                # written before anything else (atomically, and again on every resume, for its --steps), so a run
-                # killed at any later moment resumes
-                atomic_write(out / "config.json", json.dumps(config, indent=2) + "\n")
-                built = build(loaded, plugins=plugins, output_dir=out / "build", seed=options["seed"])
+                if not world.writes:
+                    built = build(loaded, plugins=plugins, seed=options["seed"])
+                else:
+                    remove_interrupted_build(out / "build")
+                    check_output_dir(out / "build", Path(loaded.source))
+                    # written before anything else (atomically, and again on every resume, for its --steps), so a
+                    # run killed at any later moment resumes
+                    atomic_write(out / "config.json", json.dumps(config, indent=2) + "\n")
+                    built = build(loaded, plugins=plugins, output_dir=out / "build", seed=options["seed"])
+                    if world.size > 1:
+                        barrier()
             except BuildError as exc:
                 raise click.ClickException(str(exc)) from None
-            return run(built.module, source, val_batches, describe, options, config, out, from_checkpoint)
+            status = run(built.module, source, val_batches, describe, options, config, out, from_checkpoint, world)
+        shutdown()
+        return status
 
     guarded(ctx, debug, body)
 
 
-def resolve_run(ctx: click.Context, out: Path, options: dict[str, Any]) -> bool:
+def resolve_run(ctx: click.Context, out: Path, options: dict[str, Any], ranks: int = 1) -> bool:
     """Check ``out`` against ``--resume`` and, when resuming, take the run's settings from its ``config.json``;
     return whether training continues from a checkpoint.
 
     A new run must not start over an existing one, and a resumed run must exist: a ``config.json`` (a run killed
     before its first checkpoint starts again from step 0 with its settings) or a checkpoint. A resumed run keeps the
     settings that decide its batches and model (:data:`FIXED_ON_RESUME`; one given with another value is an error);
-    the others (``--steps``, ``--eval-every``, ``--eval-batches``) may change. Settings not given are the run's.
+    the others (``--steps``, ``--eval-every``, ``--eval-batches``...) may change. Settings not given are the run's.
+    ``--batch`` and ``--accumulate`` may change with the number of ``ranks`` only if the global batch (batch x
+    accumulate x ranks) stays the run's, so that the run goes on with the same samples.
     """
     from titans_compose.train.checkpoint import LATEST
 
@@ -141,6 +170,14 @@ def resolve_run(ctx: click.Context, out: Path, options: dict[str, Any]) -> bool:
             changed.append(f"--{key.replace('_', '-')} {options[key]!r} (the run has {value!r})")
     if changed:
         raise click.UsageError(f"--resume continues a run with its own settings; these differ: {', '.join(changed)}")
+    run_global = saved.get("global_batch", saved.get("batch"))  # runs made before ranks and accumulation: batch
+    if options["batch"] * options["accumulate"] * ranks != run_global:
+        raise click.UsageError(
+            f"--resume continues a run with its own global batch of {run_global} sequences (batch x accumulate x "
+            f"ranks); --batch {options['batch']} x --accumulate {options['accumulate']} x {ranks} rank(s) is "
+            f"{options['batch'] * options['accumulate'] * ranks}: pass a --batch and --accumulate whose product "
+            f"with the number of ranks is {run_global}"
+        )
     return has_checkpoint
 
 
@@ -182,12 +219,14 @@ def run(
     config: dict[str, Any],
     out: Path,
     from_checkpoint: bool,
+    world: World | None = None,
 ) -> int:
     """Train (continuing from the newest checkpoint in ``out`` if ``from_checkpoint``), write ``metrics.json`` and
-    ``metrics.csv`` to ``out`` and print a summary."""
+    ``metrics.csv`` to ``out`` and print a summary (rank 0 of several only)."""
     import torch
 
     from titans_compose.train.checkpoint import CheckpointError
+    from titans_compose.train.distributed import World
     from titans_compose.train.loop import TrainingError
     from titans_compose.train.run import run_training, write_metrics
 
@@ -196,11 +235,16 @@ def run(
         module = module.to(device)
     except (RuntimeError, ValueError) as exc:
         raise click.BadParameter(str(exc), param_hint="'--device'") from None
-    click.echo(f"training on {device}: {describe}", err=True)
+    world = world or World()
+    if world.writes:
+        ranks = f" x {world.size} ranks ({options['parallel']})" if world.size > 1 else ""
+        click.echo(f"training on {device}{ranks}: {describe}", err=True)
     try:
         result = run_training(module, source, val_batches, options, out, from_checkpoint)
     except (CheckpointError, TrainingError) as exc:
         raise click.ClickException(str(exc)) from None
+    if not world.writes:
+        return 0
     final = write_metrics(out, config, describe, result)
     loss, speed = result.recent(10)
     click.echo(f"trained {options['steps']} steps: {describe}")

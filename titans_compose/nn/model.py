@@ -33,6 +33,8 @@ from titans_compose.nn.attention import Attention
 from titans_compose.nn.memory import InnerGates, _depthwise_causal_conv, _Gate, _logit, inner_gates
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from titans_compose.registry.core import Registry
     from titans_compose.spec.validate import LoadedSpec
 
@@ -601,6 +603,8 @@ class TitansLM(nn.Module):
         self.vocab_size = loaded.spec.model.vocab_size
         self.check_finite = True
         self.layers = [_LayerProgram(graph, rec, order, self.nodes) for rec in records]
+        #: set by training to run each layer another way with ``program.run``'s signature (activation checkpointing)
+        self.layer_runners: list[Callable[..., Tensor]] | None = None
 
         def unit(n: str) -> Any:
             layer = graph.nodes[n]["layer"]
@@ -652,7 +656,8 @@ class TitansLM(nn.Module):
         for unit in self.plan:
             if isinstance(unit, tuple):
                 program = self.layers[unit[1]]
-                env[program.output] = program.run(env[program.input], cur, position, checks)
+                run = program.run if self.layer_runners is None else self.layer_runners[unit[1]]
+                env[program.output] = run(env[program.input], cur, position, checks)
                 continue
             op = self._graph_info[unit]["op"]
             if op == "input":

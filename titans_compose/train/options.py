@@ -13,14 +13,16 @@ import click
 
 from titans_compose.click_types import SEED, FiniteFloat
 
-#: run options that must not change when a run is resumed (the batches and the model would differ)
+#: run options that must not change when a run is resumed (the batches and the model would differ). ``--batch`` and
+#: ``--accumulate`` may change, and so may the number of ranks, as long as batch x accumulate x ranks (the global
+#: batch) stays the run's; ``--parallel``, ``--activation-checkpointing`` and ``--compile`` change how a step is
+#: computed, not what it computes, and may change too.
 FIXED_ON_RESUME = (
     "spec",
     "overrides",
     "task",
     "data",
     "max_mb",
-    "batch",
     "seq_len",
     "lr",
     "warmup",
@@ -103,6 +105,38 @@ def training_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                 show_default=True,
                 help="Text to read, MB.",
             ),
+        ],
+    )
+
+
+def scaling_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """How each step is computed: over ranks, in micro-batches, with recomputed activations, compiled."""
+    return _apply(
+        fn,
+        [
+            click.option(
+                "--accumulate",
+                type=click.IntRange(min=1),
+                default=1,
+                show_default=True,
+                help="Micro-batches of --batch sequences per rank whose gradients add up to one step (global batch: "
+                "batch x accumulate x ranks).",
+            ),
+            click.option(
+                "--parallel",
+                type=click.Choice(["ddp", "fsdp"]),
+                default="ddp",
+                show_default=True,
+                help="Under torchrun with several processes: replicate the model (DDP) or shard its parameters, "
+                "gradients and optimizer state (FSDP2).",
+            ),
+            click.option(
+                "--activation-checkpointing",
+                is_flag=True,
+                help="Keep only each layer's input for the backward pass and recompute the rest (less memory, about "
+                "one more forward).",
+            ),
+            click.option("--compile", is_flag=True, help="Run the training step's model through torch.compile."),
         ],
     )
 

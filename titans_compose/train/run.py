@@ -167,6 +167,10 @@ def run_training(
         checkpoint_every=options["eval_every"],
         resume=from_checkpoint,
         progress=not options["no_progress"],
+        accumulate=options.get("accumulate", 1),
+        parallel=options.get("parallel", "ddp"),
+        activation_checkpointing=options.get("activation_checkpointing", False),
+        compile=options.get("compile", False),
     )
 
 
