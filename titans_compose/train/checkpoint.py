@@ -129,19 +129,33 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def read_checkpoint(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """The newest checkpoint in ``directory``: its JSON record and its tensors, verified against the recorded sha256.
+def checkpoint_steps(directory: str | os.PathLike[str]) -> list[int]:
+    """The steps of the checkpoints in ``directory`` (their JSON records), in order."""
+    return sorted(int(p.stem.removeprefix("step-")) for p in Path(directory).glob("step-*.json"))
+
+
+def read_checkpoint(
+    directory: str | os.PathLike[str], step: int | None = None
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The newest checkpoint in ``directory`` (or the one of ``step``): its JSON record and its tensors, verified
+    against the recorded sha256.
 
     Raises :class:`CheckpointError` if there is none or it is incomplete, corrupted or of another format version.
     """
     root = Path(directory)
-    if not (root / LATEST).is_file():
+    if step is not None:
+        name = f"{_name(step)}.json"
+        if not (root / name).is_file():
+            kept = ", ".join(map(str, checkpoint_steps(root))) or "none"
+            raise CheckpointError(f"no checkpoint of step {step} in {root} (the steps kept: {kept})")
+    elif not (root / LATEST).is_file():
         raise CheckpointError(f"no checkpoint in {root} (no {LATEST}): nothing to resume from")
-    pointer = _read_json(root / LATEST)
-    record = _read_json(root / str(pointer.get("checkpoint")))
+    else:
+        name = str(_read_json(root / LATEST).get("checkpoint"))
+    record = _read_json(root / name)
     if record.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
-            f"{root / pointer['checkpoint']}: checkpoint format version {record.get('format_version')!r}, "
+            f"{root / name}: checkpoint format version {record.get('format_version')!r}, "
             f"this titans-compose reads version {FORMAT_VERSION}"
         )
     tensor_path = root / record["tensors"]["file"]
@@ -159,14 +173,7 @@ def _like(saved: Any, current: Any) -> Any:
     return tuple(saved) if isinstance(current, tuple) and isinstance(saved, list) else saved
 
 
-def load_checkpoint(
-    directory: str | os.PathLike[str], *, model: torch.nn.Module, optimizer: torch.optim.Optimizer
-) -> dict[str, Any]:
-    """Restore ``model``, ``optimizer`` and the RNG states from the newest checkpoint; return its ``state`` and
-    ``step`` (as ``{"step": ..., **state}``). Weights and optimizer state are sharded like the model's own when it is
-    sharded over ranks (FSDP2), whatever number of ranks wrote the checkpoint: every rank must call this."""
-    record, tensors = read_checkpoint(directory)
-    where = Path(directory) / record["tensors"]["file"]
+def _restore_model(model: torch.nn.Module, tensors: dict[str, torch.Tensor], where: Path) -> None:
     current = model.state_dict()
     weights = {}
     for key, value in tensors.items():
@@ -177,6 +184,25 @@ def load_checkpoint(
         model.load_state_dict(weights, strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"{where} does not fit the model: {exc}") from None
+
+
+def load_weights(directory: str | os.PathLike[str], model: torch.nn.Module, step: int | None = None) -> dict[str, Any]:
+    """Load only the model's weights from the newest checkpoint in ``directory`` (or the one of ``step``), to use
+    the trained model; returns the checkpoint's JSON record."""
+    record, tensors = read_checkpoint(directory, step)
+    _restore_model(model, tensors, Path(directory) / record["tensors"]["file"])
+    return record
+
+
+def load_checkpoint(
+    directory: str | os.PathLike[str], *, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> dict[str, Any]:
+    """Restore ``model``, ``optimizer`` and the RNG states from the newest checkpoint; return its ``state`` and
+    ``step`` (as ``{"step": ..., **state}``). Weights and optimizer state are sharded like the model's own when it is
+    sharded over ranks (FSDP2), whatever number of ranks wrote the checkpoint: every rank must call this."""
+    record, tensors = read_checkpoint(directory)
+    where = Path(directory) / record["tensors"]["file"]
+    _restore_model(model, tensors, where)
     state: dict[int, dict[str, Any]] = {
         int(index): dict(values) for index, values in record["optimizer"]["state"].items()
     }
