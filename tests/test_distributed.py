@@ -15,12 +15,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.tensor import DTensor
 
 from tests.conftest import SPECS
 from titans_compose.builder import build
 from titans_compose.train import train
 from titans_compose.train.data import Batch, WindowSampler
-from titans_compose.train.distributed import World, micro_batches
+from titans_compose.train.distributed import World, micro_batches, wrap
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -50,8 +51,11 @@ def source(stop_at: int | None = None):
     return batches
 
 
-def run(parallel: str, checkpoint_dir: Path | None, resume: bool, stop_at: int | None) -> list[float]:
-    """Train the tiny LMM model (same seed in every process) and return the loss of every step so far."""
+def run(
+    parallel: str, checkpoint_dir: Path | None, resume: bool, stop_at: int | None, **options: object
+) -> list[float]:
+    """Train the tiny LMM model (same seed in every process; ``options``: more of train's) and return the loss of
+    every step so far."""
     model = build(SPECS / "titans_lmm_small.yaml", NARROW, seed=0, smoke=False).module
     torch.manual_seed(0)
     try:
@@ -66,17 +70,18 @@ def run(parallel: str, checkpoint_dir: Path | None, resume: bool, stop_at: int |
             checkpoint_dir=checkpoint_dir,
             checkpoint_every=2,
             resume=resume,
+            **options,
         )
     except Stop:
         return []
     return [r.loss for r in result.history]
 
 
-def _worker(rank: int, world: int, port: int, args: tuple, out: str) -> None:
+def _worker(rank: int, world: int, port: int, args: tuple, options: dict, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        losses = run(*args)
+        losses = run(*args, **options)
         if rank == 0:
             Path(out).write_text(json.dumps(losses))
     finally:
@@ -89,12 +94,43 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def on_ranks(world: int, tmp_path: Path, *args: object) -> list[float]:
-    """``run(*args)`` on ``world`` spawned gloo ranks (one: in this process, without a process group)."""
+def _gathered_layers(rank: int, world: int, port: int, out: str) -> None:
+    """Record which layers' parameters are gathered (plain tensors, not shards) as each layer starts, and after
+    the backward pass, with FSDP over ``world`` ranks."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        model = build(SPECS / "titans_lmm_small.yaml", [*NARROW[:-1], "blocks.0.repeat=3"], seed=0, smoke=False).module
+        root = wrap(model, "fsdp", World(rank, world))
+        blocks = model.layer_runners
+        seen = []
+
+        def gathered() -> list[bool]:
+            return [not isinstance(next(b.parameters()), DTensor) for b in blocks]
+
+        for block in blocks:
+            block.register_forward_pre_hook(lambda *_: seen.append(gathered()))
+        root(torch.randint(256, (1, 24))).logits.sum().backward()
+        seen.append([*gathered(), not isinstance(model.nodes["embed"].embedding.weight, DTensor)])
+        if rank == 0:
+            Path(out).write_text(json.dumps(seen))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_gathers_one_layer_at_a_time(tmp_path: Path) -> None:
+    out = tmp_path / "gathered.json"
+    mp.spawn(_gathered_layers, args=(2, free_port(), str(out)), nprocs=2, join=True)
+    on_entry = [[True, False, False], [False, True, False], [False, False, True]]
+    assert json.loads(out.read_text()) == [*on_entry, [False, False, False, False]]
+
+
+def on_ranks(world: int, tmp_path: Path, *args: object, **options: object) -> list[float]:
+    """``run(*args, **options)`` on ``world`` spawned gloo ranks (one: in this process, without a process group)."""
     if world == 1:
-        return run(*args)
+        return run(*args, **options)
     out = tmp_path / f"losses-{free_port()}.json"
-    mp.spawn(_worker, args=(world, free_port(), args, str(out)), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port(), args, options, str(out)), nprocs=world, join=True)
     return json.loads(out.read_text())
 
 
@@ -113,6 +149,14 @@ def test_two_ranks_equal_one_process_with_the_whole_batch(tmp_path: Path, parall
     one = on_ranks(1, tmp_path, parallel, None, False, None)
     two = on_ranks(2, tmp_path, parallel, None, False, None)
     assert len(one) == STEPS and one[0] != one[-1]
+    assert two == pytest.approx(one, rel=RTOL)
+
+
+@pytest.mark.slow
+def test_fsdp_with_accumulation_and_checkpointing_equals_one_plain_process(tmp_path: Path) -> None:
+    """2 ranks x 2 micro-batches of 1 row, each layer sharded and checkpointed: the step of one process with 4 rows."""
+    one = on_ranks(1, tmp_path, "ddp", None, False, None)
+    two = on_ranks(2, tmp_path, "fsdp", None, False, None, accumulate=2, activation_checkpointing=True)
     assert two == pytest.approx(one, rel=RTOL)
 
 

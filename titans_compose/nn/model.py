@@ -502,6 +502,10 @@ class _LayerProgram:
     def _ports(self, node: str) -> dict[str, str]:
         return next(ports for n, ports in self.program if n == node)
 
+    def node_modules(self) -> list[nn.Module]:
+        """The modules of the layer's nodes, in program order (e.g. to shard the layer's parameters as a unit)."""
+        return [self.modules[_key(node)] for node, _ in self.program]
+
     def run(self, x: Tensor, cur: dict[str, Any], position: int, checks: list[_Check] | None) -> Tensor:
         """The layer's output for ``x`` [B, T, D] starting ``position`` tokens into the stream; updates ``cur`` and
         appends each memory write's finiteness check to ``checks`` (None: no checks)."""

@@ -9,7 +9,7 @@ Nothing here runs without ``torch.distributed``: one process is a world of size 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, fields, replace
 from typing import Any, Literal
@@ -118,15 +118,55 @@ def wrap(model: torch.nn.Module, parallel: Parallel, world: World) -> torch.nn.M
         device = [torch.cuda.current_device()] if on_cuda else None
         return torch.nn.parallel.DistributedDataParallel(model, device_ids=device)
     if parallel == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
-        return fully_shard(model)
+        return shard(model)
     raise ValueError(f"unknown parallel mode {parallel!r}: use 'ddp' or 'fsdp'")
 
 
-def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
-    """The module inside a DDP wrapper (FSDP2 shards the module in place: it is its own)."""
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+class LayerBlock(torch.nn.Module):
+    """One layer of a :class:`~titans_compose.nn.model.TitansLM` as a module: its nodes' modules as children and a
+    forward that runs the layer (``run``, with ``_LayerProgram.run``'s signature). The model does not hold it, so
+    the model's parameter names and state dict stay as they are; FSDP2 shards it as one unit."""
+
+    def __init__(self, members: list[torch.nn.Module], run: Callable[..., torch.Tensor]) -> None:
+        super().__init__()
+        self.members = torch.nn.ModuleList(members)
+        self.run = run
+
+    def forward(self, x: torch.Tensor, cur: dict[str, Any], position: int, checks: list[Any] | None) -> torch.Tensor:
+        return self.run(x, cur, position, checks)
+
+
+class Sharded(torch.nn.Module):
+    """FSDP2's root: the model and its layer blocks as children, so that FSDP2 treats the blocks as inner units
+    (each gathered for its own forward and backward, then sharded again). Calls go to the model."""
+
+    def __init__(self, model: torch.nn.Module, blocks: list[LayerBlock]) -> None:
+        super().__init__()
+        self.model = model
+        self.blocks = torch.nn.ModuleList(blocks)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+
+def shard(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` sharded over the ranks with FSDP2's ``fully_shard``: each layer as a unit (a titans_compose model,
+    whose layers then run as :class:`LayerBlock` calls), and the root for the rest (embedding, head, final norm).
+    Returns the module to call for training and evaluation; ``model``'s parameters become the ranks' shards."""
+    from torch.distributed.fsdp import fully_shard
+
+    layers = getattr(model, "layers", None)
+    if layers is None or not hasattr(model, "layer_runners"):
+        return fully_shard(model)
+    runs = model.layer_runners or [program.run for program in layers]
+    blocks = [LayerBlock(program.node_modules(), run) for program, run in zip(layers, runs, strict=True)]
+    for block in blocks:
+        fully_shard(block)
+    model.layer_runners = list(blocks)
+    # the model reaches the layers' modules through its own children too: the root leaves their parameters to the
+    # blocks that shard them
+    in_blocks = {p for block in blocks for p in block.parameters()}
+    return fully_shard(Sharded(model, blocks), ignored_params=in_blocks)
 
 
 @contextmanager

@@ -188,7 +188,7 @@ def train(
     if resume and checkpoint_dir is None:
         raise ValueError("resume needs a checkpoint_dir")
     world = World.current()
-    runner = prepare(
+    runner, evaluated = prepare(
         model, world=world, parallel=parallel, activation_checkpointing=activation_checkpointing, compile=compile
     )
     optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.95))
@@ -211,10 +211,10 @@ def train(
     def evaluate(step: int) -> None:
         if eval_fn is None:
             return
-        model.eval()
+        evaluated.eval()
         with torch.no_grad():
-            result.evals.append((step, {k: float(v) for k, v in eval_fn(model).items()}))
-        model.train()
+            result.evals.append((step, {k: float(v) for k, v in eval_fn(evaluated).items()}))
+        evaluated.train()
 
     def step_loss(step: int, parts: list[Batch]) -> float:
         """Forward and backward of every micro-batch; the mean loss over the global batch's targets."""

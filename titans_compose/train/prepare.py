@@ -54,10 +54,13 @@ def prepare(
     parallel: Parallel = "ddp",
     activation_checkpointing: bool = False,
     compile: bool = False,
-) -> torch.nn.Module:
-    """The module a training step calls: ``model`` with its layers checkpointed, made data-parallel when there is
-    more than one rank (FSDP2 shards ``model`` in place), and compiled. Optimizers and checkpoints use ``model``."""
+) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The module a training step calls and the one evaluation calls: ``model`` with its layers checkpointed, made
+    data-parallel when there is more than one rank (FSDP2 shards ``model``'s parameters in place), and, for the
+    step, compiled. Evaluation calls the model itself, except under FSDP2, whose root gathers the weights for any
+    forward. Optimizers and checkpoints use ``model``."""
     if activation_checkpointing:
         checkpoint_layers(model)
-    runner = wrap(model, parallel, world)
-    return torch.compile(runner) if compile else runner
+    parallel_model = wrap(model, parallel, world)
+    evaluated = model if isinstance(parallel_model, torch.nn.parallel.DistributedDataParallel) else parallel_model
+    return (torch.compile(parallel_model) if compile else parallel_model), evaluated
