@@ -153,10 +153,12 @@ def test_two_ranks_equal_one_process_with_the_whole_batch(tmp_path: Path, parall
 
 
 @pytest.mark.slow
-def test_fsdp_with_accumulation_and_checkpointing_equals_one_plain_process(tmp_path: Path) -> None:
-    """2 ranks x 2 micro-batches of 1 row, each layer sharded and checkpointed: the step of one process with 4 rows."""
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_accumulation_and_checkpointing_on_ranks_equal_one_plain_process(tmp_path: Path, parallel: str) -> None:
+    """2 ranks x 2 micro-batches of 1 row (gradients synchronised on the last only), layers checkpointed (and, under
+    FSDP, sharded): the steps of one plain process with 4 rows."""
     one = on_ranks(1, tmp_path, "ddp", None, False, None)
-    two = on_ranks(2, tmp_path, "fsdp", None, False, None, accumulate=2, activation_checkpointing=True)
+    two = on_ranks(2, tmp_path, parallel, None, False, None, accumulate=2, activation_checkpointing=True)
     assert two == pytest.approx(one, rel=RTOL)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from typing import Any, Literal
 
@@ -184,8 +184,7 @@ def gradient_sync(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
         finally:
             model.set_requires_gradient_sync(True)
         return
-    with nullcontext():
-        yield
+    yield
 
 
 def full_tensor(value: Any) -> Any:
