@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -212,3 +214,29 @@ def test_torchrun_cli_run_resumes_in_one_process(tmp_path: Path) -> None:
     assert resumed.returncode == 0, resumed.stderr
     assert len(history(tmp_path / "run")) == 5
     assert history(tmp_path / "run") == pytest.approx(history(tmp_path / "whole"), rel=RTOL)
+
+
+@pytest.mark.slow
+def test_a_killed_torchrun_run_resumes_in_one_process(tmp_path: Path) -> None:
+    """SIGKILL to torchrun and both ranks once the step-2 checkpoint is in force; `--resume` in one process with the
+    whole batch goes on as one uninterrupted process (both on the 12-step schedule)."""
+    whole = cli_train(tmp_path / "whole", 1, "--batch", "4", "--steps", "12")
+    assert whole.returncode == 0, whole.stderr
+    out = tmp_path / "run"
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
+    args = [str(SPECS / "titans_lmm_small.yaml"), "-o", str(out), *CLI_SMALL, *CLI_NARROW, "--batch", "2"]
+    command = [sys.executable, *launcher, "-m", "titans_compose", "train", *args, "--steps", "12"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.Popen(
+        command, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    pointer = out / "checkpoints" / "latest.json"
+    deadline = time.monotonic() + 300
+    while not pointer.exists() and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(run.pid, signal.SIGKILL)
+    run.wait()
+    assert not (out / "metrics.json").exists(), "the run ended before the kill"
+    resumed = cli_train(out, 1, "--resume", "--batch", "4")
+    assert resumed.returncode == 0, resumed.stderr
+    assert history(out) == pytest.approx(history(tmp_path / "whole"), rel=RTOL)
