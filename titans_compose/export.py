@@ -151,12 +151,13 @@ def export_module(
     seed: int = 0,
     torch_export: bool = False,
     example: tuple[int, int] = EXAMPLE_SHAPE,
+    trained: dict[str, Any] | None = None,
 ) -> Exported:
     """Write ``module`` (a model of ``loaded``, e.g. after training) as an artifact in ``out`` (new, empty, or an
     earlier artifact). ``plugins`` are the ``--plugin`` targets the spec was loaded with (recorded with the
     entry-point plug-ins that registered something; see :func:`~titans_compose.builder.plugin_records`); with
     ``torch_export`` the forward is also exported (traced with ``example`` = (batch, tokens) and checked against
-    the module)."""
+    the module). ``trained`` (e.g. the step and checkpoint hash of a training run) is recorded in the manifest."""
     target = Path(out)
     check_output_dir(target, FORMAT, WHAT, ExportError, (SPEC_FILE, WEIGHTS_FILE, PROGRAM_FILE, MANIFEST))
     module = module.cpu()
@@ -177,6 +178,7 @@ def export_module(
         "versions": versions(),
         "kernels": sorted(f"kernels/{name}" for name in kernels),
         "program": None,
+        **({"trained": trained} if trained is not None else {}),
     }
     diff = None
     if torch_export:
@@ -192,6 +194,24 @@ def export_module(
     return Exported(target, {**header, "files": sorted(files)}, diff)
 
 
+def is_run(path: Path) -> bool:
+    """Whether ``path`` is a ``titans-compose train`` run directory (a ``build/`` and a ``checkpoints/`` folder)."""
+    return (path / "build").is_dir() and (path / "checkpoints").is_dir()
+
+
+def trained_model(run: Path, plugins: Sequence[str] = (), step: int | None = None) -> tuple[Any, dict[str, Any]]:
+    """The run's model (its build, verified) with the weights of its newest checkpoint or of the one of ``step``,
+    and what to record of that checkpoint: its step and the sha256 of its tensor file."""
+    from titans_compose.train.checkpoint import CheckpointError, load_weights
+
+    built = load_build(run / "build", plugins)
+    try:
+        record = load_weights(run / "checkpoints", built.module, step)
+    except CheckpointError as exc:
+        raise ExportError(f"cannot export the run in {run}: {exc}") from None
+    return built, {"step": record["step"], "checkpoint_sha256": record["tensors"]["sha256"]}
+
+
 def export(
     source: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -201,10 +221,28 @@ def export(
     seed: int = 0,
     torch_export: bool = False,
     example: tuple[int, int] = EXAMPLE_SHAPE,
+    step: int | None = None,
 ) -> Exported:
-    """Export ``source``: a build directory (verified; its weights) or a spec (built with ``overrides`` and
-    ``seed``; its initial weights). See :func:`export_module`."""
+    """Export ``source``: a training run's directory (its build's spec with the weights of its newest checkpoint,
+    or of the checkpoint of ``step``), a build directory (verified; its weights) or a spec (built with ``overrides``
+    and ``seed``; its initial weights). See :func:`export_module`."""
     path = Path(source)
+    if step is not None and not is_run(path):
+        raise ExportError(f"{path} is not a training run (no build/ and checkpoints/): --step picks a run's checkpoint")
+    if is_run(path):
+        if overrides:
+            raise ExportError(f"{path} is a training run: --set applies to a spec, not to a trained model")
+        built, trained = trained_model(path, plugins, step)
+        return export_module(
+            built.module,
+            built.loaded,
+            out,
+            plugins=plugins,
+            seed=built.report.seed,
+            torch_export=torch_export,
+            example=example,
+            trained=trained,
+        )
     if path.is_dir():
         if overrides:
             raise ExportError(f"{path} is a build: --set applies to a spec, not to a build's fixed model")

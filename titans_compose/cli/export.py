@@ -17,7 +17,7 @@ def _shape(text: str) -> tuple[int, int]:
 
 
 @click.command()
-@click.argument("source", metavar="SPEC|BUILD_DIR", type=click.Path(exists=True))
+@click.argument("source", metavar="SPEC|BUILD_DIR|RUN_DIR", type=click.Path(exists=True))
 @out_option("out", "Artifact directory (new or empty).", required=True, type=click.Path(path_type=Path))
 @click.option(
     "--format",
@@ -29,6 +29,11 @@ def _shape(text: str) -> tuple[int, int]:
 )
 @click.option("--example", default="2x64", show_default=True, help="torch-export: the BATCHxTOKENS traced.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the initial weights of a SPEC.")
+@click.option(
+    "--step",
+    type=click.IntRange(min=1),
+    help="RUN_DIR: the checkpoint of this step [default: the newest].",
+)
 @spec_options
 @click.pass_context
 def export(
@@ -38,13 +43,15 @@ def export(
     fmt: str,
     example: str,
     seed: int,
+    step: int | None,
     overrides: tuple[str, ...],
     sub_plugins: tuple[str, ...],
     sub_debug: bool,
 ) -> None:
-    """Export SPEC (its initial weights) or a BUILD_DIR (verified) to --out: the resolved spec, safetensors weights
-    and a manifest of hashes and versions that `titans_compose.load(OUT)` verifies and loads as a plain nn.Module.
-    A BUILD_DIR made with plug-in files or modules needs them passed again with --plugin: none is imported on the
+    """Export SPEC (its initial weights), a BUILD_DIR (verified) or a RUN_DIR of `titans-compose train` (the trained
+    weights of its newest checkpoint, or of --step) to --out: the resolved spec, safetensors weights and a manifest
+    of hashes and versions that `titans_compose.load(OUT)` verifies and loads as a plain nn.Module. A BUILD_DIR or
+    RUN_DIR made with plug-in files or modules needs them passed again with --plugin: none is imported on the
     build's word."""
     plugins, debug = settings(ctx, sub_plugins, sub_debug)
     shape = _shape(example)
@@ -65,9 +72,12 @@ def export(
                 seed=seed,
                 torch_export=fmt != "artifact",
                 example=shape,
+                step=step,
             )
         except (BuildError, ExportError) as exc:
             raise click.ClickException(str(exc)) from None
+        if "trained" in done.manifest:
+            click.echo(f"trained weights of step {done.manifest['trained']['step']} of the run in {source}")
         files = ", ".join(done.manifest["files"])
         kernels = len(done.manifest["kernels"])
         click.echo(f"wrote {out}/ ({files}; {kernels} generated kernel source{'s' * (kernels != 1)}; manifest.json)")

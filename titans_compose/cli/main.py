@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import errno
 import importlib
-import math
 import os
 import sys
 from collections.abc import Callable
 from typing import Any
 
 import click
+
+from titans_compose.click_types import SEED, FiniteFloat  # noqa: F401  (their old home: re-exported)
 
 #: subcommand -> (module, attribute, one-line help). The help is here so `--help` imports nothing.
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -39,21 +40,6 @@ EXIT_SPEC_ERROR = 1
 EXIT_INTERNAL = 3
 #: OSError numbers that describe the user's environment (space, quota, permissions), not a bug: exit status 1
 ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG})
-#: the seeds ``torch.manual_seed`` accepts (its documented inclusive range)
-SEED = click.IntRange(-(2**63), 2**64 - 1)
-
-
-class FiniteFloat(click.FloatRange):
-    """A :class:`click.FloatRange` that also refuses NaN and infinities, which compare false against every bound and
-    so pass a plain range unnoticed, to fail later inside torch."""
-
-    name = "finite float"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        number = super().convert(value, param, ctx)
-        if not math.isfinite(number):
-            self.fail(f"{value!r} is not a finite number.", param, ctx)
-        return number
 
 
 class LazyGroup(click.Group):

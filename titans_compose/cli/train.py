@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
 from titans_compose.cli.main import (
-    SEED,
-    FiniteFloat,
     device_option,
     echo_diagnostics,
     guarded,
@@ -20,77 +17,38 @@ from titans_compose.cli.main import (
     settings,
     spec_options,
 )
+from titans_compose.train.options import (
+    FIXED_ON_RESUME,
+    default_warmup,
+    scaling_options,
+    seed_option,
+    training_options,
+)
 
 if TYPE_CHECKING:  # torch is imported only when the command runs
     import torch
 
     from titans_compose.train.data import Batch
+    from titans_compose.train.distributed import World
     from titans_compose.train.loop import BatchSource
 
-#: run options that must not change when a run is resumed (the batches and the model would differ)
-FIXED_ON_RESUME = (
-    "spec",
-    "overrides",
-    "task",
-    "data",
-    "max_mb",
-    "batch",
-    "seq_len",
-    "lr",
-    "warmup",
-    "weight_decay",
-    "grad_clip",
-    "seed",
-    "depth",
-    "digits",
-    "pairs",
-    "queries",
-    "loss_on",
-)
 
+def __getattr__(name: str) -> Any:
+    """``evaluate`` lived here; it is in :mod:`titans_compose.train.run` now (imported on use: it needs torch)."""
+    if name == "evaluate":
+        from titans_compose.train.run import evaluate
 
-def default_warmup(steps: int) -> int:
-    """The warm-up when none is given: a tenth of the steps, at most 100."""
-    return min(100, steps // 10)
+        return evaluate
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @click.command()
 @click.argument("spec", type=click.Path(dir_okay=False))
-@click.option(
-    "--data",
-    type=click.Path(exists=True, path_type=Path),
-    help="A text file or directory (default: the Python standard library's .py files). For the tasks it is the "
-    "haystack filler (default: a repeated sentence).",
-)
-@click.option("--task", type=click.Choice(["lm", "passkey", "mqar"]), default="lm", show_default=True)
-@click.option("--steps", type=click.IntRange(min=1), default=200, show_default=True)
-@click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True, help="Sequences per step.")
-@click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True, help="Tokens per sequence.")
-@click.option("--lr", type=FiniteFloat(min=0, min_open=True), default=1e-3, show_default=True)
-@click.option("--warmup", type=click.IntRange(min=0), help="Warm-up steps [default: steps/10, at most 100].")
-@click.option("--weight-decay", type=FiniteFloat(min=0), default=0.1, show_default=True)
-@click.option("--grad-clip", type=FiniteFloat(min=0), default=1.0, show_default=True, help="0: no clipping.")
-@click.option(
-    "--eval-every", type=click.IntRange(min=0), help="Evaluate and checkpoint every N steps [default: steps/5]."
-)
-@click.option("--eval-batches", type=click.IntRange(min=1), default=4, show_default=True)
-@click.option("--depth", type=FiniteFloat(0, 1), help="passkey: needle depth in [0, 1] [default: random].")
-@click.option("--digits", type=click.IntRange(1, 18), default=5, show_default=True, help="passkey: key digits.")
-@click.option("--pairs", type=click.IntRange(1, 676), default=16, show_default=True, help="mqar: key-value pairs.")
-@click.option("--queries", type=click.IntRange(min=1), default=4, show_default=True, help="mqar: queries.")
-@click.option(
-    "--loss-on",
-    type=click.Choice(["answer", "all"]),
-    default="answer",
-    show_default=True,
-    help="passkey/mqar: train on the answer tokens only, or on every token.",
-)
-@click.option(
-    "--max-mb", type=FiniteFloat(min=0, min_open=True), default=8.0, show_default=True, help="Text to read, MB."
-)
+@training_options
 @out_option("out", "Run directory [runs/<spec>].", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its newest checkpoint.")
-@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed for the initial weights and the batches.")
+@seed_option
+@scaling_options
 @device_option
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @spec_options
@@ -108,59 +66,80 @@ def train(ctx: click.Context, spec: str, sub_plugins: tuple[str, ...], sub_debug
     options["overrides"] = list(options["overrides"])
 
     def body() -> int:
+        from contextlib import nullcontext
+
         from titans_compose.builder import BuildError, build, check_output_dir, spec_name
         from titans_compose.io import atomic_write, default_dir
         from titans_compose.lock import locked
         from titans_compose.spec import load_spec
         from titans_compose.train.checkpoint import remove_interrupted
+        from titans_compose.train.distributed import World, barrier, join_launched_group, shutdown
         from titans_compose.train.tasks import check_vocabulary
 
         registry = model_registry(plugins, debug)
         if registry is None:
             return 1
+        options["device"] = join_launched_group(options["device"])
+        world = World.current()
         given = list(options["overrides"])
         loaded = load_spec(spec, given, registry=registry)
         out = options["out"] or default_dir("runs", spec_name(loaded))
         if options["resume"] and not out.is_dir():  # before the lock, which would create a mistyped directory
             raise click.BadParameter(f"no run in {out} to resume (no such directory)", param_hint="'--resume'")
-        with locked(out, "train run", click.ClickException):
-            remove_interrupted(out / "checkpoints")
-            from_checkpoint = resolve_run(ctx, out, options)
+        # rank 0 holds the run and writes its files; the other ranks wait until it has, then read what they need
+        with locked(out, "train run", click.ClickException) if world.writes else nullcontext():
+            if world.writes:
+                remove_interrupted(out / "checkpoints")
+            else:
+                barrier()
+            from_checkpoint = resolve_run(ctx, out, options, world.size)
             if options["overrides"] != given:  # resuming a run made with other --set values: rebuild its spec
                 loaded = load_spec(spec, options["overrides"], registry=registry)
-            echo_diagnostics(loaded.warnings)
+            if world.writes:
+                echo_diagnostics(loaded.warnings)
             if options["warmup"] is None:
                 options["warmup"] = default_warmup(options["steps"])
             if options["eval_every"] is None:
                 options["eval_every"] = max(1, options["steps"] // 5)
+            options["world_size"] = world.size
+            options["global_batch"] = options["batch"] * options["accumulate"] * world.size
             config = {k: v for k, v in options.items() if k not in ("out", "resume", "device", "no_progress")}
-            source, val_batches, describe, top = make_task(options)
+            source, val_batches, describe, top = make_task({**options, "batch": options["global_batch"]})
             try:
                 check_vocabulary(loaded.spec.model.vocab_size, top, describe)
             except ValueError as exc:
                 raise click.ClickException(f"{loaded.source}: {exc}") from None
-            remove_interrupted_build(out / "build")
             try:
-                check_output_dir(out / "build", Path(loaded.source))
-                # written before anything else (atomically, and again on every resume, for its --steps), so a run
-                # killed at any later moment resumes
-                atomic_write(out / "config.json", json.dumps(config, indent=2) + "\n")
-                built = build(loaded, plugins=plugins, output_dir=out / "build", seed=options["seed"])
+                if not world.writes:
+                    built = build(loaded, plugins=plugins, seed=options["seed"])
+                else:
+                    remove_interrupted_build(out / "build")
+                    check_output_dir(out / "build", Path(loaded.source))
+                    # written before anything else (atomically, and again on every resume, for its --steps), so a
+                    # run killed at any later moment resumes
+                    atomic_write(out / "config.json", json.dumps(config, indent=2) + "\n")
+                    built = build(loaded, plugins=plugins, output_dir=out / "build", seed=options["seed"])
+                    if world.size > 1:
+                        barrier()
             except BuildError as exc:
                 raise click.ClickException(str(exc)) from None
-            return run(built.module, source, val_batches, describe, options, config, out, from_checkpoint)
+            status = run(built.module, source, val_batches, describe, options, config, out, from_checkpoint, world)
+        shutdown()
+        return status
 
     guarded(ctx, debug, body)
 
 
-def resolve_run(ctx: click.Context, out: Path, options: dict[str, Any]) -> bool:
+def resolve_run(ctx: click.Context, out: Path, options: dict[str, Any], ranks: int = 1) -> bool:
     """Check ``out`` against ``--resume`` and, when resuming, take the run's settings from its ``config.json``;
     return whether training continues from a checkpoint.
 
     A new run must not start over an existing one, and a resumed run must exist: a ``config.json`` (a run killed
     before its first checkpoint starts again from step 0 with its settings) or a checkpoint. A resumed run keeps the
     settings that decide its batches and model (:data:`FIXED_ON_RESUME`; one given with another value is an error);
-    the others (``--steps``, ``--eval-every``, ``--eval-batches``) may change. Settings not given are the run's.
+    the others (``--steps``, ``--eval-every``, ``--eval-batches``...) may change. Settings not given are the run's.
+    ``--batch`` and ``--accumulate`` may change with the number of ``ranks`` only if the global batch (batch x
+    accumulate x ranks) stays the run's, so that the run goes on with the same samples.
     """
     from titans_compose.train.checkpoint import LATEST
 
@@ -191,6 +170,14 @@ def resolve_run(ctx: click.Context, out: Path, options: dict[str, Any]) -> bool:
             changed.append(f"--{key.replace('_', '-')} {options[key]!r} (the run has {value!r})")
     if changed:
         raise click.UsageError(f"--resume continues a run with its own settings; these differ: {', '.join(changed)}")
+    run_global = saved.get("global_batch", saved.get("batch"))  # runs made before ranks and accumulation: batch
+    if options["batch"] * options["accumulate"] * ranks != run_global:
+        raise click.UsageError(
+            f"--resume continues a run with its own global batch of {run_global} sequences (batch x accumulate x "
+            f"ranks); --batch {options['batch']} x --accumulate {options['accumulate']} x {ranks} rank(s) is "
+            f"{options['batch'] * options['accumulate'] * ranks}: pass a --batch and --accumulate whose product "
+            f"with the number of ranks is {run_global}"
+        )
     return has_checkpoint
 
 
@@ -212,107 +199,15 @@ def remove_interrupted_build(path: Path) -> None:
 
 
 def make_task(options: dict[str, Any]) -> tuple[BatchSource, list[Batch], str, int]:
-    """The training batch source, the validation batches, a one-line description for the chosen task and the
-    largest token id its batches can hold. Files of a ``--data`` folder that were skipped are named on stderr."""
-    import torch
+    """:func:`titans_compose.train.run.make_task`, with a setting the task cannot use as a usage error naming the
+    option, and skipped ``--data`` files named on stderr."""
+    from titans_compose.train.run import OptionError
+    from titans_compose.train.run import make_task as make
 
-    from titans_compose.train.data import DataError, WindowSampler, derive_seed, load_corpus
-    from titans_compose.train.tasks import max_token, mqar_batch, mqar_len, passkey_batch, passkey_min_len
-
-    task, batch, seq_len, seed = options["task"], options["batch"], options["seq_len"], options["seed"]
-    corpus = None
-    if task == "lm" or options["data"] is not None:
-        max_bytes = int(options["max_mb"] * 1e6)
-        if max_bytes < 2:
-            raise click.BadParameter(
-                f"{options['max_mb']} MB is less than the 2 bytes of text needed", param_hint="'--max-mb'"
-            )
-        try:
-            corpus = load_corpus(options["data"], max_bytes=max_bytes)
-        except DataError as exc:
-            raise click.BadParameter(str(exc), param_hint="'--data'") from None
-        for skipped in corpus.skipped:
-            click.echo(f"warning: --data: skipped {skipped}", err=True)
-    n_eval = options["eval_batches"]
-
-    if task == "lm":
-        try:
-            train_src = WindowSampler(corpus.train, batch, seq_len, seed, "train")
-            val_src = WindowSampler(corpus.val, batch, seq_len, seed, "val")
-        except DataError as exc:
-            raise click.BadParameter(str(exc), param_hint="'--seq-len'") from None
-        top = max(int(corpus.train.max()), int(corpus.val.max()))
-        return train_src, [val_src(i) for i in range(n_eval)], f"lm on {corpus.describe()}", top
-
-    filler = "repeat" if corpus is None else corpus.train
-    loss_on = options["loss_on"]  # validation scores the answers either way
-    if task == "passkey":
-        if seq_len < passkey_min_len(options["digits"]):
-            raise click.BadParameter(
-                f"{seq_len} is too short for a {options['digits']}-digit pass key (at least "
-                f"{passkey_min_len(options['digits'])})",
-                param_hint="'--seq-len'",
-            )
-
-        def make(step: int, stream: str) -> Batch:
-            gen_seed = derive_seed(seed, stream, step)
-            return passkey_batch(
-                batch,
-                seq_len,
-                depth=options["depth"],
-                digits=options["digits"],
-                filler=filler,
-                loss_on=loss_on if stream == "train" else "answer",
-                seed=gen_seed,
-            )
-
-        depth = "random" if options["depth"] is None else options["depth"]
-        describe = f"passkey: {options['digits']} digits in {seq_len} bytes, depth {depth}"
-    else:
-        pairs, queries = options["pairs"], options["queries"]
-        if queries > pairs:
-            raise click.BadParameter(f"{queries} queries of {pairs} pairs: at most --pairs", param_hint="'--queries'")
-        if seq_len < mqar_len(pairs, queries):
-            raise click.BadParameter(
-                f"{seq_len} is too short for {pairs} pairs and {queries} queries (at least {mqar_len(pairs, queries)})",
-                param_hint="'--seq-len'",
-            )
-
-        def make(step: int, stream: str) -> Batch:
-            gen_seed = derive_seed(seed, stream, step)
-            return mqar_batch(
-                batch,
-                pairs=pairs,
-                queries=queries,
-                seq_len=seq_len,
-                filler=filler,
-                loss_on=loss_on if stream == "train" else "answer",
-                seed=gen_seed,
-            )
-
-        describe = f"mqar: {pairs} pairs, {queries} queries in {seq_len} bytes"
-    if isinstance(filler, torch.Tensor) and filler.numel() < seq_len:
-        raise click.BadParameter(f"the text has fewer than {seq_len} bytes", param_hint="'--data'")
-    top = max_token(task, filler)
-    return (lambda step: make(step, "train")), [make(i, "val") for i in range(n_eval)], describe, top
-
-
-def evaluate(model: torch.nn.Module, batches: list[Batch]) -> dict[str, float]:
-    """Mean validation loss over ``batches`` (with bits per byte: tokens are bytes) or, for task batches, the loss on
-    the answers and the exact-match accuracy."""
-    from titans_compose.train.loop import next_token_loss
-    from titans_compose.train.tasks import TaskBatch, exact_match
-
-    device = next(model.parameters()).device
-    loss = accuracy = 0.0
-    for b in batches:
-        logits = model(b.tokens.to(device)).logits
-        loss += float(next_token_loss(logits, b)) / len(batches)
-        if isinstance(b, TaskBatch):
-            accuracy += exact_match(logits, b) / len(batches)
-    if isinstance(batches[0], TaskBatch):
-        return {"val_answer_loss": loss, "val_accuracy": accuracy}
-    return {"val_loss": loss, "val_bits_per_byte": loss / math.log(2)}
+    try:
+        return make(options, warn=lambda line: click.echo(line, err=True))
+    except OptionError as exc:
+        raise click.BadParameter(exc.message, param_hint=f"'{exc.option}'") from None
 
 
 def run(
@@ -324,56 +219,33 @@ def run(
     config: dict[str, Any],
     out: Path,
     from_checkpoint: bool,
+    world: World | None = None,
 ) -> int:
     """Train (continuing from the newest checkpoint in ``out`` if ``from_checkpoint``), write ``metrics.json`` and
-    ``metrics.csv`` to ``out`` and print a summary."""
-    import csv
-    import io
-
+    ``metrics.csv`` to ``out`` and print a summary (rank 0 of several only)."""
     import torch
 
-    from titans_compose.io import atomic_write
     from titans_compose.train.checkpoint import CheckpointError
-    from titans_compose.train.loop import TrainingError, train
+    from titans_compose.train.distributed import World
+    from titans_compose.train.loop import TrainingError
+    from titans_compose.train.run import run_training, write_metrics
 
     device = options["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         module = module.to(device)
     except (RuntimeError, ValueError) as exc:
         raise click.BadParameter(str(exc), param_hint="'--device'") from None
-    torch.manual_seed(options["seed"])
-    click.echo(f"training on {device}: {describe}", err=True)
+    world = world or World()
+    if world.writes:
+        ranks = f" x {world.size} ranks ({options['parallel']})" if world.size > 1 else ""
+        click.echo(f"training on {device}{ranks}: {describe}", err=True)
     try:
-        result = train(
-            module,
-            source,
-            steps=options["steps"],
-            lr=options["lr"],
-            warmup=options["warmup"],
-            weight_decay=options["weight_decay"],
-            grad_clip=options["grad_clip"] or None,
-            eval_every=options["eval_every"],
-            eval_fn=lambda model: evaluate(model, val_batches),
-            checkpoint_dir=out / "checkpoints",
-            checkpoint_every=options["eval_every"],
-            resume=from_checkpoint,
-            progress=not options["no_progress"],
-        )
+        result = run_training(module, source, val_batches, options, out, from_checkpoint)
     except (CheckpointError, TrainingError) as exc:
         raise click.ClickException(str(exc)) from None
-    final = result.evals[-1][1] if result.evals else {}
-    atomic_write(
-        out / "metrics.json",
-        json.dumps({"config": config, "task": describe, "final": final, **result.to_json()}, indent=1) + "\n",
-    )
-    eval_at = dict(result.evals)
-    names = sorted({k for _, m in result.evals for k in m})
-    table = io.StringIO()
-    writer = csv.writer(table, lineterminator="\n")
-    writer.writerow(["step", "loss", "lr", "tokens_per_s", *names])
-    for r in result.history:
-        writer.writerow([r.step, r.loss, r.lr, r.tokens_per_s, *(eval_at.get(r.step, {}).get(n, "") for n in names)])
-    atomic_write(out / "metrics.csv", table.getvalue())
+    if not world.writes:
+        return 0
+    final = write_metrics(out, config, describe, result)
     loss, speed = result.recent(10)
     click.echo(f"trained {options['steps']} steps: {describe}")
     click.echo(f"  train loss {loss:.4f} (mean of the last {min(10, len(result.history))} steps)")

@@ -33,6 +33,8 @@ from titans_compose.ops.memory.finite import MemoryDivergedError, finite_flag, f
 from titans_compose.ops.memory.state import MemoryState
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from titans_compose.registry.core import Registry
     from titans_compose.spec.validate import LoadedSpec
 
@@ -500,6 +502,10 @@ class _LayerProgram:
     def _ports(self, node: str) -> dict[str, str]:
         return next(ports for n, ports in self.program if n == node)
 
+    def node_modules(self) -> list[nn.Module]:
+        """The modules of the layer's nodes, in program order (e.g. to shard the layer's parameters as a unit)."""
+        return [self.modules[_key(node)] for node, _ in self.program]
+
     def run(self, x: Tensor, cur: dict[str, Any], position: int, checks: list[_Check] | None) -> Tensor:
         """The layer's output for ``x`` [B, T, D] starting ``position`` tokens into the stream; updates ``cur`` and
         appends each memory write's finiteness check to ``checks`` (None: no checks)."""
@@ -601,6 +607,8 @@ class TitansLM(nn.Module):
         self.vocab_size = loaded.spec.model.vocab_size
         self.check_finite = True
         self.layers = [_LayerProgram(graph, rec, order, self.nodes) for rec in records]
+        #: set by training to run each layer another way with ``program.run``'s signature (activation checkpointing)
+        self.layer_runners: list[Callable[..., Tensor]] | None = None
 
         def unit(n: str) -> Any:
             layer = graph.nodes[n]["layer"]
@@ -652,7 +660,8 @@ class TitansLM(nn.Module):
         for unit in self.plan:
             if isinstance(unit, tuple):
                 program = self.layers[unit[1]]
-                env[program.output] = program.run(env[program.input], cur, position, checks)
+                run = program.run if self.layer_runners is None else self.layer_runners[unit[1]]
+                env[program.output] = run(env[program.input], cur, position, checks)
                 continue
             op = self._graph_info[unit]["op"]
             if op == "input":

@@ -227,11 +227,11 @@ def _repeated_points(points: list[Planned], source: Path) -> list[Diagnostic]:
 def train_options(raw: dict[str, Any], doc: SourceDoc, source: Path) -> tuple[dict[str, Any], list[Diagnostic]]:
     """The ``train`` section checked and converted with the ``titans-compose train`` options themselves (so the
     names, types, ranges and defaults are the command's), plus ``minutes``. Paths are relative to the sweep file."""
-    from titans_compose.cli.train import default_warmup
-    from titans_compose.cli.train import train as command
+    from titans_compose.train.options import default_warmup, training_command
 
+    command = training_command()
     params = {p.name: p for p in command.params if isinstance(p, click.Option) and p.name not in NOT_TRAIN_KEYS}
-    ctx = command.make_context("train", ["SPEC"], resilient_parsing=True)  # every option at its default
+    ctx = command.make_context("train", [], resilient_parsing=True)  # every option at its default
     options: dict[str, Any] = {name: ctx.params[name] for name in params}
     options["minutes"] = None
     problems = []

@@ -68,15 +68,15 @@ def make_sweep_task(plan: Plan) -> Task | None:
     short for the pass key) is a :class:`SpecError` located at the sweep file's ``train`` section."""
     if plan.train is None:
         return None
-    from titans_compose.cli.train import make_task
+    from titans_compose.train.run import OptionError, make_task
 
     try:
-        source, val_batches, describe, top = make_task({**plan.train, "seed": plan.seed})
-    except click.BadParameter as exc:
-        key = (exc.param_hint or "").strip("'-").replace("-", "_")
-        raise SpecError(
-            [Diagnostic("TC207", exc.message, f"train.{key}" if key else "train", Location(str(plan.source)))]
-        ) from None
+        source, val_batches, describe, top = make_task(
+            {**plan.train, "seed": plan.seed}, warn=lambda line: click.echo(line, err=True)
+        )
+    except OptionError as exc:
+        key = exc.option.strip("-").replace("-", "_")
+        raise SpecError([Diagnostic("TC207", exc.message, f"train.{key}", Location(str(plan.source)))]) from None
     return Task(source, val_batches, describe, top)
 
 
@@ -89,8 +89,8 @@ def run_point(
     import torch
 
     from titans_compose.builder import build
-    from titans_compose.cli.train import evaluate
     from titans_compose.train.loop import train
+    from titans_compose.train.run import evaluate
     from titans_compose.train.tasks import check_vocabulary
 
     if task is not None:

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load as load_tensors
 
 from titans_compose.io import atomic_write, temporaries
+from titans_compose.train.distributed import full_tensor, like
 
 FORMAT = "titans-compose-checkpoint"
 FORMAT_VERSION = 1
@@ -49,29 +50,35 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     state: dict[str, Any],
     keep: int = 2,
+    write: bool = True,
 ) -> Path:
     """Write a checkpoint of ``model``, ``optimizer``, the RNG states and the JSON-serialisable ``state`` at ``step``.
 
     Returns the JSON file's path. Only the newest ``keep`` (at least 1) checkpoints are kept: older ones are
-    deleted once the new one is in force.
+    deleted once the new one is in force. Weights and optimizer state sharded over ranks (FSDP2's ``DTensor``) are
+    gathered whole, so the file is the same for any number of ranks: every rank must call this, and only the one
+    with ``write`` writes.
     """
     if keep < 1:
         raise ValueError(f"keep must be at least 1, got {keep}")
     from titans_compose.builder import safetensors_bytes
 
     root = Path(directory)
-    tensors = {f"model/{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors = {f"model/{k}": full_tensor(v).detach().cpu().contiguous() for k, v in model.state_dict().items()}
     optim = optimizer.state_dict()
     scalars: dict[str, dict[str, Any]] = {}
-    for index, entry in optim["state"].items():
-        for key, value in entry.items():
+    # in a fixed order: with sharded state every rank gathers each tensor at the same time
+    for index, entry in sorted(optim["state"].items()):
+        for key, value in sorted(entry.items()):
             if isinstance(value, torch.Tensor):
-                tensors[f"optimizer/{index}/{key}"] = value.detach().cpu().contiguous()
+                tensors[f"optimizer/{index}/{key}"] = full_tensor(value).detach().cpu().contiguous()
             else:
                 scalars.setdefault(str(index), {})[key] = value
     tensors.update(_rng_tensors())
-    data = safetensors_bytes(tensors, metadata={"format": FORMAT, "step": str(step)})
     name = _name(step)
+    if not write:
+        return root / f"{name}.json"
+    data = safetensors_bytes(tensors, metadata={"format": FORMAT, "step": str(step)})
     atomic_write(root / f"{name}.safetensors", data)
     record = {
         "format": FORMAT,
@@ -122,19 +129,33 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def read_checkpoint(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """The newest checkpoint in ``directory``: its JSON record and its tensors, verified against the recorded sha256.
+def checkpoint_steps(directory: str | os.PathLike[str]) -> list[int]:
+    """The steps of the checkpoints in ``directory`` (their JSON records), in order."""
+    return sorted(int(p.stem.removeprefix("step-")) for p in Path(directory).glob("step-*.json"))
+
+
+def read_checkpoint(
+    directory: str | os.PathLike[str], step: int | None = None
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The newest checkpoint in ``directory`` (or the one of ``step``): its JSON record and its tensors, verified
+    against the recorded sha256.
 
     Raises :class:`CheckpointError` if there is none or it is incomplete, corrupted or of another format version.
     """
     root = Path(directory)
-    if not (root / LATEST).is_file():
+    if step is not None:
+        name = f"{_name(step)}.json"
+        if not (root / name).is_file():
+            kept = ", ".join(map(str, checkpoint_steps(root))) or "none"
+            raise CheckpointError(f"no checkpoint of step {step} in {root} (the steps kept: {kept})")
+    elif not (root / LATEST).is_file():
         raise CheckpointError(f"no checkpoint in {root} (no {LATEST}): nothing to resume from")
-    pointer = _read_json(root / LATEST)
-    record = _read_json(root / str(pointer.get("checkpoint")))
+    else:
+        name = str(_read_json(root / LATEST).get("checkpoint"))
+    record = _read_json(root / name)
     if record.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
-            f"{root / pointer['checkpoint']}: checkpoint format version {record.get('format_version')!r}, "
+            f"{root / name}: checkpoint format version {record.get('format_version')!r}, "
             f"this titans-compose reads version {FORMAT_VERSION}"
         )
     tensor_path = root / record["tensors"]["file"]
@@ -152,25 +173,45 @@ def _like(saved: Any, current: Any) -> Any:
     return tuple(saved) if isinstance(current, tuple) and isinstance(saved, list) else saved
 
 
-def load_checkpoint(
-    directory: str | os.PathLike[str], *, model: torch.nn.Module, optimizer: torch.optim.Optimizer
-) -> dict[str, Any]:
-    """Restore ``model``, ``optimizer`` and the RNG states from the newest checkpoint; return its ``state`` and
-    ``step`` (as ``{"step": ..., **state}``)."""
-    record, tensors = read_checkpoint(directory)
-    where = Path(directory) / record["tensors"]["file"]
-    weights = {k.removeprefix("model/"): v for k, v in tensors.items() if k.startswith("model/")}
+def _restore_model(model: torch.nn.Module, tensors: dict[str, torch.Tensor], where: Path) -> None:
+    current = model.state_dict()
+    weights = {}
+    for key, value in tensors.items():
+        if key.startswith("model/"):
+            name = key.removeprefix("model/")
+            weights[name] = like(value, current.get(name))
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"{where} does not fit the model: {exc}") from None
+
+
+def load_weights(directory: str | os.PathLike[str], model: torch.nn.Module, step: int | None = None) -> dict[str, Any]:
+    """Load only the model's weights from the newest checkpoint in ``directory`` (or the one of ``step``), to use
+    the trained model; returns the checkpoint's JSON record."""
+    record, tensors = read_checkpoint(directory, step)
+    _restore_model(model, tensors, Path(directory) / record["tensors"]["file"])
+    return record
+
+
+def load_checkpoint(
+    directory: str | os.PathLike[str], *, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> dict[str, Any]:
+    """Restore ``model``, ``optimizer`` and the RNG states from the newest checkpoint; return its ``state`` and
+    ``step`` (as ``{"step": ..., **state}``). Weights and optimizer state are sharded like the model's own when it is
+    sharded over ranks (FSDP2), whatever number of ranks wrote the checkpoint: every rank must call this."""
+    record, tensors = read_checkpoint(directory)
+    where = Path(directory) / record["tensors"]["file"]
+    _restore_model(model, tensors, where)
     state: dict[int, dict[str, Any]] = {
         int(index): dict(values) for index, values in record["optimizer"]["state"].items()
     }
-    for key, value in tensors.items():
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for key, value in sorted(tensors.items()):  # safetensors' own order differs from process to process
         if key.startswith("optimizer/"):
             _, index, name = key.split("/", 2)
-            state.setdefault(int(index), {})[name] = value
+            shaped = like(value, params[int(index)]) if int(index) < len(params) else value
+            state.setdefault(int(index), {})[name] = shaped
     current = optimizer.state_dict()["param_groups"]
     groups = record["optimizer"]["param_groups"]
     if len(groups) != len(current):

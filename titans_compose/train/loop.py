@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from titans_compose.ops.memory.finite import MemoryDivergedError
 from titans_compose.train.checkpoint import load_checkpoint, save_checkpoint
 from titans_compose.train.data import Batch
+from titans_compose.train.distributed import Parallel, World, all_sum, full_tensor, gradient_sync, micro_batches
+from titans_compose.train.prepare import prepare
 
 #: the learning rate at the end of the cosine decay, as a fraction of the peak
 FINAL_LR_FRACTION = 0.1
@@ -91,24 +93,39 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def next_token_loss_sum(logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, int]:
+    """The summed next-token cross entropy (nats) of ``logits`` [B, T, V] on ``batch`` over the targets ``loss_mask``
+    selects (every token from position 1 on without a mask), and how many targets that is."""
+    tokens = batch.tokens.to(logits.device)
+    flat = logits[:, :-1].reshape(-1, logits.shape[-1])
+    flat = flat if flat.dtype == torch.float64 else flat.float()  # at least float32, float64 kept
+    losses = F.cross_entropy(flat, tokens[:, 1:].reshape(-1), reduction="none")
+    if batch.loss_mask is None:
+        return losses.sum(), losses.numel()
+    mask = batch.loss_mask[:, 1:].reshape(-1).to(logits.device)
+    return losses[mask].sum(), int(mask.sum())
+
+
 def next_token_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     """Mean next-token cross entropy (nats per token) of ``logits`` [B, T, V] on ``batch``, over the targets
     ``loss_mask`` selects (every token from position 1 on without a mask)."""
-    tokens = batch.tokens.to(logits.device)
-    flat = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-    losses = F.cross_entropy(flat, tokens[:, 1:].reshape(-1), reduction="none")
-    if batch.loss_mask is None:
-        return losses.mean()
-    mask = batch.loss_mask[:, 1:].reshape(-1).to(logits.device)
-    if not bool(mask.any()):
+    total, count = next_token_loss_sum(logits, batch)
+    if not count:
         raise TrainingError("the batch's loss mask selects no target token")
-    return losses[mask].mean()
+    return total / count
 
 
 def lm_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     """:func:`next_token_loss` of ``model`` on ``batch``, run on the model's device."""
     device = next(model.parameters()).device
     return next_token_loss(model(batch.tokens.to(device)).logits, batch)
+
+
+def target_count(batch: Batch) -> int:
+    """How many next-token targets ``batch`` holds (see :func:`next_token_loss_sum`)."""
+    if batch.loss_mask is None:
+        return batch.tokens.shape[0] * max(0, batch.tokens.shape[1] - 1)
+    return int(batch.loss_mask[:, 1:].sum())
 
 
 def _diverged_at(step: int, fn: Callable[..., Any], *args: Any) -> Any:
@@ -135,6 +152,10 @@ def train(
     resume: bool = False,
     progress: bool = True,
     time_limit: float | None = None,
+    accumulate: int = 1,
+    parallel: Parallel = "ddp",
+    activation_checkpointing: bool = False,
+    compile: bool = False,
 ) -> TrainResult:
     """Train ``model`` for ``steps`` optimisation steps on ``batches(step)`` (step 1, 2, ...) and return the history.
 
@@ -148,19 +169,34 @@ def train(
     counts as the last step (evaluated and checkpointed); the schedule still spans ``steps``. Raises
     :class:`TrainingError` before any update from a non-finite loss or gradient, or when a memory layer diverges
     (the model's :class:`~titans_compose.ops.memory.finite.MemoryDivergedError`, naming the layer and token).
+
+    ``batches(step)`` is the step's whole (global) batch. In a torch.distributed process group of N ranks
+    (torchrun), each rank trains on its 1/N of the rows with ``parallel`` "ddp" or "fsdp" (FSDP2, parameters
+    sharded), only rank 0 writes checkpoints and shows progress, and every rank must call this. ``accumulate`` = K
+    splits each rank's rows into K micro-batches whose gradients add up before the update. The loss is the mean
+    over every target of the global batch either way, so N ranks x K micro-batches take the step one process takes
+    on the whole batch (up to the order of floating-point sums). ``activation_checkpointing`` recomputes each
+    layer's activations in the backward pass instead of keeping them; ``compile`` runs the step's forward and
+    backward through ``torch.compile``.
     """
-    if steps < 1 or warmup < 0 or eval_every < 0 or checkpoint_every < 0 or lr <= 0:
+    if steps < 1 or warmup < 0 or eval_every < 0 or checkpoint_every < 0 or lr <= 0 or accumulate < 1:
         raise ValueError(
-            f"need steps >= 1, lr > 0 and warmup, eval_every, checkpoint_every >= 0; got steps {steps}, lr {lr}, "
-            f"warmup {warmup}, eval_every {eval_every}, checkpoint_every {checkpoint_every}"
+            f"need steps >= 1, lr > 0, accumulate >= 1 and warmup, eval_every, checkpoint_every >= 0; got steps "
+            f"{steps}, lr {lr}, accumulate {accumulate}, warmup {warmup}, eval_every {eval_every}, checkpoint_every "
+            f"{checkpoint_every}"
         )
     if resume and checkpoint_dir is None:
         raise ValueError("resume needs a checkpoint_dir")
+    world = World.current()
+    runner, evaluated = prepare(
+        model, world=world, parallel=parallel, activation_checkpointing=activation_checkpointing, compile=compile
+    )
     optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.95))
     result, start = TrainResult(), 0
     if resume:
         state = load_checkpoint(checkpoint_dir, model=model, optimizer=optimizer)  # type: ignore[arg-type]
         start, result = state["step"], TrainResult.from_json(state)
+    device = next(model.parameters()).device
 
     def checkpoint(step: int) -> None:
         result.checkpoint = save_checkpoint(
@@ -169,20 +205,36 @@ def train(
             model=model,
             optimizer=optimizer,
             state={"steps": steps, **result.to_json()},
+            write=world.writes,
         )
 
     def evaluate(step: int) -> None:
         if eval_fn is None:
             return
-        model.eval()
+        evaluated.eval()
         with torch.no_grad():
-            result.evals.append((step, {k: float(v) for k, v in eval_fn(model).items()}))
-        model.train()
+            result.evals.append((step, {k: float(v) for k, v in eval_fn(evaluated).items()}))
+        evaluated.train()
+
+    def step_loss(step: int, parts: list[Batch]) -> float:
+        """Forward and backward of every micro-batch; the mean loss over the global batch's targets."""
+        total = float(all_sum(torch.tensor(float(sum(map(target_count, parts))), device=device), world))
+        if not total:
+            raise TrainingError(f"step {step}: the batch's loss mask selects no target token")
+        losses = []
+        for i, part in enumerate(parts):
+            with gradient_sync(runner, i == len(parts) - 1):
+                logits = _diverged_at(step, runner, part.tokens.to(device)).logits
+                loss, _ = next_token_loss_sum(logits, part)
+                # the ranks' gradients are averaged, so each rank's share is scaled up by the number of ranks
+                (loss / (total / world.size)).backward()
+            losses.append(loss.detach())
+        return float(all_sum(torch.stack(losses).sum(), world)) / total
 
     from tqdm.auto import tqdm
 
     model.train()
-    bar = tqdm(total=steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=steps, initial=start, disable=not progress or not world.writes, unit="step", dynamic_ncols=True)
     started = time.perf_counter()
     try:
         for step in range(start + 1, steps + 1):
@@ -191,26 +243,28 @@ def train(
             rate = lr_at(step, lr=lr, warmup=warmup, steps=steps)
             for group in optimizer.param_groups:
                 group["lr"] = rate
-            loss = _diverged_at(step, lm_loss, model, batch)
-            value = float(loss.detach())
+            optimizer.zero_grad(set_to_none=True)
+            value = step_loss(step, micro_batches(batch, world, accumulate))
             if not math.isfinite(value):
                 raise TrainingError(f"the training loss is {value} at step {step}: lower the learning rate")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
             # the norm is needed anyway to clip; without clipping max_norm=inf leaves the gradients as they are
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf if grad_clip is None else grad_clip)
-            if not math.isfinite(float(norm)):
+            if not math.isfinite(float(full_tensor(norm))):
                 raise TrainingError(
-                    f"the gradient norm is {float(norm)} at step {step} (the loss is {value}): lower the learning rate"
+                    f"the gradient norm is {float(full_tensor(norm))} at step {step} (the loss is {value}): lower "
+                    "the learning rate"
                 )
             optimizer.step()
-            if loss.is_cuda:  # kernels run asynchronously: wait for them, so the step's time is its own
-                torch.cuda.synchronize(loss.device)
+            if device.type == "cuda":  # kernels run asynchronously: wait for them, so the step's time is its own
+                torch.cuda.synchronize(device)
             speed = batch.tokens.numel() / max(time.perf_counter() - began, 1e-9)
             result.history.append(StepRecord(step, value, rate, speed))
             bar.update(1)
             bar.set_postfix(loss=f"{value:.4f}", tok_s=f"{speed:,.0f}")
-            last = step == steps or (time_limit is not None and time.perf_counter() - started >= time_limit)
+            late = time_limit is not None and time.perf_counter() - started >= time_limit
+            if world.size > 1 and time_limit is not None:  # rank 0's clock decides, so every rank stops together
+                late = bool(all_sum(torch.tensor(float(late and world.writes), device=device), world))
+            last = step == steps or late
             if last or (eval_every and step % eval_every == 0):
                 _diverged_at(step, evaluate, step)
             if checkpoint_dir is not None and (last or (checkpoint_every and step % checkpoint_every == 0)):

@@ -1,0 +1,44 @@
+"""benchmarks/train_throughput.py: the table's ratios from synthetic runs, and a --dry-run of both sections (the
+CPU one and the GPU one's code path on the CPU) through real ``titans-compose train`` processes."""
+
+from __future__ import annotations
+
+from argparse import Namespace
+
+import pytest
+
+from tests.conftest import load_benchmark
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load_benchmark("train_throughput.py", "train_throughput_benchmark")
+
+
+def test_summaries_and_ratios(bench):
+    def run(speed: float, train_mb: float) -> dict:
+        return {"status": "ok", "tokens_per_s": speed, "peak_mb": train_mb + 300, "train_mb": train_mb, "cuda_mb": None}
+
+    stats = {
+        (1, False, "fp32"): bench.summary([run(1000, 200), run(1200, 210), run(900, 190)]),
+        (2, False, "fp32"): bench.summary([run(1800, 205)]),
+        (1, True, "fp32"): bench.summary([run(700, 120)]),
+        (1, False, "bf16"): bench.summary([{"status": "failed: no"}]),
+    }
+    assert stats[(1, False, "fp32")]["tokens_per_s"] == 1000 and stats[(1, False, "fp32")]["range"] == (900, 1200)
+    text = bench.cpu_table(Namespace(precisions=["fp32", "bf16"]), stats)
+    assert "| 1 | off | fp32 | 1,000 | 900-1,200 | 500 | 200 |" in text
+    assert "| tokens/s, 2 processes / 1 | fp32 | 1.80x |" in text
+    assert "| train MB, checkpointing / without | fp32 | 0.60x |" in text
+    assert "| 1 | off | bf16 | failed: no |" in text and "| tokens/s, bf16 / fp32 | 1 process | - |" in text
+
+
+@pytest.mark.slow
+def test_dry_run_measures_both_sections(bench, capsys):
+    bench.main(["--dry-run"])
+    out = capsys.readouterr().out
+    assert "| 1 | off | fp32 |" in out and "| 2 | off | fp32 |" in out and "| 1 | on | fp32 |" in out
+    assert "failed" not in out
+    assert "CPU (dry run): float32 matmul peak" in out and "| 2 | fp32 |" in out
