@@ -9,7 +9,17 @@ import pytest
 from tests.conftest import SPECS
 from titans_compose.errors import Location
 from titans_compose.graph import compile_graph, lower
-from titans_compose.graph.ir import OPS, SHAPE_RULES, GraphBuilder, ShapeError, dag_view, inputs_of, origin, seq_offset
+from titans_compose.graph.ir import (
+    OPS,
+    SHAPE_RULES,
+    GraphBuilder,
+    ShapeError,
+    SymDim,
+    dag_view,
+    inputs_of,
+    origin,
+    seq_offset,
+)
 from titans_compose.graph.passes import DEFAULT_PASSES, Pass, PassManager, check_wiring
 from titans_compose.graph.render import to_dot, to_mermaid
 from titans_compose.registry import new_registry
@@ -73,20 +83,22 @@ def test_mag_and_lmm_memory_reads_the_block_input():
 
 def test_mal_shapes_carry_the_persistent_prefix():
     graph, _ = compiled("titans_mal_small")
-    assert graph.nodes["L0.prepend_persistent"]["shape"] == ("B", "T+4", 128)
-    assert graph.nodes["L0.attention"]["shape"] == ("B", "T+4", 128)
-    assert graph.nodes["L0.drop_persistent"]["shape"] == ("B", "T", 128)
+    B, T = SymDim("B"), SymDim("T")
+    assert graph.nodes["L0.prepend_persistent"]["shape"] == (B, T + 4, 128)
+    assert graph.nodes["L0.attention"]["shape"] == (B, SymDim("T", 4), 128)
+    assert graph.nodes["L0.drop_persistent"]["shape"] == (B, T, 128)
+    assert all(isinstance(d, SymDim) for d in graph.nodes["L0.attention"]["shape"][:2])
     assert origin(graph, "L0.attention", "x") == "L0.memory.read"
 
 
 def test_memory_state_shapes_follow_depth_and_momentum():
     graph, _ = compiled("titans_mac_small", ["memory.depth=3", "update.momentum=off"])
     assert graph.nodes["L0.memory.state"]["shape"] == {
-        "W1": ("B", 2, 256, 64),
-        "W2": ("B", 2, 256, 256),
-        "W3": ("B", 2, 64, 256),
+        "W1": (SymDim("B"), 2, 256, 64),
+        "W2": (SymDim("B"), 2, 256, 256),
+        "W3": (SymDim("B"), 2, 64, 256),
     }
-    assert graph.nodes["L0.memory.gates"]["shape"] == ("B", "T", 2, 2)  # lr and forget only
+    assert graph.nodes["L0.memory.gates"]["shape"] == (SymDim("B"), SymDim("T"), 2, 2)  # lr and forget only
 
 
 def test_nodes_carry_their_spec_location():
@@ -172,11 +184,30 @@ def test_pass_manager_orders_and_guards_passes():
         PassManager([Pass("crashy", crash)], debug=True).run(builder.graph, new_registry())
 
 
-def test_seq_offset():
-    assert seq_offset("T", 4) == "T+4"
-    assert seq_offset("T+4", -4) == "T"
-    assert seq_offset(10, -3) == 7
+def test_symbolic_dims_do_arithmetic_and_print_as_text():
+    T = SymDim("T")
+    assert SymDim("T", 4) == T + 4 and (T + 4) - 4 == T
+    assert str(T + 4) == "T+4" and str(T) == "T" and str(T + 0) == "T"
+    assert SymDim.parse("T+4") == T + 4 and SymDim.parse("B") == SymDim("B")
+    assert SymDim("S", 4) != T + 4 and T != 4
+    # the text of a shape written as strings (the form before SymDim) still compares and hashes equal
+    assert (T + 4) == "T+4" and {T + 4: 1}["T+4"] == 1
+    with pytest.raises(ShapeError, match="shorter than the 1 tokens removed"):
+        T - 1
     with pytest.raises(ShapeError):
+        SymDim.parse("T-4")
+    with pytest.raises(ValueError):
+        SymDim("4T")
+
+
+def test_seq_offset_is_deprecated_but_works():
+    with pytest.deprecated_call():
+        assert seq_offset("T", 4) == SymDim("T", 4)
+    with pytest.deprecated_call():
+        assert seq_offset(SymDim("T", 4), -4) == SymDim("T")
+    with pytest.deprecated_call():
+        assert seq_offset(10, -3) == 7
+    with pytest.raises(ShapeError), pytest.deprecated_call():
         seq_offset("T", -1)
 
 
