@@ -8,7 +8,7 @@ from argparse import Namespace
 
 import pytest
 
-from tests.conftest import load_benchmark
+from tests.helpers import load_benchmark
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -10,7 +10,7 @@ from argparse import Namespace
 import pytest
 import torch
 
-from tests.conftest import load_benchmark
+from tests.helpers import load_benchmark
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

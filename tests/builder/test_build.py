@@ -15,8 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests.conftest import ROOT, SPECS, shipped_specs
-from tests.test_registry import PLUGIN
+from tests.helpers import PLUGIN, REMOVED, ROOT, SPECS, WRONG_TYPES, refusals, shipped_specs
 from titans_compose import builder, manifest
 from titans_compose.builder import BUILD_FILES, MANIFEST, BuildError, BuildReport, build, load_build
 from titans_compose.cli.main import cli
@@ -315,59 +314,6 @@ def test_importing_the_package_imports_no_torch_and_exports_the_functions():
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split("\n")[:2] == ["torch imported: False", "True True"]
-
-
-#: values of every JSON type, to replace a manifest value with one of another type
-WRONG_TYPES = {"null": None, "bool": True, "int": 7, "float": 1.5, "str": "x", "list": [], "dict": {}}
-REMOVED = object()
-
-
-def _json_type(value):
-    return next(name for name, wrong in WRONG_TYPES.items() if type(wrong) is type(value) or (wrong is None is value))
-
-
-def manifest_mutations(manifest, wrong):
-    """(path, manifest) for every value in ``manifest``, at every depth, with ``wrong`` put in its place (or the key
-    removed, for :data:`REMOVED`), where ``wrong`` is of another JSON type than the value."""
-
-    def paths(node, at=()):
-        for key, value in node.items() if isinstance(node, dict) else enumerate(node):
-            yield (*at, key), value
-            if isinstance(value, dict | list):
-                yield from paths(value, (*at, key))
-
-    for path, value in list(paths(manifest)):
-        if wrong is not REMOVED and _json_type(value) == _json_type(wrong):
-            continue
-        mutated = json.loads(json.dumps(manifest))
-        parent = mutated
-        for key in path[:-1]:
-            parent = parent[key]
-        if wrong is REMOVED:
-            del parent[path[-1]]
-        else:
-            parent[path[-1]] = wrong
-        yield ".".join(map(str, path)), mutated
-
-
-def refusals(directory, loader, error, wrong):
-    """Load ``directory`` with each mutation of its manifest: every failure must be ``error`` naming a file of the
-    directory. Returns the paths whose mutation loaded (they still describe a valid manifest) and the messages."""
-    original = (directory / MANIFEST).read_text()
-    loaded, messages = [], []
-    try:
-        for path, mutated in manifest_mutations(json.loads(original), wrong):
-            (directory / MANIFEST).write_text(json.dumps(mutated))
-            try:
-                loader(directory)
-            except error as exc:
-                assert str(directory) in str(exc), (path, str(exc))
-                messages.append(str(exc))
-            else:
-                loaded.append(path)
-    finally:
-        (directory / MANIFEST).write_text(original)
-    return loaded, messages
 
 
 @pytest.mark.parametrize("wrong", [REMOVED, *WRONG_TYPES.values()], ids=["removed", *WRONG_TYPES])

@@ -12,7 +12,7 @@ import textwrap
 import pytest
 import yaml
 
-from tests.conftest import ROOT, SPECS
+from tests.helpers import ROOT, SPECS
 from titans_compose.cli.main import cli
 
 MAC = str(SPECS / "titans_mac_small.yaml")

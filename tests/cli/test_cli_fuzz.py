@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import SPECS, shipped_specs
+from tests.helpers import SPECS, shipped_specs
 from titans_compose.cli.main import cli
 from titans_compose.errors import CODES, SpecError
 from titans_compose.graph import compile_graph

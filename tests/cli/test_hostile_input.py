@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, SPECS
+from tests.helpers import ROOT, SPECS
 from titans_compose.cli.main import cli
 from titans_compose.errors import SpecError
 from titans_compose.io import default_dir

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).parent.parent
+from tests.helpers import ROOT
+
 MEMORY_MATH = ROOT / "docs" / "memory-math.md"
 #: "memory-math.md section 5", "memory-math.md sections 1-3", "memory-math.md sections 1.6 and 3.4"
 CITATION = re.compile(r"memory-math\.md\S*\s+(?:§|sections?\s+)(\d+(?:\.\d+)?(?:\s*(?:-|and|,)\s*\d+(?:\.\d+)?)*)")

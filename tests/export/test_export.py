@@ -14,9 +14,7 @@ import textwrap
 import pytest
 import torch
 
-from tests.conftest import ROOT, SPECS
-from tests.test_build import REMOVED, WRONG_TYPES, refusals
-from tests.test_registry import PLUGIN
+from tests.helpers import PLUGIN, REMOVED, ROOT, SPECS, WRONG_TYPES, refusals
 from titans_compose.builder import build
 from titans_compose.cli.main import cli
 from titans_compose.export import ExportError, export_module, load, load_program

@@ -6,7 +6,7 @@ from __future__ import annotations
 import networkx as nx
 import pytest
 
-from tests.conftest import SPECS
+from tests.helpers import SPECS
 from titans_compose.errors import Location
 from titans_compose.graph import compile_graph, lower
 from titans_compose.graph.ir import (

@@ -10,8 +10,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from tests.conftest import SPECS, shipped_specs
-from tests.test_neural_memory import DIVERGING
+from tests.helpers import DIVERGING, SPECS, shipped_specs
 from titans_compose.graph import compile_graph
 from titans_compose.nn.model import LMOutput, MemoryGates, MemoryWrite, ModelState, TitansLM
 from titans_compose.ops.memory.dispatch import MemoryBackend

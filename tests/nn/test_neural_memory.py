@@ -9,47 +9,12 @@ import dataclasses
 import pytest
 import torch
 
-from tests.conftest import SPECS
+from tests.helpers import DIVERGING, F64, SPECS, build_memory, randomise_gates, rel, x_of
 from titans_compose.nn import NeuralMemory
 from titans_compose.ops.memory.dispatch import ENV_VAR, choose_backend
 from titans_compose.ops.memory.finite import MemoryDivergedError
 from titans_compose.registry import new_registry
 from titans_compose.spec import load_spec
-
-F64 = torch.float64
-SMALL = [
-    "model.dim=24",
-    "memory.heads=2",
-    "memory.head_dim=6",
-    "memory.expansion=2",
-    "memory.chunk_size=4",
-    "memory.residual=true",
-    "memory.output_norm=true",
-]
-
-
-def build(overrides=(), backend=None, seed=0, spec="titans_lmm_small.yaml", dtype=F64) -> NeuralMemory:
-    registry = new_registry()
-    loaded = load_spec(SPECS / spec, [*SMALL, *overrides], registry=registry)
-    torch.manual_seed(seed)
-    module = NeuralMemory.from_block(loaded.spec.blocks[0], loaded.spec.model, registry, backend=backend)
-    return module.to(dtype)
-
-
-def randomise_gates(module: NeuralMemory, scale=0.3) -> None:
-    """Gate projections start at zero (every gate at its initial value); give them data dependence."""
-    with torch.no_grad():
-        for gate in (module.lr_gate, module.momentum_gate, module.forget_gate):
-            if gate is not None and gate.proj is not None:
-                gate.proj.weight.normal_(0, scale)
-
-
-def rel(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
-
-
-def x_of(length, batch=2, dim=24, seed=1, dtype=F64):
-    return torch.randn(batch, length, dim, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
 @pytest.mark.parametrize(
@@ -68,7 +33,7 @@ def test_builds_from_every_memory_spec(spec):
 
 def test_backend_choice_says_why(monkeypatch):
     assert choose_backend().name == "auto" and "CUDA" in choose_backend().reason
-    module = build()
+    module = build_memory()
     assert module.choice.name == "auto"  # resolved at the first call, from the tensors' device
     module(x_of(5))
     assert module.choice.name == "chunked" and module.choice.reason.startswith("cpu tensors run the chunked")
@@ -78,7 +43,7 @@ def test_backend_choice_says_why(monkeypatch):
     monkeypatch.setenv(ENV_VAR, "reference")
     choice = choose_backend()
     assert choice.name == "reference" and ENV_VAR in choice.reason
-    assert build().choice.name == "reference"
+    assert build_memory().choice.name == "reference"
     with pytest.raises(ValueError, match="unknown memory backend"):
         choose_backend("cuda-magic")
 
@@ -88,7 +53,7 @@ def test_backend_choice_says_why(monkeypatch):
 def test_module_backends_agree_for_every_gate_granularity(granularity, retrieval):
     overrides = [f"update.{g}.gate={granularity}" for g in ("lr", "momentum", "forget")]
     overrides.append(f"memory.retrieval={retrieval}")
-    chunked, reference = build(overrides), build(overrides, backend="reference")
+    chunked, reference = build_memory(overrides), build_memory(overrides, backend="reference")
     randomise_gates(chunked)
     reference.load_state_dict(chunked.state_dict())
     x = x_of(19)
@@ -96,7 +61,7 @@ def test_module_backends_agree_for_every_gate_granularity(granularity, retrieval
 
 
 def test_per_chunk_gates_are_constant_within_a_chunk():
-    module = build(["update.forget.gate=per_chunk", "update.lr.gate=per_chunk"])
+    module = build_memory(["update.forget.gate=per_chunk", "update.lr.gate=per_chunk"])
     randomise_gates(module)
     gates = module.gates(x_of(10))
     for series in (gates.theta, gates.log_keep):
@@ -109,7 +74,7 @@ def test_per_chunk_gates_are_float64_means():
     """Per-chunk gates in a float64 module are the chunk means of the per-token gate values to rounding (1e-14
     relative): a float32 step anywhere (e.g. the log of an integer count, which torch computes in float32) is off
     by ~1e-8. Chunk 4 over 6 + 5 tokens: full chunks, a chunk split between the calls, a partial last chunk."""
-    module = build([f"update.{g}.gate=per_chunk" for g in ("lr", "momentum", "forget")])
+    module = build_memory([f"update.{g}.gate=per_chunk" for g in ("lr", "momentum", "forget")])
     randomise_gates(module)
     x = x_of(11)
     values = {  # per-token gate values [B, T, H]: theta, eta, 1 - alpha
@@ -128,7 +93,7 @@ def test_per_chunk_gates_are_float64_means():
 
 
 def test_gate_initial_values_follow_the_spec():
-    module = build(["update.forget.half_life=100", "update.lr.init=0.05", "update.momentum.init=0.8"])
+    module = build_memory(["update.forget.half_life=100", "update.lr.init=0.05", "update.momentum.init=0.8"])
     gates = module.gates(x_of(3))
     theta, log_eta, log_keep = gates.theta, gates.log_eta, gates.log_keep
     assert torch.allclose(theta, torch.full_like(theta, 0.05))
@@ -139,7 +104,7 @@ def test_gate_initial_values_follow_the_spec():
 @pytest.mark.parametrize("cuts", [[7, 1, 11], [1] * 19, [4, 15]])
 def test_streaming_equals_one_call(cuts):
     """Pieces of any length (one token at a time included) carry the memory and the convolution history."""
-    module = build(["update.lr.gate=constant"])
+    module = build_memory(["update.lr.gate=constant"])
     randomise_gates(module)
     x = x_of(sum(cuts))
     whole, _ = module(x)
@@ -186,7 +151,7 @@ def test_streaming_with_a_per_chunk_gate(gate, retrieval):
     whole stream. With after / before, one call's output at a token already reads the mean over the later tokens of
     its chunk (the spec warns, TCW03); no stream can know those before they come, so only pieces ending on a chunk
     boundary (8 and 16 here, chunk 4) match the whole stream's outputs. Float64; 1e-10 covers summation order."""
-    module = build([f"update.{gate}.gate=per_chunk", f"memory.retrieval={retrieval}"])
+    module = build_memory([f"update.{gate}.gate=per_chunk", f"memory.retrieval={retrieval}"])
     randomise_gates(module)
     cuts = [6, 2, 3, 5, 3]
     x = x_of(sum(cuts))
@@ -207,7 +172,7 @@ def test_a_chunk_split_between_calls_takes_one_mean():
     """The issue's case: chunk 4..7 split after token 5. Its four tokens fold with the same theta, the mean one call
     takes, and the gradient through the streamed pieces equals one call's (per-chunk retrieval, so the outputs are
     the same function of the parameters)."""
-    module = build(["update.lr.gate=per_chunk", "memory.retrieval=per_chunk"])
+    module = build_memory(["update.lr.gate=per_chunk", "memory.retrieval=per_chunk"])
     randomise_gates(module)
     x = x_of(12)
     one = module.gates(x).theta[:, 4:8]
@@ -224,7 +189,7 @@ def test_a_chunk_split_between_calls_takes_one_mean():
 
 
 def test_a_state_without_its_per_chunk_gate_values_is_refused():
-    module = build(["update.forget.gate=per_chunk"])
+    module = build_memory(["update.forget.gate=per_chunk"])
     _, state = module(x_of(6))
     with pytest.raises(ValueError, match="pending tokens but not their per-chunk forget gate values"):
         module(x_of(3), dataclasses.replace(state, gates=None))
@@ -233,7 +198,7 @@ def test_a_state_without_its_per_chunk_gate_values_is_refused():
 def test_empty_input_and_an_empty_batch():
     """T = 0 gives an empty output and the state unchanged, fresh or with pending tokens (and per-chunk gate values,
     and convolution history); a batch of 0 rows runs and streams."""
-    module = build(["update.lr.gate=per_chunk"])
+    module = build_memory(["update.lr.gate=per_chunk"])
     y, state = module(x_of(0))
     assert y.shape == (2, 0, 24) and state.memory.pending_len == 0
     _, state = module(x_of(6))
@@ -245,25 +210,19 @@ def test_empty_input_and_an_empty_batch():
     assert module(x_of(0, batch=1), cu_seqlens=[0, 0])[0].shape == (1, 0, 24)
 
 
-#: a rule the spec admits whose recurrence diverges: a matrix memory (no output LayerNorm, which bounds the
-#: gradient) with momentum 0.9 and theta 5 on unit keys
-DIVERGING = [
-    *("memory.depth=1", "memory.residual=false", "memory.output_norm=false", "update.forget=off"),
-    *("update.momentum.init=0.9", "update.lr.max_lr=10", "update.lr.init=5"),
-]
-
-
 @pytest.mark.parametrize("retrieval", ["after", "per_chunk"])
 def test_a_diverging_memory_is_reported_with_its_first_token(retrieval):
     """Float32, 300 tokens: the weights overflow at token ~108. The module raises MemoryDivergedError at the first
     token whose weights W_t are not finite: where the sequential reference's output (which forms and reads every
     W_t) turns non-finite with ``after`` retrieval, and within the chunk before that with per-chunk retrieval
     (which reads W_t only from the next chunk on); switched off, the module returns the non-finite output."""
-    module = build([*DIVERGING, f"memory.retrieval={retrieval}", "memory.out_proj=false"], dtype=torch.float32)
+    module = build_memory([*DIVERGING, f"memory.retrieval={retrieval}", "memory.out_proj=false"], dtype=torch.float32)
     x = x_of(300, dtype=torch.float32)
     with pytest.raises(MemoryDivergedError, match="the memory weights are not finite from token") as caught:
         module(x)
-    reference = build([*DIVERGING, f"memory.retrieval={retrieval}", "memory.out_proj=false"], backend="reference")
+    reference = build_memory(
+        [*DIVERGING, f"memory.retrieval={retrieval}", "memory.out_proj=false"], backend="reference"
+    )
     reference.load_state_dict(module.state_dict())
     reference = reference.float()
     reference.check_finite, reference.readout_norm = False, None
@@ -275,7 +234,7 @@ def test_a_diverging_memory_is_reported_with_its_first_token(retrieval):
 
 
 def test_document_boundaries_reset_the_memory():
-    module = build()
+    module = build_memory()
     randomise_gates(module)
     x = x_of(23, batch=1)
     packed, _ = module(x, cu_seqlens=[0, 5, 5, 17, 23])
@@ -286,7 +245,7 @@ def test_document_boundaries_reset_the_memory():
 
 
 def test_every_parameter_gets_a_gradient():
-    module = build()
+    module = build_memory()
     randomise_gates(module)
     y, _ = module(x_of(13))
     y.square().sum().backward()
@@ -295,7 +254,7 @@ def test_every_parameter_gets_a_gradient():
 
 
 def test_checkpointing_changes_nothing_but_memory():
-    plain, ckpt = build(), build(["memory.checkpoint=true"])
+    plain, ckpt = build_memory(), build_memory(["memory.checkpoint=true"])
     ckpt.load_state_dict(plain.state_dict())
     x = x_of(18)
     grads = []
@@ -323,7 +282,7 @@ def test_sixteen_thousand_tokens_stay_finite():
 def test_extreme_inputs_and_saturated_gates_stay_finite(bias):
     """Inputs of norm ~1e4 and every gate logit at +-30 (alpha, eta, theta at 0 or 1): forward and backward
     stay finite."""
-    module = build(dtype=torch.float32)
+    module = build_memory(dtype=torch.float32)
     with torch.no_grad():
         for gate in (module.lr_gate, module.momentum_gate, module.forget_gate):
             gate.bias.fill_(bias)
@@ -338,7 +297,7 @@ def test_extreme_inputs_and_saturated_gates_stay_finite(bias):
 def test_detached_state_cuts_backpropagation_but_keeps_values():
     """Truncated backpropagation through time: a detached state continues the stream with the same values, and
     the next piece's loss no longer reaches the first piece's input."""
-    module = build()
+    module = build_memory()
     randomise_gates(module)
     x = x_of(14).requires_grad_()
     _, state = module(x[:, :9])

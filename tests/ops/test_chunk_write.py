@@ -4,7 +4,7 @@ Both differentiate the identical chunked computation, so they may differ only by
 (initial weights, q, k, v, theta, log eta, log keep) and the carried state's gradients must agree to 1e-10
 relative. The grid covers depth, activation, loss, momentum / forget, residual / LayerNorm, retrieval and chunk
 sizes that do not divide the length (theta <= 0.1: a deep linear memory without norms diverges at 0.3);
-the sequential reference is checked separately in test_memory_core.py.
+the sequential reference is checked separately in tests/ops/test_memory_core.py.
 """
 
 from __future__ import annotations
@@ -15,13 +15,12 @@ import os
 import subprocess
 import sys
 import zlib
-from pathlib import Path
 
 import pytest
 import torch
 
 from tests.grids import fast_subset
-from tests.test_memory_core import make_cfg, make_inputs, rel, run
+from tests.helpers import ROOT, make_cfg, make_inputs, rel, run
 from titans_compose.ops.memory import chunk_write, mlp
 from titans_compose.ops.memory.chunked import chunked_memory
 from titans_compose.ops.memory.reference import reference_memory
@@ -50,12 +49,12 @@ def case_seed(*parts: object) -> int:
 
 
 def test_case_seeds_do_not_depend_on_the_process():
-    code = "from tests.test_chunk_write import case_seed; print(case_seed('after', 2, 'silu', 'l2', True))"
+    code = "from tests.ops.test_chunk_write import case_seed; print(case_seed('after', 2, 'silu', 'l2', True))"
     seeds = {
         subprocess.run(
             [sys.executable, "-c", code],
             env={**os.environ, "PYTHONHASHSEED": salt},
-            cwd=Path(__file__).parent.parent,
+            cwd=ROOT,
             capture_output=True,
             text=True,
             check=True,

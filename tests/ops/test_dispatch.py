@@ -13,8 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests.conftest import ROOT, SPECS
-from tests.test_neural_memory import build, randomise_gates, rel, x_of
+from tests.helpers import ROOT, SPECS, build_memory, randomise_gates, rel, x_of
 from titans_compose.builder import build as build_model
 from titans_compose.ops.memory.codegen import cache, emit
 from titans_compose.ops.memory.codegen.key import kernel_key
@@ -70,7 +69,7 @@ def test_what_was_asked_for(monkeypatch):
 
 
 def test_cuda_tensors_run_the_generated_kernel_when_supported(kernel_cache):
-    module = build(dtype=F32)
+    module = build_memory(dtype=F32)
     choice = module.dispatch.resolve(on_cuda(), module.config)
     key = kernel_key(module.config, "float32")
     assert choice.name == "triton" and choice.reason.startswith("cuda tensors; kernel ")
@@ -82,11 +81,11 @@ def test_cuda_tensors_run_the_generated_kernel_when_supported(kernel_cache):
 
 def test_cuda_tensors_fall_back_with_the_generators_reason(kernel_cache):
     # depth 3 at head dim 64, hidden 256: too large for one program, and only depth 2 is tiled
-    deep = build(["memory.depth=3", "model.dim=128", "memory.head_dim=64", "memory.expansion=4"], dtype=F32)
+    deep = build_memory(["memory.depth=3", "model.dim=128", "memory.head_dim=64", "memory.expansion=4"], dtype=F32)
     choice = deep.dispatch.resolve(on_cuda(), deep.config)
     assert choice.name == "chunked" and choice.reason.startswith("cuda tensors, but the generated kernel does not")
     assert "depth 2 only" in choice.reason
-    wide = build(dtype=F32)
+    wide = build_memory(dtype=F32)
     choice = wide.dispatch.resolve(on_cuda(torch.float64), wide.config)
     assert choice.name == "chunked" and "inputs of dtype float64" in choice.reason
     assert cache.entries() == []
@@ -95,11 +94,11 @@ def test_cuda_tensors_fall_back_with_the_generators_reason(kernel_cache):
 def test_forcing_triton_on_the_cpu_needs_the_interpreter(monkeypatch, kernel_cache):
     monkeypatch.delenv(INTERPRET_VAR, raising=False)
     monkeypatch.setenv(ENV_VAR, "triton")
-    module = build(dtype=F32)
+    module = build_memory(dtype=F32)
     with pytest.raises(RuntimeError, match=f"{ENV_VAR}=triton on CPU tensors needs Triton's interpreter: set "):
         module(x_of(5, dtype=F32))
     # a configuration the kernel cannot run (float64) falls back without needing the interpreter, and says why
-    fallback = build()
+    fallback = build_memory()
     y, _ = fallback(x_of(5))
     assert torch.isfinite(y).all() and fallback.choice.name == "chunked"
     assert fallback.choice.reason.startswith(f"forced by {ENV_VAR}=triton, but the generated kernel does not apply")
@@ -115,13 +114,13 @@ def test_forcing_triton_on_the_cpu_without_numpy_says_so(monkeypatch, kernel_cac
     monkeypatch.setenv(INTERPRET_VAR, "1")
     monkeypatch.setenv(ENV_VAR, "triton")
     with pytest.raises(RuntimeError, match="Triton's interpreter needs numpy, which is not installed"):
-        build(dtype=F32)(x_of(5, dtype=F32))
+        build_memory(dtype=F32)(x_of(5, dtype=F32))
 
 
 def test_the_interpreter_runs_the_kernel_with_document_boundaries(interpreter):
     """Forced Triton on the CPU: the same outputs and gradients as the chunked path, for a packed batch of
     documents (cu_seqlens) too; the choice names the kernel, generated now, and the backward path."""
-    chunked, triton = build(dtype=F32), build(backend="triton", dtype=F32)
+    chunked, triton = build_memory(dtype=F32), build_memory(backend="triton", dtype=F32)
     randomise_gates(chunked)
     triton.load_state_dict(chunked.state_dict())
     x = x_of(21, batch=1, dtype=F32)
@@ -146,8 +145,8 @@ def test_the_mac_specs_memory_runs_on_its_tiled_clipped_kernel(interpreter):
     whole module, forced onto the kernel in the interpreter: its hidden-tiled, clipped kernel gives the chunked
     path's outputs and parameter gradients."""
     shipped = ["model.dim=128", "memory.heads=2", "memory.head_dim=64", "memory.expansion=4", "memory.chunk_size=16"]
-    chunked = build(shipped, spec="titans_mac_small.yaml", dtype=F32)
-    triton = build(shipped, backend="triton", spec="titans_mac_small.yaml", dtype=F32)
+    chunked = build_memory(shipped, spec="titans_mac_small.yaml", dtype=F32)
+    triton = build_memory(shipped, backend="triton", spec="titans_mac_small.yaml", dtype=F32)
     key = kernel_key(triton.config, "float32")
     assert (key.hidden_tile, key.grad_clip) == (32, 1.0)
     randomise_gates(chunked)
@@ -163,7 +162,7 @@ def test_the_mac_specs_memory_runs_on_its_tiled_clipped_kernel(interpreter):
 
 
 def test_a_kernel_already_on_disk_is_taken_from_the_cache(interpreter):
-    module = build(["memory.chunk_size=8"], backend="triton", dtype=F32)
+    module = build_memory(["memory.chunk_size=8"], backend="triton", dtype=F32)
     key = kernel_key(module.config, "float32")
     cache.store(key, emit.generate(key))  # as an earlier run left it
     module(x_of(9, dtype=F32))
@@ -197,11 +196,11 @@ def test_an_interpreter_switched_on_after_importing_triton_is_named(tmp_path):
         import os
         import torch
         import triton  # built for the GPU: TRITON_INTERPRET is not set yet
-        from tests.test_neural_memory import build, x_of
+        from tests.helpers import build_memory, x_of
 
         os.environ["TRITON_INTERPRET"] = "1"
         try:
-            build(backend="triton", dtype=torch.float32)(x_of(5, dtype=torch.float32))
+            build_memory(backend="triton", dtype=torch.float32)(x_of(5, dtype=torch.float32))
         except RuntimeError as exc:
             print(exc)
     """)

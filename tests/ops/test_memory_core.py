@@ -18,59 +18,14 @@ import torch
 import torch.nn.functional as F
 
 from tests.grids import fast_subset
+from tests.helpers import F64, LOSS_PARAMS, make_cfg, make_inputs, rel, run
 from titans_compose.ops.memory import mlp
 from titans_compose.ops.memory.chunked import GateTables, LastRow, chunked_memory, coefficients, segsum
 from titans_compose.ops.memory.config import MemoryConfig
 from titans_compose.ops.memory.dispatch import MemoryBackend
 from titans_compose.ops.memory.reference import reference_memory
 from titans_compose.ops.memory.state import MemoryState
-from titans_compose.registry.rules import ACTIVATIONS, LOSSES, OPTIMIZERS, RETENTIONS, HuberParams, LpParams
-
-F64 = torch.float64
-# lp with p = 1.5 (the MIRAS robust regime); p = 3 makes the inner steps diverge at these learning rates
-LOSS_PARAMS = {"l2": None, "l1": None, "lp": LpParams(p=1.5), "huber": HuberParams(delta=0.5)}
-
-
-def make_cfg(depth=2, d=8, hidden=12, loss="l2", activation="silu", **kw) -> MemoryConfig:
-    shapes = [(d, d)] if depth == 1 else [(hidden, d)] + [(hidden, hidden)] * (depth - 2) + [(d, hidden)]
-    return MemoryConfig(
-        layer_shapes=tuple(shapes),
-        activation=ACTIVATIONS[activation][0],
-        loss=LOSSES[loss][0],
-        loss_params=LOSS_PARAMS[loss],
-        retention=RETENTIONS["decay"][0],
-        optimizer=OPTIMIZERS["momentum"][0],
-        **kw,
-    )
-
-
-def make_inputs(cfg: MemoryConfig, T=21, N=3, dtype=F64, seed=0, requires_grad=False, theta_max=0.3):
-    """Unit-norm queries and keys, random values, realistic gates, random initial weights."""
-    g = torch.Generator().manual_seed(seed)
-    d = cfg.head_dim
-
-    def rand(*shape):
-        return torch.randn(*shape, generator=g, dtype=dtype)
-
-    q, k, v = F.normalize(rand(N, T, d), dim=-1), F.normalize(rand(N, T, d), dim=-1), rand(N, T, d)
-    theta = theta_max * torch.rand(N, T, generator=g, dtype=dtype)
-    log_eta = F.logsigmoid(rand(N, T) + 2.0) if cfg.momentum else None
-    log_keep = F.logsigmoid(rand(N, T) + 3.0) if cfg.forget else None
-    weights = [rand(N, o, i) / i**0.5 for o, i in cfg.layer_shapes]
-    leaves = [q, k, v, theta, log_eta, log_keep, *weights]
-    if requires_grad:
-        for t in leaves:
-            if t is not None:
-                t.requires_grad_()
-    return q, k, v, theta, log_eta, log_keep, weights
-
-
-def run(fn, cfg, q, k, v, theta, log_eta, log_keep, weights):
-    return fn(q, k, v, theta, log_eta, log_keep, MemoryState.initial(weights, cfg.momentum), cfg)
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
+from titans_compose.registry.rules import ACTIVATIONS
 
 
 def assert_paths_agree(cfg, T=21, tol=1e-10, theta_max=0.3):

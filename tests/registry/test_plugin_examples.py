@@ -15,7 +15,7 @@ import textwrap
 import pytest
 import torch
 
-from tests.conftest import ROOT, SPECS
+from tests.helpers import ROOT, SPECS
 from titans_compose.cli.main import cli
 from titans_compose.registry import new_registry
 from titans_compose.registry.plugins import load_plugin

@@ -12,35 +12,13 @@ import textwrap
 import pytest
 import torch
 
-from tests.conftest import ROOT, SPECS
+from tests.helpers import PLUGIN, ROOT, SPECS
 from titans_compose.cli.main import cli
 from titans_compose.errors import SpecError
 from titans_compose.registry import default_registry, new_registry, reset_default_registry
 from titans_compose.registry.core import RuleParams
 from titans_compose.registry.plugins import load_plugin
 from titans_compose.registry.rules import ACTIVATIONS, LOSSES, HuberParams, LpParams
-
-PLUGIN = '''
-"""A throwaway plug-in: a Cauchy loss with a scale parameter."""
-from pydantic import Field
-from titans_compose import RuleParams
-from titans_compose.registry.rules import Loss
-
-
-class CauchyParams(RuleParams):
-    scale: float = Field(1.0, gt=0, description="Cauchy scale c")
-
-
-def register(registry):
-    registry.register(
-        "loss",
-        "cauchy",
-        Loss(lambda e, p: (1 + (e / p.scale).square()).log().sum(-1),
-             lambda e, p: 2 * e / (p.scale ** 2 + e.square())),
-        params=CauchyParams,
-        description="log(1 + (e/c)^2): a heavy-tailed robust loss",
-    )
-'''
 
 SPEC_USING_PLUGIN = """\
 model: {vocab_size: 256, dim: 64}

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 from titans_compose.errors import SpecError
 from titans_compose.registry import expressions, new_registry
 from titans_compose.registry.plugins import load_plugin

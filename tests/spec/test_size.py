@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 import titans_compose
-from tests.conftest import SPECS
+from tests.helpers import SPECS
 from titans_compose.errors import SpecError
 from titans_compose.registry import new_registry
 from titans_compose.spec import load_spec

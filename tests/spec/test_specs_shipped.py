@@ -7,7 +7,7 @@ import json
 import pytest
 import yaml
 
-from tests.conftest import SPECS, shipped_specs
+from tests.helpers import SPECS, shipped_specs
 from titans_compose.graph import compile_graph
 from titans_compose.registry import new_registry
 from titans_compose.spec import load_spec

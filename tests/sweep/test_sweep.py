@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import SPECS
+from tests.helpers import SPECS
 from titans_compose.cli.main import cli
 from titans_compose.errors import SpecError
 from titans_compose.registry import new_registry

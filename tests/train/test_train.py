@@ -267,7 +267,7 @@ NARROW = ("model.dim=32", "memory.head_dim=16", "memory.heads=1", "attention.hea
 
 
 def invoke(runner, out: Path, *args: str):
-    from tests.conftest import SPECS
+    from tests.helpers import SPECS
     from titans_compose.cli.main import cli
 
     small = ["--seq-len", "32", "--batch", "2", "--max-mb", "0.2", "--no-progress", "--eval-batches", "1"]
@@ -334,7 +334,7 @@ def test_cli_errors_name_the_option(runner, tmp_path: Path) -> None:
 
 
 def test_titans_lm_resumes_bit_exactly(tmp_path: Path) -> None:
-    from tests.conftest import SPECS
+    from tests.helpers import SPECS
     from titans_compose.builder import build
 
     def model(seed: int) -> torch.nn.Module:
@@ -386,7 +386,7 @@ def test_concurrent_runs_and_a_kill_in_real_processes(tmp_path: Path) -> None:
     import sys
     import time
 
-    from tests.conftest import ROOT, SPECS
+    from tests.helpers import ROOT, SPECS
 
     sets = [arg for item in NARROW for arg in ("--set", item)]
     base = [sys.executable, "-m", "titans_compose.cli.main", "train", str(SPECS / "titans_mac_small.yaml")]

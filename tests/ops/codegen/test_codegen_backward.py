@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from tests.test_memory_core import make_cfg
+from tests.helpers import make_cfg
 from titans_compose.ops.memory.codegen import backward, tiling
 from titans_compose.ops.memory.codegen.emit import TiledGenerator, WholeGenerator
 from titans_compose.ops.memory.codegen.emit_tiled import PHASES

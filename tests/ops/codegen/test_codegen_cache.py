@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 from titans_compose.cli.main import cli
 from titans_compose.ops.memory.codegen import cache
 from titans_compose.ops.memory.codegen.key import KernelKey
@@ -92,7 +92,7 @@ LOAD_SCRIPT = """
     import json, os, sys, time
     from pathlib import Path
     from titans_compose.ops.memory.codegen.cache import load
-    from tests.test_codegen_cache import make_key, tiny_source
+    from tests.ops.codegen.test_codegen_cache import make_key, tiny_source
 
     mode, barrier, count = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
 
@@ -161,7 +161,7 @@ def test_a_crash_mid_write_leaves_no_source(cache_in, tmp_path):
         import os
         from titans_compose import io
         from titans_compose.ops.memory.codegen.cache import load
-        from tests.test_codegen_cache import make_key, tiny_source
+        from tests.ops.codegen.test_codegen_cache import make_key, tiny_source
 
         io.os.fsync = lambda fd: os._exit(7)  # die with the data written but not yet renamed into place
         load(make_key(), tiny_source)

@@ -19,8 +19,8 @@ hidden width 40 (two full tiles and a partial one), the tile forced by the ``til
 widths whole matrices would fit).
 
 The golden sources are ``tests/golden/kernel_d2_silu_l2.txt`` and ``kernel_d2_tiled_silu_l2.txt``; after an
-intended generator change, regenerate them with ``REGENERATE_GOLDEN=1 pytest tests/test_codegen_kernels.py -k golden``
-and review the diff.
+intended generator change, regenerate them with
+``REGENERATE_GOLDEN=1 pytest tests/ops/codegen/test_codegen_kernels.py -k golden`` and review the diff.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ import pytest
 import torch
 
 from tests.grids import fast_subset
-from tests.test_memory_core import make_cfg, make_inputs, rel
+from tests.helpers import GOLDEN as GOLDEN_DIR
+from tests.helpers import ROOT, make_cfg, make_inputs, rel
 from titans_compose.ops.memory.chunked import chunked_memory
 from titans_compose.ops.memory.codegen import cache, emit, runtime, tiling
 from titans_compose.ops.memory.codegen.key import kernel_key
@@ -46,8 +47,8 @@ from titans_compose.registry.rules import Activation
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-GOLDEN = Path(__file__).parent / "golden" / "kernel_d2_silu_l2.txt"
-GOLDEN_TILED = Path(__file__).parent / "golden" / "kernel_d2_tiled_silu_l2.txt"
+GOLDEN = GOLDEN_DIR / "kernel_d2_silu_l2.txt"
+GOLDEN_TILED = GOLDEN_DIR / "kernel_d2_tiled_silu_l2.txt"
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")  # CPU: the kernels run in Triton's interpreter
 TOL = 1e-4
@@ -313,7 +314,7 @@ def test_kernels_compile_for_an_h100(tmp_path):
     (a cached cubin would skip the compile)."""
     script = """
 import json, pytest
-from tests.test_codegen_kernels import config, force_tiles
+from tests.ops.codegen.test_codegen_kernels import config, force_tiles
 from titans_compose.ops.memory.codegen import cache, emit, tiling
 from titans_compose.ops.memory.codegen.key import kernel_key
 force_tiles(pytest.MonkeyPatch())
@@ -329,9 +330,7 @@ print(json.dumps(shared))
 """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update({cache.ENV_VAR: str(tmp_path / "kernels"), "TRITON_CACHE_DIR": str(tmp_path / "triton")})
-    done = subprocess.run(
-        [sys.executable, "-c", script], cwd=Path(__file__).parent.parent, env=env, capture_output=True, text=True
-    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     shared = json.loads(done.stdout.strip().splitlines()[-1])
     if isinstance(shared, str):
@@ -446,7 +445,7 @@ def test_interpreter_switched_on_after_importing_triton(tmp_path):
 import os, dataclasses
 import triton  # built for the GPU: TRITON_INTERPRET is not set yet
 import torch
-from tests.test_memory_core import make_cfg, make_inputs
+from tests.helpers import make_cfg, make_inputs
 from titans_compose.ops.memory.codegen import runtime
 from titans_compose.ops.memory.chunked import chunked_memory
 from titans_compose.ops.memory.state import MemoryState
@@ -461,7 +460,5 @@ assert (y - y_ref).abs().max() < 1e-4, (y - y_ref).abs().max()
 """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["OMP_NUM_THREADS"] = "1"
-    done = subprocess.run(
-        [sys.executable, "-c", script], cwd=Path(__file__).parent.parent, env=env, capture_output=True, text=True
-    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tests.test_memory_core import make_cfg
+from tests.helpers import make_cfg
 from titans_compose.ops.memory.codegen.key import GENERATOR_VERSION, kernel_key
 
 
