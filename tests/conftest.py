@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import atexit
-import importlib.util
 import os
 import shutil
 import tempfile
-from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-SPECS = ROOT / "specs"
+from tests.helpers import ROOT, SPECS, load_benchmark, shipped_specs
+
+__all__ = ["ROOT", "SPECS", "load_benchmark", "shipped_specs"]  # helpers' names, still importable from here
 
 # Tests see only the built-ins unless a test installs a plug-in itself.
 os.environ.setdefault("TITANS_COMPOSE_NO_ENTRY_POINTS", "1")
@@ -28,21 +26,6 @@ if not torch.cuda.is_available():
 if "TITANS_COMPOSE_CACHE" not in os.environ:
     os.environ["TITANS_COMPOSE_CACHE"] = tempfile.mkdtemp(prefix="titans-compose-test-kernels-")
     atexit.register(shutil.rmtree, os.environ["TITANS_COMPOSE_CACHE"], True)
-
-
-def shipped_specs() -> list[Path]:
-    """Every spec file shipped in specs/ (recursively; specs/sweeps/ holds sweep files, not specs)."""
-    return sorted(p for p in SPECS.rglob("*.yaml") if p.relative_to(SPECS).parts[0] != "sweeps")
-
-
-def load_benchmark(script: str, name: str) -> ModuleType:
-    """A script of benchmarks/ as a module; its sibling ``record`` is found the way running the script finds it."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.syspath_prepend(str(ROOT / "benchmarks"))
-        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / script)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

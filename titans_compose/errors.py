@@ -52,6 +52,7 @@ CODES: dict[str, str] = {
     "TC501": "plug-in failed to load",
     "TC502": "duplicate registered name",
     "TC503": "unknown registry kind",
+    "TC504": "a rule's Triton expression disagrees with its torch form",
     # warnings (TCW)
     "TCW01": "setting has no effect",
     "TCW02": "setting is likely to hurt training",

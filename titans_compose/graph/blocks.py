@@ -464,3 +464,11 @@ BLOCK_KINDS: dict[str, tuple[BlockKind, str]] = {
         "attention only (sliding window by default): the baseline without long-term memory",
     ),
 }
+
+
+def register_block_kinds(registry: Registry) -> None:
+    """Add the built-in block kinds to ``registry``. The registry calls it by name (``BUILTIN_PROVIDERS`` in
+    :mod:`titans_compose.registry.builtins`), so that the block kinds register themselves and the registry layer
+    does not import the graph layer."""
+    for name, (kind, doc) in BLOCK_KINDS.items():
+        registry.register("block", name, kind, description=doc)

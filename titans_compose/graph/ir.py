@@ -5,21 +5,84 @@ Every node has ``op`` (one of :data:`OPS`), ``params`` (sizes and options it was
 Edges carry the input ``port`` they feed and ``recurrent=True`` for the memory state's carry from one chunk to the
 next; every check that needs a DAG ignores recurrent edges.
 
-Shapes are tuples of ints and symbols: ``"B"`` (batch), ``"T"`` (sequence) and ``"T+4"`` (a sequence with a
-4-token prefix). The memory state's shape is a dict from weight name to shape.
+Shapes are tuples of dimensions: ints, and :class:`SymDim` symbols such as ``B`` (batch), ``T`` (sequence) and
+``T+4`` (a sequence with a 4-token prefix), which do their own arithmetic and print as written here. The memory
+state's shape is a dict from weight name to shape.
 """
 
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import networkx as nx
 
 from titans_compose.errors import Location
 
-Dim = int | str
+
+@dataclass(frozen=True)
+class SymDim:
+    """A symbolic dimension: ``name`` plus a non-negative ``offset`` of tokens (``T+4`` is ``SymDim("T", 4)``).
+
+    Adding or subtracting an int moves the offset; an offset below zero is a :class:`ShapeError` (more tokens
+    removed than the sequence was given). It prints, and compares equal to, its text (``"T+4"``), so shapes
+    written as strings before it existed still compare equal.
+    """
+
+    name: str
+    offset: int = 0
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Za-z_]\w*", self.name):
+            raise ValueError(f"a symbolic dimension's name must be an identifier, got {self.name!r}")
+        if self.offset < 0:
+            raise ShapeError(f"sequence dimension {self.name} is shorter than the {-self.offset} tokens removed")
+
+    @classmethod
+    def parse(cls, text: str) -> SymDim:
+        """``"T+4"`` -> ``SymDim("T", 4)``."""
+        m = re.fullmatch(r"([A-Za-z_]\w*)(?:\+(\d+))?", text)
+        if m is None:
+            raise ShapeError(f"{text!r} is not a symbolic dimension (NAME or NAME+N)")
+        return cls(m.group(1), int(m.group(2) or 0))
+
+    def __add__(self, delta: int) -> SymDim:
+        if not isinstance(delta, int):
+            return NotImplemented
+        if self.offset + delta < 0:
+            raise ShapeError(f"sequence dimension {self} is shorter than the {-delta} tokens removed")
+        return SymDim(self.name, self.offset + delta)
+
+    def __sub__(self, delta: int) -> SymDim:
+        if not isinstance(delta, int):
+            return NotImplemented
+        return self + (-delta)
+
+    def __str__(self) -> str:
+        return f"{self.name}+{self.offset}" if self.offset else self.name
+
+    def __repr__(self) -> str:
+        return f"SymDim({self.name!r}, {self.offset})" if self.offset else f"SymDim({self.name!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, SymDim):
+            return (self.name, self.offset) == (other.name, other.offset)
+        if isinstance(other, str):
+            return str(self) == other
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(str(self))  # equal to its text, so it hashes like it
+
+
+#: the batch and sequence symbols of every model's shapes.
+BATCH = SymDim("B")
+SEQ = SymDim("T")
+
+Dim = int | SymDim
 Shape = tuple[Dim, ...]
 
 OPS: dict[str, str] = {
@@ -55,17 +118,10 @@ class ShapeError(Exception):
     """Raised by a shape rule; the shape inference pass reports it at the node's spec location."""
 
 
-def seq_offset(dim: Dim, delta: int) -> Dim:
-    """``T`` + 4 -> ``T+4``; ``T+4`` - 4 -> ``T``; ints add."""
-    if isinstance(dim, int):
-        return dim + delta
-    m = re.fullmatch(r"([A-Za-z_]\w*)(?:\+(\d+))?", dim)
-    if m is None:
-        raise ShapeError(f"cannot offset sequence dimension {dim!r}")
-    total = int(m.group(2) or 0) + delta
-    if total < 0:
-        raise ShapeError(f"sequence dimension {dim} is shorter than the {-delta} tokens removed")
-    return m.group(1) if total == 0 else f"{m.group(1)}+{total}"
+def seq_offset(dim: Dim | str, delta: int) -> Dim:
+    """Deprecated: write ``dim + delta`` (a :class:`SymDim` or an int). A string is parsed as before."""
+    warnings.warn("seq_offset is deprecated: shapes hold SymDim, write dim + delta", DeprecationWarning, stacklevel=2)
+    return (SymDim.parse(dim) if isinstance(dim, str) else dim) + delta
 
 
 def fmt_shape(shape: Any) -> str:
@@ -161,7 +217,7 @@ def _same(a: Shape, b: Shape, what: str) -> Shape:
 
 
 def _infer_input(p: dict, i: dict) -> Shape:
-    return ("B", "T")
+    return (BATCH, SEQ)
 
 
 def _infer_embed(p: dict, i: dict) -> Shape:
@@ -180,12 +236,12 @@ def _infer_concat(p: dict, i: dict) -> Shape:
     if len(prefix) != 2 or len(x) != 3:
         raise ShapeError(f"concat needs a [N, D] prefix and a [B, T, D] input, got {fmt_shape(prefix)}, {fmt_shape(x)}")
     _features(x, prefix[-1], "the sequence")
-    return (x[0], seq_offset(x[1], prefix[0]), x[2])
+    return (x[0], x[1] + prefix[0], x[2])
 
 
 def _infer_slice(p: dict, i: dict) -> Shape:
     (x,) = _need(i, "x")
-    return (x[0], seq_offset(x[1], -p["drop_prefix"]), *x[2:])
+    return (x[0], x[1] - p["drop_prefix"], *x[2:])
 
 
 def _infer_features_in_out(p: dict, i: dict) -> Shape:
@@ -209,10 +265,10 @@ def _infer_memory_gates(p: dict, i: dict) -> Shape:
 def _infer_memory_state(p: dict, i: dict) -> dict[str, Shape]:
     shapes: dict[str, Shape] = {}
     for n, (out_f, in_f) in enumerate(p["layers"], start=1):
-        shapes[f"W{n}"] = ("B", p["heads"], out_f, in_f)
+        shapes[f"W{n}"] = (BATCH, p["heads"], out_f, in_f)
     if p["momentum"]:
         for n, (out_f, in_f) in enumerate(p["layers"], start=1):
-            shapes[f"S{n}"] = ("B", p["heads"], out_f, in_f)
+            shapes[f"S{n}"] = (BATCH, p["heads"], out_f, in_f)
     return shapes
 
 

@@ -3,8 +3,10 @@
 
 Entries are registered explicitly (built-ins in :mod:`titans_compose.registry.builtins`, plug-ins through their
 ``register(registry)`` function). A name may be registered once per kind; a clash is an error, never a silent
-override. Each entry may carry a pydantic ``params`` model: its fields become the entry's spec options, appear in
-the JSON schema and in ``titans-compose ls``.
+override. An activation's or loss's Triton expressions are checked against its torch forms as it is registered
+(:mod:`titans_compose.registry.expressions`; deferred to its first lookup while torch is not imported). Each entry
+may carry a pydantic ``params`` model: its fields become the entry's spec options, appear in the JSON schema and in
+``titans-compose ls``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from titans_compose.errors import Diagnostic, SpecError, did_you_mean
+from titans_compose.registry import expressions
 
 KINDS: dict[str, str] = {
     "memory": "neural memory models (the network trained at test time)",
@@ -67,6 +70,7 @@ class Registry:
         self._source = "builtin"
         self.version = 0
         self.cache: dict[str, tuple[int, Any]] = {}
+        self._unchecked: set[tuple[str, str]] = set()  # rules whose Triton expressions await torch
 
     def register(
         self,
@@ -77,7 +81,8 @@ class Registry:
         params: type[RuleParams] | None = None,
         description: str = "",
     ) -> Entry:
-        """Add ``name`` under ``kind``. Raises :class:`SpecError` (TC503/TC502) for an unknown kind or a clash."""
+        """Add ``name`` under ``kind``. Raises :class:`SpecError` (TC503/TC502) for an unknown kind or a clash, and
+        (TC504) for an activation or loss whose Triton expressions disagree with its torch forms."""
         if kind not in self._entries:
             raise SpecError([Diagnostic("TC503", f"unknown registry kind '{kind}'", hint=did_you_mean(kind, KINDS))])
         if not isinstance(name, str) or not name.isidentifier():
@@ -97,15 +102,21 @@ class Registry:
             )
         if params is not None and not (isinstance(params, type) and issubclass(params, RuleParams)):
             raise SpecError([Diagnostic("TC502", f"params of {kind} '{name}' must subclass titans_compose.RuleParams")])
+        deferred = kind in expressions.FIELDS and not expressions.torch_ready()
+        if kind in expressions.FIELDS and not deferred:
+            expressions.check(kind, name, obj, params)
         entry = Entry(kind, name, obj, params, description, self._source)
         self._entries[kind][name] = entry
+        if deferred:
+            self._unchecked.add((kind, name))
         self.version += 1
         return entry
 
     def get(self, kind: str, name: str) -> Entry:
-        """The entry, or a :class:`SpecError` (TC205) with a did-you-mean hint."""
+        """The entry, or a :class:`SpecError` (TC205) with a did-you-mean hint; TC504 for a rule registered before
+        torch was imported whose Triton expressions disagree with its torch forms."""
         try:
-            return self._entries[kind][name]
+            entry = self._entries[kind][name]
         except KeyError:
             if kind not in self._entries:
                 raise SpecError([Diagnostic("TC503", f"unknown registry kind '{kind}'")]) from None
@@ -118,6 +129,10 @@ class Registry:
                     )
                 ]
             ) from None
+        if (kind, name) in self._unchecked and expressions.torch_ready():
+            expressions.check(kind, name, entry.obj, entry.params)
+            self._unchecked.discard((kind, name))
+        return entry
 
     def names(self, kind: str) -> list[str]:
         return list(self._entries[kind])
@@ -130,12 +145,14 @@ class Registry:
     def transaction(self, source: str) -> Iterator[None]:
         """Attribute registrations to ``source``; if the block raises, undo every registration it made."""
         saved = {kind: dict(entries) for kind, entries in self._entries.items()}
+        saved_unchecked = set(self._unchecked)
         saved_version, saved_source = self.version, self._source
         self._source = source
         try:
             yield
         except BaseException:
             self._entries = saved
+            self._unchecked = saved_unchecked
             self.version = saved_version + 1
             raise
         finally:

@@ -15,7 +15,9 @@ the loss's parameters as ``str.format`` fields (``{p}``, ``{delta}``), substitut
 kernel key.
 Available names: ``tl`` (triton.language), core builtins only (tl.exp, tl.log, tl.where, tl.abs, tl.maximum,
 tl.math.erf, ...; not the ``@triton.jit`` helpers of triton.language.standard such as tl.sigmoid, which cannot run
-under the CPU interpreter in every process). A rule without them runs on the PyTorch paths only.
+under the CPU interpreter in every process). A rule without them runs on the PyTorch paths only. Registering a rule
+evaluates its expressions against its torch forms on a grid (:mod:`titans_compose.registry.expressions`) and refuses
+a rule whose two forms disagree.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any
 from pydantic import Field
 
 from titans_compose.registry.core import RuleParams
+from titans_compose.registry.slopes import elementwise_slope  # importable from here as before
 
 Fn = Callable[..., Any]
 
@@ -89,17 +92,6 @@ class Activation:
         with torch.enable_grad():
             z = x.detach().requires_grad_()
             return elementwise_slope(self.backward(m, z), z)
-
-
-def elementwise_slope(values: Any, x: Any) -> Any:
-    """d values / d x by autograd, for ``values`` an elementwise function of ``x`` (which requires grad); 0 where
-    ``values`` has no graph in ``x`` (a piecewise-constant derivative, as ReLU's or l1's)."""
-    import torch  # deferred, as above
-
-    if not values.requires_grad:
-        return torch.zeros_like(x)
-    (slope,) = torch.autograd.grad(values.sum(), x, allow_unused=True)
-    return torch.zeros_like(x) if slope is None else slope
 
 
 @dataclass(frozen=True)

@@ -18,15 +18,30 @@ retrieval's, the fold's and the error recursion's), storing the tiles' state gra
 d loss / d z_0 (a [b, H] scratch row per program) while summing the D- and b-wide gradients, d_1's among them; and,
 once d_1's gradient is complete, pass 4 adds what flows back through the output error (d loss / d z_1) to the stored
 tiles. Stores and later loads of the same tiles by the same program are separated by a barrier.
+
+The backward's steps are those of :mod:`~titans_compose.ops.memory.codegen.backward`, rendered in the phases of
+:data:`PHASES`: a step's ``<step>_backward_head`` part before pass 3, its ``_tile`` part in pass 3, its
+undecorated part after pass 3 (the D- and b-wide terms, the gate tables' reverse among them), its ``_output`` part
+in pass 4, and the ``_end`` part last.
 """
 
 from __future__ import annotations
 
-from titans_compose.ops.memory.codegen.emit import _Code, _Generator
+from titans_compose.ops.memory.codegen.backward import Phase, fold_terms, render_backward
+from titans_compose.ops.memory.codegen.base import Code, Generator
 from titans_compose.ops.memory.codegen.key import KernelKey
 
+#: the tiled backward's phases, in order (see the module docstring).
+PHASES = (
+    Phase("_head", "before the tiles: the layer-1 read's reverse and pass 3's accumulators"),
+    Phase("_tile", "pass 3: the reverse of every per-tile term"),
+    Phase("", "after pass 3: the D- and b-wide terms"),
+    Phase("_output", "pass 4: what flows back through the output error (and the clip)"),
+    Phase("_end", "the input gradients' stores"),
+)
 
-class TiledGenerator(_Generator):
+
+class TiledGenerator(Generator):
     """Triton source for a depth-2 key with ``hidden_tile`` set (see the module docstring)."""
 
     def __init__(self, key: KernelKey) -> None:
@@ -34,7 +49,7 @@ class TiledGenerator(_Generator):
             raise ValueError("the tiled generator takes depth-2 keys with a hidden tile")
         super().__init__(key)
 
-    def extra_constants(self, code: _Code) -> None:
+    def extra_constants(self, code: Code) -> None:
         code(f"HT = tl.constexpr({self.key.hidden_tile})  # hidden columns per tile")
 
     # ------------------------------------------------------------------ tiles
@@ -49,13 +64,13 @@ class TiledGenerator(_Generator):
             return f"{rows or 'nh'}, D0, D0, HT, B0"
         return f"{rows or 'D0'}, nh, D1, B0, HT"
 
-    def load_tile(self, code: _Code, name: str, layer: int, which: str = "W", base: str = "state") -> None:
+    def load_tile(self, code: Code, name: str, layer: int, which: str = "W", base: str = "state") -> None:
         code(f"{name} = _load_tile({self.tile_ptr(layer, which, base)}, {self.tile_args(layer)})")
 
-    def store_tile(self, code: _Code, value: str, layer: int, which: str, base: str, rows: str | None = None) -> None:
+    def store_tile(self, code: Code, value: str, layer: int, which: str, base: str, rows: str | None = None) -> None:
         code(f"_store_tile({self.tile_ptr(layer, which, base)}, {value}, {self.tile_args(layer, rows)})")
 
-    def tile_loop(self, code: _Code, what: str) -> None:
+    def tile_loop(self, code: Code, what: str) -> None:
         code(
             f"for hb in range(0, D1, HT):  # {what}",
             "    nh = D1 - hb  # columns of this tile within the hidden width (masks the last, partial tile)",
@@ -63,11 +78,11 @@ class TiledGenerator(_Generator):
         )
         code.indent += 1
 
-    def zeros(self, code: _Code, name: str, shape: str) -> None:
+    def zeros(self, code: Code, name: str, shape: str) -> None:
         code(f"{name} = tl.full({shape}, 0.0, tl.float32)")
         code.defined.add(name)
 
-    def tile_key_path(self, code: _Code, momentum: bool, errors: bool = True) -> None:
+    def tile_key_path(self, code: Code, momentum: bool, errors: bool = True) -> None:
         """This tile's weights, z_0 and a_1 (and m_0, d_0 once d_1 is known)."""
         for layer in (0, 1):
             self.load_tile(code, f"w{layer}", layer)
@@ -77,7 +92,7 @@ class TiledGenerator(_Generator):
         if errors:
             code("m0 = _dot(d1, w1)", "d0 = m0 * _act_grad(z0)")
 
-    def key_path(self, code: _Code) -> None:
+    def key_path(self, code: Code) -> None:
         code("# key path: z1 summed over the hidden tiles, then the output error and d1")
         clip = self.key.grad_clip is not None
         self.zeros(code, "z1", "[BT, B0]")
@@ -98,11 +113,11 @@ class TiledGenerator(_Generator):
             code.indent -= 1
             code("an0 = _sum(k * k, axis=1)", "dn1 = _sum(d1 * d1, axis=1)")
 
-    def clip_norms(self, code: _Code) -> str:
+    def clip_norms(self, code: Code) -> str:
         """The norms :meth:`key_path` summed over the tiles."""
         return "an0 * dn0 + an1 * dn1"
 
-    def read_tiles(self, code: _Code, sums: bool = True) -> None:
+    def read_tiles(self, code: Code, sums: bool = True) -> None:
         """Pass 2's per-tile work: the tile's key path and errors, the query's layer-0 read and hidden rows, and
         (``sums``) their sums into the layer-1 read."""
         self.tile_key_path(code, momentum=self.mom)
@@ -123,7 +138,7 @@ class TiledGenerator(_Generator):
             if self.mom:
                 code("hs1 = hs1 + _dot(h1, tl.trans(s1))")
 
-    def read_prologue(self, code: _Code) -> None:
+    def read_prologue(self, code: Code) -> None:
         """Before pass 2: the layer-0 key products and the layer-1 sums' accumulators."""
         if self.per_chunk:
             code("# per-chunk retrieval: every query reads the chunk-start weights")
@@ -136,7 +151,7 @@ class TiledGenerator(_Generator):
         if self.mom:
             self.zeros(code, "hs1", "[BT, B0]")
 
-    def read_epilogue(self, code: _Code) -> str:
+    def read_epilogue(self, code: Code) -> str:
         """After pass 2: the layer-1 read; returns the expression of y."""
         if not self.per_chunk:
             code("zq1 = hq1 * A[:, None]" if self.fgt else "zq1 = hq1")
@@ -146,7 +161,7 @@ class TiledGenerator(_Generator):
         return self.finish(code, "zq1", "q")
 
     # ------------------------------------------------------------------ forward
-    def forward_kernel(self, code: _Code) -> None:
+    def forward_kernel(self, code: Code) -> None:
         self.forward_header(code)
         self.load_inputs(code)
         self.key_path(code)
@@ -172,7 +187,7 @@ class TiledGenerator(_Generator):
         code.indent -= 2
 
     # ------------------------------------------------------------------ backward
-    def backward_kernel(self, code: _Code) -> None:
+    def backward_kernel(self, code: Code) -> None:
         self.backward_header(code, "scratch [N, BT, D1] holds a row's d loss / d z0 between passes 3 and 4.")
         self.load_inputs(code)
         code.defined = set()
@@ -185,21 +200,28 @@ class TiledGenerator(_Generator):
         code.indent -= 1
         self.read_epilogue(code)
         code("gy = _load_rows(gy_ptr + seq + t0 * D0, n_tok, D0, BT, B0)")
-        self.read1_backward(code)
-        self.backward_accumulators(code)
-        code(
-            "gin = gstates_ptr + (row * 2 + (chunk + 1) % 2) * STATE_SIZE",
-            "gout = gstates_ptr + (row * 2 + chunk % 2) * STATE_SIZE",
-        )
-        self.tile_loop(code, "pass 3: the reverse of every per-tile term")
-        self.read_tiles(code, sums=False)
-        self.tile_backward(code)
-        code.indent -= 1
-        self.after_tiles_backward(code)
-        code("tl.debug_barrier()  # pass 4 reads what pass 3 stored")
-        self.tile_loop(code, "pass 4: what flows back through the output error (and the clip)")
+        render_backward(self, code, PHASES)
+        code("tl.debug_barrier()")
+        code.indent -= 2
+
+    def begin_phase(self, code: Code, phase: Phase) -> None:
+        """Opens the tile loop of pass 3 and 4, recomputing what the tile's reverse needs."""
+        if phase.suffix == "_tile":
+            self.tile_loop(code, phase.what)
+            self.read_tiles(code, sums=False)
+        elif phase.suffix == "_output":
+            code("tl.debug_barrier()  # pass 4 reads what pass 3 stored")
+            self.tile_loop(code, phase.what)
+            self.tile_key_path(code, momentum=False, errors=self.key.grad_clip is not None)
+
+    def end_phase(self, code: Code, phase: Phase) -> None:
+        if phase.suffix in ("_tile", "_output"):
+            code.indent -= 1
+
+    def key_path_backward_output(self, code: Code) -> None:
+        """Pass 4: the key path's reverse on this tile, from the complete d loss / d z1 (with the clip's share of
+        gd0 and ga1), added to the tile's stored state gradient."""
         clip = self.key.grad_clip is not None
-        self.tile_key_path(code, momentum=False, errors=clip)
         code("ga1 = _dot(gz1, w1)")
         gw1 = "_dot(tl.trans(gz1), a1)"
         if clip:
@@ -216,13 +238,11 @@ class TiledGenerator(_Generator):
             code(f"gw{layer} = _load_tile({self.tile_ptr(layer, 'W', 'gout')}, {self.tile_args(layer)}) + {term}")
             self.store_tile(code, f"gw{layer}", layer, "W", "gout")
         code("ga0 = ga0 + _dot(gz0, w0)")
-        code.indent -= 1
-        self.gate_backward(code)
-        self.store_input_gradients(code)
-        code("tl.debug_barrier()")
-        code.indent -= 2
 
-    def read1_backward(self, code: _Code) -> None:
+    def stores_backward_end(self, code: Code) -> None:
+        self.store_input_gradients(code)
+
+    def retrieval_backward_head(self, code: Code) -> None:
         """The reverse of the layer-1 read as far as it needs no tile: d loss / d zq1 and the b x b terms."""
         code("# reverse of the layer-1 read")
         code("gzq1 = _layer_norm_backward(gy, qx, qrstd, cols0, D0)" if self.key.output_norm else "gzq1 = gy")
@@ -249,8 +269,9 @@ class TiledGenerator(_Generator):
         code.defined.update({"gd1", "gC"})
         self.zeros(code, "gck0", "[BT, BT]")
 
-    def backward_accumulators(self, code: _Code) -> None:
-        """The sums pass 3 adds to: the D- and b-wide gradients and the fold's scalars."""
+    def fold_backward_head(self, code: Code) -> None:
+        """The sums pass 3 adds to (the D- and b-wide gradients and the fold's scalars), and where the state
+        gradients are read and written."""
         self.zeros(code, "ga0", "[BT, B0]")
         self.zeros(code, "gc", "[BT]")
         self.zeros(code, "pw1", "[BT, B0]")
@@ -265,9 +286,13 @@ class TiledGenerator(_Generator):
             self.zeros(code, "ps1", "[BT, B0]")
         if self.key.grad_clip is not None:
             self.zeros(code, "uc", "[BT, B0]")
+        code(
+            "gin = gstates_ptr + (row * 2 + (chunk + 1) % 2) * STATE_SIZE",
+            "gout = gstates_ptr + (row * 2 + chunk % 2) * STATE_SIZE",
+        )
 
-    def tile_backward(self, code: _Code) -> None:
-        """Pass 3's per-tile reverse: the reads, the fold and the error recursion of one hidden tile."""
+    def retrieval_backward_tile(self, code: Code) -> None:
+        """Pass 3: the reverse of both layers' reads on this tile."""
         code("# reverse of the layer-1 read on this tile")
         for name in ("gw0", "gw1", "gs0", "gs1", "gd0", "ga1"):  # this tile's gradients start afresh
             code.defined.discard(name)
@@ -300,9 +325,10 @@ class TiledGenerator(_Generator):
                 code("gq = gq + _dot(ghs0, s0)")
             code("gck0 = gck0 - _dot(gzq0, tl.trans(d0))")
             code.acc("gd0", "_dot(tl.trans(ck0), gzq0)", "-")
+
+    def fold_backward_tile(self, code: Code) -> None:
+        """Pass 3: the reverse of the fold on this tile; layer 1's b x D products are summed for after the tiles."""
         code("# reverse of the fold (the identity for a partial chunk)")
-        # (state gradient tile, its token coefficients, their gradient, layer 1's b x D product) per matrix kind
-        kinds = (("gnw", "c", "gc", "pw1"), ("gns", "e", "ge", "ps1"))[: 1 + self.mom]
         for layer in (0, 1):
             self.load_tile(code, "gnw", layer, "W", "gin")
             code.acc(f"gw{layer}", "keep_eff * gnw" if self.fgt else "gnw")
@@ -312,14 +338,20 @@ class TiledGenerator(_Generator):
                 self.load_tile(code, "gns", layer, "S", "gin")
                 code.acc(f"gs{layer}", "carry_eff * gnw + decay_eff * gns")
                 code(f"gcarry = gcarry + _sum2(s{layer} * gnw)", f"gdecay = gdecay + _sum2(s{layer} * gns)")
-            for g, coef, gcoef, product in kinds:
+            for term in fold_terms(self.mom):
+                g, coef = term.incoming, term.coef
                 if layer == 0:
                     code(f"p = _dot(k, tl.trans({g}))")
                     code.acc("gd0", f"{coef}[:, None] * p", "-")
-                    code(f"{gcoef} = {gcoef} - _sum(d0 * p, axis=1)", f"ga0 = ga0 - _dot(d0 * {coef}[:, None], {g})")
+                    code.acc(term.grad_coef, "_sum(d0 * p, axis=1)", "-")
+                    code.acc("ga0", f"_dot(d0 * {coef}[:, None], {g})", "-")
                 else:
-                    code(f"{product} = {product} + _dot(a1, tl.trans({g}))")
+                    code.acc(f"{term.product}1", f"_dot(a1, tl.trans({g}))")
                     code.acc("ga1", f"_dot(d1 * {coef}[:, None], {g})", "-")
+
+    def key_path_backward_tile(self, code: Code) -> None:
+        """Pass 3: the reverse of the error recursion on this tile; the hidden part of d loss / d z0 goes to the
+        scratch row for pass 4."""
         code("# reverse of the error recursion d0 = (d1 W1) * act'(z0)")
         code(
             "gm = gd0 * _act_grad(z0)",
@@ -330,14 +362,16 @@ class TiledGenerator(_Generator):
         )
         if self.key.grad_clip is not None:
             code("uc = uc + _dot(d0 * _act_grad(z0), tl.trans(w1))  # what a clip term ~ d0 gives gd1, per unit")
+
+    def stores_backward_tile(self, code: Code) -> None:
+        """Pass 3: this tile's state gradients (pass 4 adds the key path's share)."""
         for layer in (0, 1):
             self.store_tile(code, f"gw{layer}", layer, "W", "gout")
             if self.mom:
                 self.store_tile(code, f"gs{layer}", layer, "S", "gout")
 
-    def after_tiles_backward(self, code: _Code) -> None:
-        """Between passes 3 and 4: the b x b layer-0 terms, the fold's d1 terms, then d1's complete gradient through
-        the output error."""
+    def retrieval_backward(self, code: Code) -> None:
+        """After pass 3: the b x b layer-0 terms of the read's reverse."""
         if not self.per_chunk:
             code(
                 "gC = gC + gck0 * kk0",
@@ -345,15 +379,27 @@ class TiledGenerator(_Generator):
                 "gq = gq + _dot(gkk0, k)",
                 "ga0 = ga0 + _dot(tl.trans(gkk0), q)",
             )
-        code("gd1 = gd1 - c[:, None] * pw1", "gc = gc - _sum(d1 * pw1, axis=1)")
-        if self.mom:
-            code("gd1 = gd1 - e[:, None] * ps1", "ge = ge - _sum(d1 * ps1, axis=1)")
-        self.theta_backward(code)
-        if self.key.grad_clip is not None:
-            self.clip_factor_backward(code)
+
+    def fold_backward(self, code: Code) -> None:
+        """After pass 3: the fold's d1 terms from layer 1's products summed over the tiles."""
+        for term in fold_terms(self.mom):
             code(
-                "# the clip's shares of gd1 and ga0 (those of gd0 and ga1 are added per tile in pass 4)",
-                "gd1 = gd1 + (ccoef * an1)[:, None] * d1 + (ccoef * an0)[:, None] * uc",
-                "ga0 = ga0 + (ccoef * dn0)[:, None] * k",
+                f"gd1 = gd1 - {term.coef}[:, None] * {term.product}1",
+                f"{term.grad_coef} = {term.grad_coef} - _sum(d1 * {term.product}1, axis=1)",
             )
+
+    def clip_backward(self, code: Code) -> None:
+        """After pass 3: d loss / d theta_raw and the clip's shares of gd1 and ga0 (those of gd0 and ga1 are added
+        per tile in pass 4)."""
+        if self.key.grad_clip is None:
+            return
+        self.clip_factor_backward(code)
+        code(
+            "# the clip's shares of gd1 and ga0 (those of gd0 and ga1 are added per tile in pass 4)",
+            "gd1 = gd1 + (ccoef * an1)[:, None] * d1 + (ccoef * an0)[:, None] * uc",
+            "ga0 = ga0 + (ccoef * dn0)[:, None] * k",
+        )
+
+    def key_path_backward(self, code: Code) -> None:
+        """After pass 3, d1's gradient complete: its reverse through the output error, d loss / d z1."""
         self.output_error_backward(code)

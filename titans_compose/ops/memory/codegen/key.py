@@ -16,7 +16,7 @@ from titans_compose.ops.memory.codegen import tiling
 from titans_compose.ops.memory.config import MemoryConfig, MemoryShape
 
 #: Bump whenever the generated source changes for an unchanged key.
-GENERATOR_VERSION = 4
+GENERATOR_VERSION = 5
 
 _DTYPES = ("float32", "float16", "bfloat16")
 
