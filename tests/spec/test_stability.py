@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tests.conftest import SPECS
-from tests.test_memory_core import make_cfg
+from tests.helpers import make_cfg
 from titans_compose.builder import build
 from titans_compose.cli.main import cli
 from titans_compose.ops.memory.finite import MemoryDivergedError
