@@ -67,25 +67,9 @@ class MemoryConfig(MemoryShape):
 
 
 def memory_config(memory: Any, update: Any, registry: Registry) -> MemoryConfig:
-    """Resolve a validated ``memory`` and ``update`` section into a :class:`MemoryConfig`."""
-    model = registry.get("memory", memory.model).obj
-    loss_entry = registry.get("loss", update.loss.name)
-    loss_params = update.loss if loss_entry.params is not None else None
-    return MemoryConfig(
-        layer_shapes=tuple(model.layer_shapes(memory)),
-        activation=registry.get("activation", memory.activation).obj,
-        loss=loss_entry.obj,
-        loss_params=loss_params,
-        residual=memory.residual,
-        output_norm=memory.output_norm,
-        momentum=update.momentum.enabled,
-        forget=update.forget.enabled,
-        chunk_size=memory.chunk_size,
-        retrieval=memory.retrieval,
-        grad_clip=update.grad_clip,
-        retention=registry.get("retention", update.forget.rule.name).obj,
-        optimizer=registry.get("optimizer", update.momentum.rule.name).obj,
-        checkpoint=memory.checkpoint,
-        names=(memory.activation, update.loss.name),
-        gates=(update.lr.gate, update.momentum.gate, update.forget.gate),
-    )
+    """Resolve a validated ``memory`` and ``update`` section into a :class:`MemoryConfig`: the config of the
+    :class:`~titans_compose.ops.memory.op.MemoryOp` of those sections (which writes it)."""
+    from titans_compose.ops.memory.op import MemoryOp  # op.py builds on this module: imported when called
+
+    width = memory.heads * memory.head_dim
+    return MemoryOp.from_sections(width, memory, update, None, registry).config(registry)
