@@ -165,3 +165,19 @@ def test_a_build_written_before_the_memory_op_loads_and_computes_what_it_did():
     assert (logits - torch.tensor(recorded["logits"], dtype=F64)).abs().max() < 1e-12
     assert [node for node, _ in model.memory_layers()] == ["L0.memory", "L1.memory", "L2.memory", "L3.memory"]
     assert "nodes.L0__memory__read_ctx.q_proj.weight" in model.state_dict()
+
+
+def test_a_training_checkpoint_of_the_old_layout_is_refused_not_misread(tmp_path):
+    """An optimizer's state is ordered by the parameters, whose order the old module tree set: resuming a
+    checkpoint of that layout is refused with a clear error instead of pairing moments with other parameters."""
+    from torch import nn
+
+    from titans_compose.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+    old = nn.Module()
+    old.nodes = nn.ModuleDict({"L0__proj_k": nn.Module()})
+    old.nodes["L0__proj_k"].linear = nn.Linear(2, 2, bias=False)
+    save_checkpoint(tmp_path, step=1, model=old, optimizer=torch.optim.AdamW(old.parameters()), state={})
+    model, _, _ = tiny_model(SPECS / "titans_lmm_small.yaml")
+    with pytest.raises(CheckpointError, match="before each memory layer became one module"):
+        load_checkpoint(tmp_path, model=model, optimizer=torch.optim.AdamW(model.parameters()))

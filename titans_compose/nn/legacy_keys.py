@@ -3,13 +3,16 @@
 Until then a memory layer was a set of nodes: ``proj_k``, ``conv_k``, ``memory.gates``, ``memory.state`` and one
 read per use (``proj_q{s}``, ``conv_q{s}``, ``memory.readout_norm{s}``, ``memory.gate_proj{s}``,
 ``memory.out_proj{s}``, with ``s`` empty, ``_out`` or, for MAC's context read, ``_ctx``). Today the layer is the
-node ``memory`` (a NeuralMemory) and MAC's context read the node ``memory.read_ctx``. Builds, exported artifacts
-and checkpoints in the old names load through :func:`rename_legacy_keys`, run before ``load_state_dict``.
+node ``memory`` (a NeuralMemory) and MAC's context read the node ``memory.read_ctx``. Weights in the old names
+(builds, exported artifacts, checkpoints) load through :func:`rename_legacy_keys`, run before ``load_state_dict``.
+An optimizer's state follows the old order of the parameters, which the new module tree does not keep: resuming a
+training checkpoint of the old layout is refused (:func:`has_legacy_keys` tells).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from typing import Any
 
 from torch import Tensor
@@ -41,6 +44,11 @@ def legacy_name(rest: str) -> str | None:
             module = "memory__read_ctx" if match.groupdict().get("read") == "_ctx" else "memory"
             return match.expand(replacement.replace("{read}", module))
     return None
+
+
+def has_legacy_keys(names: Iterable[str]) -> bool:
+    """Whether any of the parameter ``names`` (a TitansLM's, without a prefix) is an old memory name."""
+    return any((m := _LAYER.fullmatch(name)) is not None and legacy_name(m["rest"]) is not None for name in names)
 
 
 def rename_legacy_keys(module: Any, state_dict: dict[str, Tensor], prefix: str, *args: Any) -> None:

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load as load_tensors
 
 from titans_compose.io import atomic_write, temporaries
+from titans_compose.nn.legacy_keys import has_legacy_keys
 
 FORMAT = "titans-compose-checkpoint"
 FORMAT_VERSION = 1
@@ -160,6 +161,11 @@ def load_checkpoint(
     record, tensors = read_checkpoint(directory)
     where = Path(directory) / record["tensors"]["file"]
     weights = {k.removeprefix("model/"): v for k, v in tensors.items() if k.startswith("model/")}
+    if has_legacy_keys(weights):
+        raise CheckpointError(
+            f"{where} was written before each memory layer became one module: its weights would load, but its "
+            "optimizer state is ordered by the old modules and cannot be restored; start a new run"
+        )
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as exc:
