@@ -53,13 +53,9 @@ DRY = {"seqs": [40], "head_dims": [16], "depths": [1, 2], "width": 32, "rows": 2
 # ------------------------------------------------------------------------------------------------ one configuration
 
 
-def spec_block(d: int, depth: int, heads: int, chunk: int, expansion: float = EXPANSION, extra: tuple[str, ...] = ()):
-    """The LMM spec's block at these sizes (``extra``: more spec overrides), with its model section and registry."""
-    from titans_compose.registry import new_registry
-    from titans_compose.spec import load_spec
-
-    overrides = [
-        *extra,
+def size_overrides(d: int, depth: int, heads: int, chunk: int, expansion: float = EXPANSION) -> list[str]:
+    """The LMM spec's overrides for these sizes."""
+    return [
         f"model.dim={heads * d}",
         f"memory.heads={heads}",
         f"memory.head_dim={d}",
@@ -67,8 +63,15 @@ def spec_block(d: int, depth: int, heads: int, chunk: int, expansion: float = EX
         f"memory.expansion={expansion}",
         f"memory.chunk_size={chunk}",
     ]
+
+
+def spec_block(d: int, depth: int, heads: int, chunk: int, expansion: float = EXPANSION, extra: tuple[str, ...] = ()):
+    """The LMM spec's block at these sizes (``extra``: more spec overrides), with its model section and registry."""
+    from titans_compose.registry import new_registry
+    from titans_compose.spec import load_spec
+
     registry = new_registry()
-    loaded = load_spec(SPEC, overrides, registry=registry)
+    loaded = load_spec(SPEC, [*extra, *size_overrides(d, depth, heads, chunk, expansion)], registry=registry)
     return loaded.spec.blocks[0], loaded.spec.model, registry
 
 
@@ -80,15 +83,7 @@ def built_memory_layer(d: int, depth: int, heads: int, chunk: int) -> Any:
     from titans_compose.builder import build
     from titans_compose.ops.memory.dispatch import ENV_VAR
 
-    overrides = [
-        f"model.dim={heads * d}",
-        f"memory.heads={heads}",
-        f"memory.head_dim={d}",
-        f"memory.depth={depth}",
-        f"memory.expansion={EXPANSION}",
-        f"memory.chunk_size={chunk}",
-        "blocks.0.repeat=1",
-    ]
+    overrides = [*size_overrides(d, depth, heads, chunk), "blocks.0.repeat=1"]
     before = os.environ.get(ENV_VAR)
     os.environ[ENV_VAR] = "triton"
     try:
