@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from titans_compose.graph.blocks import memory_op
 from titans_compose.ops.memory import mlp as memory_mlp
 from titans_compose.ops.memory.config import MemoryConfig
 from titans_compose.ops.memory.dispatch import BackendChoice, MemoryBackend
@@ -314,8 +315,6 @@ class NeuralMemory(_MemoryReadout):
     def from_block(cls, block: Any, model: Any, registry: Registry, **kwargs: Any) -> NeuralMemory:
         """The memory of a validated spec block (any kind with memory, update and projections sections), built from
         the op lowering makes of it."""
-        from titans_compose.graph.blocks import memory_op
-
         return cls(memory_op(block, model, registry), registry, **kwargs)
 
     # ------------------------------------------------------------------------------------------------ pieces
