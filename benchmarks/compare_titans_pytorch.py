@@ -1,4 +1,7 @@
-"""Our NeuralMemory against titans-pytorch's, at equal sizes, on the CPU: forward and forward+backward.
+"""Our memory layer against titans-pytorch's NeuralMemory, at equal sizes, on the CPU: forward and forward+backward.
+
+Ours is the memory layer of the model ``titans_compose.build`` makes of the LMM spec at these sizes (a
+``NeuralMemory``, built from its graph node's op), run alone on [batch, T, dim] inputs.
 
 Every configuration runs in a fresh process with 2 threads: one warm-up, then the median of --repeats timed runs,
 tokens per second, and the process's peak RSS. Per grid point, --rounds rounds alternate titans-pytorch and ours, and
@@ -76,9 +79,7 @@ def plot_path(features: str) -> Path:
 def build_ours(chunk: int, retrieval: str, features: str = "paper"):
     import torch
 
-    from titans_compose.nn import NeuralMemory
-    from titans_compose.registry import new_registry
-    from titans_compose.spec import load_spec
+    from titans_compose.builder import build
 
     overrides = [
         f"model.dim={DIM}",
@@ -91,11 +92,11 @@ def build_ours(chunk: int, retrieval: str, features: str = "paper"):
         "memory.activation=gelu",
         "memory.residual=true",
         "memory.output_norm=true",
+        "blocks.0.repeat=1",
         *feature_overrides(features, retrieval),
     ]
-    registry = new_registry()
-    loaded = load_spec(SPEC, overrides, registry=registry)
-    module = NeuralMemory.from_block(loaded.spec.blocks[0], loaded.spec.model, registry)
+    module = build(SPEC, overrides, smoke=False).module.memory_layers()[0][1]
+    module.check_finite = True  # the model checks every layer's call too (all at once, per forward)
     return lambda x: module(x)[0], module, torch
 
 

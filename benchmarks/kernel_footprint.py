@@ -31,7 +31,8 @@ from tqdm import tqdm
 
 from titans_compose.ops.memory.codegen import cache, emit, tiling
 from titans_compose.ops.memory.codegen.key import kernel_key
-from titans_compose.ops.memory.config import MemoryConfig, memory_config
+from titans_compose.ops.memory.config import MemoryConfig
+from titans_compose.ops.memory.op import memory_config
 
 #: (depth, head dim, hidden, chunk, tile) of the recorded grid: whole matrices around tiling.py's limits, then the
 #: shipped memory (64 / 256) and its head-dim-128 version (128 / 512) on hidden tiles around the tiled limits.

@@ -7,7 +7,8 @@ Implementations (``--impls``), each configuration in a fresh process:
 - ``chunked``: the chunked dual form in PyTorch (``chunked_memory``) on the same inputs;
 - ``fla``: FLA's ``chunk_gated_delta_rule`` (PyPI flash-linear-attention, optional) on q, k, v of the same shapes,
   the forget gate as its decay and the inner learning rate as its beta; depth 1 only (a matrix memory);
-- ``ours-module``: our whole ``NeuralMemory`` (projections, convolutions, gates, norms) running the kernel;
+- ``ours-module``: the memory layer of the model ``titans_compose.build`` makes of the LMM spec at these sizes (a
+  ``NeuralMemory``: projections, convolutions, gates, norms), its backend forced to the kernel;
 - ``titans-pytorch``: titans-pytorch's ``NeuralMemory`` at the same sizes (optional: install it in an environment
   of its own and give ``--titans-python``, as for compare_titans_pytorch.py).
 
@@ -52,13 +53,9 @@ DRY = {"seqs": [40], "head_dims": [16], "depths": [1, 2], "width": 32, "rows": 2
 # ------------------------------------------------------------------------------------------------ one configuration
 
 
-def spec_block(d: int, depth: int, heads: int, chunk: int, expansion: float = EXPANSION, extra: tuple[str, ...] = ()):
-    """The LMM spec's block at these sizes (``extra``: more spec overrides), with its model section and registry."""
-    from titans_compose.registry import new_registry
-    from titans_compose.spec import load_spec
-
-    overrides = [
-        *extra,
+def size_overrides(d: int, depth: int, heads: int, chunk: int, expansion: float = EXPANSION) -> list[str]:
+    """The LMM spec's overrides for these sizes."""
+    return [
         f"model.dim={heads * d}",
         f"memory.heads={heads}",
         f"memory.head_dim={d}",
@@ -66,9 +63,39 @@ def spec_block(d: int, depth: int, heads: int, chunk: int, expansion: float = EX
         f"memory.expansion={expansion}",
         f"memory.chunk_size={chunk}",
     ]
+
+
+def spec_block(d: int, depth: int, heads: int, chunk: int, expansion: float = EXPANSION, extra: tuple[str, ...] = ()):
+    """The LMM spec's block at these sizes (``extra``: more spec overrides), with its model section and registry."""
+    from titans_compose.registry import new_registry
+    from titans_compose.spec import load_spec
+
     registry = new_registry()
-    loaded = load_spec(SPEC, overrides, registry=registry)
+    loaded = load_spec(SPEC, [*extra, *size_overrides(d, depth, heads, chunk, expansion)], registry=registry)
     return loaded.spec.blocks[0], loaded.spec.model, registry
+
+
+def built_memory_layer(d: int, depth: int, heads: int, chunk: int) -> Any:
+    """The first memory layer of the model ``titans_compose.build`` makes of the LMM spec at these sizes (one
+    layer), its backend forced to the generated kernel the way a user forces it: the environment variable, read by
+    the graph's backend pass into the layer's op. The layer is a NeuralMemory; it checks its own calls' finiteness,
+    as the model checks them."""
+    from titans_compose.builder import build
+    from titans_compose.ops.memory.dispatch import ENV_VAR
+
+    overrides = [*size_overrides(d, depth, heads, chunk), "blocks.0.repeat=1"]
+    before = os.environ.get(ENV_VAR)
+    os.environ[ENV_VAR] = "triton"
+    try:
+        module = build(SPEC, overrides, smoke=False).module
+    finally:
+        if before is None:
+            del os.environ[ENV_VAR]
+        else:
+            os.environ[ENV_VAR] = before
+    layer = module.memory_layers()[0][1]
+    layer.check_finite = True
+    return layer
 
 
 def core_inputs(cfg: Any, rows: int, seq: int, d: int, dtype: Any, device: str) -> tuple[list, Any]:
@@ -114,17 +141,15 @@ def make_step(args: argparse.Namespace) -> tuple[Callable[[], Any], list, Callab
         ).to(args.device, dtype)
         x = torch.randn(batch, args.seq, args.width, device=args.device, dtype=dtype)
         return lambda: module(x), list(module.parameters()), lambda out: out[0]
-    block, model, registry = spec_block(args.d, args.depth, heads, args.chunk)
     if args.impl == "ours-module":
-        from titans_compose.nn import NeuralMemory
-
-        ours = NeuralMemory.from_block(block, model, registry, backend="triton").to(args.device, dtype)
+        ours = built_memory_layer(args.d, args.depth, heads, args.chunk).to(args.device, dtype)
         x = torch.randn(batch, args.seq, args.width, device=args.device, dtype=dtype)
         ours(x)  # resolves the backend
         if ours.choice.name != "triton":
             raise NotImplementedError(ours.choice.reason)
         return lambda: ours(x), list(ours.parameters()), lambda out: out[0]
-    from titans_compose.ops.memory.config import memory_config
+    block, _, registry = spec_block(args.d, args.depth, heads, args.chunk)
+    from titans_compose.ops.memory.op import memory_config
 
     cfg = memory_config(block.memory, block.update, registry)
     rows = batch * heads
@@ -244,8 +269,8 @@ def run_point(python: str, args: argparse.Namespace, impl: str, point: dict[str,
 
 def flops(args: argparse.Namespace, d: int, depth: int, seq: int) -> int:
     """Forward+backward matmul FLOPs of the memory scan at this configuration (all rows)."""
-    from titans_compose.ops.memory.config import memory_config
     from titans_compose.ops.memory.flops import memory_flops
+    from titans_compose.ops.memory.op import memory_config
 
     heads = args.width // d
     block, _, registry = spec_block(d, depth, heads, args.chunk)

@@ -83,7 +83,7 @@ def test_validate_prints_warnings_but_succeeds(runner):
 def test_graph_formats(runner, fmt, marker):
     result = runner.invoke(cli, ["graph", MAC, "--format", fmt])
     assert result.exit_code == 0 and result.output.startswith(marker)
-    assert "memory.write" in result.output
+    assert "memory : memory" in result.output and "read_ctx : memory_read" in result.output
 
 
 def test_graph_output_file_is_written_whole_and_never_onto_the_spec(runner, tmp_path):

@@ -44,12 +44,16 @@ def test_every_op_has_a_shape_rule():
 
 
 @pytest.mark.parametrize("name", VARIANT_SPECS)
-def test_memory_state_is_carried_by_a_recurrent_edge(name):
+def test_a_context_read_gets_its_memory_state_by_a_recurrent_edge(name):
+    """One memory node per memory layer; MAC's context read (only MAC has one) reads that memory's state through a
+    recurrent edge, which every DAG check ignores."""
     graph, _ = compiled(name)
     recurrent = [(u, v) for u, v, d in graph.edges(data=True) if d["recurrent"]]
-    writes = [n for n, d in graph.nodes(data=True) if d["op"] == "memory_write"]
-    states = [n for n, d in graph.nodes(data=True) if d["op"] == "memory_state"]
-    assert sorted(recurrent) == sorted(zip(writes, states, strict=True))
+    memories = [n for n, d in graph.nodes(data=True) if d["op"] == "memory"]
+    reads = [n for n, d in graph.nodes(data=True) if d["op"] == "memory_read"]
+    assert len(memories) == (0 if name == "swa_baseline_small" else 2)
+    assert sorted(recurrent) == (sorted(zip(memories, reads, strict=True)) if name == "titans_mac_small" else [])
+    assert all(graph.edges[edge]["port"] == "state" for edge in recurrent)
     assert nx.is_directed_acyclic_graph(dag_view(graph))
     if recurrent:
         assert not nx.is_directed_acyclic_graph(graph)  # the recurrence is real, only marked
@@ -59,13 +63,14 @@ def test_mac_wiring_follows_the_paper():
     graph, _ = compiled("titans_mac_small")
     layer = graph.graph["layers"][0]
     attn = node_of(graph, 0, "attention")
-    assert origin(graph, node_of(graph, 0, "memory.write"), "keys") == attn
-    assert origin(graph, node_of(graph, 0, "memory.write"), "values") == attn
+    memory = node_of(graph, 0, "memory")
+    assert origin(graph, memory, "x") == attn  # keys, values and the output's queries
     ctx_read = origin(graph, attn, "memory")
     assert ctx_read == node_of(graph, 0, "memory.read_ctx")
-    assert inputs_of(graph, ctx_read)["state"] == node_of(graph, 0, "memory.state")  # the pre-segment state
-    out_read = origin(graph, node_of(graph, 0, "mac_gate"), "gate")
-    assert inputs_of(graph, out_read)["state"] == node_of(graph, 0, "memory.write")  # the updated memory
+    assert "state" not in inputs_of(graph, ctx_read)  # the pre-segment state comes by the recurrent edge
+    assert graph.edges[memory, ctx_read] == {"port": "state", "recurrent": True}
+    assert origin(graph, ctx_read, "queries") == layer["input"]
+    assert origin(graph, node_of(graph, 0, "mac_gate"), "gate") == memory  # the updated memory
     assert inputs_of(graph, attn)["persistent"] == node_of(graph, 0, "persistent")
     assert origin(graph, attn, "x") == layer["input"]
     assert graph.nodes[attn]["params"]["order"] == ["persistent", "memory", "segment"]
@@ -76,9 +81,7 @@ def test_mag_and_lmm_memory_reads_the_block_input():
         graph, _ = compiled(name)
         block_input = graph.graph["layers"][1]["input"]
         assert block_input == graph.graph["layers"][0]["output"]
-        for port in ("keys", "values"):
-            assert origin(graph, node_of(graph, 1, "memory.write"), port) == block_input
-        assert origin(graph, node_of(graph, 1, "memory.read"), "queries") == block_input
+        assert origin(graph, node_of(graph, 1, "memory"), "x") == block_input
 
 
 def test_mal_shapes_carry_the_persistent_prefix():
@@ -88,22 +91,22 @@ def test_mal_shapes_carry_the_persistent_prefix():
     assert graph.nodes["L0.attention"]["shape"] == (B, SymDim("T", 4), 128)
     assert graph.nodes["L0.drop_persistent"]["shape"] == (B, T, 128)
     assert all(isinstance(d, SymDim) for d in graph.nodes["L0.attention"]["shape"][:2])
-    assert origin(graph, "L0.attention", "x") == "L0.memory.read"
+    assert origin(graph, "L0.attention", "x") == "L0.memory"
 
 
-def test_memory_state_shapes_follow_depth_and_momentum():
+def test_the_memory_op_follows_depth_and_momentum():
     graph, _ = compiled("titans_mac_small", ["memory.depth=3", "update.momentum=off"])
-    assert graph.nodes["L0.memory.state"]["shape"] == {
-        "W1": (SymDim("B"), 2, 256, 64),
-        "W2": (SymDim("B"), 2, 256, 256),
-        "W3": (SymDim("B"), 2, 64, 256),
-    }
-    assert graph.nodes["L0.memory.gates"]["shape"] == (SymDim("B"), SymDim("T"), 2, 2)  # lr and forget only
+    op = graph.nodes["L0.memory"]["params"]["memory"]
+    assert op.layer_shapes == ((256, 64), (256, 256), (64, 256))
+    assert (op.heads, op.momentum.enabled, op.forget.enabled) == (2, False, True)
+    assert graph.nodes["L0.memory"]["shape"] == (SymDim("B"), SymDim("T"), 128)
+    assert "state per batch x 2 heads: W1 256x64, W2 256x256, W3 64x256" in to_mermaid(graph)
+    assert "memory" not in graph.nodes["L0.memory.read_ctx"]["params"]  # built from the memory's op
 
 
 def test_nodes_carry_their_spec_location():
     graph, _ = compiled("titans_mac_small")
-    write = graph.nodes["L1.memory.write"]
+    write = graph.nodes["L1.memory"]
     assert write["spec_path"] == "blocks.0.memory"
     assert write["loc"].file.endswith("titans_mac_small.yaml") and write["loc"].line == 11  # `memory:`
     assert graph.nodes["L0.attention"]["spec_path"] == "blocks.0.mac"
@@ -123,18 +126,26 @@ def test_shape_mismatch_is_reported_at_the_memory_section():
 
 def test_wiring_pass_catches_a_rewired_mac():
     graph, registry = compiled("titans_mac_small")
-    graph.remove_edge("L0.norm_memory", "L0.proj_k")
-    graph.add_edge("L0.norm_mix", "L0.proj_k", port="x", recurrent=False)
+    graph.remove_edge("L0.norm_memory", "L0.memory")
+    graph.add_edge("L0.norm_mix", "L0.memory", port="x", recurrent=False)
     problems = check_wiring(graph, registry)
     assert [d.code for d in problems] == ["TC404"]
-    assert "keys must come from the attention output" in problems[0].message
+    assert "keys, values and queries must come from the attention output" in problems[0].message
 
 
 def test_wiring_pass_catches_a_mag_branch_reading_the_attention():
     graph, registry = compiled("titans_mag_small")
-    graph.remove_edge("L0.norm_mix", "L0.proj_q")
-    graph.add_edge("L0.attention", "L0.proj_q", port="x", recurrent=False)
+    graph.remove_edge("L0.norm_mix", "L0.memory")
+    graph.add_edge("L0.attention", "L0.memory", port="x", recurrent=False)
     assert any("queries must come from the block input" in d.message for d in check_wiring(graph, registry))
+
+
+def test_wiring_pass_catches_a_mac_context_read_without_the_memory_state():
+    graph, registry = compiled("titans_mac_small")
+    graph.remove_edge("L0.memory", "L0.memory.read_ctx")
+    problems = check_wiring(graph, registry)
+    assert [d.message.split(": ", 1)[0] for d in problems] == ["L0.memory.read_ctx (memory_read)"]
+    assert "read with the state before the segment" in problems[0].message
 
 
 def _tiny_builder():
@@ -230,12 +241,14 @@ def test_renderings_show_every_node_and_the_recurrence(name):
 
 def test_backend_pass_records_the_choice_and_refuses_unknown_backends(monkeypatch):
     graph, _ = compiled("titans_mag_small")
-    writes = [d for _, d in graph.nodes(data=True) if d["op"] == "memory_write"]
-    assert writes and all(d["backend"] == "auto" and "CUDA" in d["backend_reason"] for d in writes)
+    memories = [d for _, d in graph.nodes(data=True) if d["op"] == "memory"]
+    assert memories and all(d["backend"] == "auto" and "CUDA" in d["backend_reason"] for d in memories)
+    assert all(d["params"]["memory"].backend == "auto" for d in memories)  # the op the module is built from
     assert "backend=auto" in to_mermaid(graph)
     monkeypatch.setenv("TITANS_COMPOSE_BACKEND", "reference")
     graph, _ = compiled("titans_mag_small")
-    assert {d.get("backend") for _, d in graph.nodes(data=True) if d["op"] == "memory_write"} == {"reference"}
+    memories = [d for _, d in graph.nodes(data=True) if d["op"] == "memory"]
+    assert {d.get("backend") for d in memories} == {d["params"]["memory"].backend for d in memories} == {"reference"}
     monkeypatch.setenv("TITANS_COMPOSE_BACKEND", "warp-drive")
     registry = new_registry()
     loaded = load_spec(SPECS / "titans_mag_small.yaml", registry=registry)

@@ -12,7 +12,7 @@ import yaml
 
 from tests.helpers import DIVERGING, SPECS, shipped_specs
 from titans_compose.graph import compile_graph
-from titans_compose.nn.model import LMOutput, MemoryGates, MemoryWrite, ModelState, TitansLM
+from titans_compose.nn.model import LMOutput, MemoryNode, ModelState, TitansLM
 from titans_compose.ops.memory.dispatch import MemoryBackend
 from titans_compose.ops.memory.finite import MemoryDivergedError
 from titans_compose.registry import new_registry
@@ -80,7 +80,7 @@ def test_zero_memory_init_is_the_only_frozen_parameter(tmp_path):
     residual would stay at zero for ever (every inner gradient of an all-zero MLP is zero)."""
     model, _ = build(tmp_path, "lmm", ["memory.init=zero", "memory.depth=1"])
     frozen = sorted(name for name, p in model.named_parameters() if not p.requires_grad)
-    assert frozen == [f"nodes.L{i}__memory__state.init_weights.0" for i in range(2)]
+    assert frozen == [f"nodes.L{i}__memory.init_weights.0" for i in range(2)]
     model(tokens(1, 9)).logits.sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
 
@@ -146,7 +146,7 @@ def randomise_gates(model: TitansLM, scale: float = 0.3) -> None:
     them data dependence."""
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, MemoryGates):
+            if isinstance(module, MemoryNode):
                 for gate in (module.lr_gate, module.momentum_gate, module.forget_gate):
                     gate.proj.weight.normal_(0, scale, generator=torch.Generator().manual_seed(4))
 
@@ -330,11 +330,11 @@ def test_a_diverging_memory_stops_the_model_at_its_layer_and_token(tmp_path):
         model(toks)
     model.check_finite = False
     for module in model.modules():
-        if isinstance(module, MemoryWrite):
+        if isinstance(module, MemoryNode):
             module.dispatch = MemoryBackend("reference")
     first = first_nonfinite(model(toks).logits)
     layer = caught.value.layer  # here the second layer's memory diverges first: the earliest token is reported
-    assert layer in ("L0.memory.write", "L1.memory.write") and caught.value.token == first and 0 < first < 300
+    assert layer in ("L0.memory", "L1.memory") and caught.value.token == first and 0 < first < 300
     assert f"from token {first} of the stream" in str(caught.value) and "update.grad_clip" in str(caught.value)
     model.check_finite = True
     state = model(toks[:, : first - 5]).state
@@ -353,9 +353,7 @@ def test_training_stops_at_a_diverging_memory(tmp_path, runner):
 
     model, _ = build(tmp_path, "lmm", DIVERGING, dtype=torch.float32)
     before = [p.detach().clone() for p in model.parameters()]
-    with pytest.raises(
-        TrainingError, match=r"^step 1: memory layer L\d\.memory\.write: .* from token \d+ of the stream"
-    ):
+    with pytest.raises(TrainingError, match=r"^step 1: memory layer L\d\.memory: .* from token \d+ of the stream"):
         train(model, lambda step: Batch(tokens(2, 300, seed=step)), steps=2, progress=False)
     assert all(torch.equal(a, b.detach()) for a, b in zip(before, model.parameters(), strict=True))
     spec = tmp_path / "lmm.yaml"
@@ -403,13 +401,14 @@ def test_the_graph_decides_the_modules(tmp_path):
     ops = {n: d["op"] for n, d in graph.nodes(data=True) if d["op"] not in ("input", "output")}
     assert set(model.nodes) == {n.replace(".", "__") for n in ops}
     plain, plain_graph = build(tmp_path, "mag", ["projections.conv_kernel=null", "mlp.kind=gelu", "mag.norms=false"])
-    assert not any(d["op"] == "conv" for _, d in plain_graph.nodes(data=True))
+    assert plain_graph.nodes["L0.memory"]["params"]["memory"].projections.conv_kernel is None
+    assert not plain.nodes["L0__memory"].convs and len(model.nodes["L0__memory"].convs) == 3
     assert len(plain.nodes) < len(model.nodes)
     assert plain.nodes["L0__mlp"].kind == "gelu"
     tied, _ = build(tmp_path, "mag", ["model.tie_embeddings=true"])
     assert dict(tied.components())["head"] == 0 and dict(model.components())["head"] == 16 * VOCAB
     assert sum(n for _, n in model.components()) == sum(p.numel() for p in model.parameters())
-    writes = ["L0.memory.write", "L1.memory.write"]
+    writes = ["L0.memory", "L1.memory"]
     assert model.memory_backends() == [(n, graph.nodes[n]["backend"], graph.nodes[n]["backend_reason"]) for n in writes]
 
 

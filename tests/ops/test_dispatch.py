@@ -177,7 +177,7 @@ def test_the_build_report_says_what_each_memory_layer_ran(interpreter, monkeypat
     assert first.startswith(f"forced by {ENV_VAR}=triton; kernel ") and "generated now; backward: " in first
     assert second == first  # one key: both layers run the kernel this process generated
     assert report.kernels == f"kernels: generated Triton kernels for every memory layer (sources in {interpreter})"
-    assert f"memory backends:\n  L0.memory.write: triton (forced by {ENV_VAR}=triton; kernel " in report.summary()
+    assert f"memory backends:\n  L0.memory: triton (forced by {ENV_VAR}=triton; kernel " in report.summary()
 
 
 def test_the_build_report_on_the_cpu_without_forcing(kernel_cache, monkeypatch):

@@ -40,3 +40,11 @@ def test_from_import_of_old_package() -> None:
     result = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "titans_compose.ops.memory.codegen.emit"
+
+
+def test_memory_config_at_its_old_home() -> None:
+    from titans_compose.ops.memory import op
+
+    with pytest.warns(DeprecationWarning, match="moved to titans_compose.ops.memory.op"):
+        from titans_compose.ops.memory.config import memory_config
+    assert memory_config is op.memory_config

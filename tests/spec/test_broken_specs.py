@@ -76,13 +76,10 @@ MISWIRED_PLUGIN = y(
 
 
     def lower_miswired(ctx, x):
-        dim = ctx.model.dim
         h = B._norm(ctx, "norm_mix", x)
-        state = B._memory_state(ctx)
-        mem_tokens = B._memory_read(ctx, "_ctx", h, dim, state, "segment_start")
+        mem_tokens = B._memory_context_read(ctx, h)
         y = B._attention(ctx, "attention", h, "mac", persistent=B._persistent(ctx), memory=mem_tokens)
-        write = B._memory_write(ctx, h, dim, state)  # MAC writes y, the attention output
-        m = B._memory_read(ctx, "_out", y, dim, write, ctx.block.memory.retrieval)
+        m = B._memory(ctx, h, context_read=mem_tokens)  # MAC writes y, the attention output
         o = ctx.add("mac_gate", "gate", "mac", {"value": y, "gate": m}, form="identity")
         out = ctx.add("add_mix", "add", "mac", {"a": x, "b": o})
         return B._mlp_sublayer(ctx, out)

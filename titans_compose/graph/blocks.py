@@ -4,10 +4,11 @@ The wiring follows docs/memory-math.md section 5. Every block is pre-norm with r
 block MLP (Llama-style). Node spec paths point at the section a node's settings come from, so a failing check
 reports the line the user would edit.
 
-The memory state node holds the state at the start of the current chunk (or MAC segment); a write takes it and
-produces the updated states, and a recurrent edge carries the last one back. Reads take their state from the
-write (retrieval after / before / per_chunk, memory-math.md sections 1.6 and 3.4) except MAC's context read, which
-reads the pre-segment state straight from the state node.
+A memory layer is one ``memory`` node carrying its :class:`~titans_compose.ops.memory.op.MemoryOp`: it projects
+its input to queries, keys and values, writes the keys and values and reads the queries (retrieval after / before /
+per_chunk, memory-math.md sections 1.6 and 3.4) in one call, and keeps its state from call to call. MAC's context
+read is a ``memory_read`` node built from the same op, fed the memory's state (the one before the segment) by a
+recurrent edge from the ``memory`` node.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from typing import Any
 
 import networkx as nx
 
-from titans_compose.graph.ir import GraphBuilder, inputs_of, origin
+from titans_compose.graph.ir import GraphBuilder, origin
+from titans_compose.ops.memory.op import MemoryOp
 from titans_compose.registry.core import Registry
 
 WiringCheck = Callable[[nx.DiGraph, dict], list[tuple[str, str]]]
@@ -109,141 +111,31 @@ def _attention(ctx: LowerContext, name: str, x: str, section: str = "attention",
     )
 
 
-def _memory_width(ctx: LowerContext) -> int:
-    return ctx.block.memory.heads * ctx.block.memory.head_dim
-
-
-def _qkv(ctx: LowerContext, role: str, x: str, in_features: int) -> str:
-    """q, k or v: linear + activation, optional depthwise causal conv, l2 norm on q and k."""
-    proj = ctx.block.projections
-    width = _memory_width(ctx)
-    node = ctx.add(
-        f"proj_{role}",
-        "proj",
-        "projections",
-        {"x": x},
-        role=role,
-        in_features=in_features,
-        out_features=width,
-        activation=proj.activation,
+def memory_op(block: Any, model: Any, registry: Registry) -> MemoryOp:
+    """The memory op of a validated ``block`` (its memory, update and projections sections; its norm's eps) over
+    inputs of the model width."""
+    return MemoryOp.from_sections(
+        model.dim, block.memory, block.update, block.projections, registry, out_width=model.dim, eps=block.norm.eps
     )
-    if proj.conv_kernel is not None:
-        node = ctx.add(f"conv_{role}", "conv", "projections", {"x": node}, kernel=proj.conv_kernel, features=width)
-    if proj.qk_l2norm and not role.startswith("v"):
-        node = ctx.add(
-            f"l2norm_{role}",
-            "norm",
-            "projections",
-            {"x": node},
-            kind="l2",
-            features=width,
-            per_head=ctx.block.memory.heads,
-        )
+
+
+def _memory(ctx: LowerContext, x: str, context_read: str | None = None) -> str:
+    """The layer's memory: writes the tokens of ``x`` and reads them back (queries from ``x`` too), one op call;
+    ``context_read`` (MAC) reads the memory's state as it was before, through a recurrent edge."""
+    op = memory_op(ctx.block, ctx.model, ctx.registry)
+    node = ctx.add("memory", "memory", "memory", {"x": x}, memory=op)
+    if context_read is not None:
+        ctx.builder.connect(node, context_read, "state", recurrent=True)
     return node
 
 
-def _memory_params(ctx: LowerContext) -> dict[str, Any]:
-    mem = ctx.block.memory
-    model = ctx.registry.get("memory", mem.model).obj
-    return dict(
-        heads=mem.heads,
-        head_dim=mem.head_dim,
-        layers=model.layer_shapes(mem),
-        momentum=ctx.block.update.momentum.enabled,
-    )
-
-
-def _memory_state(ctx: LowerContext) -> str:
-    mem = ctx.block.memory
-    return ctx.add("memory.state", "memory_state", "memory", model=mem.model, init=mem.init, **_memory_params(ctx))
-
-
-def _memory_write(ctx: LowerContext, x: str, in_features: int, state: str) -> str:
-    upd = ctx.block.update
-    mem = ctx.block.memory
-    gate_list = ["lr"] + (["momentum"] if upd.momentum.enabled else []) + (["forget"] if upd.forget.enabled else [])
-    gates = ctx.add(
-        "memory.gates",
-        "memory_gates",
-        "update",
-        {"x": x},
-        in_features=in_features,
-        heads=mem.heads,
-        gates=gate_list,
-        lr=upd.lr.model_dump(),
-        momentum=upd.momentum.model_dump(),
-        forget=upd.forget.model_dump(),
-    )
-    keys = _qkv(ctx, "k", x, in_features)
-    values = _qkv(ctx, "v", x, in_features)
-    write = ctx.add(
-        "memory.write",
-        "memory_write",
-        "memory",
-        {"keys": keys, "values": values, "gates": gates, "state": state},
-        chunk_size=mem.chunk_size,
-        loss=upd.loss.model_dump(),
-        grad_clip=upd.grad_clip,
-        activation=mem.activation,
-        residual=mem.residual,
-        output_norm=mem.output_norm,
-        **_memory_params(ctx),
-    )
-    ctx.builder.connect(write, state, "state", recurrent=True)
-    return write
-
-
-def _memory_read(ctx: LowerContext, name: str, query_src: str, in_features: int, state: str, retrieval: str) -> str:
-    """Read the memory with queries projected from ``query_src``, then the readout (norm, gate, projection)."""
-    mem = ctx.block.memory
-    width = _memory_width(ctx)
-    queries = _qkv(ctx, f"q{name}", query_src, in_features)
-    y = ctx.add(
-        f"memory.read{name}",
-        "memory_read",
-        "memory",
-        {"queries": queries, "state": state},
-        retrieval=retrieval,
-        activation=mem.activation,
-        residual=mem.residual,
-        output_norm=mem.output_norm,
-        **_memory_params(ctx),
-    )
-    if mem.readout_norm:
-        y = ctx.add(
-            f"memory.readout_norm{name}",
-            "norm",
-            "memory",
-            {"x": y},
-            kind="rmsnorm",
-            features=width,
-            per_head=mem.heads,
-            eps=ctx.block.norm.eps,
-        )
-    if mem.output_gate != "none":
-        g = ctx.add(
-            f"memory.gate_proj{name}",
-            "proj",
-            "memory",
-            {"x": query_src},
-            role="output_gate",
-            in_features=in_features,
-            out_features=width,
-            activation="identity",
-        )
-        y = ctx.add(f"memory.output_gate{name}", "gate", "memory", {"value": y, "gate": g}, form=mem.output_gate)
-    if mem.out_proj:
-        y = ctx.add(
-            f"memory.out_proj{name}",
-            "proj",
-            "memory",
-            {"x": y},
-            role="out",
-            in_features=width,
-            out_features=ctx.model.dim,
-            activation="identity",
-        )
-    return y
+def _memory_context_read(ctx: LowerContext, x: str) -> str:
+    """MAC's read of the memory as it was when the segment began, with its own query projection and readout. It is
+    built from the op of the memory whose state it reads (the recurrent edge :func:`_memory` adds), so it carries
+    only its widths, for shape inference."""
+    op = memory_op(ctx.block, ctx.model, ctx.registry)
+    features = dict(in_features=op.in_features, out_features=op.out_features)
+    return ctx.add("memory.read_ctx", "memory_read", "memory", {"queries": x}, retrieval="segment_start", **features)
 
 
 _MEMORY_ADD_HINT = (
@@ -257,11 +149,8 @@ _MEMORY_ADD_HINT = (
 
 def lower_lmm(ctx: LowerContext, x: str) -> str:
     """LMM: the memory alone as the sequence mixer: x + W_o(norm(M(q)) * gate(x))."""
-    dim = ctx.model.dim
     h = _norm(ctx, "norm_mix", x)
-    state = _memory_state(ctx)
-    write = _memory_write(ctx, h, dim, state)
-    y = _memory_read(ctx, "", h, dim, write, ctx.block.memory.retrieval)
+    y = _memory(ctx, h)
     out = ctx.add("add_mix", "add", "memory", {"a": x, "b": y}, hint=_MEMORY_ADD_HINT)
     return _mlp_sublayer(ctx, out)
 
@@ -270,14 +159,11 @@ def lower_mac(ctx: LowerContext, x: str) -> str:
     """MAC: per segment, h = M_{s-1}(q); y = attention over [persistent || h || segment]; write y;
     o = y * gate(M_s(y)).
     With ``mac.memory_norm`` the memory writes and reads norm(y) (the product still takes y itself)."""
-    dim = ctx.model.dim
     h = _norm(ctx, "norm_mix", x)
-    state = _memory_state(ctx)
-    mem_tokens = _memory_read(ctx, "_ctx", h, dim, state, "segment_start")
+    mem_tokens = _memory_context_read(ctx, h)
     y = _attention(ctx, "attention", h, "mac", persistent=_persistent(ctx), memory=mem_tokens)
     memory_in = _norm(ctx, "norm_memory", y, section="mac") if ctx.block.mac.memory_norm else y
-    write = _memory_write(ctx, memory_in, dim, state)
-    m = _memory_read(ctx, "_out", memory_in, dim, write, ctx.block.memory.retrieval)
+    m = _memory(ctx, memory_in, context_read=mem_tokens)
     o = ctx.add(
         "mac_gate",
         "gate",
@@ -292,13 +178,10 @@ def lower_mac(ctx: LowerContext, x: str) -> str:
 
 def lower_mag(ctx: LowerContext, x: str) -> str:
     """MAG: y = SWA over [persistent || x]; m = memory over x; o = norm_a(y) * gate(norm_b(m))."""
-    dim = ctx.model.dim
     mag = ctx.block.mag
     h = _norm(ctx, "norm_mix", x)
     y = _attention(ctx, "attention", h, persistent=_persistent(ctx))
-    state = _memory_state(ctx)
-    write = _memory_write(ctx, h, dim, state)
-    m = _memory_read(ctx, "", h, dim, write, ctx.block.memory.retrieval)
+    m = _memory(ctx, h)
     if mag.norms:
         y = _norm(ctx, "mag_norm_attention", y, section="mag")
         m = _norm(ctx, "mag_norm_memory", m, section="memory", hint=_MEMORY_ADD_HINT)
@@ -309,15 +192,12 @@ def lower_mag(ctx: LowerContext, x: str) -> str:
 
 def lower_mal(ctx: LowerContext, x: str) -> str:
     """MAL: y = memory layer over [persistent || x]; o = SWA(y) without the prefix positions."""
-    dim = ctx.model.dim
     h = _norm(ctx, "norm_mix", x)
     persistent = _persistent(ctx)
     seq = h
     if persistent is not None:
         seq = ctx.add("prepend_persistent", "concat", "persistent", {"prefix": persistent, "x": h})
-    state = _memory_state(ctx)
-    write = _memory_write(ctx, seq, dim, state)
-    m = _memory_read(ctx, "", seq, dim, write, ctx.block.memory.retrieval)
+    m = _memory(ctx, seq)
     y = _attention(ctx, "attention", m)
     if persistent is not None:
         y = ctx.add("drop_persistent", "slice", "persistent", {"x": y}, drop_prefix=ctx.block.persistent.tokens)
@@ -340,8 +220,10 @@ def _layer_nodes(graph: nx.DiGraph, layer: dict, op: str) -> list[str]:
     return [n for n, d in graph.nodes(data=True) if d["layer"] == layer["index"] and d["op"] == op]
 
 
-def _state_source(graph: nx.DiGraph, read: str) -> str:
-    return graph.nodes[inputs_of(graph, read).get("state", read)]["op"]
+def _context_source(graph: nx.DiGraph, read: str) -> str | None:
+    """The memory node whose state a ``memory_read`` reads (its recurrent ``state`` edge), or None."""
+    sources = [u for u, _, d in graph.in_edges(read, data=True) if d.get("port") == "state" and d.get("recurrent")]
+    return sources[0] if len(sources) == 1 and graph.nodes[sources[0]]["op"] == "memory" else None
 
 
 def _the_one(graph: nx.DiGraph, layer: dict, op: str) -> tuple[str | None, list[tuple[str, str]]]:
@@ -352,29 +234,21 @@ def _the_one(graph: nx.DiGraph, layer: dict, op: str) -> tuple[str | None, list[
     return None, [(layer["input"], f"a {layer['kind']} block needs exactly one {op}, found {len(found)}")]
 
 
-def _queries_from_input(graph: nx.DiGraph, layer: dict) -> list[tuple[str, str]]:
-    """Every memory read of the layer takes its queries from the block input."""
-    return [
-        (read, "the memory's queries must come from the block input")
-        for read in _layer_nodes(graph, layer, "memory_read")
-        if origin(graph, read, "queries") != layer["input"]
-    ]
-
-
 def _memory_checks(graph: nx.DiGraph, layer: dict, write_from: str, write_from_name: str) -> list[tuple[str, str]]:
-    write, problems = _the_one(graph, layer, "memory_write")
-    if write is None:
+    memory, problems = _the_one(graph, layer, "memory")
+    if memory is None:
         return problems
-    for port in ("keys", "values"):
-        src = origin(graph, write, port)
-        if src != write_from:
-            problems.append((write, f"the memory's {port} must come from {write_from_name}, not from {src}"))
+    src = origin(graph, memory, "x")
+    if src != write_from:
+        problems.append(
+            (memory, f"the memory's keys, values and queries must come from {write_from_name}, not from {src}")
+        )
     return problems
 
 
 def wiring_mac(graph: nx.DiGraph, layer: dict) -> list[tuple[str, str]]:
-    """MAC: the context read uses the pre-segment state and feeds the attention's memory tokens; the write takes
-    the attention output; the output reads the updated memory."""
+    """MAC: the context read uses the pre-segment state and feeds the attention's memory tokens; the memory writes
+    the attention output and its read of the updated memory gates it."""
     attn, problems = _the_one(graph, layer, "attention")
     if attn is None:
         return problems
@@ -382,16 +256,13 @@ def wiring_mac(graph: nx.DiGraph, layer: dict) -> list[tuple[str, str]]:
     ctx_read = origin(graph, attn, "memory")
     if ctx_read is None or graph.nodes[ctx_read]["op"] != "memory_read":
         problems.append((attn, "the attention's memory tokens must come from a memory read"))
-    elif _state_source(graph, ctx_read) != "memory_state":
+    elif _context_source(graph, ctx_read) is None:
         problems.append((ctx_read, "the memory tokens must be read with the state before the segment"))
     if origin(graph, attn, "x") != layer["input"]:
         problems.append((attn, "the attention's segment tokens must come from the block input"))
     gate = [n for n in _layer_nodes(graph, layer, "gate") if origin(graph, n, "value") == attn]
     out_reads = [origin(graph, n, "gate") for n in gate]
-    if not any(
-        r is not None and graph.nodes[r]["op"] == "memory_read" and _state_source(graph, r) == "memory_write"
-        for r in out_reads
-    ):
+    if not any(r is not None and graph.nodes[r]["op"] == "memory" for r in out_reads):
         problems.append((attn, "the output must be y * M(y) with M the memory after this segment's write"))
     return problems
 
@@ -401,7 +272,7 @@ def wiring_mag(graph: nx.DiGraph, layer: dict) -> list[tuple[str, str]]:
     attn, problems = _the_one(graph, layer, "attention")
     if attn is None:
         return problems
-    problems = _memory_checks(graph, layer, layer["input"], "the block input") + _queries_from_input(graph, layer)
+    problems = _memory_checks(graph, layer, layer["input"], "the block input")
     if origin(graph, attn, "x") != layer["input"]:
         problems.append((attn, "the attention must read the block input"))
     return problems
@@ -412,30 +283,30 @@ def wiring_mal(graph: nx.DiGraph, layer: dict) -> list[tuple[str, str]]:
     attn, problems = _the_one(graph, layer, "attention")
     if attn is None:
         return problems
-    write, problems = _the_one(graph, layer, "memory_write")
-    if write is None:
+    memory, problems = _the_one(graph, layer, "memory")
+    if memory is None:
         return problems
-    src = origin(graph, write, "keys")
+    src = origin(graph, memory, "x")
     if src is not None and graph.nodes[src]["op"] == "concat":
         src = origin(graph, src, "x")
     if src != layer["input"]:
-        problems.append((write, "the memory layer must read the block input"))
+        problems.append((memory, "the memory layer must read the block input"))
     read = origin(graph, attn, "x")
-    if read is None or graph.nodes[read]["op"] != "memory_read":
+    if read is None or graph.nodes[read]["op"] != "memory":
         problems.append((attn, "the attention must read the memory layer's output"))
     return problems
 
 
 def wiring_lmm(graph: nx.DiGraph, layer: dict) -> list[tuple[str, str]]:
     """LMM: the memory writes and reads the block input."""
-    return _memory_checks(graph, layer, layer["input"], "the block input") + _queries_from_input(graph, layer)
+    return _memory_checks(graph, layer, layer["input"], "the block input")
 
 
 def wiring_attention(graph: nx.DiGraph, layer: dict) -> list[tuple[str, str]]:
     """Attention-only baseline: no long-term memory."""
     return [
         (n, "an attention block has no long-term memory")
-        for n in _layer_nodes(graph, layer, "memory_write") + _layer_nodes(graph, layer, "memory_read")
+        for n in _layer_nodes(graph, layer, "memory") + _layer_nodes(graph, layer, "memory_read")
     ]
 
 

@@ -2,12 +2,11 @@
 
 Every node has ``op`` (one of :data:`OPS`), ``params`` (sizes and options it was lowered with), ``spec_path`` and
 ``loc`` (where in the spec it came from), ``layer`` (which layer, or None) and, after shape inference, ``shape``.
-Edges carry the input ``port`` they feed and ``recurrent=True`` for the memory state's carry from one chunk to the
-next; every check that needs a DAG ignores recurrent edges.
+Edges carry the input ``port`` they feed and ``recurrent=True`` for a memory's state read by MAC's context read
+(the state before the segment); every check that needs a DAG ignores recurrent edges.
 
 Shapes are tuples of dimensions: ints, and :class:`SymDim` symbols such as ``B`` (batch), ``T`` (sequence) and
-``T+4`` (a sequence with a 4-token prefix), which do their own arithmetic and print as written here. The memory
-state's shape is a dict from weight name to shape.
+``T+4`` (a sequence with a 4-token prefix), which do their own arithmetic and print as written here.
 """
 
 from __future__ import annotations
@@ -94,10 +93,9 @@ OPS: dict[str, str] = {
     "norm": "RMSNorm / LayerNorm / l2 normalisation over the last axis (per head where given)",
     "proj": "linear projection with optional activation",
     "conv": "depthwise causal convolution over time",
-    "memory_gates": "inner-loop gates theta (lr), eta (momentum), alpha (forget) per head",
-    "memory_state": "memory weights M and momentum S, carried across chunks",
-    "memory_write": "chunked gradient update of the memory with the keys and values",
-    "memory_read": "retrieval y = M(q)",
+    "memory": "a memory layer (its MemoryOp): q/k/v projections, inner gates, the chunked write of k, v and the "
+    "read y = M(q) in one scan, readout; its state (weights M, momentum S) carried across calls",
+    "memory_read": "MAC's context read y = M(q) of a memory's weights at the segment start (a recurrent edge)",
     "attention": "softmax attention (sliding window, full, or MAC segment)",
     "gate": "elementwise gating: value * form(gate)",
     "mlp": "block MLP (SwiGLU / GELU)",
@@ -111,7 +109,7 @@ OPS: dict[str, str] = {
 TRANSPARENT_OPS: dict[str, str] = {"norm": "x", "proj": "x", "conv": "x", "slice": "x", "gate": "value"}
 
 #: ops with no data input: learned parameters.
-SOURCE_OPS = frozenset({"input", "persistent", "memory_state"})
+SOURCE_OPS = frozenset({"input", "persistent"})
 
 
 class ShapeError(Exception):
@@ -256,51 +254,17 @@ def _infer_same_features(p: dict, i: dict) -> Shape:
     return x
 
 
-def _infer_memory_gates(p: dict, i: dict) -> Shape:
+def _infer_memory(p: dict, i: dict) -> Shape:
     (x,) = _need(i, "x")
-    _features(x, p["in_features"], "the gate input")
-    return (*x[:-1], p["heads"], len(p["gates"]))
-
-
-def _infer_memory_state(p: dict, i: dict) -> dict[str, Shape]:
-    shapes: dict[str, Shape] = {}
-    for n, (out_f, in_f) in enumerate(p["layers"], start=1):
-        shapes[f"W{n}"] = (BATCH, p["heads"], out_f, in_f)
-    if p["momentum"]:
-        for n, (out_f, in_f) in enumerate(p["layers"], start=1):
-            shapes[f"S{n}"] = (BATCH, p["heads"], out_f, in_f)
-    return shapes
-
-
-def _check_state(state: Any, p: dict) -> dict[str, Shape]:
-    if not isinstance(state, dict):
-        raise ShapeError(f"the state input is a tensor {fmt_shape(state)}, not a memory state")
-    expected = _infer_memory_state(p, {})
-    if state != expected:
-        raise ShapeError(f"memory state {fmt_shape(state)} does not match this memory's {fmt_shape(expected)}")
-    return state
-
-
-def _infer_memory_write(p: dict, i: dict) -> dict[str, Shape]:
-    keys, values, gates, state = _need(i, "keys", "values", "gates", "state")
-    width = p["heads"] * p["head_dim"]
-    _features(keys, width, "the keys")
-    _features(values, width, "the values")
-    if keys[:-1] != values[:-1] or gates[:-2] != keys[:-1]:
-        raise ShapeError(
-            f"keys {fmt_shape(keys)}, values {fmt_shape(values)} and gates {fmt_shape(gates)} must cover the same "
-            "batch and sequence"
-        )
-    if gates[-2] != p["heads"]:
-        raise ShapeError(f"gates have {gates[-2]} heads, the memory has {p['heads']}")
-    return _check_state(state, p)
+    op = p["memory"]
+    _features(x, op.in_features, "the memory's input")
+    return (*x[:-1], op.out_features)
 
 
 def _infer_memory_read(p: dict, i: dict) -> Shape:
-    queries, state = _need(i, "queries", "state")
-    _features(queries, p["heads"] * p["head_dim"], "the queries")
-    _check_state(state, p)
-    return queries
+    (queries,) = _need(i, "queries")
+    _features(queries, p["in_features"], "the queries' source")
+    return (*queries[:-1], p["out_features"])
 
 
 def _infer_attention(p: dict, i: dict) -> Shape:
@@ -345,9 +309,7 @@ SHAPE_RULES: dict[str, Callable[[dict, dict], Any]] = {
     "norm": _infer_same_features,
     "proj": _infer_features_in_out,
     "conv": _infer_same_features,
-    "memory_gates": _infer_memory_gates,
-    "memory_state": _infer_memory_state,
-    "memory_write": _infer_memory_write,
+    "memory": _infer_memory,
     "memory_read": _infer_memory_read,
     "attention": _infer_attention,
     "gate": _infer_gate,

@@ -8,7 +8,7 @@ spec location of the node it concerns.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import networkx as nx
 
@@ -65,7 +65,7 @@ def check_acyclic(graph: nx.DiGraph, registry: Registry) -> list[Diagnostic]:
             cycle[0][0],
             "TC401",
             f"cycle through non-recurrent edges: {path}",
-            "only a memory write may feed its state back, through an edge marked recurrent",
+            "only a memory may feed its state back (to a context read), through an edge marked recurrent",
         )
     ]
 
@@ -139,8 +139,9 @@ def check_wiring(graph: nx.DiGraph, registry: Registry) -> list[Diagnostic]:
 
 
 def select_backends(graph: nx.DiGraph, registry: Registry) -> list[Diagnostic]:
-    """Record on every memory write which implementation was asked for, and why: a forced backend, or ``auto``
-    (resolved per call from the tensors' device; each memory module then records what ran)."""
+    """Record on every memory node which implementation was asked for, and why: a forced backend, or ``auto``
+    (resolved per call from the tensors' device; each memory module then records what ran). The choice goes into
+    the node's op (``backend``), from which the module is built."""
     from titans_compose.ops.memory.dispatch import BACKENDS, ENV_VAR, choose_backend
 
     try:
@@ -150,7 +151,8 @@ def select_backends(graph: nx.DiGraph, registry: Registry) -> list[Diagnostic]:
             Diagnostic("TC406", str(exc), hint=f"set {ENV_VAR} to one of {', '.join(sorted(BACKENDS))}, or unset it")
         ]
     for _, data in graph.nodes(data=True):
-        if data["op"] == "memory_write":
+        if data["op"] == "memory":
+            data["params"]["memory"] = replace(data["params"]["memory"], backend=choice.name)
             data["backend"], data["backend_reason"] = choice.name, choice.reason
     return []
 

@@ -1,7 +1,7 @@
 """Rendering the graph IR for people: Graphviz DOT, Mermaid, and PNG (through Graphviz's `dot`, if installed).
 
-Layers become clusters / subgraphs; the memory state's recurrent edge is dashed. Labels show the op, its key
-settings and, after shape inference, the output shape.
+Layers become clusters / subgraphs; the recurrent edge of a memory's state (MAC's context read) is dashed. Labels
+show the op, its key settings and, after shape inference, the output shape.
 """
 
 from __future__ import annotations
@@ -18,9 +18,7 @@ _DETAIL_KEYS = {
     "proj": ("role", "out_features", "activation"),
     "conv": ("kernel",),
     "norm": ("kind",),
-    "memory_gates": ("gates",),
-    "memory_state": ("init",),
-    "memory_write": ("chunk_size",),
+    "memory": ("chunk_size", "retrieval", "init"),
     "memory_read": ("retrieval",),
     "attention": ("kind", "window", "segment", "heads"),
     "gate": ("form",),
@@ -33,9 +31,10 @@ _DETAIL_KEYS = {
 def _label_parts(node: str, data: dict) -> list[str]:
     name = node.split(".", 1)[1] if data.get("layer") is not None and "." in node else node
     params = data.get("params", {})
+    op = params.get("memory")  # a memory node's settings are its MemoryOp's fields
     details = []
     for key in _DETAIL_KEYS.get(data["op"], ()):
-        value = params.get(key)
+        value = params.get(key, getattr(op, key, None))
         if value is None or (key == "window" and params.get("kind") == "segment"):
             continue
         if isinstance(value, list):
@@ -46,12 +45,12 @@ def _label_parts(node: str, data: dict) -> list[str]:
     parts = [f"{name} : {data['op']}"]
     if details:
         parts.append(" ".join(details))
+    if data["op"] == "memory":
+        weights = [f"W{n} {o}x{i}" for n, (o, i) in enumerate(op.layer_shapes, start=1)]
+        momentum = " + momentum" if op.momentum.enabled else ""
+        parts.append(f"state per batch x {op.heads} heads: {', '.join(weights)}{momentum}")
     shape = data.get("shape")
-    if isinstance(shape, dict):
-        weights = [f"{k} {s[-2]}x{s[-1]}" for k, s in shape.items() if k.startswith("W")]
-        momentum = " + momentum" if any(k.startswith("S") for k in shape) else ""
-        parts.append(f"state per batch x {next(iter(shape.values()))[1]} heads: {', '.join(weights)}{momentum}")
-    elif shape is not None:
+    if shape is not None:
         parts.append(fmt_shape(shape))
     return parts
 
@@ -150,7 +149,7 @@ def to_mermaid(graph: nx.DiGraph) -> str:
             lines.append(f'  subgraph layer{layer}["{_layer_title(graph, layer)}"]')
             indent = "    "
         for node in nodes:
-            shape = ('[("', '")]') if graph.nodes[node]["op"] == "memory_state" else ('["', '"]')
+            shape = ('[("', '")]') if graph.nodes[node]["op"] == "memory" else ('["', '"]')
             lines.append(f"{indent}{ids[node]}{shape[0]}{label(node)}{shape[1]}")
         if layer is not None:
             lines.append("  end")

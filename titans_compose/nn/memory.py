@@ -1,4 +1,4 @@
-"""``NeuralMemory``: the Titans long-term memory as an nn.Module built from validated spec sections.
+"""``NeuralMemory``: the Titans long-term memory as an nn.Module built from one :class:`MemoryOp`.
 
 x -> q, k, v (linear, activation, depthwise causal conv, l2 norm on q and k) -> per-head memory scan (the generated
 Triton kernel, the chunked or the reference backend: ``choice`` says which ran and why) -> RMSNorm per head ->
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,9 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from titans_compose.ops.memory.config import MemoryConfig, memory_config
+from titans_compose.graph.blocks import memory_op
+from titans_compose.ops.memory import mlp as memory_mlp
+from titans_compose.ops.memory.config import MemoryConfig
 from titans_compose.ops.memory.dispatch import BackendChoice, MemoryBackend
 from titans_compose.ops.memory.finite import MemoryDivergedError, finite_flag, first_nonfinite_token
+from titans_compose.ops.memory.op import MemoryOp
 from titans_compose.ops.memory.state import MemoryState
 from titans_compose.registry.core import Registry
 
@@ -39,10 +43,6 @@ class NeuralMemoryState:
             return None if ts is None else {k: t.detach() for k, t in ts.items()}
 
         return NeuralMemoryState(self.memory.detach(), cut(self.conv), cut(self.gates))
-
-
-def _logit(p: float) -> float:
-    return math.log(p) - math.log1p(-p)
 
 
 class _Gate(nn.Module):
@@ -169,70 +169,153 @@ def _depthwise_causal_conv(full: Tensor, weight: Tensor) -> Tensor:
     return out
 
 
-class NeuralMemory(nn.Module):
-    """The neural long-term memory of one block (memory-math.md sections 1-3).
+@dataclass(frozen=True)
+class MemoryCall:
+    """What one memory scan was given and gave: enough to check it and to find its first non-finite token again."""
 
-    ``forward(x, state=None, cu_seqlens=None) -> (out, state)``: ``x`` [B, T, dim]. With ``cu_seqlens``
+    k: Tensor
+    v: Tensor
+    gates: InnerGates
+    y: Tensor
+    state: MemoryState
+    config: MemoryConfig
+
+    def finite(self) -> Tensor:
+        """A 0-d bool tensor: whether the scan's output and state are finite (no host synchronisation)."""
+        return finite_flag(self.y, self.state)
+
+    def first_nonfinite(self) -> tuple[int | None, str]:
+        """The call's first token whose inputs or memory weights are not finite, and which (see
+        :func:`~titans_compose.ops.memory.finite.first_nonfinite_token`)."""
+        g = self.gates
+        return first_nonfinite_token(self.k, self.v, g.theta, g.log_eta, g.log_keep, g.memory, self.config)
+
+
+class _MemoryReadout(nn.Module):
+    """What every reader of a memory has, built from its :class:`MemoryOp`: the projections of ``roles`` (linear,
+    activation, depthwise causal conv, l2 norm on q and k) and, added by :meth:`_add_readout`, the readout (RMSNorm
+    per head, output gate, output projection)."""
+
+    def __init__(self, op: MemoryOp, registry: Registry, roles: tuple[str, ...]) -> None:
+        super().__init__()
+        self.op = op
+        self.config: MemoryConfig = op.config(registry)
+        self.dim, self.heads, self.head_dim = op.in_features, op.heads, op.head_dim
+        self.proj_activation = registry.get("activation", op.projections.activation).obj.fn
+        for role in roles:
+            setattr(self, f"{role}_proj", nn.Linear(op.in_features, op.width, bias=False))
+        self.conv_kernel = op.projections.conv_kernel
+        self.convs = nn.ModuleDict()
+        if self.conv_kernel is not None:
+            for role in roles:
+                self.convs[role] = nn.Conv1d(op.width, op.width, self.conv_kernel, groups=op.width, bias=False)
+        self.qk_l2norm = op.projections.qk_l2norm
+
+    def _add_readout(self) -> None:
+        op = self.op
+        self.readout_norm = nn.Parameter(torch.ones(op.heads, op.head_dim)) if op.readout_norm else None
+        self.eps = op.eps
+        self.output_gate = op.output_gate
+        self.gate_proj = nn.Linear(op.in_features, op.width, bias=False) if op.output_gate != "none" else None
+        self.out_proj = nn.Linear(op.width, op.out_width, bias=False) if op.out_proj else None
+
+    def _project(
+        self, role: str, x: Tensor, conv_state: dict[str, Tensor] | None, new_conv: dict[str, Tensor]
+    ) -> Tensor:
+        """[B, T, D] -> [B*H, T, d]: the ``role`` projection, continuing its convolution from ``conv_state``."""
+        h = self.proj_activation(getattr(self, f"{role}_proj")(x))
+        if self.conv_kernel is not None:
+            history = self.conv_kernel - 1
+            prev = h.new_zeros(h.shape[0], history, h.shape[2]) if conv_state is None else conv_state[role]
+            full = torch.cat([prev, h], 1)
+            new_conv[role] = full[:, full.shape[1] - history :]
+            h = _depthwise_causal_conv(full, self.convs[role].weight[:, 0, :])
+        b, n, _ = h.shape
+        h = h.view(b, n, self.heads, self.head_dim).transpose(1, 2).reshape(b * self.heads, n, self.head_dim)
+        if self.qk_l2norm and role != "v":
+            h = F.normalize(h, dim=-1, eps=1e-6)
+        return h
+
+    def _readout(self, y: Tensor, x: Tensor) -> Tensor:
+        """The retrieved values [B*H, T, d] of the queries of ``x`` [B, T, D] -> the layer's output [B, T, out]."""
+        batch, length = x.shape[:2]
+        y = y.view(batch, self.heads, length, self.head_dim).transpose(1, 2)  # [B, T, H, d]
+        if self.readout_norm is not None:
+            y = y * torch.rsqrt(y.square().mean(-1, keepdim=True) + self.eps) * self.readout_norm
+        y = y.reshape(batch, length, self.heads * self.head_dim)
+        if self.gate_proj is not None:
+            g = self.gate_proj(x)
+            y = y * (torch.sigmoid(g) if self.output_gate == "sigmoid" else F.silu(g))
+        if self.out_proj is not None:
+            y = self.out_proj(y)
+        return y
+
+
+class NeuralMemory(_MemoryReadout):
+    """The neural long-term memory of one block (memory-math.md sections 1-3), built from a :class:`MemoryOp`:
+    ``NeuralMemory(op, registry)``, or ``NeuralMemory.from_block(block, model, registry)``, which lowers a validated
+    block to its op. A model's memory layers are this module, built from the op on their graph node.
+
+    ``forward(x, state=None, cu_seqlens=None) -> (out, state)``: ``x`` [B, T, in_features]. With ``cu_seqlens``
     (document boundaries of a packed batch of one row, like FlashAttention's), the memory and the convolutions
     restart at every boundary and the returned state is the last document's. An empty ``x`` (T = 0) gives an empty
     output and the state unchanged. With ``check_finite`` (the default) a call whose memory output or state is not
     finite raises :class:`~titans_compose.ops.memory.finite.MemoryDivergedError` naming the first such token (one
     reduction and one host synchronisation per call; switch it off for speed once a rule is known to be stable).
+
+    The old form ``NeuralMemory(dim, memory, update, projections, registry, eps=...)`` (spec sections) still works,
+    deprecated: it lowers the sections to an op.
     """
 
     def __init__(
         self,
-        dim: int,
-        memory: Any,
-        update: Any,
-        projections: Any,
-        registry: Registry,
-        *,
-        eps: float = 1e-6,
+        op: MemoryOp | int,
+        *args: Any,
+        eps: float | None = None,
         backend: str | None = None,
         check_finite: bool = True,
     ) -> None:
-        super().__init__()
+        if not isinstance(op, MemoryOp):
+            if len(args) != 4:
+                raise TypeError(
+                    "NeuralMemory(op, registry) or, deprecated, (dim, memory, update, projections, registry)"
+                )
+            warnings.warn(
+                "NeuralMemory(dim, memory, update, projections, registry) is deprecated: build it from a MemoryOp, "
+                "NeuralMemory(op, registry), or from a validated block: NeuralMemory.from_block(block, model, "
+                "registry)",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            memory, update, projections, registry = args
+            op = MemoryOp.from_sections(op, memory, update, projections, registry, eps=1e-6 if eps is None else eps)
+        elif len(args) != 1 or eps is not None:
+            raise TypeError("NeuralMemory(op, registry): the op carries eps and every other setting")
+        else:
+            (registry,) = args
+        super().__init__(op, registry, ("q", "k", "v"))
         self.check_finite = check_finite
-        self.dim, self.heads, self.head_dim = dim, memory.heads, memory.head_dim
-        self.config: MemoryConfig = memory_config(memory, update, registry)
-        self.dispatch = MemoryBackend(backend)
-        width = self.heads * self.head_dim
-        self.proj_activation = registry.get("activation", projections.activation).obj.fn
-        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(dim, width, bias=False) for _ in range(3))
-        self.conv_kernel = projections.conv_kernel
-        self.convs = nn.ModuleDict()
-        if self.conv_kernel is not None:
-            for name in ("q", "k", "v"):
-                self.convs[name] = nn.Conv1d(width, width, self.conv_kernel, groups=width, bias=False)
-        self.qk_l2norm = projections.qk_l2norm
-        self.max_lr = update.lr.max_lr
-        self.lr_gate = _Gate(dim, self.heads, update.lr.gate, _logit(update.lr.init / update.lr.max_lr))
+        self.dispatch = MemoryBackend(op.backend if backend is None else backend)
+        self.max_lr = op.lr.max_lr
+        self.lr_gate = _Gate(op.in_features, op.heads, op.lr.granularity, op.lr.bias)
+        momentum, forget = op.momentum, op.forget
         self.momentum_gate = (
-            _Gate(dim, self.heads, update.momentum.gate, _logit(update.momentum.init))
-            if update.momentum.enabled
-            else None
+            _Gate(op.in_features, op.heads, momentum.granularity, momentum.bias) if momentum.enabled else None
         )
-        keep0 = 2.0 ** (-1.0 / update.forget.half_life)  # alpha_0 = 1 - 2^(-1/half_life)
-        self.forget_gate = (
-            _Gate(dim, self.heads, update.forget.gate, _logit(1.0 - keep0)) if update.forget.enabled else None
-        )
+        self.forget_gate = _Gate(op.in_features, op.heads, forget.granularity, forget.bias) if forget.enabled else None
         self.init_weights = nn.ParameterList()
-        for out_f, in_f in self.config.layer_shapes:
-            w = torch.randn(self.heads, out_f, in_f) / math.sqrt(in_f)
-            if memory.init == "zero":
+        for out_f, in_f in op.layer_shapes:
+            w = torch.randn(op.heads, out_f, in_f) / math.sqrt(in_f)
+            if op.init == "zero":
                 w.zero_()
-            self.init_weights.append(nn.Parameter(w, requires_grad=memory.init == "learned"))
-        self.readout_norm = nn.Parameter(torch.ones(self.heads, self.head_dim)) if memory.readout_norm else None
-        self.eps = eps
-        self.output_gate = memory.output_gate
-        self.gate_proj = nn.Linear(dim, width, bias=False) if memory.output_gate != "none" else None
-        self.out_proj = nn.Linear(width, dim, bias=False) if memory.out_proj else None
+            self.init_weights.append(nn.Parameter(w, requires_grad=op.init == "learned"))
+        self._add_readout()
 
     @classmethod
     def from_block(cls, block: Any, model: Any, registry: Registry, **kwargs: Any) -> NeuralMemory:
-        """The memory of a validated spec block (any kind with memory, update and projections sections)."""
-        return cls(model.dim, block.memory, block.update, block.projections, registry, eps=block.norm.eps, **kwargs)
+        """The memory of a validated spec block (any kind with memory, update and projections sections), built from
+        the op lowering makes of it."""
+        return cls(memory_op(block, model, registry), registry, **kwargs)
 
     # ------------------------------------------------------------------------------------------------ pieces
 
@@ -254,23 +337,6 @@ class NeuralMemory(nn.Module):
         ]
         return NeuralMemoryState(MemoryState.initial(weights, self.config.momentum), None)
 
-    def _project(
-        self, name: str, proj: nn.Linear, x: Tensor, conv_state: dict[str, Tensor] | None, new_conv: dict[str, Tensor]
-    ) -> Tensor:
-        h = self.proj_activation(proj(x))
-        if self.conv_kernel is None:
-            return h
-        history = self.conv_kernel - 1
-        prev = h.new_zeros(h.shape[0], history, h.shape[2]) if conv_state is None else conv_state[name]
-        full = torch.cat([prev, h], 1)
-        new_conv[name] = full[:, full.shape[1] - history :]
-        return _depthwise_causal_conv(full, self.convs[name].weight[:, 0, :])
-
-    def _heads(self, t: Tensor) -> Tensor:
-        """[B, T, H*d] -> [B*H, T, d]."""
-        b, n, _ = t.shape
-        return t.view(b, n, self.heads, self.head_dim).transpose(1, 2).reshape(b * self.heads, n, self.head_dim)
-
     def gates(self, x: Tensor, state: NeuralMemoryState | None = None) -> InnerGates:
         """theta, log eta, log(1 - alpha) [B*H, T] for the tokens of ``x`` continuing ``state`` (see
         :func:`inner_gates`)."""
@@ -280,6 +346,17 @@ class NeuralMemory(nn.Module):
 
     # ------------------------------------------------------------------------------------------------ forward
 
+    def step(self, x: Tensor, state: NeuralMemoryState | None = None) -> tuple[Tensor, NeuralMemoryState, MemoryCall]:
+        """One call without the finiteness check: (out, state, the scan's :class:`MemoryCall`) for ``x`` [B, T, D]
+        (T >= 1) continuing ``state``; a model checks the calls of all its layers at once."""
+        state = self.initial_state(x.shape[0]) if state is None else state
+        new_conv: dict[str, Tensor] = {}
+        q, k, v = (self._project(role, x, state.conv, new_conv) for role in ("q", "k", "v"))
+        gates = self.gates(x, state)
+        y, memory_state = self.dispatch(q, k, v, gates.theta, gates.log_eta, gates.log_keep, gates.memory, self.config)
+        call = MemoryCall(k, v, gates, y, memory_state, self.config)
+        return self._readout(y, x), NeuralMemoryState(memory_state, new_conv or None, gates.carry), call
+
     def forward(
         self, x: Tensor, state: NeuralMemoryState | None = None, cu_seqlens: Tensor | list[int] | None = None
     ) -> tuple[Tensor, NeuralMemoryState]:
@@ -288,30 +365,12 @@ class NeuralMemory(nn.Module):
         batch, length, _ = x.shape
         state = self.initial_state(batch) if state is None else state
         if length == 0:  # nothing to read or write
-            return x.new_zeros(batch, 0, self.dim if self.out_proj is not None else self.heads * self.head_dim), state
-        new_conv: dict[str, Tensor] = {}
-        q = self._project("q", self.q_proj, x, state.conv, new_conv)
-        k = self._project("k", self.k_proj, x, state.conv, new_conv)
-        v = self._project("v", self.v_proj, x, state.conv, new_conv)
-        q, k, v = self._heads(q), self._heads(k), self._heads(v)
-        if self.qk_l2norm:
-            q, k = F.normalize(q, dim=-1, eps=1e-6), F.normalize(k, dim=-1, eps=1e-6)
-        gates = self.gates(x, state)
-        series = (gates.theta, gates.log_eta, gates.log_keep)
-        y, memory_state = self.dispatch(q, k, v, *series, gates.memory, self.config)
-        if self.check_finite and not torch.compiler.is_compiling() and not finite_flag(y, memory_state):
-            token, cause = first_nonfinite_token(k, v, *series, gates.memory, self.config)
+            return x.new_zeros(batch, 0, self.op.out_features), state
+        out, state, call = self.step(x, state)
+        if self.check_finite and not torch.compiler.is_compiling() and not call.finite():
+            token, cause = call.first_nonfinite()
             raise MemoryDivergedError(type(self).__name__, token, "of this call", cause)
-        y = y.view(batch, self.heads, length, self.head_dim).transpose(1, 2)  # [B, T, H, d]
-        if self.readout_norm is not None:
-            y = y * torch.rsqrt(y.square().mean(-1, keepdim=True) + self.eps) * self.readout_norm
-        y = y.reshape(batch, length, self.heads * self.head_dim)
-        if self.gate_proj is not None:
-            g = self.gate_proj(x)
-            y = y * (torch.sigmoid(g) if self.output_gate == "sigmoid" else F.silu(g))
-        if self.out_proj is not None:
-            y = self.out_proj(y)
-        return y, NeuralMemoryState(memory_state, new_conv or None, gates.carry)
+        return out, state
 
     def _forward_documents(
         self, x: Tensor, state: NeuralMemoryState | None, cu_seqlens: Tensor | list[int]
@@ -337,3 +396,22 @@ class NeuralMemory(nn.Module):
         if not outs:  # only empty documents
             return self(x)
         return torch.cat(outs, 1), last
+
+
+class MemoryContextRead(_MemoryReadout):
+    """A read of another memory's weights with its own query projection and readout, built from that memory's
+    :class:`MemoryOp` (MAC's context read: the memory as it was when the segment began). The state it carries is
+    its convolution's history."""
+
+    def __init__(self, op: MemoryOp, registry: Registry) -> None:
+        super().__init__(op, registry, ("q",))
+        self._add_readout()
+
+    def read(
+        self, x: Tensor, weights: tuple[Tensor, ...], conv: dict[str, Tensor] | None
+    ) -> tuple[Tensor, dict[str, Tensor] | None]:
+        """M(q) for the queries of ``x`` [B, T, D] read with ``weights`` ([B*H, out, in] per layer), and the
+        convolution history after ``x``."""
+        new_conv: dict[str, Tensor] = {}
+        q = self._project("q", x, conv, new_conv)
+        return self._readout(memory_mlp.forward(weights, q, self.config), x), new_conv or None

@@ -13,7 +13,6 @@ nodes run once per piece, the memory state flowing from piece to piece.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -25,12 +24,12 @@ from torch import Tensor, nn
 
 from titans_compose.graph.ir import dag_view, inputs_of
 from titans_compose.nn.attention import Attention
-from titans_compose.nn.memory import InnerGates, _depthwise_causal_conv, _Gate, _logit, inner_gates
-from titans_compose.ops.memory import mlp as memory_mlp
-from titans_compose.ops.memory.config import MemoryConfig, memory_config
-from titans_compose.ops.memory.dispatch import BackendChoice, MemoryBackend
-from titans_compose.ops.memory.finite import MemoryDivergedError, finite_flag, first_nonfinite_token
-from titans_compose.ops.memory.state import MemoryState
+from titans_compose.nn.legacy_keys import rename_legacy_keys
+from titans_compose.nn.memory import MemoryCall, MemoryContextRead, NeuralMemory, _depthwise_causal_conv
+from titans_compose.ops.memory.config import MemoryConfig
+from titans_compose.ops.memory.dispatch import MemoryBackend
+from titans_compose.ops.memory.finite import MemoryDivergedError
+from titans_compose.ops.memory.op import MemoryOp
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -100,10 +99,10 @@ class Node(nn.Module):
 
 @dataclass
 class BuildContext:
-    """What building a node may need besides its params: the registry, the layer's block spec, shared modules."""
+    """What building a node may need besides its params: the registry and shared modules. (Everything else comes
+    from the node's params: the graph is the model's only description.)"""
 
     registry: Registry
-    block: Any
     embedding: nn.Embedding | None
 
 
@@ -226,147 +225,37 @@ class Conv(Node):
         return _depthwise_causal_conv(full, self.conv.weight[:, 0, :]), full[:, full.shape[1] - history :]
 
 
-class MemoryGates(Node):
-    """theta, log eta, log(1 - alpha) per (batch x head) row and token (:func:`inner_gates`); per-chunk gates average
-    on the chunk grid, which continues the pending tokens of the memory state (port ``state``, added when the model
-    is built). The node's own state: the per-chunk gates' log values of those pending tokens."""
+class MemoryNode(NeuralMemory):
+    """A memory layer of the graph: the :class:`~titans_compose.nn.memory.NeuralMemory` of the node's op, whose
+    backend the graph's ``backend`` pass chose. Its state: the memory's (weights, momentum, pending chunk tokens,
+    convolution history, per-chunk gate values). The model checks its calls' finiteness for all layers at once."""
 
     stateful = True
 
     def __init__(self, params: dict[str, Any], ctx: BuildContext) -> None:
-        super().__init__(params, ctx)
-        dim, self.heads, gates = params["in_features"], params["heads"], params["gates"]
-        lr, momentum, forget = params["lr"], params["momentum"], params["forget"]
-        self.chunk = ctx.block.memory.chunk_size
-        self.max_lr = lr["max_lr"]
-        self.lr_gate = _Gate(dim, self.heads, lr["gate"], _logit(lr["init"] / lr["max_lr"]))
-        self.momentum_gate = (
-            _Gate(dim, self.heads, momentum["gate"], _logit(momentum["init"])) if "momentum" in gates else None
-        )
-        keep0 = 2.0 ** (-1.0 / forget["half_life"])
-        self.forget_gate = _Gate(dim, self.heads, forget["gate"], _logit(1.0 - keep0)) if "forget" in gates else None
-
-    def run(self, inputs: dict[str, Any], state: dict[str, Tensor] | None, step: Step) -> tuple[InnerGates, Any]:
-        gates = {"lr": self.lr_gate, "momentum": self.momentum_gate, "forget": self.forget_gate}
-        out = inner_gates(gates, self.max_lr, self.chunk, inputs["x"], inputs["state"], state)
-        return out, out.carry
+        op: MemoryOp = params["memory"]
+        super().__init__(op, ctx.registry, check_finite=False)
+        self.dispatch = MemoryBackend(op.backend, params.get("backend_reason"))
 
 
-def _to_heads(t: Tensor, heads: int) -> Tensor:
-    """[B, T, H*d] -> [B*H, T, d]."""
-    b, n, width = t.shape
-    d = width // heads  # explicit sizes: -1 is ambiguous for an empty batch
-    return t.view(b, n, heads, d).transpose(1, 2).reshape(b * heads, n, d)
-
-
-def _from_heads(t: Tensor, heads: int) -> Tensor:
-    """[B*H, T, d] -> [B, T, H*d]."""
-    bh, n, d = t.shape
-    return t.view(bh // heads, heads, n, d).transpose(1, 2).reshape(bh // heads, n, heads * d)
-
-
-class MemoryStateNode(Node):
-    """The memory's initial weights M_0 (learned, or fixed at zero) and the state carried along the stream."""
+class MemoryReadNode(MemoryContextRead):
+    """MAC's context read: the memory as it was when the current segment began (port ``state``: the memory's state
+    before this piece, given by the layer). Its state: the segment-start weights and its convolution's history."""
 
     stateful = True
 
     def __init__(self, params: dict[str, Any], ctx: BuildContext) -> None:
-        super().__init__(params, ctx)
-        self.heads, self.momentum = params["heads"], params["momentum"]
-        self.init_weights = nn.ParameterList()
-        for out_f, in_f in params["layers"]:
-            w = torch.randn(self.heads, out_f, in_f) / in_f**0.5
-            if params["init"] == "zero":
-                w.zero_()
-            self.init_weights.append(nn.Parameter(w, requires_grad=params["init"] == "learned"))
+        super().__init__(params["memory"], ctx.registry)
 
-    def initial(self, batch: int) -> MemoryState:
-        weights = [
-            w.unsqueeze(0).expand(batch, *w.shape).reshape(batch * self.heads, *w.shape[1:]) for w in self.init_weights
-        ]
-        return MemoryState.initial(weights, self.momentum)
-
-    def run(self, inputs: dict[str, Any], state: MemoryState | None, step: Step) -> tuple[MemoryState, MemoryState]:
-        """The state before this piece (the write that takes it returns the next one through its read)."""
-        state = self.initial(step.batch) if state is None else state
-        return state, state
-
-
-@dataclass(frozen=True)
-class _Write:
-    """A memory write waiting for its read: the write's module and inputs (the kernel reads and writes together)."""
-
-    node: MemoryWrite
-    k: Tensor
-    v: Tensor
-    gates: InnerGates
-
-    @property
-    def series(self) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        return self.gates.theta, self.gates.log_eta, self.gates.log_keep
-
-
-class MemoryWrite(Node):
-    """The chunked gradient update of the memory; it runs together with the read that takes its state."""
-
-    def __init__(self, params: dict[str, Any], ctx: BuildContext) -> None:
-        super().__init__(params, ctx)
-        self.heads = params["heads"]
-        self.config = _memory_config(params, ctx)
-        self.dispatch = MemoryBackend(params.get("backend"), params.get("backend_reason"))
-
-    @property
-    def choice(self) -> BackendChoice:
-        """The backend the last write ran and why (before the first, what the graph's backend pass recorded)."""
-        return self.dispatch.choice
-
-    def run(self, inputs: dict[str, Any], state: Any, step: Step) -> tuple[_Write, Any]:
-        """The write's inputs; the memory state it continues comes with the gates (its pending tokens' per-chunk
-        gates recomputed), so the ``state`` port only orders the nodes."""
-        k, v = _to_heads(inputs["keys"], self.heads), _to_heads(inputs["values"], self.heads)
-        return _Write(self, k, v, inputs["gates"]), None
-
-    def apply(self, write: _Write, q: Tensor, retrieval: str) -> tuple[Tensor, MemoryState]:
-        """Read ``q`` [B*H, T, d] with ``retrieval`` while writing: (y, the state after the write)."""
-        cfg = dataclasses.replace(self.config, retrieval=retrieval)
-        return self.dispatch(q, write.k, write.v, *write.series, write.gates.memory, cfg)
-
-
-def _memory_config(params: dict[str, Any], ctx: BuildContext) -> MemoryConfig:
-    """The block's memory configuration with the sizes and options the graph node was lowered with."""
-    block = ctx.block
-    return dataclasses.replace(
-        memory_config(block.memory, block.update, ctx.registry),
-        layer_shapes=tuple(tuple(s) for s in params["layers"]),
-        activation=ctx.registry.get("activation", params["activation"]).obj,
-        residual=params["residual"],
-        output_norm=params["output_norm"],
-        momentum=params["momentum"],
-    )
-
-
-class MemoryRead(Node):
-    """y = M(q). Fed by a write: the write runs with this read's retrieval. Fed by the state (MAC's context read,
-    ``retrieval: segment_start``): reads the memory as it was when the current segment began."""
-
-    stateful = True
-
-    def __init__(self, params: dict[str, Any], ctx: BuildContext) -> None:
-        super().__init__(params, ctx)
-        self.heads, self.retrieval = params["heads"], params["retrieval"]
-        self.config = _memory_config(params, ctx)
-
-    def run(self, inputs: dict[str, Any], state: Any, step: Step) -> tuple[Any, Any]:
-        q = _to_heads(inputs["queries"], self.heads)
-        source = inputs["state"]
-        if isinstance(source, _Write):
-            y, new = source.node.apply(source, q, self.retrieval)
-            return (_from_heads(y, self.heads), new), None
-        if step.segment_pos == 0 or state is None:
-            if source.pending is not None:
+    def run(self, inputs: dict[str, Any], state: Any, step: Step) -> tuple[Tensor, Any]:
+        weights, conv = (None, None) if state is None else state
+        if step.segment_pos == 0 or weights is None:
+            memory = inputs["state"].memory
+            if memory.pending is not None:
                 raise ValueError("a segment must start on a memory chunk boundary (segment a multiple of chunk_size)")
-            state = source.weights
-        return _from_heads(memory_mlp.forward(state, q, self.config), self.heads), state
+            weights = memory.weights
+        y, conv = self.read(inputs["queries"], weights, conv)
+        return y, (weights, conv)
 
 
 class AttentionNode(Node):
@@ -449,7 +338,7 @@ class Add(Node):
         return inputs["a"] + inputs["b"], None
 
 
-NODE_MODULES: dict[str, type[Node]] = {
+NODE_MODULES: dict[str, type[nn.Module]] = {
     "embed": Embed,
     "persistent": Persistent,
     "concat": Concat,
@@ -457,10 +346,8 @@ NODE_MODULES: dict[str, type[Node]] = {
     "norm": Norm,
     "proj": Proj,
     "conv": Conv,
-    "memory_gates": MemoryGates,
-    "memory_state": MemoryStateNode,
-    "memory_write": MemoryWrite,
-    "memory_read": MemoryRead,
+    "memory": MemoryNode,
+    "memory_read": MemoryReadNode,
     "attention": AttentionNode,
     "gate": Gate,
     "mlp": MLP,
@@ -478,29 +365,31 @@ def _key(node: str) -> str:
 # --------------------------------------------------------------------------------------------- layers and model
 
 
+def _memory_read_source(graph: nx.DiGraph, read: str) -> str:
+    """The memory node whose state the ``memory_read`` node ``read`` reads (its recurrent ``state`` edge)."""
+    sources = [u for u, _, d in graph.in_edges(read, data=True) if d.get("recurrent") and d.get("port") == "state"]
+    if len(sources) != 1 or graph.nodes[sources[0]]["op"] != "memory":
+        raise ValueError(f"{read}: a memory read must read one memory's state through a recurrent edge")
+    return sources[0]
+
+
 class _LayerProgram:
     """One layer's nodes in topological order with their input ports. A MAC layer (a ``segment`` attention) runs
-    once per piece of the call that lies within one segment."""
+    once per piece of the call that lies within one segment; its context read is given the state of the memory it
+    reads (its recurrent ``state`` edge) as that memory's state before the piece."""
 
     def __init__(self, graph: nx.DiGraph, record: dict, order: list[str], modules: nn.ModuleDict) -> None:
         self.input, self.output, self.modules = record["input"], record["output"], modules
         nodes = [n for n in order if graph.nodes[n]["layer"] == record["index"]]
         self.program = [(n, inputs_of(graph, n)) for n in nodes]
-        self.read_updates: dict[str, str] = {}  # read fed by a write -> the memory state node it updates
+        self.reads: dict[str, str] = {}  # context read -> the memory node whose state it reads
         self.segment: int | None = None
-        for node, ports in self.program:
+        for node, _ in self.program:
             op, params = graph.nodes[node]["op"], graph.nodes[node]["params"]
             if op == "attention" and params["kind"] == "segment":
                 self.segment = params["segment"]
-            elif op == "memory_write":
-                self._ports(ports["gates"])["state"] = ports["state"]
-            elif op == "memory_read" and graph.nodes[ports["state"]]["op"] == "memory_write":
-                self.read_updates[node] = inputs_of(graph, ports["state"])["state"]
-            elif op == "memory_read" and params["retrieval"] != "segment_start":
-                raise ValueError(f"{node}: a read of the memory state itself must be a segment_start read")
-
-    def _ports(self, node: str) -> dict[str, str]:
-        return next(ports for n, ports in self.program if n == node)
+            elif op == "memory_read":
+                self.reads[node] = _memory_read_source(graph, node)
 
     def node_modules(self) -> list[nn.Module]:
         """The modules of the layer's nodes, in program order (e.g. to shard the layer's parameters as a unit)."""
@@ -508,7 +397,7 @@ class _LayerProgram:
 
     def run(self, x: Tensor, cur: dict[str, Any], position: int, checks: list[_Check] | None) -> Tensor:
         """The layer's output for ``x`` [B, T, D] starting ``position`` tokens into the stream; updates ``cur`` and
-        appends each memory write's finiteness check to ``checks`` (None: no checks)."""
+        appends each memory call's finiteness check to ``checks`` (None: no checks)."""
         if self.segment is None:
             return self._piece(x, cur, Step(position, x.shape[0]), checks)
         outs, start = [], 0
@@ -525,13 +414,18 @@ class _LayerProgram:
         for node, ports in self.program:
             module = self.modules[_key(node)]
             inputs = {port: env[src] for port, src in ports.items()}
+            if isinstance(module, MemoryNode):
+                out, cur[node], call = module.step(inputs["x"], cur.get(node))
+                if checks is not None:  # the memory sees x after any prefix (MAL's persistent tokens)
+                    first = step.position - (inputs["x"].shape[1] - x.shape[1])
+                    checks.append(_Check(node, call, first, call.finite()))
+                env[node] = out
+                continue
+            if node in self.reads:
+                memory = self.reads[node]
+                state = cur.get(memory)
+                inputs["state"] = self.modules[_key(memory)].initial_state(step.batch) if state is None else state
             out, new = module.run(inputs, cur.get(node), step)
-            if node in self.read_updates:
-                out, cur[self.read_updates[node]] = out
-                if checks is not None:
-                    write = inputs["state"]  # the memory sees x after any prefix (MAL's persistent tokens)
-                    first = step.position - (write.k.shape[1] - x.shape[1])
-                    checks.append(_Check(ports["state"], write, first, finite_flag(out, cur[self.read_updates[node]])))
             env[node] = out
             if module.stateful:
                 cur[node] = new
@@ -540,18 +434,17 @@ class _LayerProgram:
 
 @dataclass(frozen=True)
 class _Check:
-    """One memory write of a forward pass: its node, inputs, the stream position of its first memory token and
+    """One memory call of a forward pass: its node, the call, the stream position of its first memory token and
     whether its output and state are finite (a 0-d tensor, read once per forward with the others)."""
 
     node: str
-    write: _Write
+    call: MemoryCall
     first: int
     finite: Tensor
 
     def error(self) -> MemoryDivergedError:
-        """The error for this write, naming its first token whose memory weights are not finite."""
-        w = self.write
-        token, cause = first_nonfinite_token(w.k, w.v, *w.series, w.gates.memory, w.node.config)
+        """The error for this call, naming its first token whose memory weights are not finite."""
+        token, cause = self.call.first_nonfinite()
         if token is not None and self.first + token < 0:  # MAL: one of the persistent tokens written first
             return MemoryDivergedError(self.node, token, "of the memory's input (a persistent token)", cause)
         return MemoryDivergedError(self.node, None if token is None else self.first + token, "of the stream", cause)
@@ -596,11 +489,12 @@ class TitansLM(nn.Module):
             data = graph.nodes[node]
             if data["op"] in ("input", "output"):
                 continue
-            block = None if data["layer"] is None else loaded.spec.blocks[records[data["layer"]]["block"]]
             params = dict(data["params"])
-            if data["op"] == "memory_write":
-                params.update(backend=data.get("backend"), backend_reason=data.get("backend_reason"))
-            module = NODE_MODULES[data["op"]](params, BuildContext(loaded.registry, block, embedding))
+            if data["op"] == "memory":
+                params["backend_reason"] = data.get("backend_reason")
+            elif data["op"] == "memory_read":  # built from the op of the memory it reads
+                params["memory"] = graph.nodes[_memory_read_source(graph, node)]["params"]["memory"]
+            module = NODE_MODULES[data["op"]](params, BuildContext(loaded.registry, embedding))
             if isinstance(module, Embed):
                 embedding = module.embedding
             self.nodes[_key(node)] = module
@@ -620,6 +514,7 @@ class TitansLM(nn.Module):
         self.plan = list(nx.lexicographical_topological_sort(units, key=str))
         self.ports = {n: inputs_of(graph, n) for n in order}
         self.output = next(n for n in order if graph.nodes[n]["op"] == "output")
+        self.register_load_state_dict_pre_hook(rename_legacy_keys)  # weights saved before one memory node per layer
 
     @classmethod
     def from_graph(cls, graph: nx.DiGraph, loaded: LoadedSpec) -> TitansLM:
@@ -731,18 +626,15 @@ class TitansLM(nn.Module):
 
         return sorted(counts.items(), key=lambda item: rank(item[0]))
 
+    def memory_layers(self) -> list[tuple[str, NeuralMemory]]:
+        """(node, module) for every memory layer, in model order: each is the NeuralMemory of its node's op."""
+        found = ((n, self.nodes[_key(n)]) for n, d in self._graph_info.items() if d["op"] == "memory")
+        return [(n, m) for n, m in found if isinstance(m, MemoryNode)]
+
     def memory_configs(self) -> list[MemoryConfig]:
-        """The configuration every memory write runs with, once per read it serves (the read's retrieval): what
-        the kernel generator keys its kernels on."""
-        configs = []
-        for node, data in self._graph_info.items():
-            source = self.ports[node].get("state")
-            if data["op"] == "memory_read" and self._graph_info[source]["op"] == "memory_write":
-                write = self.nodes[_key(source)]
-                configs.append(dataclasses.replace(write.config, retrieval=self.nodes[_key(node)].retrieval))
-        return configs
+        """The configuration every memory layer runs with: what the kernel generator keys its kernels on."""
+        return [module.config for _, module in self.memory_layers()]
 
     def memory_backends(self) -> list[tuple[str, str, str]]:
-        """(memory write node, backend name, why) for every memory layer."""
-        writes = [n for n, d in self._graph_info.items() if d["op"] == "memory_write"]
-        return [(n, self.nodes[_key(n)].choice.name, self.nodes[_key(n)].choice.reason) for n in writes]
+        """(memory node, backend name, why) for every memory layer."""
+        return [(n, module.choice.name, module.choice.reason) for n, module in self.memory_layers()]

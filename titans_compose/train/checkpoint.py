@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load as load_tensors
 
 from titans_compose.io import atomic_write, temporaries
+from titans_compose.nn.legacy_keys import has_legacy_keys
 from titans_compose.train.distributed import full_tensor, like
 
 FORMAT = "titans-compose-checkpoint"
@@ -202,6 +203,12 @@ def load_checkpoint(
     sharded over ranks (FSDP2), whatever number of ranks wrote the checkpoint: every rank must call this."""
     record, tensors = read_checkpoint(directory)
     where = Path(directory) / record["tensors"]["file"]
+    if has_legacy_keys({k.removeprefix("model/") for k in tensors if k.startswith("model/")}):
+        raise CheckpointError(
+            f"{where} was written before each memory layer became one module: its weights load (export the run, or "
+            "use load_weights), but its optimizer state is ordered by the old modules and cannot be restored; start "
+            "a new run from the exported weights"
+        )
     _restore_model(model, tensors, where)
     state: dict[int, dict[str, Any]] = {
         int(index): dict(values) for index, values in record["optimizer"]["state"].items()

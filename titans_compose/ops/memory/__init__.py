@@ -1,6 +1,7 @@
 """The Titans memory op: a per-head scan that reads a small MLP memory and trains it on each token as it goes.
 
-Contents (one module per job): :mod:`reference` (token by token, the oracle), :mod:`chunked` with
+Contents (one module per job): :mod:`op` (``MemoryOp``: everything one memory layer needs, from which its modules
+are built), :mod:`reference` (token by token, the oracle), :mod:`chunked` with
 :mod:`chunk_write` / :mod:`chunk_read` (the chunked dual form in PyTorch, the CPU path), :mod:`codegen` (the Triton
 kernels generated per configuration), :mod:`dispatch` (which of them runs, and why), :mod:`config` (what the scan
 depends on), :mod:`state` (what one call hands the next), :mod:`mlp` (the memory MLP), :mod:`finite` (divergence

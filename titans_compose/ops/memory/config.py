@@ -6,10 +6,11 @@ generator will key its generated code on the same fields.
 
 from __future__ import annotations
 
+import importlib
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from titans_compose.registry.core import Registry
 from titans_compose.registry.rules import Activation, Loss, Optimizer, Retention
 
 RETRIEVALS = ("after", "before", "per_chunk")
@@ -66,26 +67,14 @@ class MemoryConfig(MemoryShape):
             raise ValueError(f"the memory must map head_dim to head_dim, got layers {self.layer_shapes}")
 
 
-def memory_config(memory: Any, update: Any, registry: Registry) -> MemoryConfig:
-    """Resolve a validated ``memory`` and ``update`` section into a :class:`MemoryConfig`."""
-    model = registry.get("memory", memory.model).obj
-    loss_entry = registry.get("loss", update.loss.name)
-    loss_params = update.loss if loss_entry.params is not None else None
-    return MemoryConfig(
-        layer_shapes=tuple(model.layer_shapes(memory)),
-        activation=registry.get("activation", memory.activation).obj,
-        loss=loss_entry.obj,
-        loss_params=loss_params,
-        residual=memory.residual,
-        output_norm=memory.output_norm,
-        momentum=update.momentum.enabled,
-        forget=update.forget.enabled,
-        chunk_size=memory.chunk_size,
-        retrieval=memory.retrieval,
-        grad_clip=update.grad_clip,
-        retention=registry.get("retention", update.forget.rule.name).obj,
-        optimizer=registry.get("optimizer", update.momentum.rule.name).obj,
-        checkpoint=memory.checkpoint,
-        names=(memory.activation, update.loss.name),
-        gates=(update.lr.gate, update.momentum.gate, update.forget.gate),
-    )
+def __getattr__(name: str) -> Any:
+    """``memory_config`` moved to :mod:`titans_compose.ops.memory.op` (next to the op that writes every config);
+    this name still finds it. Looked up by name: the op module imports this one."""
+    if name == "memory_config":
+        warnings.warn(
+            "titans_compose.ops.memory.config.memory_config moved to titans_compose.ops.memory.op.memory_config",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return importlib.import_module("titans_compose.ops.memory.op").memory_config
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

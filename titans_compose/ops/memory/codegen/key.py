@@ -82,7 +82,7 @@ class KernelKey(MemoryShape):
 
 def kernel_key(cfg: MemoryConfig, dtype: str) -> KernelKey:
     """The key of ``cfg`` run on inputs of ``dtype`` (e.g. ``"float32"``). ``cfg`` must carry its registry
-    names (configs made by :func:`~titans_compose.ops.memory.config.memory_config` do)."""
+    names (configs made by :func:`~titans_compose.ops.memory.op.memory_config` do)."""
     if cfg.names is None:
         raise ValueError("this MemoryConfig has no registry names; build it with memory_config() to key a kernel")
     params = cfg.loss_params.model_dump() if cfg.loss_params is not None else {}
