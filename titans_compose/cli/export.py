@@ -22,10 +22,11 @@ def _shape(text: str) -> tuple[int, int]:
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["artifact", "torch-export"]),
+    type=click.Choice(["artifact", "torch-export", "hf"]),
     default="artifact",
     show_default=True,
-    help="torch-export also writes program.pt2, an ExportedProgram of the forward, checked against the module.",
+    help="torch-export also writes program.pt2, an ExportedProgram of the forward, checked against the module; hf "
+    "writes a transformers save_pretrained directory instead (needs the hf extra).",
 )
 @click.option("--example", default="2x64", show_default=True, help="torch-export: the BATCHxTOKENS traced.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the initial weights of a SPEC.")
@@ -45,7 +46,8 @@ def export(
     """Export SPEC (its initial weights) or a BUILD_DIR (verified) to --out: the resolved spec, safetensors weights
     and a manifest of hashes and versions that `titans_compose.load(OUT)` verifies and loads as a plain nn.Module.
     A BUILD_DIR made with plug-in files or modules needs them passed again with --plugin: none is imported on the
-    build's word."""
+    build's word. --format hf writes a transformers save_pretrained directory instead (also of an exported
+    artifact, or of a `train` run: its newest checkpoint's weights)."""
     plugins, debug = settings(ctx, sub_plugins, sub_debug)
     shape = _shape(example)
 
@@ -56,6 +58,8 @@ def export(
 
         if model_registry(plugins, debug) is None:
             return 1
+        if fmt == "hf":
+            return _export_hf(source, out, overrides, plugins, seed)
         try:
             done = run(
                 source,
@@ -80,3 +84,23 @@ def export(
         return 0
 
     guarded(ctx, debug, body)
+
+
+def _export_hf(source: str, out: Path, overrides: tuple[str, ...], plugins: tuple[str, ...], seed: int) -> int:
+    """``--format hf``: a transformers save_pretrained directory (titans_compose.hf)."""
+    try:
+        from titans_compose.hf.export import HFExportError, export_hf
+    except ImportError as exc:
+        raise click.ClickException(str(exc)) from None
+    from titans_compose.builder import BuildError
+
+    try:
+        export_hf(source, out, overrides=overrides, plugins=plugins, seed=seed)
+    except (BuildError, HFExportError) as exc:
+        raise click.ClickException(str(exc)) from None
+    with_plugins = f", plugins={list(plugins)!r}" if plugins else ""
+    click.echo(f"wrote {out}/ (config.json, model.safetensors, generation_config.json, tokenizer_config.json)")
+    click.echo(
+        f"load it with: import titans_compose.hf; AutoModelForCausalLM.from_pretrained({str(out)!r}{with_plugins})"
+    )
+    return 0

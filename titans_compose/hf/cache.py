@@ -1,0 +1,66 @@
+"""A transformers ``Cache`` holding a titans_compose stream's whole state between calls.
+
+The model's :class:`~titans_compose.nn.model.ModelState` already carries everything a stream needs (the memory
+weights and momentum, the attention KV windows, convolution history, MAC segment-start weights), with a size that
+does not grow with the stream beyond the attention windows; this cache only hands it from one ``forward`` to the
+next, so ``generate`` runs one token per step from the cached state.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers.cache_utils import Cache
+
+from titans_compose.nn.model import ModelState
+
+
+class TitansCache(Cache):
+    """The state after the tokens seen so far (None before the first token). ``forward`` replaces it in place."""
+
+    def __init__(self, state: ModelState | None = None) -> None:
+        super().__init__(layers=[])
+        self.state = state
+
+    def get_seq_length(self, layer_idx: int | None = 0) -> int:
+        """Tokens seen so far."""
+        return 0 if self.state is None else self.state.position
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1  # no limit: the state does not grow with the stream
+
+    def get_max_cache_shape(self, layer_idx: int = 0) -> int:
+        return -1
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    @property
+    def is_croppable(self) -> bool:
+        return False  # a recurrent state cannot be rolled back
+
+    @property
+    def batch_size(self) -> int:
+        return -1 if self.state is None else self.state.batch
+
+    def reset(self) -> None:
+        self.state = None
+
+    def _unsupported(self, what: str) -> Any:
+        raise NotImplementedError(
+            f"{what} is not supported by titans_compose models: their recurrent state cannot be reordered, copied "
+            "per row or rolled back; use greedy decoding or sampling (num_beams=1, no assisted decoding)"
+        )
+
+    def reorder_cache(self, beam_idx: Any) -> None:
+        self._unsupported("beam search (reordering the cache)")
+
+    def batch_select_indices(self, indices: Any) -> None:
+        self._unsupported("selecting cache rows")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._unsupported("repeating cache rows")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        self._unsupported("cropping the cache")
