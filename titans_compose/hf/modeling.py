@@ -72,6 +72,17 @@ class TitansComposeForCausalLM(TitansComposePreTrainedModel, GenerationMixin):
         self.post_init()
 
     @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> TitansComposeForCausalLM:
+        """transformers' loading, then every tensor copied out of the memory-mapped weights file into memory of its
+        own: a view into the file lies at whatever offset the file gives it, and on the CPU a matmul over unaligned
+        memory runs another kernel, whose sums differ from the source model's in the last bits."""
+        model = super().from_pretrained(*args, **kwargs)
+        with torch.no_grad():
+            for tensor in [*model.parameters(), *model.buffers()]:
+                tensor.data = tensor.data.clone()
+        return model
+
+    @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # generate must not make a DynamicCache: forward makes its own TitansCache
 

@@ -1,0 +1,372 @@
+"""Hugging Face interoperability (titans_compose.hf, the ``hf`` extra): exports load through transformers' Auto
+classes with the source model's logits, stream through a TitansCache, generate what the project's generate makes,
+train with transformers' Trainer, and evaluate in lm-eval on a local task with the numbers a direct computation
+gives. Skipped, with the reason, where the extra is not installed."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+# transformers and datasets read these when first imported: nothing is downloaded, nothing is cached outside the
+# test session (remote-code modules and dataset caches included)
+_CACHE = tempfile.mkdtemp(prefix="titans-compose-test-hf-")
+for _name, _value in {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "HF_HOME": _CACHE,
+    "HF_MODULES_CACHE": os.path.join(_CACHE, "modules"),
+    "HF_DATASETS_CACHE": os.path.join(_CACHE, "datasets"),
+    "TOKENIZERS_PARALLELISM": "false",
+}.items():
+    os.environ.setdefault(_name, _value)
+
+pytest.importorskip("transformers", reason='the hf extra is not installed (pip install -e ".[hf]")')
+
+import torch  # noqa: E402
+import yaml  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+import titans_compose  # noqa: E402
+from tests.conftest import ROOT, SPECS, shipped_specs  # noqa: E402
+from titans_compose.cli.main import cli  # noqa: E402
+from titans_compose.hf import ByteTokenizer, TitansCache, TitansComposeConfig, TitansComposeForCausalLM  # noqa: E402
+from titans_compose.hf.export import export_hf  # noqa: E402
+from titans_compose.train.data import decode, encode  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY = {
+    "name": "tiny",
+    "model": {"vocab_size": 256, "dim": 16},
+    "memory": {"heads": 2, "head_dim": 8, "depth": 2, "expansion": 2, "chunk_size": 4},
+    "update": {"grad_clip": 1.0},  # without the clip these random tiny memories diverge within 64 tokens
+    "projections": {"conv_kernel": 3},
+    "persistent": {"tokens": 2},
+    "attention": {"heads": 2, "window": 5},
+    "mac": {"segment": 8},
+    "mlp": {"kind": "swiglu", "expansion": 2},
+}
+KINDS = ["mac", "mag", "mal", "lmm", "attention"]
+#: the top-level shipped specs run in the fast subset; the ablations (small variations of the MAC spec) are slow
+FAST_SPECS = [p for p in shipped_specs() if p.parent == SPECS]
+
+
+def tiny_spec(tmp_path, kind: str) -> str:
+    path = tmp_path / f"tiny_{kind}.yaml"
+    path.write_text(yaml.safe_dump({**TINY, "blocks": [{"kind": kind, "repeat": 2}]}))
+    return str(path)
+
+
+def tokens(batch: int, length: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(256, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def tiny_exports(tmp_path_factory):
+    """kind -> (the built module, its --format hf export directory), made once for the module."""
+    root = tmp_path_factory.mktemp("tiny-hf")
+    made = {}
+    for kind in KINDS:
+        spec = tiny_spec(root, kind)
+        export_hf(spec, root / kind)
+        made[kind] = (titans_compose.build(spec, smoke=False).module.eval(), root / kind)
+    return made
+
+
+def spec_param(path):
+    marks = [] if path in FAST_SPECS else [pytest.mark.slow]
+    return pytest.param(path, id=path.relative_to(SPECS).as_posix(), marks=marks)
+
+
+@pytest.mark.parametrize("spec", [spec_param(p) for p in shipped_specs()])
+def test_auto_classes_load_an_export_of_every_shipped_spec_with_identical_logits(tmp_path, runner, spec):
+    out = tmp_path / "hf"
+    result = runner.invoke(cli, ["export", str(spec), "--format", "hf", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "AutoModelForCausalLM.from_pretrained" in result.output
+    assert {p.name for p in out.iterdir()} == {
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "tokenizer_config.json",
+        "titans_compose_hf.py",
+    }
+    source = titans_compose.build(spec, smoke=False).module.eval()
+    config = AutoConfig.from_pretrained(out)
+    assert isinstance(config, TitansComposeConfig) and config.tokenizer == {"kind": "bytes"}
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert isinstance(model, TitansComposeForCausalLM)
+    toks = tokens(2, 37)
+    with torch.no_grad():
+        assert torch.equal(model(toks).logits, source(toks).logits)
+    assert isinstance(AutoTokenizer.from_pretrained(out), ByteTokenizer)
+
+
+@pytest.mark.parametrize("spec", FAST_SPECS, ids=lambda p: p.stem)
+def test_generate_equals_the_projects_generate_and_the_argmax_of_a_full_forward(tmp_path, spec):
+    """Greedy decoding through transformers' generate (one token per step from the TitansCache) picks exactly what
+    TitansLM.generate picks, and what a full forward over the sequence so far picks at every step."""
+    export_hf(spec, tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    prompt = tokens(2, 9, seed=3)
+    ours = model.generate(prompt, max_new_tokens=10, do_sample=False)
+    assert torch.equal(ours, model.model.generate(prompt, 10))
+    with torch.no_grad():
+        recomputed = model(ours[:, :-1]).logits[:, prompt.shape[1] - 1 :].argmax(-1)
+    assert torch.equal(ours[:, prompt.shape[1] :], recomputed)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_cache_streams_like_one_call(tiny_exports, kind):
+    """Pieces of 5, 1, 1 and 6 tokens through forward with the returned cache give one call's logits (float64:
+    1e-10 covers summation order), and the cache counts the tokens seen."""
+    _, directory = tiny_exports[kind]
+    model = AutoModelForCausalLM.from_pretrained(directory).double().eval()
+    toks = tokens(2, 13, seed=4)
+    with torch.no_grad():
+        full = model(toks).logits
+        cache, pieces, start = None, [], 0
+        for n in (5, 1, 1, 6):
+            mask = torch.ones(2, start + n, dtype=torch.long)
+            out = model(toks[:, start : start + n], attention_mask=mask, cache=cache, use_cache=True)
+            assert isinstance(out.cache, TitansCache) and (cache is None or out.cache is cache)
+            cache, start = out.cache, start + n
+            pieces.append(out.logits)
+            assert cache.get_seq_length() == start
+    assert (torch.cat(pieces, 1) - full).abs().max() < 1e-10
+
+
+def test_labels_give_the_next_token_loss_with_ignored_positions(tiny_exports):
+    _, directory = tiny_exports["mag"]
+    model = AutoModelForCausalLM.from_pretrained(directory).eval()
+    toks = tokens(2, 12, seed=5)
+    labels = toks.clone()
+    labels[0, 3:6] = -100
+    with torch.no_grad():
+        out = model(toks, labels=labels)
+    logits = out.logits[:, :-1].reshape(-1, 256)
+    targets = labels[:, 1:].reshape(-1)
+    kept = targets != -100
+    want = torch.nn.functional.cross_entropy(logits[kept], targets[kept])
+    assert kept.sum() == 22 - 3 and torch.allclose(out.loss, want, rtol=1e-6, atol=0)
+    assert torch.equal(model(toks, labels=toks, use_cache=False).logits, out.logits)
+
+
+def test_padding_is_refused_where_it_would_enter_the_memory(tiny_exports):
+    """Right padding in a call that starts a stream without a cache gives the unpadded rows' logits where the mask
+    is 1 (the model is causal; float64, 1e-10: another batch shape sums in another order); left padding, or padding
+    with a cache asked for or continued, is refused."""
+    _, directory = tiny_exports["lmm"]
+    model = AutoModelForCausalLM.from_pretrained(directory).double().eval()
+    toks = tokens(2, 10, seed=6)
+    right = torch.ones(2, 10, dtype=torch.long)
+    right[1, 7:] = 0
+    with torch.no_grad():
+        padded = model(toks, attention_mask=right, use_cache=False)
+        short = model(toks[1:, :7]).logits
+        assert padded.cache is None and (padded.logits[1:, :7] - short).abs().max() < 1e-10
+        assert torch.equal(model(toks, attention_mask=torch.ones_like(right)).logits, model(toks).logits)
+        with pytest.raises(ValueError, match="Left padding"):
+            model(toks, attention_mask=right.flip(1))
+        with pytest.raises(ValueError, match="Left padding"):
+            model(toks, attention_mask=right, use_cache=True)
+        cache = model(toks[:, :4]).cache
+        with pytest.raises(ValueError, match="Left padding"):
+            model(toks[:, 4:], attention_mask=right, cache=cache)
+        with pytest.raises(ValueError, match="expected \\[2, 10\\]"):
+            model(toks[:, 4:], attention_mask=right[:, :7], cache=model(toks[:, :4]).cache)
+        with pytest.raises(ValueError, match="inputs_embeds"):
+            model(inputs_embeds=torch.zeros(2, 3, 16, dtype=torch.float64))
+    with pytest.raises(ValueError, match="Left padding"):
+        model.generate(toks, attention_mask=right.flip(1), max_new_tokens=2, do_sample=False)
+    with pytest.raises(NotImplementedError, match="beam search"):
+        model.generate(toks, max_new_tokens=2, num_beams=2, do_sample=False)
+
+
+def test_the_byte_tokenizer_is_the_projects_byte_encoding(tiny_exports):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_exports["mac"][1])
+    text = "Titans: é, ü, 漢字, 🙂 and a NUL \x00 byte"
+    ids = tokenizer(text).input_ids
+    assert ids == encode(text).tolist()
+    assert tokenizer.decode(ids, skip_special_tokens=False) == text
+    broken = torch.tensor([104, 195, 40, 255, 105])  # invalid UTF-8: replaced, as the project's decode does
+    assert tokenizer.decode(broken.tolist()) == decode(broken)
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id == 0 and len(tokenizer) == 256
+
+
+def test_exports_of_a_build_and_of_a_training_run(tmp_path, runner):
+    """A build directory exports its weights; a `train` run exports its newest checkpoint's weights."""
+    spec = tiny_spec(tmp_path, "mag")
+    built = titans_compose.build(spec, output_dir=tmp_path / "build", seed=3, smoke=False)
+    export_hf(tmp_path / "build", tmp_path / "from-build")
+    toks = tokens(1, 11)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "from-build").eval()
+    with torch.no_grad():
+        assert torch.equal(model(toks).logits, built.module.eval()(toks).logits)
+    assert model.config.seed == 3
+
+    text = tmp_path / "text.txt"
+    text.write_text("the memory learns at test time. " * 40)
+    args = ["train", spec, "--data", str(text), "--steps", "3", "--batch", "2", "--seq-len", "16"]
+    args += ["--eval-every", "3", "--eval-batches", "1", "--lr", "0.01", "--no-progress", "-o", str(tmp_path / "run")]
+    result = runner.invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(cli, ["export", str(tmp_path / "run"), "--format", "hf", "-o", str(tmp_path / "from-run")])
+    assert result.exit_code == 0, result.output
+    from titans_compose.train.checkpoint import read_checkpoint
+
+    record, tensors = read_checkpoint(tmp_path / "run" / "checkpoints")
+    trained = titans_compose.load_build(tmp_path / "run" / "build").module.eval()
+    initial = {k: v.clone() for k, v in trained.state_dict().items()}
+    trained.load_state_dict({k.removeprefix("model/"): v for k, v in tensors.items() if k.startswith("model/")})
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "from-run").eval()
+    assert record["step"] == 3
+    assert not all(torch.equal(initial[k], v) for k, v in model.model.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(model(toks).logits, trained(toks).logits)
+
+
+def test_export_refuses_a_directory_that_is_not_an_export(tmp_path, runner):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    spec = tiny_spec(tmp_path, "lmm")
+    result = runner.invoke(cli, ["export", spec, "--format", "hf", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 1 and "holds no titans_compose Hugging Face export" in result.output
+    assert runner.invoke(cli, ["export", spec, "--format", "hf", "-o", str(tmp_path / "ok")]).exit_code == 0
+    again = runner.invoke(cli, ["export", spec, "--format", "hf", "-o", str(tmp_path / "ok"), "--seed", "1"])
+    assert again.exit_code == 0, again.output  # an earlier export is replaced
+    assert AutoConfig.from_pretrained(tmp_path / "ok").seed == 1
+
+
+def test_a_plugin_model_loads_only_with_its_plugin_passed(tmp_path):
+    plugin = str(ROOT / "examples" / "plugins" / "log_cosh.py")
+    spec = tiny_spec(tmp_path, "lmm")
+    export_hf(spec, tmp_path / "hf", overrides=["update.loss=log_cosh"], plugins=[plugin])
+    with pytest.raises(ValueError, match=r"config.json: .*log_cosh.py"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", plugins=[plugin])
+    assert model.config.plugin_records[0]["name"] == "log_cosh.py"
+
+
+def test_trust_remote_code_loads_without_importing_titans_compose_hf_first(tiny_exports, tmp_path):
+    """A fresh interpreter that never imports titans_compose.hf loads the export with trust_remote_code=True: the
+    directory's three-line module imports the installed package."""
+    source, directory = tiny_exports["mal"]
+    toks = tokens(1, 9)
+    torch.save(toks, tmp_path / "tokens.pt")
+    code = (
+        "import sys, torch\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        "assert 'titans_compose.hf' not in sys.modules\n"
+        f"model = AutoModelForCausalLM.from_pretrained({str(directory)!r}, trust_remote_code=True).eval()\n"
+        f"tokenizer = AutoTokenizer.from_pretrained({str(directory)!r}, trust_remote_code=True)\n"
+        f"toks = torch.load({str(tmp_path / 'tokens.pt')!r})\n"
+        "with torch.no_grad():\n"
+        f"    torch.save(model(toks).logits, {str(tmp_path / 'logits.pt')!r})\n"
+        "print(type(model).__name__, type(tokenizer).__name__)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["TitansComposeForCausalLM", "ByteTokenizer"]
+    with torch.no_grad():
+        assert torch.equal(torch.load(tmp_path / "logits.pt"), source(toks).logits)
+
+
+def test_a_few_trainer_steps_lower_the_loss(tiny_exports, tmp_path):
+    """transformers' Trainer (AdamW, its own loop and loss weighting) trains the model: 12 steps on one repeated
+    batch of text lower the next-token loss."""
+    from transformers import Trainer, TrainingArguments
+
+    _, directory = tiny_exports["mag"]
+    model = AutoModelForCausalLM.from_pretrained(directory)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    rows = [tokenizer("The memory is trained at test time, token by token. " * 2).input_ids[:32]] * 4
+    data = [{"input_ids": torch.tensor(r), "labels": torch.tensor(r)} for r in rows]
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "trainer"),
+        max_steps=12,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        warmup_steps=0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+    )
+    batch = torch.tensor(rows)
+    with torch.no_grad():
+        before = float(model(batch, labels=batch).loss)
+    trainer = Trainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    with torch.no_grad():
+        after = float(model.eval()(batch, labels=batch).loss)
+    assert len(logged) == 12 and math.isclose(logged[0], before, rel_tol=1e-4)
+    assert after < 0.7 * before and logged[-1] < 0.7 * logged[0], (before, logged, after)
+
+
+def _greedy_text(model, prompt: str, new: int, stops: list[str]) -> str:
+    """The model's own greedy continuation of ``prompt`` (TitansLM.generate), cut at the first stop string."""
+    ids = encode(prompt)[None]
+    text = decode(model.generate(ids, new)[0, ids.shape[1] :])
+    cut = min([text.index(s) for s in stops if s in text], default=len(text))
+    return text[:cut]
+
+
+def test_lm_eval_runs_the_local_tasks_and_reports_what_a_direct_computation_gives(tiny_exports, tmp_path):
+    """`python -m titans_compose.hf.lm_eval_cli --model titans_compose` runs a local log-likelihood task and a local
+    greedy-generation task (tests/hf_task, batches of 2: lm-eval pads them). Its perplexity and accuracy equal those
+    of the continuations' log-likelihoods computed here with the source model (one row at a time, float32: relative
+    1e-4 covers another batch shape's summation order inside exp of a sum of ~30 terms); its generations equal the
+    model's own greedy ones. Two of the four generation targets are the model's own continuations, so the exact
+    match is 0.5, not a trivial 0."""
+    pytest.importorskip("lm_eval", reason='the hf extra is not installed (pip install -e ".[hf]")')
+    source, directory = tiny_exports["mac"]
+    task = tmp_path / "tests" / "hf_task"
+    task.mkdir(parents=True)
+    for name in ("titans_tiny_ll.yaml", "titans_tiny_gen.yaml", "tiny_ll.jsonl"):
+        (task / name).write_bytes((ROOT / "tests" / "hf_task" / name).read_bytes())
+    stops = ["\n", "\x00"]  # the task's `until`, and the end-of-text string lm-eval adds (the tokenizer's NUL)
+    docs = [json.loads(line) for line in (ROOT / "tests" / "hf_task" / "tiny_gen.jsonl").read_text().splitlines()]
+    with torch.no_grad():
+        for doc in docs[::2]:
+            doc["target"] = _greedy_text(source, doc["prompt"], 6, stops)
+    (task / "tiny_gen.jsonl").write_text("".join(json.dumps(doc) + "\n" for doc in docs))
+
+    command = [sys.executable, "-m", "titans_compose.hf.lm_eval_cli", "--model", "titans_compose"]
+    command += ["--model_args", f"pretrained={directory}", "--device", "cpu", "--batch_size", "2"]
+    command += ["--tasks", "titans_tiny_ll,titans_tiny_gen", "--include_path", str(task)]
+    command += ["--output_path", str(tmp_path / "out"), "--log_samples", "--bootstrap_iters", "0"]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    (results_file,) = (tmp_path / "out").rglob("results_*.json")
+    results = json.loads(results_file.read_text())["results"]
+
+    lls, greedy = [], []
+    with torch.no_grad():
+        for line in (task / "tiny_ll.jsonl").read_text().splitlines():
+            doc = json.loads(line)
+            context, continuation = encode(doc["context"]), encode(doc["continuation"])
+            seq = torch.cat([context, continuation])[None]
+            logprobs = source(seq[:, :-1]).logits.log_softmax(-1)[0, context.numel() - 1 :]
+            lls.append(float(logprobs.gather(-1, continuation[:, None]).sum()))
+            greedy.append(bool((logprobs.argmax(-1) == continuation).all()))
+    ll = results["titans_tiny_ll"]
+    assert math.isclose(ll["perplexity,none"], math.exp(-sum(lls) / len(lls)), rel_tol=1e-4)
+    assert ll["acc,none"] == sum(greedy) / len(greedy)
+
+    with torch.no_grad():
+        want = {doc["prompt"]: _greedy_text(source, doc["prompt"], 6, stops) for doc in docs}
+    (samples_file,) = (tmp_path / "out").rglob("samples_titans_tiny_gen_*.jsonl")
+    samples = [json.loads(line) for line in samples_file.read_text().splitlines()]
+    assert {s["doc"]["prompt"]: s["filtered_resps"][0] for s in samples} == want
+    assert results["titans_tiny_gen"]["exact_match,none"] == 0.5
