@@ -8,20 +8,16 @@ and ``AutoTokenizer``, so a directory written by ``titans-compose export ... --f
 
 from __future__ import annotations
 
-try:
-    import transformers  # noqa: F401
-except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise ImportError(
-        'titans_compose.hf needs transformers, part of the hf extra: pip install "titans_compose[hf]" (in a source '
-        f'checkout: pip install -e ".[hf]") ({exc})'
-    ) from exc
+from titans_compose.hf.extra import require
 
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+require("transformers", "titans_compose.hf")
 
-from titans_compose.hf.cache import TitansCache
-from titans_compose.hf.config import MODEL_TYPE, TitansComposeConfig
-from titans_compose.hf.modeling import TitansComposeForCausalLM
-from titans_compose.hf.tokenizer import ByteTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+from titans_compose.hf.cache import TitansCache  # noqa: E402
+from titans_compose.hf.config import MODEL_TYPE, TitansComposeConfig  # noqa: E402
+from titans_compose.hf.modeling import TitansComposeForCausalLM  # noqa: E402
+from titans_compose.hf.tokenizer import ByteTokenizer  # noqa: E402
 
 AutoConfig.register(MODEL_TYPE, TitansComposeConfig, exist_ok=True)
 AutoModelForCausalLM.register(TitansComposeConfig, TitansComposeForCausalLM, exist_ok=True)

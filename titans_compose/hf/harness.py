@@ -1,9 +1,9 @@
 """lm-evaluation-harness support: the ``titans_compose`` model type, registered with lm-eval when this module is
 imported (:mod:`titans_compose.hf.lm_eval_cli` runs lm-eval's command line with it).
 
-The model is lm-eval's Hugging Face model with two differences: it always loads a causal model with the byte
-tokeniser the export names, and batched generation, which lm-eval left-pads, runs row by row (a titans_compose row is
-one stream: padding would enter its memory; see :mod:`titans_compose.hf.modeling`). Log-likelihoods need nothing
+The model is lm-eval's Hugging Face model with two differences: it always loads a causal model, and batched
+generation, which lm-eval left-pads, runs row by row (a titans_compose row is one stream: padding would enter its
+memory; see :mod:`titans_compose.hf.modeling`). Log-likelihoods need nothing
 more: lm-eval right-pads them and reads only the positions before the padding, which a causal model computes
 exactly.
 """
@@ -15,16 +15,13 @@ from typing import Any
 
 import torch
 
-try:
-    from lm_eval.api.registry import register_model
-    from lm_eval.models.huggingface import HFLM
-except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise ImportError(
-        'titans_compose.hf.harness needs lm-eval, part of the hf extra: pip install "titans_compose[hf]" (in a source '
-        f'checkout: pip install -e ".[hf]") ({exc})'
-    ) from exc
-
 import titans_compose.hf  # noqa: F401  (registers the model type with transformers' Auto classes)
+from titans_compose.hf.extra import require
+
+require("lm_eval", "titans_compose.hf.harness")
+
+from lm_eval.api.registry import register_model  # noqa: E402
+from lm_eval.models.huggingface import HFLM  # noqa: E402
 
 NAME = "titans_compose"
 
