@@ -38,6 +38,7 @@ from tests.conftest import ROOT, SPECS, shipped_specs  # noqa: E402
 from titans_compose.cli.main import cli  # noqa: E402
 from titans_compose.hf import ByteTokenizer, TitansCache, TitansComposeConfig, TitansComposeForCausalLM  # noqa: E402
 from titans_compose.hf.export import export_hf  # noqa: E402
+from titans_compose.hf.modeling import CACHE_FIELD  # noqa: E402
 from titans_compose.train.data import decode, encode  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -62,6 +63,12 @@ def tiny_spec(tmp_path, kind: str) -> str:
     path = tmp_path / f"tiny_{kind}.yaml"
     path.write_text(yaml.safe_dump({**TINY, "blocks": [{"kind": kind, "repeat": 2}]}))
     return str(path)
+
+
+def cache_of(output):
+    """The cache a forward returned (transformers releases name the output field ``cache`` or
+    ``past_key_values``)."""
+    return getattr(output, CACHE_FIELD)
 
 
 def tokens(batch: int, length: int, seed: int = 1) -> torch.Tensor:
@@ -136,8 +143,8 @@ def test_the_cache_streams_like_one_call(tiny_exports, kind):
         for n in (5, 1, 1, 6):
             mask = torch.ones(2, start + n, dtype=torch.long)
             out = model(toks[:, start : start + n], attention_mask=mask, cache=cache, use_cache=True)
-            assert isinstance(out.cache, TitansCache) and (cache is None or out.cache is cache)
-            cache, start = out.cache, start + n
+            assert isinstance(cache_of(out), TitansCache) and (cache is None or cache_of(out) is cache)
+            cache, start = cache_of(out), start + n
             pieces.append(out.logits)
             assert cache.get_seq_length() == start
     assert (torch.cat(pieces, 1) - full).abs().max() < 1e-10
@@ -171,17 +178,17 @@ def test_padding_is_refused_where_it_would_enter_the_memory(tiny_exports):
     with torch.no_grad():
         padded = model(toks, attention_mask=right, use_cache=False)
         short = model(toks[1:, :7]).logits
-        assert padded.cache is None and (padded.logits[1:, :7] - short).abs().max() < 1e-10
+        assert cache_of(padded) is None and (padded.logits[1:, :7] - short).abs().max() < 1e-10
         assert torch.equal(model(toks, attention_mask=torch.ones_like(right)).logits, model(toks).logits)
         with pytest.raises(ValueError, match="Left padding"):
             model(toks, attention_mask=right.flip(1))
         with pytest.raises(ValueError, match="Left padding"):
             model(toks, attention_mask=right, use_cache=True)
-        cache = model(toks[:, :4]).cache
+        cache = cache_of(model(toks[:, :4]))
         with pytest.raises(ValueError, match="Left padding"):
             model(toks[:, 4:], attention_mask=right, cache=cache)
         with pytest.raises(ValueError, match="expected \\[2, 10\\]"):
-            model(toks[:, 4:], attention_mask=right[:, :7], cache=model(toks[:, :4]).cache)
+            model(toks[:, 4:], attention_mask=right[:, :7], cache=cache_of(model(toks[:, :4])))
         with pytest.raises(ValueError, match="inputs_embeds"):
             model(inputs_embeds=torch.zeros(2, 3, 16, dtype=torch.float64))
     with pytest.raises(ValueError, match="Left padding"):
@@ -310,7 +317,9 @@ def test_a_few_trainer_steps_lower_the_loss(tiny_exports, tmp_path):
     logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     with torch.no_grad():
         after = float(model.eval()(batch, labels=batch).loss)
-    assert len(logged) == 12 and math.isclose(logged[0], before, rel_tol=1e-4)
+    # the first logged loss is this batch's loss before any step, up to how the release counts the batch's tokens
+    # for `num_items_in_batch` (5.0 counts all 128 labels, later releases the 124 that are predicted)
+    assert len(logged) == 12 and math.isclose(logged[0], before, rel_tol=0.04)
     assert after < 0.7 * before and logged[-1] < 0.7 * logged[0], (before, logged, after)
 
 

@@ -22,9 +22,25 @@ class ByteTokenizer(PreTrainedTokenizer):
     model_input_names = ["input_ids", "attention_mask"]  # noqa: RUF012 (transformers reads the class attribute)
 
     def __init__(self, eos_token: str = NUL, pad_token: str = NUL, **kwargs: Any) -> None:
-        kwargs.setdefault("add_bos_token", False)
-        kwargs.setdefault("add_eos_token", False)
         super().__init__(eos_token=eos_token, pad_token=pad_token, **kwargs)
+
+    def build_inputs_with_special_tokens(
+        self, token_ids_0: list[int], token_ids_1: list[int] | None = None
+    ) -> list[int]:
+        """The ids as they are: the model was trained on bytes alone, with no tokens added around a text."""
+        return token_ids_0 + (token_ids_1 or [])
+
+    def get_special_tokens_mask(
+        self, token_ids_0: list[int], token_ids_1: list[int] | None = None, already_has_special_tokens: bool = False
+    ) -> list[int]:
+        if already_has_special_tokens:
+            return super().get_special_tokens_mask(token_ids_0, token_ids_1, already_has_special_tokens=True)
+        return [0] * (len(token_ids_0) + len(token_ids_1 or []))
+
+    def create_token_type_ids_from_sequences(
+        self, token_ids_0: list[int], token_ids_1: list[int] | None = None
+    ) -> list[int]:
+        return [0] * (len(token_ids_0) + len(token_ids_1 or []))
 
     @property
     def vocab_size(self) -> int:
