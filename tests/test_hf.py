@@ -379,3 +379,35 @@ def test_lm_eval_runs_the_local_tasks_and_reports_what_a_direct_computation_give
     samples = [json.loads(line) for line in samples_file.read_text().splitlines()]
     assert {s["doc"]["prompt"]: s["filtered_resps"][0] for s in samples} == want
     assert results["titans_tiny_gen"]["exact_match,none"] == 0.5
+
+
+def test_without_the_extra_the_errors_say_how_to_install_it(tmp_path):
+    """With transformers and lm-eval absent (shadowed by modules that raise ModuleNotFoundError), the export command
+    and the lm-eval entry point fail with the install command, and the test module skips with it as its reason."""
+    for name in ("transformers", "lm_eval"):
+        (tmp_path / f"{name}.py").write_text(f"raise ModuleNotFoundError('no module named {name} (shadowed)')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
+    spec = tiny_spec(tmp_path, "lmm")
+    runs = {
+        "export": [sys.executable, "-m", "titans_compose.cli.main", "export", spec, "--format", "hf", "-o", "out"],
+        "lm-eval": [sys.executable, "-m", "titans_compose.hf.lm_eval_cli", "--tasks", "x"],
+        "tests": [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-rs",
+            "-p",
+            "no:cacheprovider",
+            str(ROOT / "tests/test_hf.py"),
+        ],
+    }
+    for what, command in runs.items():
+        done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        output = done.stdout + done.stderr
+        assert 'pip install -e ".[hf]"' in output, (what, output[-2000:])
+        if what == "tests":  # the whole module skipped: pytest's exit status 5, nothing ran
+            assert done.returncode == 5 and "1 skipped" in output, output[-2000:]
+        else:
+            assert done.returncode == 1, (what, output[-2000:])
+    assert not (tmp_path / "out").exists()
