@@ -39,6 +39,7 @@ from titans_compose.cli.main import cli  # noqa: E402
 from titans_compose.hf import ByteTokenizer, TitansCache, TitansComposeConfig, TitansComposeForCausalLM  # noqa: E402
 from titans_compose.hf.export import export_hf  # noqa: E402
 from titans_compose.hf.modeling import CACHE_FIELD  # noqa: E402
+from titans_compose.manifest import sha256  # noqa: E402
 from titans_compose.train.data import decode, encode  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -411,3 +412,34 @@ def test_without_the_extra_the_errors_say_how_to_install_it(tmp_path):
         else:
             assert done.returncode == 1, (what, output[-2000:])
     assert not (tmp_path / "out").exists()
+
+
+def test_a_tokenizers_file_is_shipped_and_named_and_a_small_vocabulary_needs_one(tmp_path, runner):
+    """--tokenizer FILE ships a tokenizers JSON file as tokenizer.json (AutoTokenizer gives its ids), and the
+    configuration names it with its sha256; a model with fewer than 256 tokens cannot take the byte tokeniser."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    backend = Tokenizer(models.BPE(unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    corpus = ["the memory learns at test time", "attention is short-term memory", "titans memorize"] * 5
+    backend.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=60, special_tokens=["[UNK]"]))
+    backend.save(str(tmp_path / "bpe.json"))
+    spec = tiny_spec(tmp_path, "lmm")
+    args = ["export", spec, "--format", "hf", "--set", "model.vocab_size=64", "-o", str(tmp_path / "hf")]
+    result = runner.invoke(cli, [*args, "--tokenizer", str(tmp_path / "bpe.json")])
+    assert result.exit_code == 0, result.output
+    assert "tokenizer.json" in result.output and "tokenizer: tokenizers" in result.output
+    config = AutoConfig.from_pretrained(tmp_path / "hf")
+    stored = (tmp_path / "hf" / "tokenizer.json").read_bytes()
+    assert config.tokenizer == {"kind": "tokenizers", "file": "tokenizer.json", "sha256": sha256(stored)}
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    text = "the titans memory learns"
+    assert tokenizer(text).input_ids == backend.encode(text).ids
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert model.generate(**tokenizer(text, return_tensors="pt"), max_new_tokens=3, do_sample=False).shape == (1, 7)
+
+    refused = runner.invoke(cli, [*args[:-1], str(tmp_path / "bytes")])
+    assert refused.exit_code == 1 and "fewer than the 256 bytes" in refused.output
+    assert not (tmp_path / "bytes").exists()
+    wrong = runner.invoke(cli, ["export", spec, "-o", str(tmp_path / "a"), "--tokenizer", str(tmp_path / "bpe.json")])
+    assert wrong.exit_code == 2 and "--format hf export only" in wrong.output

@@ -30,6 +30,11 @@ def _shape(text: str) -> tuple[int, int]:
 )
 @click.option("--example", default="2x64", show_default=True, help="torch-export: the BATCHxTOKENS traced.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the initial weights of a SPEC.")
+@click.option(
+    "--tokenizer",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="hf: the tokenizers JSON file the model was trained with [default: UTF-8 bytes].",
+)
 @spec_options
 @click.pass_context
 def export(
@@ -39,6 +44,7 @@ def export(
     fmt: str,
     example: str,
     seed: int,
+    tokenizer: Path | None,
     overrides: tuple[str, ...],
     sub_plugins: tuple[str, ...],
     sub_debug: bool,
@@ -50,6 +56,8 @@ def export(
     artifact, or of a `train` run: its newest checkpoint's weights)."""
     plugins, debug = settings(ctx, sub_plugins, sub_debug)
     shape = _shape(example)
+    if tokenizer is not None and fmt != "hf":
+        raise click.BadParameter("a tokenizer is part of a --format hf export only", param_hint="'--tokenizer'")
 
     def body() -> int:
         from titans_compose.builder import BuildError
@@ -59,7 +67,7 @@ def export(
         if model_registry(plugins, debug) is None:
             return 1
         if fmt == "hf":
-            return _export_hf(source, out, overrides, plugins, seed)
+            return _export_hf(source, out, overrides, plugins, seed, tokenizer)
         try:
             done = run(
                 source,
@@ -86,7 +94,9 @@ def export(
     guarded(ctx, debug, body)
 
 
-def _export_hf(source: str, out: Path, overrides: tuple[str, ...], plugins: tuple[str, ...], seed: int) -> int:
+def _export_hf(
+    source: str, out: Path, overrides: tuple[str, ...], plugins: tuple[str, ...], seed: int, tokenizer: Path | None
+) -> int:
     """``--format hf``: a transformers save_pretrained directory (titans_compose.hf)."""
     try:
         from titans_compose.hf.export import HFExportError, export_hf
@@ -95,11 +105,12 @@ def _export_hf(source: str, out: Path, overrides: tuple[str, ...], plugins: tupl
     from titans_compose.builder import BuildError
 
     try:
-        export_hf(source, out, overrides=overrides, plugins=plugins, seed=seed)
+        model = export_hf(source, out, overrides=overrides, plugins=plugins, seed=seed, tokenizer=tokenizer)
     except (BuildError, HFExportError) as exc:
         raise click.ClickException(str(exc)) from None
     with_plugins = f", plugins={list(plugins)!r}" if plugins else ""
-    click.echo(f"wrote {out}/ (config.json, model.safetensors, generation_config.json, tokenizer_config.json)")
+    files = ", ".join(sorted(p.name for p in out.iterdir() if p.is_file()))
+    click.echo(f"wrote {out}/ ({files}; tokenizer: {model.config.tokenizer['kind']})")
     click.echo(
         f"load it with: import titans_compose.hf; AutoModelForCausalLM.from_pretrained({str(out)!r}{with_plugins})"
     )

@@ -1,7 +1,8 @@
 """``titans-compose export ... --format hf``: a model as a transformers ``save_pretrained`` directory.
 
 The directory holds ``config.json`` (the resolved spec, its hash, the seed, the plug-in records and the tokeniser),
-``model.safetensors`` (no pickle), ``generation_config.json``, the byte tokeniser's ``tokenizer_config.json``, and
+``model.safetensors`` (no pickle), ``generation_config.json``, the tokeniser's files (the byte tokeniser's
+``tokenizer_config.json``, or a ``tokenizers`` file as ``tokenizer.json`` with its configuration), and
 ``titans_compose_hf.py``, three import lines that point ``trust_remote_code`` loading at the installed titans_compose
 (the directory holds no model code: loading needs titans_compose with its ``hf`` extra either way).
 """
@@ -17,10 +18,11 @@ from pathlib import Path
 
 import torch
 
-from titans_compose.hf.config import MODEL_TYPE, TitansComposeConfig
+from titans_compose.hf.config import BYTES, MODEL_TYPE, TitansComposeConfig
 from titans_compose.hf.modeling import TitansComposeForCausalLM
-from titans_compose.hf.tokenizer import ByteTokenizer
+from titans_compose.hf.tokenizer import VOCAB, ByteTokenizer
 from titans_compose.io import atomic_write
+from titans_compose.manifest import sha256
 from titans_compose.spec import LoadedSpec
 
 REMOTE_MODULE = "titans_compose_hf"
@@ -112,6 +114,30 @@ def _check_output(out: Path, source: Path) -> None:
             )
 
 
+def _save_tokenizer(staging: Path, tokenizer: str | os.PathLike[str] | None, vocab_size: int) -> dict[str, str]:
+    """Write the tokeniser's files into ``staging`` and return how the configuration names it: the byte tokeniser
+    (``tokenizer`` None; see :func:`save_hf` for its vocabulary check), or the ``tokenizers`` JSON file
+    ``tokenizer`` as ``tokenizer.json``."""
+    if tokenizer is None:
+        byte_tokenizer = ByteTokenizer()
+        byte_tokenizer.init_kwargs["auto_map"] = TOKENIZER_AUTO_MAP
+        byte_tokenizer.save_pretrained(staging)
+        return dict(BYTES)
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    path = Path(tokenizer)
+    try:
+        backend = Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises its own untyped exception for any unreadable file
+        raise HFExportError(f"{path} is not a tokenizers JSON file ({exc})") from None
+    size = backend.get_vocab_size(with_added_tokens=True)
+    if size > vocab_size:
+        raise HFExportError(f"{path} has {size} tokens, more than the model's vocabulary of {vocab_size}")
+    PreTrainedTokenizerFast(tokenizer_object=backend).save_pretrained(staging)
+    return {"kind": "tokenizers", "file": "tokenizer.json", "sha256": sha256((staging / "tokenizer.json").read_bytes())}
+
+
 def save_hf(
     module: torch.nn.Module,
     loaded: LoadedSpec,
@@ -119,28 +145,34 @@ def save_hf(
     *,
     seed: int = 0,
     plugins: Sequence[str] = (),
+    tokenizer: str | os.PathLike[str] | None = None,
 ) -> TitansComposeForCausalLM:
     """Write ``module`` (a model of ``loaded``, its initial weights drawn with ``seed``) to ``out`` as a
-    ``save_pretrained`` directory with the byte tokeniser, and return the transformers model that was saved.
-    Files are written atomically, the model weights last but one and ``config.json`` last."""
+    ``save_pretrained`` directory with its tokeniser (the byte tokeniser, or the ``tokenizers`` JSON file
+    ``tokenizer``), and return the transformers model that was saved. Files are written atomically,
+    ``config.json`` last."""
     from titans_compose.builder import plugin_records
 
     target = Path(out)
-    config = TitansComposeConfig.from_loaded(loaded, seed=seed, plugin_records=plugin_records(plugins, loaded.registry))
-    config.auto_map = AUTO_MAP
-    model = TitansComposeForCausalLM(config, plugins)
-    model.model.load_state_dict(module.state_dict(), strict=True)
+    vocab_size = loaded.spec.model.vocab_size
+    if tokenizer is None and vocab_size < VOCAB:
+        raise HFExportError(
+            f"the model's vocabulary has {vocab_size} tokens, fewer than the {VOCAB} bytes of the byte tokeniser: "
+            "pass the tokenizers file it was trained with (--tokenizer FILE)"
+        )
     target.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".hf-export-", dir=target))
     try:
+        named = _save_tokenizer(staging, tokenizer, vocab_size)
+        records = plugin_records(plugins, loaded.registry)
+        config = TitansComposeConfig.from_loaded(loaded, seed=seed, plugin_records=records, tokenizer=named)
+        config.auto_map = AUTO_MAP
+        model = TitansComposeForCausalLM(config, plugins)
+        model.model.load_state_dict(module.state_dict(), strict=True)
         model.save_pretrained(staging)
-        tokenizer = ByteTokenizer()
-        tokenizer.init_kwargs["auto_map"] = TOKENIZER_AUTO_MAP
-        tokenizer.save_pretrained(staging)
         (staging / f"{REMOTE_MODULE}.py").write_text(REMOTE_CODE, encoding="utf-8")
         names = sorted(p.name for p in staging.iterdir() if p.is_file())
-        order = [n for n in names if n != "config.json"] + ["config.json"]
-        for name in order:
+        for name in [n for n in names if n != "config.json"] + ["config.json"]:
             atomic_write(target / name, (staging / name).read_bytes())
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -154,10 +186,11 @@ def export_hf(
     overrides: Sequence[str] = (),
     plugins: Sequence[str] = (),
     seed: int = 0,
+    tokenizer: str | os.PathLike[str] | None = None,
 ) -> TitansComposeForCausalLM:
     """Export ``source`` (a spec with ``overrides`` and ``seed``: its initial weights; a build: its weights; an
     exported artifact; or a ``train`` run: its newest checkpoint's weights) to ``out``. See :func:`save_hf`."""
     path, target = Path(source), Path(out)
     _check_output(target, path)
     module, loaded, seed = _source_model(path, overrides, plugins, seed)
-    return save_hf(module, loaded, target, seed=seed, plugins=plugins)
+    return save_hf(module, loaded, target, seed=seed, plugins=plugins, tokenizer=tokenizer)
