@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -37,7 +38,7 @@ import titans_compose  # noqa: E402
 from tests.conftest import ROOT, SPECS, shipped_specs  # noqa: E402
 from titans_compose.cli.main import cli  # noqa: E402
 from titans_compose.hf import ByteTokenizer, TitansCache, TitansComposeConfig, TitansComposeForCausalLM  # noqa: E402
-from titans_compose.hf.export import export_hf  # noqa: E402
+from titans_compose.hf.export import HFExportError, export_hf  # noqa: E402
 from titans_compose.hf.modeling import CACHE_FIELD  # noqa: E402
 from titans_compose.manifest import sha256  # noqa: E402
 from titans_compose.train.data import decode, encode  # noqa: E402
@@ -210,7 +211,8 @@ def test_the_byte_tokenizer_is_the_projects_byte_encoding(tiny_exports):
 
 
 def test_exports_of_a_build_and_of_a_training_run(tmp_path, runner):
-    """A build directory exports its weights; a `train` run exports its newest checkpoint's weights."""
+    """A build directory and an exported artifact export their weights; a `train` run exports its newest
+    checkpoint's weights, and a run without a checkpoint is refused, saying so."""
     spec = tiny_spec(tmp_path, "mag")
     built = titans_compose.build(spec, output_dir=tmp_path / "build", seed=3, smoke=False)
     export_hf(tmp_path / "build", tmp_path / "from-build")
@@ -219,6 +221,11 @@ def test_exports_of_a_build_and_of_a_training_run(tmp_path, runner):
     with torch.no_grad():
         assert torch.equal(model(toks).logits, built.module.eval()(toks).logits)
     assert model.config.seed == 3
+    assert runner.invoke(cli, ["export", str(tmp_path / "build"), "-o", str(tmp_path / "artifact")]).exit_code == 0
+    export_hf(tmp_path / "artifact", tmp_path / "from-artifact")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "from-artifact").eval()
+    with torch.no_grad():
+        assert torch.equal(model(toks).logits, built.module(toks).logits)
 
     text = tmp_path / "text.txt"
     text.write_text("the memory learns at test time. " * 40)
@@ -226,6 +233,10 @@ def test_exports_of_a_build_and_of_a_training_run(tmp_path, runner):
     args += ["--eval-every", "3", "--eval-batches", "1", "--lr", "0.01", "--no-progress", "-o", str(tmp_path / "run")]
     result = runner.invoke(cli, args)
     assert result.exit_code == 0, result.output
+    shutil.copytree(tmp_path / "run", tmp_path / "run-without-checkpoint")
+    shutil.rmtree(tmp_path / "run-without-checkpoint" / "checkpoints")
+    with pytest.raises(HFExportError, match="training run without a usable checkpoint"):
+        export_hf(tmp_path / "run-without-checkpoint", tmp_path / "none")
     result = runner.invoke(cli, ["export", str(tmp_path / "run"), "--format", "hf", "-o", str(tmp_path / "from-run")])
     assert result.exit_code == 0, result.output
     from titans_compose.train.checkpoint import read_checkpoint

@@ -59,7 +59,8 @@ def run_weights(run: Path) -> dict[str, torch.Tensor]:
 
 
 def _is_run(path: Path) -> bool:
-    return (path / "build" / "manifest.json").is_file() and (path / "checkpoints").is_dir()
+    """Whether ``path`` is a ``titans-compose train`` run directory (its settings and its build)."""
+    return (path / "config.json").is_file() and (path / "build" / "manifest.json").is_file()
 
 
 def _source_model(
