@@ -168,33 +168,58 @@ def test_labels_give_the_next_token_loss_with_ignored_positions(tiny_exports):
     assert torch.equal(model(toks, labels=toks, use_cache=False).logits, out.logits)
 
 
-def test_padding_is_refused_where_it_would_enter_the_memory(tiny_exports):
-    """Right padding in a call that starts a stream without a cache gives the unpadded rows' logits where the mask
-    is 1 (the model is causal; float64, 1e-10: another batch shape sums in another order); left padding, or padding
-    with a cache asked for or continued, is refused."""
-    _, directory = tiny_exports["lmm"]
+def test_a_masked_position_is_left_out_of_its_rows_stream(tiny_exports):
+    """Each row's stream is its unmasked tokens: left padding, right padding and a gap give, at the unmasked
+    positions, the logits of that row alone, unpadded (float64, 1e-10: other shapes sum in another order), and zero
+    logits where masked; the per-row cache continues each row exactly."""
+    _, directory = tiny_exports["mac"]
     model = AutoModelForCausalLM.from_pretrained(directory).double().eval()
-    toks = tokens(2, 10, seed=6)
-    right = torch.ones(2, 10, dtype=torch.long)
-    right[1, 7:] = 0
+    toks = tokens(3, 10, seed=6)
+    mask = torch.ones(3, 10, dtype=torch.long)
+    mask[0, :4] = 0  # left padding
+    mask[1, 7:] = 0  # right padding
+    mask[2, 3:5] = 0  # a gap
+    more = tokens(3, 2, seed=7)
     with torch.no_grad():
-        padded = model(toks, attention_mask=right, use_cache=False)
-        short = model(toks[1:, :7]).logits
-        assert cache_of(padded) is None and (padded.logits[1:, :7] - short).abs().max() < 1e-10
-        assert torch.equal(model(toks, attention_mask=torch.ones_like(right)).logits, model(toks).logits)
-        with pytest.raises(ValueError, match="Left padding"):
-            model(toks, attention_mask=right.flip(1))
-        with pytest.raises(ValueError, match="Left padding"):
-            model(toks, attention_mask=right, use_cache=True)
+        out = model(toks, attention_mask=mask)
+        nxt = model(more, attention_mask=torch.cat([mask, torch.ones(3, 2, dtype=torch.long)], 1), cache=cache_of(out))
+        assert cache_of(out).get_seq_length() == 12 and len(cache_of(out).rows) == 3
+        for row in range(3):
+            keep = mask[row].bool()
+            alone = model(torch.cat([toks[row, keep], more[row]])[None]).logits[0]
+            assert (out.logits[row, keep] - alone[: int(keep.sum())]).abs().max() < 1e-10
+            assert (nxt.logits[row] - alone[int(keep.sum()) :]).abs().max() < 1e-10
+            assert not out.logits[row, ~keep].any()
+
+
+def test_batched_generation_with_left_padding_equals_each_row_alone(tiny_exports):
+    _, directory = tiny_exports["mag"]
+    model = AutoModelForCausalLM.from_pretrained(directory).eval()
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    prompts = ["def memory(", "x", "Titans learn at test time"]
+    tokenizer.padding_side = "left"
+    batch = tokenizer(prompts, padding=True, return_tensors="pt")
+    out = model.generate(**batch, max_new_tokens=7, do_sample=False)
+    width = batch.input_ids.shape[1]
+    for row, prompt in enumerate(prompts):
+        alone = model.model.generate(encode(prompt)[None], 7)[0, -7:]
+        assert torch.equal(out[row, width:], alone), prompt
+
+
+def test_what_transformers_cannot_do_with_these_models_is_refused(tiny_exports):
+    _, directory = tiny_exports["lmm"]
+    model = AutoModelForCausalLM.from_pretrained(directory).eval()
+    toks = tokens(2, 10, seed=6)
+    gap = torch.ones(2, 10, dtype=torch.long)
+    gap[1, 7:] = 0
+    with torch.no_grad():
         cache = cache_of(model(toks[:, :4]))
-        with pytest.raises(ValueError, match="Left padding"):
-            model(toks[:, 4:], attention_mask=right, cache=cache)
+        with pytest.raises(ValueError, match="ran as one batch"):
+            model(toks[:, 4:], attention_mask=gap, cache=cache)
         with pytest.raises(ValueError, match="expected \\[2, 10\\]"):
-            model(toks[:, 4:], attention_mask=right[:, :7], cache=cache_of(model(toks[:, :4])))
+            model(toks[:, 4:], attention_mask=gap[:, :7], cache=cache_of(model(toks[:, :4])))
         with pytest.raises(ValueError, match="inputs_embeds"):
-            model(inputs_embeds=torch.zeros(2, 3, 16, dtype=torch.float64))
-    with pytest.raises(ValueError, match="Left padding"):
-        model.generate(toks, attention_mask=right.flip(1), max_new_tokens=2, do_sample=False)
+            model(inputs_embeds=torch.zeros(2, 3, 16))
     with pytest.raises(NotImplementedError, match="beam search"):
         model.generate(toks, max_new_tokens=2, num_beams=2, do_sample=False)
 

@@ -1,4 +1,4 @@
-"""A transformers ``Cache`` holding a titans_compose stream's whole state between calls.
+"""A transformers ``Cache`` holding a titans_compose batch's stream states between calls.
 
 The model's :class:`~titans_compose.nn.model.ModelState` already carries everything a stream needs (the memory
 weights and momentum, the attention KV windows, convolution history, MAC segment-start weights), with a size that
@@ -16,15 +16,21 @@ from titans_compose.nn.model import ModelState
 
 
 class TitansCache(Cache):
-    """The state after the tokens seen so far (None before the first token). ``forward`` replaces it in place."""
+    """The stream state after the positions seen so far: ``state``, one for the whole batch, or, once an attention
+    mask has left some positions out of some rows, ``rows``, one state per row (each row's stream holds only its
+    unmasked tokens). ``seen`` counts positions, masked ones included, as transformers counts a cache's length.
+    ``forward`` updates it in place."""
 
-    def __init__(self, state: ModelState | None = None) -> None:
+    def __init__(
+        self, state: ModelState | None = None, rows: list[ModelState] | None = None, seen: int | None = None
+    ) -> None:
         super().__init__(layers=[])
-        self.state = state
+        self.state, self.rows = state, rows
+        self.seen = seen if seen is not None else (0 if state is None else state.position)
 
     def get_seq_length(self, layer_idx: int | None = 0) -> int:
-        """Tokens seen so far."""
-        return 0 if self.state is None else self.state.position
+        """Positions seen so far."""
+        return self.seen
 
     def get_max_length(self, layer_idx: int | None = None) -> int:
         return -1  # no limit: the state does not grow with the stream
@@ -42,10 +48,12 @@ class TitansCache(Cache):
 
     @property
     def batch_size(self) -> int:
+        if self.rows is not None:
+            return len(self.rows)
         return -1 if self.state is None else self.state.batch
 
     def reset(self) -> None:
-        self.state = None
+        self.state, self.rows, self.seen = None, None, 0
 
     def _unsupported(self, what: str) -> Any:
         raise NotImplementedError(

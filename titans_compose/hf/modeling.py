@@ -1,10 +1,11 @@
 """``TitansComposeForCausalLM``: a titans_compose :class:`~titans_compose.nn.model.TitansLM` as a transformers
 causal language model (``forward`` with labels and a cache, ``generate``, ``save_pretrained``, ``Trainer``).
 
-Every row of a batch is one stream with one recurrent state, so a padded batch cannot be streamed: a padded position
-would enter the memory. An attention mask with zeros is therefore accepted only where it changes nothing: trailing
-zeros (right padding) in a call that starts a stream and returns no cache (the model is causal, so the positions
-before the padding are exact). Left padding, or padding in a call that continues or returns a cache, is refused.
+Every row of a batch is one stream with one recurrent state, which a padding token must not enter. An attention mask
+says which positions belong to each row's stream: a row's stream is its unmasked tokens, in order, wherever the
+masked ones lie (left padding, right padding, or gaps), so each row computes exactly what that row alone, unpadded,
+computes. A batch whose mask leaves positions out runs row by row, each with its own state (the cache then holds
+one state per row); a batch without masked positions runs as one. Masked positions get zero logits.
 """
 
 from __future__ import annotations
@@ -21,17 +22,12 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from titans_compose.hf.cache import TitansCache
 from titans_compose.hf.config import TitansComposeConfig
+from titans_compose.nn.model import ModelState
 
 #: what transformers calls the cache in model outputs and ``forward``: ``cache`` from 5.x releases that renamed it
 CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 #: ``forward`` arguments transformers may pass that carry nothing for this model: positions follow from the cache
 IGNORED = frozenset({"position_ids", "cache_position", "token_type_ids", "output_attentions", "output_hidden_states"})
-
-
-def _right_padded(mask: Tensor) -> bool:
-    """Whether every row of a 0/1 ``mask`` is ones followed by zeros."""
-    m = mask.to(torch.int64)
-    return bool((m[:, 1:] <= m[:, :-1]).all()) and bool(m[:, 0].all())
 
 
 def next_token_loss(logits: Tensor, labels: Tensor, num_items_in_batch: int | Tensor | None = None) -> Tensor:
@@ -104,27 +100,36 @@ class TitansComposeForCausalLM(TitansComposePreTrainedModel, GenerationMixin):
             "previous call returned, or none"
         )
 
-    def _check_mask(self, mask: Tensor | None, input_ids: Tensor, past: int, use_cache: bool | None) -> bool:
-        """Whether the call keeps its cache: False only for a right-padded call that starts a stream without asking
-        for a cache. Raises ``ValueError`` for any other mask with zeros (see the module docstring)."""
+    def _mask(self, mask: Tensor | None, input_ids: Tensor, past: int) -> Tensor | None:
+        """Which of this call's positions belong to each row's stream ([B, T] bool), or None when all do. The mask
+        may cover the past positions too ([B, past + T], as generate passes it) or only these ([B, T])."""
         if mask is None:
-            return use_cache is not False
+            return None
         batch, new = input_ids.shape
         if mask.dim() != 2 or mask.shape[0] != batch or mask.shape[1] not in (new, past + new):
             raise ValueError(
                 f"attention_mask has shape {tuple(mask.shape)}; expected [{batch}, {past + new}] (the past {past} "
-                f"tokens and these {new}) or [{batch}, {new}]"
+                f"positions and these {new}) or [{batch}, {new}]"
             )
-        if bool(mask.all()):
-            return use_cache is not False
-        if past == 0 and use_cache is not True and _right_padded(mask):
-            return False
-        raise ValueError(
-            "attention_mask has zeros where titans_compose models cannot honour them: every batch row is one stream "
-            "whose recurrent memory would take in its padding. Left padding (as batched generate uses) and padding "
-            "in a call that continues or returns a cache are refused; pass rows of equal length, or one row at a "
-            "time (right padding is accepted in a call that starts a stream with use_cache=False)"
-        )
+        current = mask[:, mask.shape[1] - new :].bool()
+        return None if bool(current.all()) else current
+
+    def _by_rows(
+        self, input_ids: Tensor, keep: Tensor | None, rows: list[ModelState | None]
+    ) -> tuple[Tensor, list[ModelState]]:
+        """Each row's unmasked tokens through its own stream: logits [B, T, V] (zero where masked) and the states."""
+        outputs = []
+        for b, state in enumerate(rows):
+            tokens = input_ids[b : b + 1] if keep is None else input_ids[b : b + 1, keep[b]]
+            outputs.append(self.model(tokens, state))
+        first = outputs[0].logits
+        logits = first.new_zeros(*input_ids.shape, first.shape[-1])
+        for b, out in enumerate(outputs):
+            if keep is None:
+                logits[b] = out.logits[0]
+            else:
+                logits[b, keep[b]] = out.logits[0]
+        return logits, [out.state for out in outputs]
 
     def forward(
         self,
@@ -151,15 +156,28 @@ class TitansComposeForCausalLM(TitansComposePreTrainedModel, GenerationMixin):
         if kwargs.get("output_attentions") or kwargs.get("output_hidden_states"):
             raise ValueError("titans_compose models do not return attention weights or hidden states")
         given = self._stream_state(cache if cache is not None else past_key_values)
-        state = None if given is None else given.state
-        keep = self._check_mask(attention_mask, input_ids, 0 if state is None else state.position, use_cache)
-        out = self.model(input_ids, state)
-        logits = out.logits if logits_to_keep == 0 else out.logits[:, -logits_to_keep:]
-        loss = None if labels is None else next_token_loss(out.logits, labels, num_items_in_batch)
+        past = 0 if given is None else given.seen
+        keep = self._mask(attention_mask, input_ids, past)
+        if given is not None and given.rows is None and keep is not None and given.state is not None:
+            raise ValueError(
+                "attention_mask leaves positions out of rows whose stream ran as one batch: the cache holds one state "
+                "for the whole batch, which cannot be split into rows; pass the mask from the stream's first call"
+            )
+        if keep is None and (given is None or given.rows is None):
+            out = self.model(input_ids, None if given is None else given.state)
+            full, state, rows = out.logits, out.state, None
+        else:
+            before = given.rows if given is not None and given.rows is not None else [None] * input_ids.shape[0]
+            if len(before) != input_ids.shape[0]:
+                raise ValueError(f"the cache holds {len(before)} rows, input_ids has {input_ids.shape[0]}")
+            full, rows = self._by_rows(input_ids, keep, before)
+            state = None
+        logits = full if logits_to_keep == 0 else full[:, -logits_to_keep:]
+        loss = None if labels is None else next_token_loss(full, labels, num_items_in_batch)
         new_cache = None
-        if keep:
+        if use_cache is not False:
             new_cache = given if given is not None else TitansCache()
-            new_cache.state = out.state
+            new_cache.state, new_cache.rows, new_cache.seen = state, rows, past + input_ids.shape[1]
         if return_dict is False:
             return tuple(v for v in (loss, logits, new_cache) if v is not None)
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: new_cache})
