@@ -277,7 +277,7 @@ def test_exports_of_a_build_and_of_a_training_run(tmp_path, runner):
         assert torch.equal(model(toks).logits, trained(toks).logits)
 
 
-def test_export_refuses_a_directory_that_is_not_an_export(tmp_path, runner):
+def test_export_refuses_a_directory_that_is_not_an_export_and_a_changed_source(tmp_path, runner):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "notes.txt").write_text("mine")
     spec = tiny_spec(tmp_path, "lmm")
@@ -287,6 +287,11 @@ def test_export_refuses_a_directory_that_is_not_an_export(tmp_path, runner):
     again = runner.invoke(cli, ["export", spec, "--format", "hf", "-o", str(tmp_path / "ok"), "--seed", "1"])
     assert again.exit_code == 0, again.output  # an earlier export is replaced
     assert AutoConfig.from_pretrained(tmp_path / "ok").seed == 1
+    artifact = tmp_path / "artifact"
+    assert runner.invoke(cli, ["export", spec, "-o", str(artifact)]).exit_code == 0
+    (artifact / "weights.safetensors").write_bytes(b"changed")
+    changed = runner.invoke(cli, ["export", str(artifact), "--format", "hf", "-o", str(tmp_path / "from-changed")])
+    assert changed.exit_code == 1 and "weights.safetensors" in changed.output, changed.output
 
 
 def test_a_plugin_model_loads_only_with_its_plugin_passed(tmp_path):

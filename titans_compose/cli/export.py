@@ -103,10 +103,11 @@ def _export_hf(
     except ImportError as exc:
         raise click.ClickException(str(exc)) from None
     from titans_compose.builder import BuildError
+    from titans_compose.export import ExportError
 
     try:
         model = export_hf(source, out, overrides=overrides, plugins=plugins, seed=seed, tokenizer=tokenizer)
-    except (BuildError, HFExportError) as exc:
+    except (BuildError, ExportError, HFExportError) as exc:
         raise click.ClickException(str(exc)) from None
     with_plugins = f", plugins={list(plugins)!r}" if plugins else ""
     files = ", ".join(sorted(p.name for p in out.iterdir() if p.is_file()))
