@@ -22,10 +22,11 @@ def _shape(text: str) -> tuple[int, int]:
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["artifact", "torch-export"]),
+    type=click.Choice(["artifact", "torch-export", "hf"]),
     default="artifact",
     show_default=True,
-    help="torch-export also writes program.pt2, an ExportedProgram of the forward, checked against the module.",
+    help="torch-export also writes program.pt2, an ExportedProgram of the forward, checked against the module; hf "
+    "writes a transformers save_pretrained directory instead (needs the hf extra).",
 )
 @click.option("--example", default="2x64", show_default=True, help="torch-export: the BATCHxTOKENS traced.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the initial weights of a SPEC.")
@@ -33,6 +34,11 @@ def _shape(text: str) -> tuple[int, int]:
     "--step",
     type=click.IntRange(min=1),
     help="RUN_DIR: the checkpoint of this step [default: the newest].",
+)
+@click.option(
+    "--tokenizer",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="hf: the tokenizers JSON file the model was trained with [default: UTF-8 bytes].",
 )
 @spec_options
 @click.pass_context
@@ -44,6 +50,7 @@ def export(
     example: str,
     seed: int,
     step: int | None,
+    tokenizer: Path | None,
     overrides: tuple[str, ...],
     sub_plugins: tuple[str, ...],
     sub_debug: bool,
@@ -52,9 +59,12 @@ def export(
     weights of its newest checkpoint, or of --step) to --out: the resolved spec, safetensors weights and a manifest
     of hashes and versions that `titans_compose.load(OUT)` verifies and loads as a plain nn.Module. A BUILD_DIR or
     RUN_DIR made with plug-in files or modules needs them passed again with --plugin: none is imported on the
-    build's word."""
+    build's word. --format hf writes a transformers save_pretrained directory instead (also of an exported
+    artifact)."""
     plugins, debug = settings(ctx, sub_plugins, sub_debug)
     shape = _shape(example)
+    if tokenizer is not None and fmt != "hf":
+        raise click.BadParameter("a tokenizer is part of a --format hf export only", param_hint="'--tokenizer'")
 
     def body() -> int:
         from titans_compose.builder import BuildError
@@ -63,6 +73,8 @@ def export(
 
         if model_registry(plugins, debug) is None:
             return 1
+        if fmt == "hf":
+            return _export_hf(source, out, overrides, plugins, seed, step, tokenizer)
         try:
             done = run(
                 source,
@@ -90,3 +102,33 @@ def export(
         return 0
 
     guarded(ctx, debug, body)
+
+
+def _export_hf(
+    source: str,
+    out: Path,
+    overrides: tuple[str, ...],
+    plugins: tuple[str, ...],
+    seed: int,
+    step: int | None,
+    tokenizer: Path | None,
+) -> int:
+    """``--format hf``: a transformers save_pretrained directory (titans_compose.hf)."""
+    try:
+        from titans_compose.hf.export import HFExportError, export_hf
+    except ImportError as exc:
+        raise click.ClickException(str(exc)) from None
+    from titans_compose.builder import BuildError
+    from titans_compose.export import ExportError
+
+    try:
+        model = export_hf(source, out, overrides=overrides, plugins=plugins, seed=seed, step=step, tokenizer=tokenizer)
+    except (BuildError, ExportError, HFExportError) as exc:
+        raise click.ClickException(str(exc)) from None
+    with_plugins = f", plugins={list(plugins)!r}" if plugins else ""
+    files = ", ".join(sorted(p.name for p in out.iterdir() if p.is_file()))
+    click.echo(f"wrote {out}/ ({files}; tokenizer: {model.config.tokenizer['kind']})")
+    click.echo(
+        f"load it with: import titans_compose.hf; AutoModelForCausalLM.from_pretrained({str(out)!r}{with_plugins})"
+    )
+    return 0
