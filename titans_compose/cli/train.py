@@ -88,6 +88,14 @@ def default_warmup(steps: int) -> int:
 @click.option(
     "--max-mb", type=FiniteFloat(min=0, min_open=True), default=8.0, show_default=True, help="Text to read, MB."
 )
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "bf16", "fp16"]),
+    default="fp32",
+    show_default=True,
+    help="Activation dtype under torch.autocast on the run's device (fp16 with a gradient scaler); parameters, "
+    "optimizer and the memory state stay float32.",
+)
 @out_option("out", "Run directory [runs/<spec>].", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its newest checkpoint.")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed for the initial weights and the batches.")
@@ -358,6 +366,7 @@ def run(
             checkpoint_every=options["eval_every"],
             resume=from_checkpoint,
             progress=not options["no_progress"],
+            precision=options["precision"],
         )
     except (CheckpointError, TrainingError) as exc:
         raise click.ClickException(str(exc)) from None

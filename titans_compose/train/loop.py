@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from titans_compose.ops.memory.finite import MemoryDivergedError
 from titans_compose.train.checkpoint import load_checkpoint, save_checkpoint
 from titans_compose.train.data import Batch
+from titans_compose.train.precision import MixedPrecision
 
 #: the learning rate at the end of the cosine decay, as a fraction of the peak
 FINAL_LR_FRACTION = 0.1
@@ -135,6 +136,7 @@ def train(
     resume: bool = False,
     progress: bool = True,
     time_limit: float | None = None,
+    precision: str = "fp32",
 ) -> TrainResult:
     """Train ``model`` for ``steps`` optimisation steps on ``batches(step)`` (step 1, 2, ...) and return the history.
 
@@ -148,6 +150,9 @@ def train(
     counts as the last step (evaluated and checkpointed); the schedule still spans ``steps``. Raises
     :class:`TrainingError` before any update from a non-finite loss or gradient, or when a memory layer diverges
     (the model's :class:`~titans_compose.ops.memory.finite.MemoryDivergedError`, naming the layer and token).
+    ``precision`` (``fp32``, ``bf16``, ``fp16``; :mod:`~titans_compose.train.precision`) runs the forward passes
+    under autocast on the model's device; with ``fp16`` a step whose gradients overflow is skipped by the gradient
+    scaler instead of stopping the run.
     """
     if steps < 1 or warmup < 0 or eval_every < 0 or checkpoint_every < 0 or lr <= 0:
         raise ValueError(
@@ -157,10 +162,12 @@ def train(
     if resume and checkpoint_dir is None:
         raise ValueError("resume needs a checkpoint_dir")
     optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.95))
+    amp = MixedPrecision(precision, next(model.parameters()).device)
     result, start = TrainResult(), 0
     if resume:
         state = load_checkpoint(checkpoint_dir, model=model, optimizer=optimizer)  # type: ignore[arg-type]
         start, result = state["step"], TrainResult.from_json(state)
+        amp.load_state_dict(state.get("grad_scaler", {}))
 
     def checkpoint(step: int) -> None:
         result.checkpoint = save_checkpoint(
@@ -168,14 +175,14 @@ def train(
             step=step,
             model=model,
             optimizer=optimizer,
-            state={"steps": steps, **result.to_json()},
+            state={"steps": steps, **result.to_json(), "grad_scaler": amp.state_dict()},
         )
 
     def evaluate(step: int) -> None:
         if eval_fn is None:
             return
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), amp.autocast():
             result.evals.append((step, {k: float(v) for k, v in eval_fn(model).items()}))
         model.train()
 
@@ -191,19 +198,20 @@ def train(
             rate = lr_at(step, lr=lr, warmup=warmup, steps=steps)
             for group in optimizer.param_groups:
                 group["lr"] = rate
-            loss = _diverged_at(step, lm_loss, model, batch)
+            with amp.autocast():
+                loss = _diverged_at(step, lm_loss, model, batch)
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise TrainingError(f"the training loss is {value} at step {step}: lower the learning rate")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            amp.backward(loss, optimizer)
             # the norm is needed anyway to clip; without clipping max_norm=inf leaves the gradients as they are
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf if grad_clip is None else grad_clip)
-            if not math.isfinite(float(norm)):
+            if not math.isfinite(float(norm)) and amp.scaler is None:  # fp16: the scaler skips the step
                 raise TrainingError(
                     f"the gradient norm is {float(norm)} at step {step} (the loss is {value}): lower the learning rate"
                 )
-            optimizer.step()
+            amp.step(optimizer)
             if loss.is_cuda:  # kernels run asynchronously: wait for them, so the step's time is its own
                 torch.cuda.synchronize(loss.device)
             speed = batch.tokens.numel() / max(time.perf_counter() - began, 1e-9)
