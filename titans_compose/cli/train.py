@@ -33,6 +33,8 @@ FIXED_ON_RESUME = (
     "overrides",
     "task",
     "data",
+    "tokens",
+    "separator",
     "max_mb",
     "batch",
     "seq_len",
@@ -61,6 +63,17 @@ def default_warmup(steps: int) -> int:
     type=click.Path(exists=True, path_type=Path),
     help="A text file or directory (default: the Python standard library's .py files). For the tasks it is the "
     "haystack filler (default: a repeated sentence).",
+)
+@click.option(
+    "--tokens",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="lm on a token file (OUT.bin with its OUT.bin.json sidecar, from `titans-compose data tokenize`); the "
+    "last 5%% of it is the validation part.",
+)
+@click.option(
+    "--separator",
+    type=click.IntRange(min=0),
+    help="--tokens: the id that starts each packed document, resetting the model's state [default: the sidecar's].",
 )
 @click.option("--task", type=click.Choice(["lm", "passkey", "mqar"]), default="lm", show_default=True)
 @click.option("--steps", type=click.IntRange(min=1), default=200, show_default=True)
@@ -113,6 +126,7 @@ def train(ctx: click.Context, spec: str, sub_plugins: tuple[str, ...], sub_debug
     # paths as absolute strings, so that resuming from another directory compares equal
     options["spec"] = str(Path(spec).resolve())
     options["data"] = None if options["data"] is None else str(options["data"].resolve())
+    options["tokens"] = None if options["tokens"] is None else str(options["tokens"].resolve())
     options["overrides"] = list(options["overrides"])
 
     def body() -> int:
@@ -122,6 +136,7 @@ def train(ctx: click.Context, spec: str, sub_plugins: tuple[str, ...], sub_debug
         from titans_compose.spec import load_spec
         from titans_compose.train.checkpoint import remove_interrupted
         from titans_compose.train.tasks import check_vocabulary
+        from titans_compose.train.tokens import check_token_vocabulary
 
         registry = model_registry(plugins, debug)
         if registry is None:
@@ -144,7 +159,10 @@ def train(ctx: click.Context, spec: str, sub_plugins: tuple[str, ...], sub_debug
             config = {k: v for k, v in options.items() if k not in ("out", "resume", "device", "no_progress")}
             source, val_batches, describe, top = make_task(options)
             try:
-                check_vocabulary(loaded.spec.model.vocab_size, top, describe)
+                if options["tokens"] is None:
+                    check_vocabulary(loaded.spec.model.vocab_size, top, describe)
+                else:
+                    check_token_vocabulary(loaded.spec.model.vocab_size, top, options["tokens"])
             except ValueError as exc:
                 raise click.ClickException(f"{loaded.source}: {exc}") from None
             remove_interrupted_build(out / "build")
@@ -228,6 +246,10 @@ def make_task(options: dict[str, Any]) -> tuple[BatchSource, list[Batch], str, i
     from titans_compose.train.tasks import max_token, mqar_batch, mqar_len, passkey_batch, passkey_min_len
 
     task, batch, seq_len, seed = options["task"], options["batch"], options["seq_len"], options["seed"]
+    if options["tokens"] is not None:
+        return token_task(options)
+    if options["separator"] is not None:
+        raise click.BadParameter("a separator applies to a token file: give --tokens", param_hint="'--separator'")
     corpus = None
     if task == "lm" or options["data"] is not None:
         max_bytes = int(options["max_mb"] * 1e6)
@@ -305,22 +327,48 @@ def make_task(options: dict[str, Any]) -> tuple[BatchSource, list[Batch], str, i
     return (lambda step: make(step, "train")), [make(i, "val") for i in range(n_eval)], describe, top
 
 
-def evaluate(model: torch.nn.Module, batches: list[Batch]) -> dict[str, float]:
-    """Mean validation loss over ``batches`` (with bits per byte: tokens are bytes) or, for task batches, the loss on
+def token_task(options: dict[str, Any]) -> tuple[BatchSource, list[Batch], str, int]:
+    """:func:`make_task` for ``--tokens``: samplers of the file's training part and validation tail, and the largest
+    id the model must take (the sidecar's vocabulary, or the file's largest id if that is larger)."""
+    from titans_compose.train.data import DataError
+    from titans_compose.train.tokens import open_tokens, split_samplers
+
+    if options["task"] != "lm" or options["data"] is not None:
+        raise click.BadParameter("a token file is language-model data: use it with --task lm, without --data",
+                                 param_hint="'--tokens'")  # fmt: skip
+    try:
+        tokens = open_tokens(options["tokens"])
+        separator = tokens.separator if options["separator"] is None else options["separator"]
+        if separator is not None and separator >= tokens.vocab_size:
+            raise DataError(f"the separator id {separator} is not below the file's vocabulary of {tokens.vocab_size}")
+        train_src, val_src = split_samplers(
+            tokens, options["batch"], options["seq_len"], seed=options["seed"], val_percent=5.0, separator=separator
+        )
+        top = max(tokens.vocab_size - 1, tokens.max_id())
+    except DataError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--tokens'") from None
+    describe = (
+        f"lm on {tokens.path.name}: {len(tokens):,} tokens ({train_src.end:,} train, {val_src.end - val_src.start:,} "
+        f"validation), vocabulary {tokens.vocab_size:,}, separator {separator}"
+    )
+    return train_src, [val_src(i) for i in range(options["eval_batches"])], describe, top
+
+
+def evaluate(model: torch.nn.Module, batches: list[Batch], unit: str = "byte") -> dict[str, float]:
+    """Mean validation loss over ``batches`` (with bits per ``unit``: byte or token) or, for task batches, the loss on
     the answers and the exact-match accuracy."""
-    from titans_compose.train.loop import next_token_loss
+    from titans_compose.train.loop import batch_logits, next_token_loss
     from titans_compose.train.tasks import TaskBatch, exact_match
 
-    device = next(model.parameters()).device
     loss = accuracy = 0.0
     for b in batches:
-        logits = model(b.tokens.to(device)).logits
+        logits = batch_logits(model, b)
         loss += float(next_token_loss(logits, b)) / len(batches)
         if isinstance(b, TaskBatch):
             accuracy += exact_match(logits, b) / len(batches)
     if isinstance(batches[0], TaskBatch):
         return {"val_answer_loss": loss, "val_accuracy": accuracy}
-    return {"val_loss": loss, "val_bits_per_byte": loss / math.log(2)}
+    return {"val_loss": loss, f"val_bits_per_{unit}": loss / math.log(2)}
 
 
 def run(
@@ -361,7 +409,7 @@ def run(
             weight_decay=options["weight_decay"],
             grad_clip=options["grad_clip"] or None,
             eval_every=options["eval_every"],
-            eval_fn=lambda model: evaluate(model, val_batches),
+            eval_fn=lambda model: evaluate(model, val_batches, "byte" if options.get("tokens") is None else "token"),
             checkpoint_dir=out / "checkpoints",
             checkpoint_every=options["eval_every"],
             resume=from_checkpoint,

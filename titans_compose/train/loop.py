@@ -106,10 +106,19 @@ def next_token_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     return losses[mask].mean()
 
 
+def batch_logits(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """The logits [B, T, V] of ``model`` on ``batch``, run on the model's device. Packed documents (the batch's
+    ``cu_seqlens``) run as one row, the batch's rows laid end to end, which the model restarts at every boundary."""
+    tokens = batch.tokens.to(next(model.parameters()).device)
+    if batch.cu_seqlens is None:
+        return model(tokens).logits
+    rows, length = tokens.shape
+    return model(tokens.reshape(1, rows * length), cu_seqlens=batch.cu_seqlens).logits.view(rows, length, -1)
+
+
 def lm_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-    """:func:`next_token_loss` of ``model`` on ``batch``, run on the model's device."""
-    device = next(model.parameters()).device
-    return next_token_loss(model(batch.tokens.to(device)).logits, batch)
+    """:func:`next_token_loss` of ``model`` on ``batch`` (:func:`batch_logits`)."""
+    return next_token_loss(batch_logits(model, batch), batch)
 
 
 def _diverged_at(step: int, fn: Callable[..., Any], *args: Any) -> Any:
