@@ -233,3 +233,21 @@ def test_cli_trains_in_bf16(runner, tmp_path):
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "config.json").read_text())["precision"] == "bf16"
     assert math.isfinite(json.loads((tmp_path / "metrics.json").read_text())["final"]["val_loss"])
+
+
+def test_a_diverging_memory_is_reported_under_autocast():
+    """The divergence check reruns the scan to find the first bad token: under autocast it reruns it as the scan ran
+    (float32, autocast off) and names the same token as without autocast."""
+    from tests.test_neural_memory import DIVERGING, x_of
+    from tests.test_neural_memory import build as build_memory
+    from titans_compose.ops.memory.finite import MemoryDivergedError
+
+    no_conv = "projections.conv_kernel=null"  # bf16 keys and values reach the check (a conv would promote them)
+    module = build_memory([*DIVERGING, "memory.out_proj=false", no_conv], dtype=torch.float32)
+    x = x_of(300, dtype=torch.float32)
+    with pytest.raises(MemoryDivergedError) as plain:
+        module(x)
+    with pytest.raises(MemoryDivergedError) as mixed, torch.autocast("cpu", BF16):
+        module(x)
+    assert plain.value.token is not None and mixed.value.token is not None
+    assert abs(mixed.value.token - plain.value.token) <= 2  # bf16 projections move the overflow by a token or two

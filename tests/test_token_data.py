@@ -79,16 +79,18 @@ def test_packed_documents_equal_the_documents_run_one_by_one(tmp_path, kind):
     assert not torch.allclose(model(toks).logits[:, 7:], packed[:, 7:])
 
 
-def test_packed_batches_run_row_by_row_and_document_by_document(tmp_path):
+@pytest.mark.parametrize("bounds", [[0, 5, 12, 15, 24], [0, 5, 12, 17, 24], [0, 12, 24]])
+def test_packed_batches_equal_their_documents_run_one_by_one(tmp_path, bounds):
+    """A batch of 2 rows of 12 with boundaries over the rows laid end to end (every row start is one): documents of
+    distinct lengths, of equal lengths (run together as the rows of one call), and no separator at all."""
     model, _ = build(tmp_path, "mac")
     toks = tokens(2, 12)
-    batch = Batch(toks, cu_seqlens=torch.tensor([0, 5, 12, 15, 24]))
-    logits = batch_logits(model, batch)
-    expected = torch.cat(
-        [model(toks[0:1, :5]).logits, model(toks[0:1, 5:]).logits, model(toks[1:2, :3]).logits,
-         model(toks[1:2, 3:]).logits], 1,
-    ).view(2, 12, -1)  # fmt: skip
+    logits = batch_logits(model, Batch(toks, cu_seqlens=torch.tensor(bounds)))
+    flat = toks.reshape(1, 24)
+    expected = torch.cat([model(flat[:, a:b]).logits for a, b in itertools.pairwise(bounds)], 1).view(2, 12, -1)
     torch.testing.assert_close(logits, expected, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match=r"cu_seqlens must run from 0 to 24"):
+        batch_logits(model, Batch(toks, cu_seqlens=torch.tensor([0, 12])))
 
 
 def test_document_boundaries_are_checked(tmp_path):
