@@ -34,9 +34,18 @@ def test_a_token_file_round_trips_through_numpy_memmap(tmp_path, vocab, dtype):
     assert again.max_id() == ids.max() and again.separator == 0 and len(again) == 1000
 
 
+def test_documents_stream_to_disk_and_a_bad_one_leaves_no_file(tmp_path):
+    parts = [np.array([5, 1, 2]), np.array([5, 3]), np.array([5])]
+    file = write_tokens(tmp_path / "t.bin", iter(parts), vocab_size=6, separator=5)
+    assert file.ids.tolist() == [5, 1, 2, 5, 3, 5] and len(file) == 6
+    with pytest.raises(DataError, match=r"ids in \[0, 6\)"):
+        write_tokens(tmp_path / "u.bin", iter([np.array([1]), np.array([6])]), vocab_size=6)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.bin", "t.bin.json"]  # no u.bin, no temporary
+
+
 def test_bad_token_files_are_named(tmp_path):
     path = tmp_path / "t.bin"
-    with pytest.raises(DataError, match="ids in \\[0, 10\\)"):
+    with pytest.raises(DataError, match=r"ids in \[0, 10\)"):
         write_tokens(path, np.array([3, 10]), vocab_size=10)
     np.arange(10, dtype=np.uint16).tofile(path)
     with pytest.raises(DataError, match=r"sidecar .*t\.bin\.json is missing"):

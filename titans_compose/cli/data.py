@@ -3,6 +3,7 @@ file of the ``tokenizers`` library (the optional extra ``[data]``)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -94,19 +95,20 @@ def tokenize(
             np = numpy_module()
         except DataError as exc:
             raise click.ClickException(str(exc)) from None
-        parts = []
-        for path in inputs:
-            try:
-                text = path.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as exc:
-                raise click.BadParameter(f"{path}: not readable UTF-8 text ({exc})", param_hint="'INPUTS'") from None
-            if sep is not None:
-                parts.append(np.array([sep], dtype=np.int64))
-            parts.append(np.asarray(tok.encode(text, add_special_tokens=False).ids, dtype=np.int64))
-        ids = np.concatenate(parts)
-        written = write_tokens(
-            out, ids, vocab_size=tok.get_vocab_size(with_added_tokens=True), tokenizer=tokenizer.name, separator=sep
-        )
+
+        def documents() -> Iterator[Any]:  # one file at a time: the corpus never sits in memory whole
+            for path in inputs:
+                try:
+                    text = path.read_text(encoding="utf-8")
+                except (OSError, UnicodeDecodeError) as exc:
+                    raise click.BadParameter(
+                        f"{path}: not readable UTF-8 text ({exc})", param_hint="'INPUTS'"
+                    ) from None
+                ids = tok.encode(text, add_special_tokens=False).ids
+                yield np.asarray(ids if sep is None else [sep, *ids], dtype=np.int64)
+
+        vocab = tok.get_vocab_size(with_added_tokens=True)
+        written = write_tokens(out, documents(), vocab_size=vocab, tokenizer=tokenizer.name, separator=sep)
         click.echo(
             f"wrote {out} ({len(written):,} tokens of {len(inputs)} documents, {written.ids.dtype.name}, vocabulary "
             f"{written.vocab_size:,}, separator {sep}) and {out}.json"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,22 +80,32 @@ def write_tokens(
     tokenizer: str | None = None,
     separator: int | None = None,
 ) -> TokenFile:
-    """Write the 1-D integer array ``ids`` as a token file and its sidecar (each atomically, the sidecar last) and
-    return it opened. Raises :class:`DataError` for ids outside the vocabulary."""
+    """Write ``ids`` as a token file and its sidecar (each atomically, the sidecar last) and return it opened.
+    ``ids``: a 1-D integer array, or an iterator of them (e.g. one per document), written as they come, so a corpus
+    larger than memory streams to disk. Raises :class:`DataError` for ids outside the vocabulary."""
     np = numpy_module()
-    ids = np.asarray(ids)
     dtype = dtype_for(vocab_size)
-    if ids.ndim != 1 or (ids.size and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size)):
-        raise DataError(f"{path}: token ids must be a flat array of ids in [0, {vocab_size})")
+    stored = np.dtype(f"<u{np.dtype(dtype).itemsize}")  # little-endian, what numpy's tofile writes on x86 and ARM
     if separator is not None and not 0 <= separator < vocab_size:
         raise DataError(f"{path}: the separator id {separator} lies outside the vocabulary of {vocab_size}")
-    atomic_write(path, ids.astype(f"<u{np.dtype(dtype).itemsize}").tobytes())  # little-endian, as numpy's tofile
+    count = 0
+
+    def encoded(parts: Iterable[Any]) -> Iterator[bytes]:
+        nonlocal count
+        for part in parts:
+            part = np.asarray(part)
+            if part.ndim != 1 or (part.size and (int(part.min()) < 0 or int(part.max()) >= vocab_size)):
+                raise DataError(f"{path}: token ids must be flat arrays of ids in [0, {vocab_size})")
+            count += part.size
+            yield part.astype(stored).tobytes()
+
+    atomic_write(path, encoded(ids if isinstance(ids, Iterator) else [ids]))
     meta = {
         "format": FORMAT,
         "version": 1,
         "dtype": dtype,
         "vocab_size": vocab_size,
-        "tokens": int(ids.size),
+        "tokens": count,
         "tokenizer": tokenizer,
         "separator": separator,
     }
