@@ -194,3 +194,33 @@ def test_tokenize_without_the_library_says_how_to_install_it(runner, tmp_path, m
     result = runner.invoke(cli, ["data", "tokenize", str(text), "--tokenizer", str(tmp_path / "t.json"), "-o",
                                  str(tmp_path / "o.bin")])  # fmt: skip
     assert result.exit_code == 1 and "pip install tokenizers" in result.output
+
+
+def test_sweep_keys_of_earlier_results_are_unchanged_by_the_new_train_options():
+    """A sweep point's key hashes its train options; the options added here (tokens, separator, precision) are left
+    out at their defaults, so results recorded before they existed keep their keys, and set they change the key."""
+    from titans_compose.registry import new_registry
+    from titans_compose.spec import load_spec
+    from titans_compose.sweep.plan import LATER_TRAIN_DEFAULTS, point_key
+
+    loaded = load_spec(SPECS / "titans_mac_small.yaml", registry=new_registry())
+    before = {"task": "lm", "steps": 10, "lr": 0.001}
+    now = {**before, **LATER_TRAIN_DEFAULTS}
+    assert point_key(loaded, 0, now) == point_key(loaded, 0, before)
+    assert point_key(loaded, 0, {**now, "precision": "bf16"}) != point_key(loaded, 0, before)
+
+
+def test_train_token_options_name_their_conflicts(runner, tmp_path):
+    from titans_compose.cli.main import cli
+
+    write_tokens(tmp_path / "t.bin", np.arange(400) % 7, vocab_size=7)
+    spec = str(SPECS / "titans_mac_small.yaml")
+    cases = [
+        (["--separator", "3"], "'--separator': a separator applies to a token file"),
+        (["--tokens", str(tmp_path / "t.bin"), "--task", "passkey"], "'--tokens': a token file is language-model"),
+        (["--tokens", str(tmp_path / "t.bin"), "--separator", "9"], "separator id 9 is not below"),
+        (["--tokens", str(tmp_path / "t.bin"), "--seq-len", "390"], "cannot give a training part and a validation"),
+    ]
+    for args, message in cases:
+        result = runner.invoke(cli, ["train", spec, "-o", str(tmp_path / "run"), "--no-progress", *args])
+        assert result.exit_code == 2 and message in result.output, (args, result.output)
