@@ -29,6 +29,7 @@ from tests.test_memory_core import make_cfg, make_inputs
 from titans_compose.builder import build
 from titans_compose.ops.memory import memory_scan
 from titans_compose.ops.memory.chunked import chunked_memory
+from titans_compose.ops.memory.dispatch import MemoryBackend
 from titans_compose.ops.memory.state import MemoryState
 from titans_compose.train import Batch, train
 from titans_compose.train.precision import MixedPrecision
@@ -157,10 +158,26 @@ def test_a_bfloat16_state_would_lose_the_updates():
     assert rel(sums[BF16] - w0, exact - w0) > 0.5  # most of what the memory learned is lost
 
 
-def test_triton_kernels_under_autocast_take_bf16_inputs_and_keep_a_float32_state(monkeypatch):
-    """The generated kernels (Triton's interpreter on the CPU) under autocast: bf16 q, k, v reach a bf16 kernel
-    (the key's dtype), the state stays float32, and the output is within bf16 rounding of the chunked path run in
-    float32 on the same rounded values."""
+@pytest.mark.parametrize(
+    "dtype",
+    [
+        torch.float16,
+        pytest.param(
+            BF16,
+            marks=pytest.mark.skipif(
+                not torch.cuda.is_available(),
+                reason="Triton's interpreter gets bfloat16 gradients wrong (see test_codegen_kernels' 16-bit test)",
+            ),
+        ),
+    ],
+)
+def test_triton_kernels_under_autocast_take_16_bit_inputs_and_keep_a_float32_state(dtype):
+    """The generated kernels under autocast (on the CPU in Triton's interpreter): 16-bit q, k, v reach the kernel of
+    that dtype, the state stays float32, and the output, the state and the gradients of q, k, v are close to the
+    chunked path run in float32 on the same rounded values. Measured in the interpreter with float16: output 2e-4,
+    state 3e-7, gradients 3e-3 and 6e-3 (relative norms; the 16-bit output and gradients are rounded to 11 bits);
+    the tolerances are 2e-3 and 2e-2. bfloat16 (8 bits) runs on CUDA only: Triton's interpreter gets its gradients
+    wrong (1.5 relative error), as the kernel tests record."""
     import os
 
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
@@ -168,24 +185,23 @@ def test_triton_kernels_under_autocast_take_bf16_inputs_and_keep_a_float32_state
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cfg = make_cfg(depth=2, d=16, hidden=32, chunk_size=8, momentum=True, forget=True, output_norm=True)
     cfg = dataclasses.replace(cfg, names=("silu", "l2"))  # the kernel key names the registered rules
-    q, k, v, theta, log_eta, log_keep, weights = (
-        None if t is None else (t.to(device) if isinstance(t, torch.Tensor) else [w.to(device) for w in t])
-        for t in make_inputs(cfg, T=19, dtype=torch.float32)
-    )
-    q16, k16, v16 = (t.to(BF16).requires_grad_() for t in (q, k, v))
-    from titans_compose.ops.memory.dispatch import MemoryBackend
-
+    q, k, v, theta, log_eta, log_keep, weights = make_inputs(cfg, T=19, dtype=torch.float32)
+    theta, log_eta, log_keep = (t.to(device) for t in (theta, log_eta, log_keep))
+    weights = [w.to(device) for w in weights]
+    low = [t.to(device, dtype).requires_grad_() for t in (q, k, v)]
     backend = MemoryBackend("triton")
-    with torch.autocast(device, BF16):
-        y, state = backend(q16, k16, v16, theta, log_eta, log_keep, MemoryState.initial(weights, True), cfg)
-        y.float().square().sum().backward()  # the kernels' backward, called under autocast
-    assert backend.choice.name == "triton" and "bfloat16" in backend.choice.kernel.name
-    assert y.dtype == BF16 and {t.dtype for t in (*state.weights, *state.momentum)} == {torch.float32}
-    assert q16.grad.dtype == BF16 and q16.grad.isfinite().all()
-    ref, ref_state = chunked_memory(q16.detach().float(), k16.detach().float(), v16.detach().float(), theta,
-                                    log_eta, log_keep, MemoryState.initial(weights, True), cfg)  # fmt: skip
-    assert rel(y, ref) < 2e-2  # bf16 products in the kernel (tf32 / bf16 dot) and the bf16 output
-    assert rel(state.weights[0], ref_state.weights[0]) < 2e-2
+    with torch.autocast(device, dtype):
+        y, state = backend(*low, theta, log_eta, log_keep, MemoryState.initial(weights, True), cfg)
+    y.float().square().sum().backward()
+    assert backend.choice.name == "triton" and str(dtype).removeprefix("torch.") in backend.choice.kernel.name
+    assert y.dtype == dtype and {t.dtype for t in (*state.weights, *state.momentum)} == {torch.float32}
+    exact = [t.detach().float().requires_grad_() for t in low]
+    ref, ref_state = chunked_memory(*exact, theta, log_eta, log_keep, MemoryState.initial(weights, True), cfg)
+    ref.to(dtype).float().square().sum().backward()
+    tol = 2e-3 if dtype == torch.float16 else 2e-2
+    assert rel(y, ref) < tol and rel(state.weights[0], ref_state.weights[0]) < tol
+    for got, want in zip(low, exact, strict=True):
+        assert got.grad.dtype == dtype and rel(got.grad, want.grad) < 2e-2
 
 
 # --- training -----------------------------------------------------------------------------------------------------
