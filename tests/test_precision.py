@@ -227,17 +227,40 @@ def test_a_mixed_precision_run_follows_the_float32_run(precision):
     assert runs[precision][-1] < runs[precision][0] - 0.1
 
 
-def test_fp16_checkpoints_the_gradient_scaler(tmp_path):
-    model = tiny_model(SPECS / "titans_mac_small.yaml")
-    train(model, lm_batches, steps=2, lr=3e-3, progress=False, precision="fp16", checkpoint_dir=tmp_path)
-    saved = json.loads(next(tmp_path.glob("step-*.json")).read_text())
+def test_an_fp16_run_resumes_exactly_with_its_gradient_scaler(tmp_path):
+    """The scaler's state is saved with each checkpoint and restored on resume (the round trip is checked in
+    test_mixed_precision_names_its_choices: in 4 steps the scale itself does not move), and an interrupted fp16 run
+    continues with the losses of the uninterrupted one."""
+
+    class Interrupt(Exception):
+        pass
+
+    def interrupted(step: int) -> Batch:
+        if step == 3:
+            raise Interrupt
+        return lm_batches(step)
+
+    kwargs = {"steps": 4, "lr": 3e-3, "progress": False, "precision": "fp16", "checkpoint_every": 2}
+    full = train(tiny_model(SPECS / "titans_mac_small.yaml"), lm_batches, **kwargs)
+    with pytest.raises(Interrupt):
+        train(tiny_model(SPECS / "titans_mac_small.yaml"), interrupted, checkpoint_dir=tmp_path, **kwargs)
+    saved = json.loads((tmp_path / "step-00000002.json").read_text())
     assert saved["state"]["grad_scaler"]["scale"] > 0
+    resumed = train(tiny_model(SPECS / "titans_mac_small.yaml", seed=1), lm_batches, checkpoint_dir=tmp_path,
+                    resume=True, **kwargs)  # fmt: skip
+    assert [r.loss for r in resumed.history] == [r.loss for r in full.history]
 
 
 def test_mixed_precision_names_its_choices():
     with pytest.raises(ValueError, match="unknown precision 'int8'; choose one of fp32, bf16, fp16"):
         MixedPrecision("int8", "cpu")
     assert MixedPrecision("fp16", "cpu").scaler is not None and MixedPrecision("bf16", "cpu").scaler is None
+    amp = MixedPrecision("fp16", "cpu")
+    state = {**amp.state_dict(), "scale": 128.0, "_growth_tracker": 7}
+    json.dumps(state)  # a checkpoint's JSON holds it
+    restored = MixedPrecision("fp16", "cpu")
+    restored.load_state_dict(state)
+    assert restored.state_dict() == state and MixedPrecision("bf16", "cpu").state_dict() == {}
 
 
 def test_cli_trains_in_bf16(runner, tmp_path):
