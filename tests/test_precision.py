@@ -204,6 +204,33 @@ def test_triton_kernels_under_autocast_take_16_bit_inputs_and_keep_a_float32_sta
         assert got.grad.dtype == dtype and rel(got.grad, want.grad) < 2e-2
 
 
+def test_under_autocast_the_kernels_read_float32_activations_in_autocasts_dtype():
+    """float32 q, k, v under autocast (a model whose convolution promoted them) take the kernel of autocast's dtype:
+    the kernel reads them rounded to 16 bits, as autocast's other layers would, and the output comes back float32.
+    Without autocast the float32 kernel runs; the chunked path never rounds them."""
+    import os
+
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1 before Python starts")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg = dataclasses.replace(make_cfg(depth=1, d=16, chunk_size=8, momentum=True), names=("silu", "l2"))
+    q, k, v, theta, log_eta, log_keep, weights = (
+        None if t is None else t.to(device) if isinstance(t, torch.Tensor) else [w.to(device) for w in t]
+        for t in make_inputs(cfg, T=11, dtype=torch.float32)
+    )
+    state = MemoryState.initial(weights, True)
+    for autocast, kernel in [(True, "float16"), (False, "float32")]:
+        backend = MemoryBackend("triton")
+        with torch.autocast(device, torch.float16, enabled=autocast):
+            y, _ = backend(q, k, v, theta, log_eta, log_keep, state, cfg)
+        assert f"_{kernel}-" in backend.choice.kernel.name
+        assert y.dtype == torch.float32
+    with torch.autocast(device, torch.float16):
+        chunked = MemoryBackend("chunked")
+        y, _ = chunked(q, k, v, theta, log_eta, log_keep, state, cfg)
+    assert torch.equal(y, chunked_memory(q, k, v, theta, log_eta, log_keep, state, cfg)[0])
+
+
 # --- training -----------------------------------------------------------------------------------------------------
 
 

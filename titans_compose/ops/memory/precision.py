@@ -6,10 +6,10 @@ rounded away, and the error of each fold feeds every later token, so the state, 
 and the gate tables (exponentials of log-space sums) are kept in float32 whatever dtype the activations have
 (float64 stays float64, for the tests). Under ``torch.autocast`` the scan therefore runs with autocast switched
 off: the chunked path and the reference take q, k, v and the gates in float32; the generated kernels take q, k, v
-in the activations' dtype (bfloat16 / float16 halve their reads; the kernels convert every load to float32 and
-accumulate in float32) and the gates and state in float32. The retrieved values come back in the dtype of ``q``,
-so the layers after the memory see the activation dtype autocast chose; the state handed to the next call stays
-in float32.
+in the activations' dtype, autocast's own when it is on (bfloat16 / float16 halve their reads; the kernels convert
+every load to float32 and accumulate in float32), and the gates and state in float32. The retrieved values come
+back in the dtype of ``q``, so the layers after the memory see the dtype they would have seen; the state handed to
+the next call stays in float32.
 """
 
 from __future__ import annotations
@@ -27,6 +27,15 @@ def accumulation_dtype(*tensors: Tensor | None) -> torch.dtype:
     """The dtype the state and the scan's arithmetic use for these inputs: float64 if any is float64, else
     float32 (bfloat16 and float16 inputs included)."""
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def kernel_input_dtype(q: Tensor) -> torch.dtype:
+    """The dtype the generated kernels read q, k, v in: autocast's dtype when autocast is on for q's device and q is
+    float32 (the activations autocast would have produced), else q's own."""
+    device = q.device.type
+    if q.dtype == torch.float32 and torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return q.dtype
 
 
 def cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
