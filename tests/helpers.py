@@ -219,3 +219,41 @@ def refusals(directory, loader, error, wrong):
     finally:
         (directory / MANIFEST).write_text(original)
     return loaded, messages
+
+
+# ------------------------------------------------------------------------------------------ tiny models of each kind
+
+VARIANTS = ["mac", "mag", "mal", "lmm", "attention"]
+VOCAB = 23
+
+SMALL_MODEL = {
+    "name": "tiny",
+    "model": {"vocab_size": VOCAB, "dim": 16},
+    "memory": {"heads": 2, "head_dim": 8, "depth": 2, "expansion": 2, "chunk_size": 4},
+    "projections": {"conv_kernel": 3},
+    "persistent": {"tokens": 2},
+    "attention": {"heads": 2, "window": 5},
+    "mac": {"segment": 8},
+    "mlp": {"kind": "swiglu", "expansion": 2},
+}
+
+
+def build_model(tmp_path, kind: str, overrides: list[str] = (), dtype: torch.dtype = torch.float64, seed: int = 0):
+    """A 2-layer model of block ``kind`` at the SMALL_MODEL sizes, with --set style ``overrides``."""
+    import yaml
+
+    from titans_compose.graph import compile_graph
+    from titans_compose.nn.model import TitansLM
+    from titans_compose.registry import new_registry
+    from titans_compose.spec import load_spec
+
+    path = tmp_path / f"{kind}.yaml"
+    path.write_text(yaml.safe_dump({**SMALL_MODEL, "blocks": [{"kind": kind, "repeat": 2}]}))
+    loaded = load_spec(path, list(overrides), registry=new_registry())
+    graph, _ = compile_graph(loaded)
+    torch.manual_seed(seed)
+    return TitansLM.from_graph(graph, loaded).to(dtype), graph
+
+
+def tokens(batch: int, length: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))

@@ -13,6 +13,7 @@ import contextlib
 import os
 import stat
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 from titans_compose.errors import Diagnostic, SpecError
@@ -43,18 +44,22 @@ def temporaries(directory: str | os.PathLike[str], names: tuple[str, ...] | None
     return sorted(found)
 
 
-def atomic_write(path: str | os.PathLike[str], data: str | bytes, *, private: bool = False) -> None:
+def atomic_write(path: str | os.PathLike[str], data: str | bytes | Iterable[bytes], *, private: bool = False) -> None:
     """Write ``data`` to ``path`` so that readers see either the old file or the complete new one, never a part.
-    The file gets the permissions a plain ``open()`` would give, without group and other write with ``private``."""
+    ``data`` may be an iterable of byte strings, written as they come (output larger than memory; an exception
+    raised by the iterable leaves the old file). The file gets the permissions a plain ``open()`` would give,
+    without group and other write with ``private``."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    payload = data.encode("utf-8") if isinstance(data, str) else data
+    if isinstance(data, (str, bytes)):
+        data = [data.encode("utf-8") if isinstance(data, str) else data]
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=TEMP_SUFFIX, dir=target.parent)
     try:
         # mkstemp makes 0600 files; give what a plain open() would
         os.fchmod(fd, _default_mode() & ~(0o022 if private else 0))
         with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
+            for payload in data:
+                handle.write(payload)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, target)

@@ -8,9 +8,9 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 
-from tests.helpers import DIVERGING, SPECS, shipped_specs
+from tests.helpers import DIVERGING, SPECS, VARIANTS, VOCAB, shipped_specs, tokens
+from tests.helpers import build_model as build
 from titans_compose.graph import compile_graph
 from titans_compose.nn.model import LMOutput, MemoryNode, ModelState, TitansLM
 from titans_compose.ops.memory.dispatch import MemoryBackend
@@ -18,36 +18,7 @@ from titans_compose.ops.memory.finite import MemoryDivergedError
 from titans_compose.registry import new_registry
 from titans_compose.spec import load_spec
 
-VARIANTS = ["mac", "mag", "mal", "lmm", "attention"]
-VOCAB = 23
-
-SMALL = {
-    "name": "tiny",
-    "model": {"vocab_size": VOCAB, "dim": 16},
-    "memory": {"heads": 2, "head_dim": 8, "depth": 2, "expansion": 2, "chunk_size": 4},
-    "projections": {"conv_kernel": 3},
-    "persistent": {"tokens": 2},
-    "attention": {"heads": 2, "window": 5},
-    "mac": {"segment": 8},
-    "mlp": {"kind": "swiglu", "expansion": 2},
-}
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def build(tmp_path, kind: str, overrides: list[str] = (), dtype: torch.dtype = torch.float64, seed: int = 0):
-    """A 2-layer model of block ``kind`` at the SMALL sizes, with --set style ``overrides``."""
-    path = tmp_path / f"{kind}.yaml"
-    path.write_text(yaml.safe_dump({**SMALL, "blocks": [{"kind": kind, "repeat": 2}]}))
-    loaded = load_spec(path, list(overrides), registry=new_registry())
-    graph, _ = compile_graph(loaded)
-    torch.manual_seed(seed)
-    return TitansLM.from_graph(graph, loaded).to(dtype), graph
-
-
-def tokens(batch: int, length: int, seed: int = 1) -> torch.Tensor:
-    return torch.randint(VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
 def run_pieces(model: TitansLM, toks: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, ModelState]:

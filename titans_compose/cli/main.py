@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "ls": ("titans_compose.cli.ls", "ls", "List registered names with their parameters and source."),
     "build": ("titans_compose.cli.build", "build", "Compile a spec into a smoke-checked model and a verifiable build."),
     "train": ("titans_compose.cli.train", "train", "Train a spec's model on offline text or a long-context task."),
+    "data": ("titans_compose.cli.data", "data", "Prepare training data: tokenise text into a token file."),
     "cache": ("titans_compose.cli.cache", "cache", "List or clear the cached generated kernel sources."),
     "sweep": ("titans_compose.cli.sweep", "sweep", "Build, train and compare every point of a sweep file."),
     "export": ("titans_compose.cli.export", "export", "Export a model as a verifiable artifact to train elsewhere."),

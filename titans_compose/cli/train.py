@@ -63,6 +63,7 @@ def train(ctx: click.Context, spec: str, sub_plugins: tuple[str, ...], sub_debug
     # paths as absolute strings, so that resuming from another directory compares equal
     options["spec"] = str(Path(spec).resolve())
     options["data"] = None if options["data"] is None else str(options["data"].resolve())
+    options["tokens"] = None if options["tokens"] is None else str(options["tokens"].resolve())
     options["overrides"] = list(options["overrides"])
 
     def body() -> int:
@@ -75,6 +76,7 @@ def train(ctx: click.Context, spec: str, sub_plugins: tuple[str, ...], sub_debug
         from titans_compose.train.checkpoint import remove_interrupted
         from titans_compose.train.distributed import World, barrier, join_launched_group, shutdown
         from titans_compose.train.tasks import check_vocabulary
+        from titans_compose.train.tokens import check_token_vocabulary
 
         registry = model_registry(plugins, debug)
         if registry is None:
@@ -106,7 +108,10 @@ def train(ctx: click.Context, spec: str, sub_plugins: tuple[str, ...], sub_debug
             config = {k: v for k, v in options.items() if k not in ("out", "resume", "device", "no_progress")}
             source, val_batches, describe, top = make_task({**options, "batch": options["global_batch"]})
             try:
-                check_vocabulary(loaded.spec.model.vocab_size, top, describe)
+                if options["tokens"] is None:
+                    check_vocabulary(loaded.spec.model.vocab_size, top, describe)
+                else:
+                    check_token_vocabulary(loaded.spec.model.vocab_size, top, options["tokens"])
             except ValueError as exc:
                 raise click.ClickException(f"{loaded.source}: {exc}") from None
             try:

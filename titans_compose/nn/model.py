@@ -13,6 +13,7 @@ nodes run once per piece, the memory state flowing from piece to piece.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -469,7 +470,7 @@ def _component(node: str, data: dict) -> str:
 
 class TitansLM(nn.Module):
     """The language model of a checked graph: one module per node (``self.nodes``, keyed by node id with ``.`` as
-    ``__``), run in topological order. ``forward(tokens, state=None) -> LMOutput``.
+    ``__``), run in topological order. ``forward(tokens, state=None, cu_seqlens=None) -> LMOutput``.
 
     With ``check_finite`` (the default) every forward folds each memory layer's output and state into one finiteness
     flag, read once at the end (one host synchronisation per forward); if one is not finite it raises
@@ -539,9 +540,15 @@ class TitansLM(nn.Module):
         if state is not None and state.batch != tokens.shape[0]:
             raise ValueError(f"the state is for a batch of {state.batch} rows, the tokens have {tokens.shape[0]}")
 
-    def forward(self, tokens: Tensor, state: ModelState | None = None) -> LMOutput:
+    def forward(
+        self, tokens: Tensor, state: ModelState | None = None, cu_seqlens: Tensor | list[int] | None = None
+    ) -> LMOutput:
         """Logits for ``tokens`` [B, T] continuing the stream of ``state`` (None: a new stream); T = 0 gives empty
-        logits and the state unchanged."""
+        logits and the state unchanged. ``cu_seqlens`` (0 = b_0 < ... < b_n = T, a batch of one row, no ``state``):
+        packed documents, each run as a stream of its own, so that no memory, convolution, attention or MAC segment
+        crosses a boundary; the state returned is the last document's."""
+        if cu_seqlens is not None:
+            return self._forward_documents(tokens, state, cu_seqlens)
         self._check(tokens, state)
         if tokens.shape[1] == 0:  # no tokens: empty logits, and the stream stays where it was
             head = next(m for m in self.nodes.values() if isinstance(m, Head))
@@ -571,6 +578,23 @@ class TitansLM(nn.Module):
             errors = [c.error() for c in checks if not c.finite]
             raise min(errors, key=lambda e: (e.token is None, e.where == "of the stream", e.token or 0))
         return LMOutput(env[self.output], ModelState(position + tokens.shape[1], tokens.shape[0], cur))
+
+    def _forward_documents(self, tokens: Tensor, state: ModelState | None, cu_seqlens: Tensor | list[int]) -> LMOutput:
+        bounds = [int(b) for b in cu_seqlens]
+        length = tokens.shape[1] if tokens.dim() == 2 else -1
+        if tokens.dim() != 2 or tokens.shape[0] != 1 or not bounds or bounds[0] != 0 or bounds[-1] != length:
+            raise ValueError(
+                f"cu_seqlens must run from 0 to the sequence length over a batch of one row: got {bounds} for "
+                f"tokens of shape {tuple(tokens.shape)}"
+            )
+        if any(b1 < b0 for b0, b1 in itertools.pairwise(bounds)):
+            raise ValueError(f"cu_seqlens must not decrease, got {bounds}")
+        if state is not None:
+            raise ValueError("cu_seqlens starts every document from a fresh state: pass no state with it")
+        outs = [self(tokens[:, a:b]) for a, b in itertools.pairwise(bounds) if b > a]
+        if not outs:
+            return self(tokens)
+        return LMOutput(torch.cat([o.logits for o in outs], 1), outs[-1].state)
 
     @torch.no_grad()
     def generate(

@@ -111,10 +111,17 @@ class Plan:
     warnings: list[Diagnostic] = field(default_factory=list)
 
 
+#: ``train`` options added after results were first keyed, with their defaults: left out of a point's key while at
+#: their default, so that the results of a sweep recorded before they existed keep their keys
+LATER_TRAIN_DEFAULTS: dict[str, Any] = {"tokens": None, "separator": None, "precision": "fp32"}
+
+
 def point_key(loaded: LoadedSpec, seed: int, train: dict[str, Any] | None) -> str:
     """The key of a point's result: its resolved spec, seed and training options (budget included)."""
     from titans_compose.builder import spec_hash
 
+    if train is not None:
+        train = {k: v for k, v in train.items() if k not in LATER_TRAIN_DEFAULTS or v != LATER_TRAIN_DEFAULTS[k]}
     data = {"spec_sha256": spec_hash(loaded), "seed": seed, "train": train}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode("utf-8")).hexdigest()[:16]
 
@@ -257,14 +264,15 @@ def train_options(raw: dict[str, Any], doc: SourceDoc, source: Path) -> tuple[di
                 )
             )
             continue
-        if key == "data" and value is not None:
+        if key in ("data", "tokens") and value is not None:
             value = str((source.parent / str(value)).resolve())
         try:
             options[key] = None if value is None else params[key].type_cast_value(ctx, value)
         except click.BadParameter as exc:
             problems.append(Diagnostic("TC204", f"{key}: {exc.message}", f"train.{key}", where))
-    if options["data"] is not None:
-        options["data"] = str(options["data"])
+    for key in ("data", "tokens"):
+        if options[key] is not None:
+            options[key] = str(options[key])
     if options["warmup"] is None:
         options["warmup"] = default_warmup(options["steps"])
     return options, problems

@@ -92,9 +92,13 @@ def run_point(
     from titans_compose.train.loop import train
     from titans_compose.train.run import evaluate
     from titans_compose.train.tasks import check_vocabulary
+    from titans_compose.train.tokens import check_token_vocabulary
 
-    if task is not None:
+    tokens = None if plan.train is None else plan.train.get("tokens")
+    if task is not None and tokens is None:
         check_vocabulary(loaded.spec.model.vocab_size, task.max_token, task.describe)
+    elif task is not None:
+        check_token_vocabulary(loaded.spec.model.vocab_size, task.max_token, tokens)
     started = time.perf_counter()
     built = build(loaded, plugins=plugins, seed=plan.seed)
     backends = sorted({backend for _, backend, _ in built.report.backends})
@@ -113,8 +117,9 @@ def run_point(
         warmup=options["warmup"],
         weight_decay=options["weight_decay"],
         grad_clip=options["grad_clip"] or None,
-        eval_fn=lambda model: evaluate(model, task.val_batches),
+        eval_fn=lambda model: evaluate(model, task.val_batches, "byte" if tokens is None else "token"),
         progress=False,
+        precision=options.get("precision", "fp32"),
         time_limit=None if options["minutes"] is None else 60 * options["minutes"],
     )
     loss, speed = result.recent(10)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sysconfig
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -35,11 +35,14 @@ class Batch:
     """Token ids ``tokens`` [B, T] and, optionally, ``loss_mask`` [B, T]: which tokens are next-token targets.
 
     ``loss_mask[:, t]`` says whether predicting ``tokens[:, t]`` (from the logits at ``t - 1``) counts in the loss;
-    column 0 is never a target. ``None`` means every token from position 1 on.
+    column 0 is never a target. ``None`` means every token from position 1 on. ``cu_seqlens`` (keyword only): the
+    document boundaries of packed documents over the rows laid end to end (0, ..., B * T; every row start is one),
+    which reset the model's state (:mod:`~titans_compose.train.tokens`); None: each row is one stream.
     """
 
     tokens: torch.Tensor
     loss_mask: torch.Tensor | None = None
+    cu_seqlens: torch.Tensor | None = field(default=None, kw_only=True)
 
 
 @dataclass(frozen=True)

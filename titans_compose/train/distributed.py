@@ -75,15 +75,21 @@ def shutdown() -> None:
 
 
 def rows(batch: Batch, start: int, stop: int) -> Batch:
-    """Rows ``start:stop`` of every per-row tensor of ``batch`` (tokens, masks, answers...)."""
-    return replace(
-        batch,
-        **{
-            f.name: value[start:stop]
-            for f in fields(batch)
-            if isinstance(value := getattr(batch, f.name), torch.Tensor) and value.dim() >= 1
-        },
-    )
+    """Rows ``start:stop`` of every per-row tensor of ``batch`` (tokens, masks, answers...), and the packed
+    documents' boundaries (``cu_seqlens``, over the rows laid end to end) of those rows."""
+    per_row = {
+        f.name: value[start:stop]
+        for f in fields(batch)
+        if f.name != "cu_seqlens" and isinstance(value := getattr(batch, f.name), torch.Tensor) and value.dim() >= 1
+    }
+    if batch.cu_seqlens is not None:  # every row start is a boundary: keep those inside the rows, shifted to 0
+        length = batch.tokens.shape[1]
+        low, high = start * length, stop * length
+        bounds = batch.cu_seqlens
+        inside = bounds[(bounds > low) & (bounds < high)]
+        ends = bounds.new_tensor([low, high])
+        per_row["cu_seqlens"] = torch.cat([ends[:1], inside, ends[1:]]) - low
+    return replace(batch, **per_row)
 
 
 def micro_batches(batch: Batch, world: World, accumulate: int) -> list[Batch]:

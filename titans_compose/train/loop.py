@@ -8,6 +8,7 @@ run sees; with the model, optimizer and RNG states restored from the checkpoint,
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import time
@@ -23,6 +24,7 @@ from titans_compose.ops.memory.finite import MemoryDivergedError
 from titans_compose.train.checkpoint import load_checkpoint, save_checkpoint
 from titans_compose.train.data import Batch
 from titans_compose.train.distributed import Parallel, World, all_sum, full_tensor, gradient_sync, micro_batches
+from titans_compose.train.precision import MixedPrecision
 from titans_compose.train.prepare import prepare
 
 #: the learning rate at the end of the cosine decay, as a fraction of the peak
@@ -115,10 +117,35 @@ def next_token_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     return total / count
 
 
+def batch_logits(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """The logits [B, T, V] of ``model`` on ``batch``, run on the model's device. Packed documents (the batch's
+    ``cu_seqlens`` over its rows laid end to end) each run as a stream of their own from a fresh state, documents
+    of equal length together as the rows of one call (rows never interact), so a batch without separators costs
+    one call as before."""
+    tokens = batch.tokens.to(next(model.parameters()).device)
+    if batch.cu_seqlens is None:
+        return model(tokens).logits
+    rows, length = tokens.shape
+    flat = tokens.reshape(rows * length)
+    bounds = batch.cu_seqlens.tolist()
+    if bounds[:1] != [0] or bounds[-1] != rows * length or sorted(bounds) != bounds:
+        raise ValueError(f"cu_seqlens must run from 0 to {rows * length} (the batch's tokens) and rise, got {bounds}")
+    starts_by_length: dict[int, list[int]] = {}
+    for start, end in itertools.pairwise(bounds):
+        if end > start:
+            starts_by_length.setdefault(end - start, []).append(start)
+    positions, pieces = [], []
+    for n, starts in starts_by_length.items():
+        index = (torch.tensor(starts)[:, None] + torch.arange(n)).to(flat.device)
+        positions.append(index.flatten())
+        pieces.append(model(flat[index]).logits.flatten(0, 1))
+    order = torch.cat(positions).argsort()  # back to the tokens' order
+    return torch.cat(pieces)[order].view(rows, length, -1)
+
+
 def lm_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-    """:func:`next_token_loss` of ``model`` on ``batch``, run on the model's device."""
-    device = next(model.parameters()).device
-    return next_token_loss(model(batch.tokens.to(device)).logits, batch)
+    """:func:`next_token_loss` of ``model`` on ``batch`` (:func:`batch_logits`)."""
+    return next_token_loss(batch_logits(model, batch), batch)
 
 
 def target_count(batch: Batch) -> int:
@@ -156,6 +183,7 @@ def train(
     parallel: Parallel = "ddp",
     activation_checkpointing: bool = False,
     compile: bool = False,
+    precision: str = "fp32",
 ) -> TrainResult:
     """Train ``model`` for ``steps`` optimisation steps on ``batches(step)`` (step 1, 2, ...) and return the history.
 
@@ -178,6 +206,10 @@ def train(
     on the whole batch (up to the order of floating-point sums). ``activation_checkpointing`` recomputes each
     layer's activations in the backward pass instead of keeping them; ``compile`` runs the step's forward and
     backward through ``torch.compile``.
+
+    ``precision`` (``fp32``, ``bf16``, ``fp16``; :mod:`~titans_compose.train.precision`) runs the forward passes
+    under autocast on the model's device; with ``fp16`` a step whose gradients overflow is skipped by the gradient
+    scaler instead of stopping the run.
     """
     if steps < 1 or warmup < 0 or eval_every < 0 or checkpoint_every < 0 or lr <= 0 or accumulate < 1:
         raise ValueError(
@@ -192,10 +224,12 @@ def train(
         model, world=world, parallel=parallel, activation_checkpointing=activation_checkpointing, compile=compile
     )
     optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.95))
+    amp = MixedPrecision(precision, next(model.parameters()).device)
     result, start = TrainResult(), 0
     if resume:
         state = load_checkpoint(checkpoint_dir, model=model, optimizer=optimizer)  # type: ignore[arg-type]
         start, result = state["step"], TrainResult.from_json(state)
+        amp.load_state_dict(state.get("grad_scaler", {}))
     device = next(model.parameters()).device
 
     def checkpoint(step: int) -> None:
@@ -204,7 +238,7 @@ def train(
             step=step,
             model=model,
             optimizer=optimizer,
-            state={"steps": steps, **result.to_json()},
+            state={"steps": steps, **result.to_json(), "grad_scaler": amp.state_dict()},
             write=world.writes,
         )
 
@@ -212,7 +246,7 @@ def train(
         if eval_fn is None:
             return
         evaluated.eval()
-        with torch.no_grad():
+        with torch.no_grad(), amp.autocast():
             result.evals.append((step, {k: float(v) for k, v in eval_fn(evaluated).items()}))
         evaluated.train()
 
@@ -224,10 +258,11 @@ def train(
         losses = []
         for i, part in enumerate(parts):
             with gradient_sync(runner, i == len(parts) - 1):
-                logits = _diverged_at(step, runner, part.tokens.to(device)).logits
-                loss, _ = next_token_loss_sum(logits, part)
+                with amp.autocast():
+                    logits = _diverged_at(step, batch_logits, runner, part)
+                    loss, _ = next_token_loss_sum(logits, part)
                 # the ranks' gradients are averaged, so each rank's share is scaled up by the number of ranks
-                (loss / (total / world.size)).backward()
+                amp.backward(loss / (total / world.size))
             losses.append(loss.detach())
         return float(all_sum(torch.stack(losses).sum(), world)) / total
 
@@ -247,14 +282,15 @@ def train(
             value = step_loss(step, micro_batches(batch, world, accumulate))
             if not math.isfinite(value):
                 raise TrainingError(f"the training loss is {value} at step {step}: lower the learning rate")
+            amp.unscale_(optimizer)  # the clip sees the true gradients
             # the norm is needed anyway to clip; without clipping max_norm=inf leaves the gradients as they are
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf if grad_clip is None else grad_clip)
-            if not math.isfinite(float(full_tensor(norm))):
+            if not math.isfinite(float(full_tensor(norm))) and amp.scaler is None:  # fp16: the scaler skips the step
                 raise TrainingError(
                     f"the gradient norm is {float(full_tensor(norm))} at step {step} (the loss is {value}): lower "
                     "the learning rate"
                 )
-            optimizer.step()
+            amp.step(optimizer)
             if device.type == "cuda":  # kernels run asynchronously: wait for them, so the step's time is its own
                 torch.cuda.synchronize(device)
             speed = batch.tokens.numel() / max(time.perf_counter() - began, 1e-9)

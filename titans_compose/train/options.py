@@ -15,13 +15,15 @@ from titans_compose.click_types import SEED, FiniteFloat
 
 #: run options that must not change when a run is resumed (the batches and the model would differ). ``--batch`` and
 #: ``--accumulate`` may change, and so may the number of ranks, as long as batch x accumulate x ranks (the global
-#: batch) stays the run's; ``--parallel``, ``--activation-checkpointing`` and ``--compile`` change how a step is
-#: computed, not what it computes, and may change too.
+#: batch) stays the run's; ``--parallel``, ``--activation-checkpointing``, ``--compile`` and ``--precision`` change
+#: how a step is computed, not what it computes, and may change too.
 FIXED_ON_RESUME = (
     "spec",
     "overrides",
     "task",
     "data",
+    "tokens",
+    "separator",
     "max_mb",
     "seq_len",
     "lr",
@@ -60,6 +62,18 @@ def training_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                 type=click.Path(exists=True, path_type=Path),
                 help="A text file or directory (default: the Python standard library's .py files). For the tasks it "
                 "is the haystack filler (default: a repeated sentence).",
+            ),
+            click.option(
+                "--tokens",
+                type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                help="lm on a token file (OUT.bin with its OUT.bin.json sidecar, from `titans-compose data "
+                "tokenize`); the last 5%% of it is the validation part.",
+            ),
+            click.option(
+                "--separator",
+                type=click.IntRange(min=0),
+                help="--tokens: the id that starts each packed document, resetting the model's state [default: the "
+                "sidecar's].",
             ),
             click.option("--task", type=click.Choice(["lm", "passkey", "mqar"]), default="lm", show_default=True),
             click.option("--steps", type=click.IntRange(min=1), default=200, show_default=True),
@@ -137,6 +151,14 @@ def scaling_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                 "one more forward).",
             ),
             click.option("--compile", is_flag=True, help="Run the training step's model through torch.compile."),
+            click.option(
+                "--precision",
+                type=click.Choice(["fp32", "bf16", "fp16"]),
+                default="fp32",
+                show_default=True,
+                help="Activation dtype under torch.autocast on the run's device (fp16 with a gradient scaler); "
+                "parameters, optimizer and the memory state stay float32.",
+            ),
         ],
     )
 

@@ -19,7 +19,7 @@ import torch
 
 from titans_compose.io import atomic_write
 from titans_compose.train.data import Batch, DataError, WindowSampler, derive_seed, load_corpus
-from titans_compose.train.loop import BatchSource, TrainResult, next_token_loss, train
+from titans_compose.train.loop import BatchSource, TrainResult, batch_logits, next_token_loss, train
 from titans_compose.train.tasks import (
     TaskBatch,
     exact_match,
@@ -29,6 +29,7 @@ from titans_compose.train.tasks import (
     passkey_batch,
     passkey_min_len,
 )
+from titans_compose.train.tokens import open_tokens, split_samplers
 
 
 class OptionError(ValueError):
@@ -50,6 +51,10 @@ def make_task(
     largest token id its batches can hold. Files of a ``--data`` folder that were skipped are passed to ``warn``.
     Raises :class:`OptionError` for a setting the task cannot use."""
     task, batch, seq_len, seed = options["task"], options["batch"], options["seq_len"], options["seed"]
+    if options.get("tokens") is not None:
+        return token_task(options)
+    if options.get("separator") is not None:
+        raise OptionError("--separator", "a separator applies to a token file: give --tokens")
     corpus = None
     if task == "lm" or options["data"] is not None:
         max_bytes = int(options["max_mb"] * 1e6)
@@ -125,19 +130,41 @@ def make_task(
     return (lambda step: make(step, "train")), [make(i, "val") for i in range(n_eval)], describe, top
 
 
-def evaluate(model: torch.nn.Module, batches: list[Batch]) -> dict[str, float]:
-    """Mean validation loss over ``batches`` (with bits per byte: tokens are bytes) or, for task batches, the loss on
+def token_task(options: dict[str, Any]) -> tuple[BatchSource, list[Batch], str, int]:
+    """:func:`make_task` for ``--tokens``: samplers of the file's training part and validation tail, and the largest
+    id the model must take (the sidecar's vocabulary, or the file's largest id if that is larger)."""
+    if options["task"] != "lm" or options["data"] is not None:
+        raise OptionError("--tokens", "a token file is language-model data: use it with --task lm, without --data")
+    try:
+        tokens = open_tokens(options["tokens"])
+        separator = tokens.separator if options.get("separator") is None else options["separator"]
+        if separator is not None and separator >= tokens.vocab_size:
+            raise DataError(f"the separator id {separator} is not below the file's vocabulary of {tokens.vocab_size}")
+        train_src, val_src = split_samplers(
+            tokens, options["batch"], options["seq_len"], seed=options["seed"], val_percent=5.0, separator=separator
+        )
+        top = max(tokens.vocab_size - 1, tokens.max_id())
+    except DataError as exc:
+        raise OptionError("--tokens", str(exc)) from None
+    describe = (
+        f"lm on {tokens.path.name}: {len(tokens):,} tokens ({train_src.end:,} train, {val_src.end - val_src.start:,} "
+        f"validation), vocabulary {tokens.vocab_size:,}, separator {separator}"
+    )
+    return train_src, [val_src(i) for i in range(options["eval_batches"])], describe, top
+
+
+def evaluate(model: torch.nn.Module, batches: list[Batch], unit: str = "byte") -> dict[str, float]:
+    """Mean validation loss over ``batches`` (with bits per ``unit``: byte or token) or, for task batches, the loss on
     the answers and the exact-match accuracy."""
-    device = next(model.parameters()).device
     loss = accuracy = 0.0
     for b in batches:
-        logits = model(b.tokens.to(device)).logits
+        logits = batch_logits(model, b)
         loss += float(next_token_loss(logits, b)) / len(batches)
         if isinstance(b, TaskBatch):
             accuracy += exact_match(logits, b) / len(batches)
     if isinstance(batches[0], TaskBatch):
         return {"val_answer_loss": loss, "val_accuracy": accuracy}
-    return {"val_loss": loss, "val_bits_per_byte": loss / math.log(2)}
+    return {"val_loss": loss, f"val_bits_per_{unit}": loss / math.log(2)}
 
 
 def run_training(
@@ -162,7 +189,7 @@ def run_training(
         weight_decay=options["weight_decay"],
         grad_clip=options["grad_clip"] or None,
         eval_every=options["eval_every"],
-        eval_fn=lambda model: evaluate(model, val_batches),
+        eval_fn=lambda model: evaluate(model, val_batches, "byte" if options.get("tokens") is None else "token"),
         checkpoint_dir=out / "checkpoints",
         checkpoint_every=options["eval_every"],
         resume=from_checkpoint,
@@ -171,6 +198,7 @@ def run_training(
         parallel=options.get("parallel", "ddp"),
         activation_checkpointing=options.get("activation_checkpointing", False),
         compile=options.get("compile", False),
+        precision=options.get("precision", "fp32"),
     )
 
 

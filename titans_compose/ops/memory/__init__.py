@@ -4,15 +4,18 @@ Contents (one module per job): :mod:`op` (``MemoryOp``: everything one memory la
 are built), :mod:`reference` (token by token, the oracle), :mod:`chunked` with
 :mod:`chunk_write` / :mod:`chunk_read` (the chunked dual form in PyTorch, the CPU path), :mod:`codegen` (the Triton
 kernels generated per configuration), :mod:`dispatch` (which of them runs, and why), :mod:`config` (what the scan
-depends on), :mod:`state` (what one call hands the next), :mod:`mlp` (the memory MLP), :mod:`finite` (divergence
-checks) and :mod:`flops`.
+depends on), :mod:`state` (what one call hands the next), :mod:`mlp` (the memory MLP), :mod:`precision`
+(the dtypes under mixed precision), :mod:`finite` (divergence checks) and :mod:`flops`.
 
 The contract every backend implements (``reference_memory``, ``chunked_memory``, ``triton_memory``):
 
 ``(q, k, v, theta, log_eta, log_keep, state, cfg) -> (y, state')``
 
 - ``q, k, v``: [N, T, d] with N = batch x heads rows and d = ``cfg.head_dim``; float32 or float64 (the kernels also
-  take bfloat16 / float16 inputs and accumulate in float32).
+  take bfloat16 / float16 inputs and accumulate in float32). Through :func:`memory_scan` (a
+  :class:`~titans_compose.ops.memory.dispatch.MemoryBackend`) any floating dtype, under autocast or not: the state,
+  the gates and the arithmetic are float32 (float64 for float64 inputs) and ``y`` comes back in q's dtype
+  (:mod:`~titans_compose.ops.memory.precision`, docs/precision.md).
 - ``theta``: [N, T] inner learning rate per token (>= 0); ``log_eta``: [N, T] log momentum decay, None when the
   config has no momentum; ``log_keep``: [N, T] log(1 - alpha) of the forget gate, None without forgetting.
 - ``state``: :class:`~titans_compose.ops.memory.state.MemoryState`: per row the weights W_l, the momentum S_l and

@@ -45,6 +45,7 @@ from torch.autograd.function import once_differentiable
 
 from titans_compose.ops.memory import chunk_read, mlp
 from titans_compose.ops.memory.config import MemoryConfig
+from titans_compose.ops.memory.precision import autocast_off
 
 ENV_VAR = "TITANS_COMPOSE_CHUNK_BACKWARD"
 
@@ -169,6 +170,7 @@ class _ChunkWrite(torch.autograd.Function):
         new_w, new_s = fold(weights, momentum, inputs, deltas, *scaled(c, e, scale), keep, carry, decay)
         ctx.cfg, ctx.layers, ctx.has_keep, ctx.has_momentum = cfg, layers, keep is not None, momentum is not None
         ctx.reads = q is not None
+        ctx.device_type = k.device.type
         if saving:
             ctx.save_for_backward(
                 k, v, c, e, keep, carry, decay, scale, sq, pre[-1], theta, fp_read, a_read, b_read, *weights,
@@ -180,6 +182,13 @@ class _ChunkWrite(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, *grads):  # type: ignore[override]
+        # a backward called under autocast would run these products in its low dtype: the state's gradients
+        # stay in the forward's dtype (ops/memory/precision.py)
+        with autocast_off(ctx.device_type):
+            return _ChunkWrite._backward(ctx, *grads)
+
+    @staticmethod
+    def _backward(ctx, *grads):
         cfg, n = ctx.cfg, ctx.layers
         has_m = ctx.has_momentum
         saved = list(ctx.saved_tensors)

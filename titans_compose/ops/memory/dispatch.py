@@ -106,8 +106,25 @@ class MemoryBackend:
     ) -> Any:
         if q.shape[1] == 0:  # no tokens: no backend runs, and the state is unchanged
             return q[:, :0], state
-        self.choice = self.resolve(q, cfg)
-        return self.choice.fn(q, k, v, theta, log_eta, log_keep, state, cfg)
+        from titans_compose.ops.memory.precision import (
+            accumulation_dtype,
+            autocast_off,
+            cast,
+            kernel_input_dtype,
+            state_as,
+        )
+
+        # the state, the gates and the scan's arithmetic in float32 (or float64) whatever the activations' dtype;
+        # the kernels read q, k, v in the activations' dtype, autocast's under autocast (ops/memory/precision.py)
+        low = kernel_input_dtype(q)
+        self.choice = self.resolve(q if low == q.dtype else q.new_empty(0, dtype=low), cfg)
+        acc = accumulation_dtype(q, *state.weights)
+        series = low if self.choice.name == "triton" else acc
+        q_in, k, v = (t.to(series) for t in (q, k, v))
+        theta, log_eta, log_keep = (cast(t, acc) for t in (theta, log_eta, log_keep))
+        with autocast_off(q.device.type):
+            y, new = self.choice.fn(q_in, k, v, theta, log_eta, log_keep, state_as(state, acc, series), cfg)
+        return y.to(q.dtype), new
 
     def resolve(self, q: Tensor, cfg: MemoryConfig) -> BackendChoice:
         """The backend for inputs like ``q`` and configuration ``cfg``."""

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from titans_compose.ops.memory.chunked import chunked_memory
 from titans_compose.ops.memory.config import MemoryConfig
+from titans_compose.ops.memory.precision import accumulation_dtype, autocast_off, cast, state_as
 from titans_compose.ops.memory.reference import reference_memory
 from titans_compose.ops.memory.state import MemoryState
 
@@ -64,10 +65,12 @@ def first_nonfinite_token(
     per_token = [t.isfinite().all(-1) for t in (k, v)]
     per_token += [t.isfinite() for t in (theta, log_eta, log_keep) if t is not None]
     first_input = _first(~torch.stack([f.all(0) for f in per_token]).all(0))
-    series = (k, v, theta, log_eta, log_keep)
+    acc = accumulation_dtype(k, *state.weights)  # rerun as the scan ran: float32 state and arithmetic
+    k, v, theta, log_eta, log_keep = series = tuple(cast(t, acc) for t in (k, v, theta, log_eta, log_keep))
+    state = state_as(state, acc)
     b, p, length = cfg.chunk_size, state.pending_len, k.shape[1]
     cfg = dataclasses.replace(cfg, checkpoint=False)
-    with torch.no_grad():
+    with torch.no_grad(), autocast_off(k.device.type):
         starts, end = chunked_memory(
             torch.zeros_like(k), *series, state, dataclasses.replace(cfg, retrieval="per_chunk")
         )

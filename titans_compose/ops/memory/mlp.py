@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from titans_compose.ops.memory.config import MemoryConfig
+from titans_compose.ops.memory.precision import accumulation_dtype, autocast_off
 
 
 def layer_norm(z: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -49,12 +50,16 @@ def finish_backward(grad: Tensor, z_last: Tensor, cfg: MemoryConfig) -> tuple[Te
 
 
 def forward(weights: tuple[Tensor, ...] | list[Tensor], x: Tensor, cfg: MemoryConfig) -> Tensor:
-    """M(x) with the given weights."""
-    h = x
-    for i, w in enumerate(weights):
-        z = h @ w.transpose(-1, -2)
-        h = cfg.activation.fn(z) if i < len(weights) - 1 else z
-    return finish(h, x, cfg)[0]
+    """M(x) with the given weights, in x's dtype. Computed in float32 (float64 for float64 inputs) with autocast
+    off, as the memory's arithmetic always is (:mod:`~titans_compose.ops.memory.precision`): MAC's read of the
+    segment-start weights runs here outside the scan."""
+    acc = accumulation_dtype(x, *weights)
+    with autocast_off(x.device.type):
+        h = x.to(acc)
+        for i, w in enumerate(weights):
+            z = h @ w.to(acc).transpose(-1, -2)
+            h = cfg.activation.fn(z) if i < len(weights) - 1 else z
+        return finish(h, x.to(acc), cfg)[0].to(x.dtype)
 
 
 def output_error(z_last: Tensor, k: Tensor, v: Tensor, cfg: MemoryConfig) -> Tensor:

@@ -21,6 +21,7 @@ from titans_compose.ops.memory.codegen.key import KernelKey, kernel_key
 from titans_compose.ops.memory.codegen.support import dtype_name, unsupported_reason
 from titans_compose.ops.memory.codegen.tiling import block
 from titans_compose.ops.memory.config import MemoryConfig
+from titans_compose.ops.memory.precision import autocast_off
 from titans_compose.ops.memory.state import MemoryState, Pending, resume, with_read_rows
 
 #: digest -> key of every kernel loaded in this process (the ops receive the digest).
@@ -147,9 +148,10 @@ class _TritonMemory(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, gy, gfinal):  # type: ignore[override]
         q, k, v, theta, log_eta, log_keep, states = ctx.saved_tensors
-        out = torch.ops.titans_compose.memory_backward(
-            ctx.digest, gy.contiguous(), gfinal.contiguous(), q, k, v, theta, log_eta, log_keep, states
-        )
+        with autocast_off(q.device.type):  # a backward called under autocast: the kernels' dtypes as in forward
+            out = torch.ops.titans_compose.memory_backward(
+                ctx.digest, gy.contiguous(), gfinal.contiguous(), q, k, v, theta, log_eta, log_keep, states
+            )
         gq, gk, gv, gtheta, *rest = out
         glog_eta = rest.pop(0) if log_eta is not None else None
         glog_keep = rest.pop(0) if log_keep is not None else None
