@@ -103,6 +103,21 @@ def test_packed_batches_equal_their_documents_run_one_by_one(tmp_path, bounds):
         batch_logits(model, Batch(toks, cu_seqlens=torch.tensor([0, 12])))
 
 
+def test_micro_batches_keep_their_rows_document_boundaries(tmp_path):
+    """Splitting a packed batch into micro-batches (accumulation, ranks) keeps each part's own boundaries, shifted to
+    its first row: every part's logits are those rows of the whole batch's."""
+    from titans_compose.train.distributed import rows
+
+    model, _ = build(tmp_path, "mag")
+    toks = tokens(4, 6)
+    whole = Batch(toks, cu_seqlens=torch.tensor([0, 4, 6, 12, 14, 18, 24]))
+    expected = batch_logits(model, whole)
+    for start, stop, bounds in [(0, 2, [0, 4, 6, 12]), (2, 4, [0, 2, 6, 12]), (1, 3, [0, 6, 8, 12])]:
+        part = rows(whole, start, stop)
+        assert part.cu_seqlens.tolist() == bounds
+        torch.testing.assert_close(batch_logits(model, part), expected[start:stop], rtol=1e-12, atol=1e-12)
+
+
 def test_document_boundaries_are_checked(tmp_path):
     model, _ = build(tmp_path, "lmm")
     with pytest.raises(ValueError, match="batch of one row"):
