@@ -39,6 +39,9 @@ def test_summaries_and_ratios(bench):
 def test_dry_run_measures_both_sections(bench, capsys):
     bench.main(["--dry-run"])
     out = capsys.readouterr().out
-    assert "| 1 | off | fp32 |" in out and "| 2 | off | fp32 |" in out and "| 1 | on | fp32 |" in out
+    for precision in ("fp32", "bf16"):  # train has --precision: both precisions run
+        assert f"| 1 | off | {precision} |" in out and f"| 2 | off | {precision} |" in out
+        assert f"| 1 | on | {precision} |" in out
+    assert "| tokens/s, bf16 / fp32 | 1 process |" in out
     assert "failed" not in out
-    assert "CPU (dry run): float32 matmul peak" in out and "| 2 | fp32 |" in out
+    assert "CPU (dry run): float32 matmul peak" in out and "| 2 | bf16 |" in out  # the GPU section, bf16 runs

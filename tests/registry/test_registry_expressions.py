@@ -128,3 +128,13 @@ def test_without_torch_the_check_waits_for_the_first_lookup(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split("\n")[:3] == ["loaded: True", "torch imported: False", "refused: TC504"]
+
+
+@pytest.mark.parametrize("name", ["silu", "gelu"])
+def test_the_check_runs_on_the_cpu_inside_a_meta_device_context(name):
+    """transformers builds a model under ``torch.device("meta")``, where a first registry is made: the check must
+    compute real values there, not meta tensors (which cannot be compared)."""
+    import torch
+
+    with torch.device("meta"):
+        assert expressions.mismatch("activation", name, ACTIVATIONS[name][0]) is None

@@ -238,7 +238,7 @@ def test_the_issues_rule_stops_the_model_with_a_clear_error():
     model = build(LMM, [*ISSUE_RULE, *small, "memory.chunk_size=1"], smoke=False).module
     tokens = torch.randint(0, 256, (2, 4096), generator=torch.Generator().manual_seed(0))
     with pytest.raises(
-        MemoryDivergedError, match=r"memory layer L\d\.memory\.write: the memory weights are not finite"
+        MemoryDivergedError, match=r"memory layer L\d\.memory: the memory weights are not finite"
     ) as caught:
         model(tokens)
     assert 0 < caught.value.token < 4096 and "lower update.lr (max_lr or init)" in str(caught.value)

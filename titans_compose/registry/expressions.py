@@ -149,6 +149,14 @@ def mismatch(kind: str, name: str, rule: Any, params_model: Any = None) -> str |
     params, literals = _loss_params(params_model) if kind == "loss" else (None, {})
     if literals is None:
         return None  # parameters without defaults: check_rule checks the rule with real values
+    with torch.device("cpu"):  # on the CPU even inside a caller's device context (transformers builds on "meta")
+        return _compare(kind, name, rule, fields, params, literals)
+
+
+def _compare(kind: str, name: str, rule: Any, fields: list[Any], params: Any, literals: dict[str, Any]) -> str | None:
+    """:func:`mismatch` for ``rule``'s ``fields`` (on the default device)."""
+    import torch
+
     values = _grid()
     tl = _TorchTl(torch)
     for field, form, var in fields:
