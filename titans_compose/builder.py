@@ -39,6 +39,7 @@ from titans_compose.manifest import (
 )
 from titans_compose.manifest import check_output_dir as check_dir
 from titans_compose.ops.memory.codegen.cache import cache_dir
+from titans_compose.ops.memory.finite import MemoryDivergedError
 from titans_compose.registry import ENTRY_POINT_GROUP, Registry
 from titans_compose.spec import LoadedSpec, load_spec
 
@@ -190,11 +191,14 @@ def smoke_check(module: torch.nn.Module, vocab_size: int, seed: int) -> SmokeChe
     """One forward and backward pass on a random token batch with the next-token cross-entropy loss.
 
     Gradients are cleared afterwards and no step is taken, so the weights are unchanged. Raises :class:`BuildError`
-    if the loss or the gradient is not finite: such a model cannot train.
+    if a memory layer diverges or the loss or the gradient is not finite: such a model cannot train.
     """
     tokens = torch.randint(vocab_size, SMOKE_SHAPE, generator=torch.Generator().manual_seed(seed))
     start = time.perf_counter()
-    logits = module(tokens).logits
+    try:
+        logits = module(tokens).logits
+    except MemoryDivergedError as exc:
+        raise BuildError(f"smoke check failed: {exc}; the model as specified cannot train") from None
     loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
     loss.backward()
     grads = [p.grad for p in module.parameters() if p.grad is not None]

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests.helpers import PLUGIN, REMOVED, ROOT, SPECS, WRONG_TYPES, refusals, shipped_specs
+from tests.helpers import DIVERGING, PLUGIN, REMOVED, ROOT, SPECS, WRONG_TYPES, refusals, shipped_specs
 from titans_compose import builder, manifest
 from titans_compose.builder import BUILD_FILES, MANIFEST, BuildError, BuildReport, build, load_build
 from titans_compose.cli.main import cli
@@ -129,6 +129,21 @@ def test_a_non_finite_smoke_check_is_an_error(stand_in, tmp_path):
     with pytest.raises(BuildError, match="smoke check failed: loss nan"):
         build(MAC, output_dir=tmp_path / "b")
     assert not (tmp_path / "b").exists()
+
+
+def test_a_diverging_memory_fails_the_smoke_check_as_a_build_error(runner, tmp_path):
+    """A memory whose inner update diverges on the smoke batch is the spec's problem: a BuildError naming the layer
+    and the token, exit 1 on the command line (it was an internal error, exit 3)."""
+    spec = str(SPECS / "titans_lmm_small.yaml")
+    # a step large enough to overflow float32 within the 64-token smoke batch
+    diverging = [*DIVERGING, "update.lr.max_lr=1000000", "update.lr.init=500000", "memory.chunk_size=1"]
+    with pytest.raises(BuildError, match=r"smoke check failed: .*memory layer L0\.memory: the memory weights"):
+        build(spec, diverging, output_dir=tmp_path / "b")
+    assert not (tmp_path / "b").exists()
+    overrides = [arg for o in diverging for arg in ("--set", o)]
+    result = runner.invoke(cli, ["build", spec, *overrides, "-o", str(tmp_path / "c")])
+    assert result.exit_code == 1, result.output
+    assert "smoke check failed" in result.output and "Traceback" not in result.output
 
 
 def test_load_build_gives_the_identical_model(stand_in, tmp_path):
