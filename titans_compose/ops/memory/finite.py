@@ -21,8 +21,8 @@ from titans_compose.ops.memory.reference import reference_memory
 from titans_compose.ops.memory.state import MemoryState
 
 HINT = (
-    "the inner update diverged: lower update.lr (max_lr or init) or the momentum, turn on update.forget, or set "
-    "update.grad_clip"
+    "the inner update diverged: lower update.lr (max_lr or init) or the momentum, set update.grad_clip, or turn on "
+    "memory.output_norm (docs/stability.md gives the stable region)"
 )
 
 
