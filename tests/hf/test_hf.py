@@ -312,6 +312,7 @@ def test_trust_remote_code_loads_without_importing_titans_compose_hf_first(tiny_
     torch.save(toks, tmp_path / "tokens.pt")
     code = (
         "import sys, torch\n"
+        f"torch.set_num_threads({torch.get_num_threads()})  # this process's: the same summation order, equal logits\n"
         "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
         "assert 'titans_compose.hf' not in sys.modules\n"
         f"model = AutoModelForCausalLM.from_pretrained({str(directory)!r}, trust_remote_code=True).eval()\n"
