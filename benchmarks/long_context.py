@@ -15,16 +15,28 @@ matplotlib`) and appends the table with the date and the command to benchmarks/R
     python benchmarks/long_context.py                     # the recorded run
     python benchmarks/long_context.py --steps 20 --lm-steps 5 --no-record   # a quick look
     python benchmarks/long_context.py --variants MAC --set update.momentum.enabled=true   # MAC with momentum
+
+Side by side with the reference implementation: ``--titans-python PY`` adds the variant ``titans-pytorch``, lucidrains'
+titans-pytorch ``MemoryAsContextTransformer`` at the same width, depth, attention window and heads, persistent tokens
+and memory (2 heads x 32, an MLP of depth 2 and expansion 4), with its default memory update (momentum on),
+trained by the same loop on the same batches and scored the same way. It runs in that interpreter's own
+virtualenv, which also needs this package for the loop and the data:
+
+    python -m venv /tmp/tp && /tmp/tp/bin/pip install torch==2.13.0 titans-pytorch==0.5.5 -e .
+    python benchmarks/long_context.py --variants MAC titans-pytorch --titans-python /tmp/tp/bin/python
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import platform
+import subprocess
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from record import append_section, pyplot, save_figure
@@ -53,6 +65,57 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "LMM": ("titans_lmm_small.yaml", [*COMMON, *MEMORY]),
     "SWA": ("swa_baseline_small.yaml", [*COMMON, *ATTENTION]),
 }
+#: lucidrains' MemoryAsContextTransformer, trained in the interpreter given by --titans-python
+TITANS_PYTORCH = "titans-pytorch"
+TITANS_PYTORCH_LONGTERM_TOKENS = 4  # learned memory tokens per segment (its README example: 16 per 128-token segment)
+
+
+class LogitsOutput(torch.nn.Module):
+    """A model that returns a logits tensor, behind the ``model(tokens).logits`` interface the training loop and
+    the scoring call."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor) -> SimpleNamespace:
+        return SimpleNamespace(logits=self.model(tokens))
+
+
+def titans_pytorch_mac() -> torch.nn.Module:
+    """titans-pytorch's MAC at this benchmark's size: width 64, 2 layers, each with a neural memory, attention of 2
+    heads x 32 within 16-token segments, 4 persistent tokens, memory 2 heads x 32 with an MLP of depth 2 and
+    expansion 4. Everything else (the memory's update rule with momentum, its chunk of one segment plus the
+    memory tokens, the hyper-connections) is the library's default. Its memory's initial weights are one tensor
+    expanded over the heads (stride 0), which an optimizer cannot update in place; they are made contiguous, so
+    each head's copy trains on its own, as this package's per-head initial weights do."""
+    from titans_pytorch import MemoryAsContextTransformer, MemoryMLP
+
+    model = MemoryAsContextTransformer(
+        num_tokens=256,
+        dim=64,
+        depth=2,
+        segment_len=WINDOW,
+        num_persist_mem_tokens=4,
+        num_longterm_mem_tokens=TITANS_PYTORCH_LONGTERM_TOKENS,
+        dim_head=32,
+        heads=2,
+        neural_memory_model=MemoryMLP(dim=32, depth=2, expansion_factor=4.0),
+        neural_memory_kwargs={"heads": 2, "dim_head": 32},
+    )
+    for parameter in model.parameters():
+        if 0 in parameter.stride():
+            parameter.data = parameter.data.contiguous()
+    return LogitsOutput(model)
+
+
+def build_model(name: str, args: argparse.Namespace) -> torch.nn.Module:
+    """A fresh model of variant ``name`` for seed ``args.seed``."""
+    torch.manual_seed(args.seed)
+    if name == TITANS_PYTORCH:
+        return titans_pytorch_mac()
+    spec, overrides = VARIANTS[name]
+    return build(SPECS / spec, [*overrides, *args.set], seed=args.seed, smoke=False).module
 
 
 def passkey_accuracy(model: torch.nn.Module, seq_len: int, digits: int, samples: int, seed: int) -> float:
@@ -66,13 +129,25 @@ def passkey_accuracy(model: torch.nn.Module, seq_len: int, digits: int, samples:
     return correct / (math.ceil(samples / batch) * batch)
 
 
+def run_in_titans_python(name: str, args: argparse.Namespace) -> dict:
+    """:func:`run_variant` in the interpreter ``args.titans_python``, this file's directory and checkout first on
+    its path, so it trains this checkout's loop; the result comes back as the worker's last line of JSON."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
+    command = [args.titans_python, __file__, "--worker", name, "--worker-args", json.dumps(vars(args))]
+    out = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"{name} in {args.titans_python} failed (exit {out.returncode}):\n{out.stderr[-4000:]}")
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result["accuracy"] = {int(n): acc for n, acc in result["accuracy"].items()}  # JSON keys are strings
+    return result
+
+
 def run_variant(name: str, args: argparse.Namespace) -> dict:
+    if name == TITANS_PYTORCH and not args.worker:
+        return run_in_titans_python(name, args)
     torch.set_num_threads(args.threads)
-    spec, overrides = VARIANTS[name]
-    overrides = [*overrides, *args.set]
-    progress = args.jobs == 1
-    torch.manual_seed(args.seed)
-    model = build(SPECS / spec, overrides, seed=args.seed, smoke=False).module
+    progress = args.jobs == 1 and not args.worker
+    model = build_model(name, args)
     params = sum(p.numel() for p in model.parameters())
 
     def batches(step: int):
@@ -85,7 +160,7 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
     accuracy = {n: passkey_accuracy(model, n, args.digits, args.samples, args.seed) for n in args.lengths}
     curve = [(r.step, r.loss) for r in result.history]
 
-    lm_model = build(SPECS / spec, overrides, seed=args.seed, smoke=False).module
+    lm_model = build_model(name, args)
     corpus = load_corpus(max_bytes=2_000_000)
     sampler = WindowSampler(corpus.train, args.batch, args.train_len, seed=args.seed)
     train(lm_model, sampler, steps=args.lm_steps, lr=args.lr, warmup=args.lm_steps // 10, progress=progress)
@@ -125,7 +200,9 @@ def plot(results: dict[str, dict], lengths: list[int], digits: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument(
+        "--variants", nargs="+", default=list(VARIANTS), choices=[*VARIANTS, TITANS_PYTORCH], help="variants to train"
+    )
     parser.add_argument("--steps", type=int, default=1500, help="pass-key training steps per variant")
     parser.add_argument("--lm-steps", type=int, default=150, help="real-text training steps per variant")
     parser.add_argument("--batch", type=int, default=16)
@@ -143,7 +220,20 @@ def main() -> None:
     parser.add_argument(
         "--no-record", action="store_true", help="do not write the plot or append to benchmarks/RESULTS.md"
     )
+    parser.add_argument(
+        "--titans-python",
+        default=os.environ.get("TITANS_PYTORCH_PYTHON"),
+        help=f"interpreter with titans-pytorch installed, for the {TITANS_PYTORCH} variant (see above)",
+    )
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # run this one variant here and print its result
+    parser.add_argument("--worker-args", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker:
+        worker_args = argparse.Namespace(**{**json.loads(args.worker_args), "worker": args.worker})
+        print(json.dumps(run_variant(args.worker, worker_args)))
+        return
+    if TITANS_PYTORCH in args.variants and not args.titans_python:
+        parser.error(f"the {TITANS_PYTORCH} variant needs --titans-python (or TITANS_PYTORCH_PYTHON): see --help")
     if min(args.lengths) < 4 * WINDOW:
         parser.error(f"every evaluated length must put the needle at least 4x the window ({4 * WINDOW}) away")
     from concurrent.futures import ProcessPoolExecutor
@@ -168,6 +258,13 @@ def main() -> None:
     if args.no_record:
         return
     print(plot(results, args.lengths, args.digits))
+    reference = (
+        f" {TITANS_PYTORCH}: lucidrains' MemoryAsContextTransformer (titans_pytorch_mac() in the script: the same "
+        f"width, layers, segments, persistent tokens and memory size, its default memory rule with momentum, "
+        f"{TITANS_PYTORCH_LONGTERM_TOKENS} memory tokens per segment), the same loop, batches and scoring."
+        if TITANS_PYTORCH in results
+        else ""
+    )
     body = (
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.jobs} variants at "
         f"once with {args.threads} thread(s) each.  \n"
@@ -176,7 +273,7 @@ def main() -> None:
         f"{args.batch} x {args.train_len} tokens ({args.digits}-digit keys, "
         f"needle anywhere, loss on the answer), lr {args.lr}. Accuracy: exact match over {args.samples} held-out "
         f"sequences with the needle at the start (chance {10.0**-args.digits:g}). Val bits/byte: a separate copy "
-        f"trained {args.lm_steps} steps on the standard library's source.\n\n{table}"
+        f"trained {args.lm_steps} steps on the standard library's source.{reference}\n\n{table}"
     )
     append_section("Pass-key retrieval beyond the window, and real-text loss", __file__, body)
 

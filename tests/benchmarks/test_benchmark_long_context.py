@@ -1,0 +1,49 @@
+"""benchmarks/long_context.py: a variant trained in another interpreter (the titans-pytorch side by side) gives the
+result training it here gives, and titans-pytorch's model runs behind the loop's interface where it is installed."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import pytest
+import torch
+
+from tests.helpers import load_benchmark
+
+long_context = load_benchmark("long_context.py", "long_context_under_test")
+
+
+def tiny_args(**changes: object) -> argparse.Namespace:
+    args = dict(
+        steps=2, lm_steps=1, batch=2, train_len=64, lengths=[64], digits=2, samples=32, lr=3e-3, seed=0, threads=1,
+        jobs=1, set=[], no_record=True, titans_python=sys.executable, worker=None, worker_args=None,
+    )  # fmt: skip
+    return argparse.Namespace(**{**args, **changes})
+
+
+@pytest.mark.slow
+def test_a_variant_run_in_another_interpreter_equals_the_run_here() -> None:
+    args = tiny_args()
+    remote = long_context.run_in_titans_python("SWA", args)
+    here = long_context.run_variant("SWA", tiny_args(worker="SWA"))
+    assert remote["params"] == here["params"]
+    assert remote["accuracy"] == here["accuracy"]  # int keys again after JSON
+    assert [tuple(point) for point in remote["curve"]] == here["curve"]
+    assert remote["bpb"] == pytest.approx(here["bpb"], rel=1e-12)
+
+
+def test_a_failing_worker_names_the_variant_and_its_error() -> None:
+    with pytest.raises(RuntimeError, match=r"NOPE in .* failed \(exit [12]\)"):
+        long_context.run_in_titans_python("NOPE", tiny_args())
+
+
+def test_titans_pytorch_mac_trains_behind_the_logits_interface() -> None:
+    pytest.importorskip("titans_pytorch")
+    model = long_context.titans_pytorch_mac()
+    assert all(0 not in p.stride() for p in model.parameters())  # every parameter can be updated in place
+    tokens = torch.randint(0, 256, (2, 64))
+    logits = model(tokens).logits
+    assert logits.shape == (2, 64, 256)
+    logits.sum().backward()
+    torch.optim.AdamW(model.parameters()).step()
