@@ -1,6 +1,6 @@
 """The documentation cited by the README and the docstrings exists: every ``memory-math.md section N`` citation
-names a numbered section of docs/memory-math.md, and every relative link in README.md and docs/ reaches a file
-(and, with an anchor, a heading of that file)."""
+names a numbered section of docs/memory-math.md, every relative link in README.md and docs/ reaches a file
+(and, with an anchor, a heading of that file), and every file of the repository they name by its path exists."""
 
 from __future__ import annotations
 
@@ -15,6 +15,11 @@ MEMORY_MATH = ROOT / "docs" / "memory-math.md"
 #: "memory-math.md section 5", "memory-math.md sections 1-3", "memory-math.md sections 1.6 and 3.4"
 CITATION = re.compile(r"memory-math\.md\S*\s+(?:§|sections?\s+)(\d+(?:\.\d+)?(?:\s*(?:-|and|,)\s*\d+(?:\.\d+)?)*)")
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+#: a path into the repository, e.g. tests/train/test_distributed.py or benchmarks/RESULTS.md
+REPO_PATH = re.compile(
+    r"(?<![\w./-])((?:titans_compose|tests|benchmarks|specs|docs|examples)/[\w./-]*\w\.(?:py|md|yaml|json))"
+)
+DOCS = ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))]
 
 
 def prose(text: str) -> str:
@@ -37,7 +42,7 @@ def cited_files() -> list[Path]:
     return [
         ROOT / "README.md",
         *sorted((ROOT / "titans_compose").rglob("*.py")),
-        *sorted((ROOT / "tests").glob("*.py")),
+        *sorted((ROOT / "tests").rglob("*.py")),
     ]
 
 
@@ -53,7 +58,7 @@ def test_every_memory_math_citation_names_a_section():
     assert not missing, f"citations of sections docs/memory-math.md does not have: {missing}"
 
 
-@pytest.mark.parametrize("doc", ["README.md", "docs/memory-math.md", "docs/kernels.md"])
+@pytest.mark.parametrize("doc", DOCS)
 def test_relative_links_reach_files_and_headings(doc):
     path = ROOT / doc
     for target in LINK.findall(prose(path.read_text())):
@@ -64,3 +69,10 @@ def test_relative_links_reach_files_and_headings(doc):
         assert linked.is_file(), f"{doc} links to {target}, which does not exist"
         if fragment:
             assert fragment in {anchor(h) for h in headings(linked)}, f"{doc} links to a missing heading: {target}"
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_every_repository_path_named_exists(doc):
+    named = set(REPO_PATH.findall((ROOT / doc).read_text()))
+    missing = sorted(path for path in named if not (ROOT / path).exists())
+    assert not missing, f"{doc} names files that do not exist: {missing}"
