@@ -304,3 +304,24 @@ def test_an_interrupted_sweep_names_where_its_results_are(tmp_path, runner, monk
         assert named and named.group(1) == str(out / "results.json") and (out / "results.json").is_file()
     else:
         assert "interrupted: no point had finished; run the same command to resume" in result.output
+
+
+def test_the_step_options_reach_training(tmp_path, runner):
+    """accumulate, precision and the other step options of ``train`` are a sweep's too: two micro-batches of one
+    sequence take the step one batch of two takes; bf16 changes the losses; ``parallel`` is refused (one process)."""
+
+    def losses(name: str, **train: object) -> list[float]:
+        path = write_sweep(tmp_path, train={**TRAIN, **train})
+        out = tmp_path / name
+        result = runner.invoke(cli, ["sweep", str(path), "-o", str(out), "--no-progress"])
+        assert result.exit_code == 0, result.output
+        (point,) = json.loads((out / "results.json").read_text())["points"]
+        metrics = json.loads((out / "points" / point["key"] / "metrics.json").read_text())
+        return [r["loss"] for r in metrics["history"]]
+
+    whole = losses("whole", batch=2)
+    assert losses("micro", batch=1, accumulate=2, activation_checkpointing=True) == pytest.approx(whole, rel=1e-5)
+    assert losses("bf16", batch=2, precision="bf16") != pytest.approx(whole, rel=1e-5)
+    with pytest.raises(SpecError) as exc:
+        load_plan(write_sweep(tmp_path, train={**TRAIN, "parallel": "fsdp"}), new_registry())
+    assert exc.value.codes == ["TC201"] and "train.parallel" in str(exc.value)

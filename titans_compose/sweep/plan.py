@@ -39,13 +39,25 @@ from titans_compose.spec.models import NAME_HELP, SafeName
 from titans_compose.spec.source import SourceDoc
 from titans_compose.spec.validate import pydantic_diagnostic
 
-#: ``titans-compose train`` options a sweep's ``train`` section does not take: they concern one run's files, output
-#: or spec, or the sweep sets them itself (``seed``; evaluation once, after the last step)
 #: every point is validated before anything runs, so the product of the axes is capped before it is enumerated
 MAX_POINTS = 1000
 
+#: ``titans-compose train`` options a sweep's ``train`` section does not take: they concern one run's files, output
+#: or spec, or the sweep sets them itself (``seed``; evaluation once, after the last step; one process, so no
+#: ``parallel``)
 NOT_TRAIN_KEYS = frozenset(
-    {"out", "resume", "device", "no_progress", "eval_every", "seed", "overrides", "sub_plugins", "sub_debug"}
+    {
+        "out",
+        "resume",
+        "device",
+        "no_progress",
+        "eval_every",
+        "seed",
+        "overrides",
+        "sub_plugins",
+        "sub_debug",
+        "parallel",
+    }
 )
 
 
@@ -113,7 +125,14 @@ class Plan:
 
 #: ``train`` options added after results were first keyed, with their defaults: left out of a point's key while at
 #: their default, so that the results of a sweep recorded before they existed keep their keys
-LATER_TRAIN_DEFAULTS: dict[str, Any] = {"tokens": None, "separator": None, "precision": "fp32"}
+LATER_TRAIN_DEFAULTS: dict[str, Any] = {
+    "tokens": None,
+    "separator": None,
+    "precision": "fp32",
+    "accumulate": 1,
+    "activation_checkpointing": False,
+    "compile": False,
+}
 
 
 def point_key(loaded: LoadedSpec, seed: int, train: dict[str, Any] | None) -> str:

@@ -70,10 +70,10 @@ def make_sweep_task(plan: Plan) -> Task | None:
         return None
     from titans_compose.train.run import OptionError, make_task
 
+    # as in train: batch is one micro-batch, and a step takes accumulate of them (one process)
+    options = {**plan.train, "seed": plan.seed, "batch": plan.train["batch"] * plan.train["accumulate"]}
     try:
-        source, val_batches, describe, top = make_task(
-            {**plan.train, "seed": plan.seed}, warn=lambda line: click.echo(line, err=True)
-        )
+        source, val_batches, describe, top = make_task(options, warn=lambda line: click.echo(line, err=True))
     except OptionError as exc:
         key = exc.option.strip("-").replace("-", "_")
         raise SpecError([Diagnostic("TC207", exc.message, f"train.{key}", Location(str(plan.source)))]) from None
@@ -119,7 +119,10 @@ def run_point(
         grad_clip=options["grad_clip"] or None,
         eval_fn=lambda model: evaluate(model, task.val_batches, "byte" if tokens is None else "token"),
         progress=False,
-        precision=options.get("precision", "fp32"),
+        precision=options["precision"],
+        accumulate=options["accumulate"],
+        activation_checkpointing=options["activation_checkpointing"],
+        compile=options["compile"],
         time_limit=None if options["minutes"] is None else 60 * options["minutes"],
     )
     loss, speed = result.recent(10)

@@ -169,6 +169,7 @@ seed_option: Decorator = click.option(
 
 
 def training_command() -> click.Command:
-    """A command holding just the training options (and ``--seed``): their names, types, ranges and defaults, for
-    checking a sweep file's ``train`` section with the command line's own rules."""
-    return click.Command("train", params=click.command()(seed_option(training_options(lambda **_: None))).params)
+    """A command holding just the training and step options (and ``--seed``): their names, types, ranges and
+    defaults, for checking a sweep file's ``train`` section with the command line's own rules."""
+    options = seed_option(training_options(scaling_options(lambda **_: None)))
+    return click.Command("train", params=click.command()(options).params)
