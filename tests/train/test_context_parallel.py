@@ -44,23 +44,36 @@ def batches(step: int, stream: str = "train") -> TaskBatch:
     return passkey_batch(ROWS, LENGTH, depth=None, digits=1, filler="repeat", loss_on="answer", seed=seed)
 
 
-def run(kind: str, **options: object) -> dict:
+class Stop(RuntimeError):
+    """Raised by the batch source to end a run at a step, as a kill after the checkpoint before it would."""
+
+
+def run(kind: str, stop_at: int | None = None, **options: object) -> dict:
     """Train the tiny model of ``kind`` (the same seed in every process) and evaluate it: the losses and the
-    evaluation."""
+    evaluation (none if stopped at step ``stop_at``)."""
     model = build(SPECS / SPEC[kind], NARROW, seed=0, smoke=False).module
     held_out = [batches(i, "val") for i in range(2)]
+
+    def source(step: int) -> TaskBatch:
+        if step == stop_at:
+            raise Stop(f"stopped at step {step}")
+        return batches(step)
+
     torch.manual_seed(0)
-    result = train(
-        model,
-        batches,
-        steps=STEPS,
-        lr=3e-3,
-        warmup=1,
-        progress=False,
-        eval_every=STEPS,
-        eval_fn=lambda evaluated: evaluate(evaluated, held_out, context=model.context),
-        **options,
-    )
+    try:
+        result = train(
+            model,
+            source,
+            steps=STEPS,
+            lr=3e-3,
+            warmup=1,
+            progress=False,
+            eval_every=STEPS,
+            eval_fn=lambda evaluated: evaluate(evaluated, held_out, context=model.context),
+            **options,
+        )
+    except Stop:
+        return {"losses": [], "evaluation": {}}
     return {"losses": [r.loss for r in result.history], "evaluation": result.evals[-1][1]}
 
 
@@ -108,6 +121,16 @@ def test_split_sequences_with_accumulation_checkpointing_and_fsdp(tmp_path: Path
 def test_four_ranks_as_two_data_parallel_groups_of_two(tmp_path: Path) -> None:
     """Ranks 0-1 and 2-3 each split their rows' sequences; the two groups take half of the rows each."""
     assert_same_run(on_ranks(4, tmp_path, "lmm", context_parallel=2), run("lmm"))
+
+
+@pytest.mark.slow
+def test_a_split_run_stopped_after_a_checkpoint_resumes_in_one_process(tmp_path: Path) -> None:
+    """The checkpoint of a split run is the whole model's: one process resumes it and goes on as the uninterrupted
+    run."""
+    checkpoints = {"checkpoint_dir": tmp_path / "checkpoints", "checkpoint_every": 1}
+    stopped = on_ranks(2, tmp_path, "lmm", stop_at=STEPS, context_parallel=2, **checkpoints)
+    assert stopped["losses"] == [] and (tmp_path / "checkpoints" / "step-00000002.json").is_file()
+    assert_same_run(run("lmm", resume=True, **checkpoints), run("lmm"))
 
 
 def test_each_rank_scores_the_targets_of_its_half() -> None:
