@@ -5,12 +5,14 @@ of every block kind (tiny versions of the shipped specs: memory heads 2, attenti
 float64 against the same model in one process: each rank's logits are the one-process logits of its tokens, the
 ranks' losses add up to the one-process loss, and their gradients add up to its gradients. The sequence of 20
 tokens splits at 10, so a MAC segment (8) and a memory chunk (4) straddle the split, and MAL's 4 persistent tokens
-sit on the first rank only. A run whose ranks take each other's heads must fail the same comparison.
+sit on the first rank only. A run whose ranks take each other's heads must fail the same comparison. A memory that
+diverges stops every rank, and the earliest token the ranks name is the one-process model's.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -18,12 +20,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from tests.helpers import SPECS, TINY_SHIPPED, on_gloo_ranks
+from tests.helpers import DIVERGING, SPECS, TINY_SHIPPED, on_gloo_ranks
 from titans_compose.builder import build
 from titans_compose.graph import blocks as B
 from titans_compose.graph import compile_graph
 from titans_compose.nn.context import ContextGroup, Spread, to_heads, to_sequence
 from titans_compose.nn.model import TitansLM
+from titans_compose.ops.memory.finite import MemoryDivergedError
 from titans_compose.registry import new_registry
 from titans_compose.spec import load_spec
 
@@ -48,6 +51,7 @@ MODELS = {
 #: the rows, and each gradient is the sum of the ranks' shares. Observed differences are below 1e-14 (relative to
 #: the largest entry); a wrong exchange or head assignment is off by order 1.
 TOLERANCE = 1e-12
+DIVERGING_LENGTH = 300
 
 
 def tiny(kind: str) -> TitansLM:
@@ -63,8 +67,8 @@ def tiny(kind: str) -> TitansLM:
     return model
 
 
-def tokens() -> torch.Tensor:
-    return torch.randint(256, (ROWS, LENGTH), generator=torch.Generator().manual_seed(1))
+def tokens(length: int = LENGTH) -> torch.Tensor:
+    return torch.randint(256, (ROWS, length), generator=torch.Generator().manual_seed(1))
 
 
 def loss_of(logits: torch.Tensor, start: int) -> torch.Tensor:
@@ -198,6 +202,32 @@ def test_the_exchange_moves_tokens_to_heads_and_back_with_its_gradient(tmp_path:
     for run in runs:  # what evaluation shares: the ranks' pieces laid end to end, and sums
         assert torch.equal(run["gathered"], values[:, :6])
         assert run["summed"].tolist() == [1.0, 2.0]
+
+
+def diverging_model() -> TitansLM:
+    """LMM with a rule whose memory diverges within 300 tokens (float32), the same in every process."""
+    return build(SPECS / "titans_lmm_small.yaml", [*TINY, *DIVERGING], seed=0, smoke=False).module
+
+
+def _diverged(rank: int, world: int, out: str) -> None:
+    """The error of this rank's half of a diverging forward: every rank must raise (none may wait for the others in
+    a later exchange), naming the layer, and the token where its own heads diverge."""
+    model = diverging_model()
+    model.split_sequence(ContextGroup(dist.new_group(list(range(world))), rank, world))
+    piece = DIVERGING_LENGTH // world
+    try:
+        model(tokens(DIVERGING_LENGTH)[:, rank * piece : (rank + 1) * piece])
+    except MemoryDivergedError as exc:
+        Path(f"{out}-{rank}.json").write_text(json.dumps([exc.layer, exc.token, str(exc)]))
+
+
+def test_a_diverging_memory_stops_every_rank(tmp_path: Path) -> None:
+    with pytest.raises(MemoryDivergedError) as whole:
+        diverging_model()(tokens(DIVERGING_LENGTH))
+    on_gloo_ranks(_diverged, RANKS, str(tmp_path / "diverged"))
+    raised = [json.loads((tmp_path / f"diverged-{rank}.json").read_text()) for rank in range(RANKS)]
+    first = min((token, layer) for layer, token, _ in raised if token is not None)
+    assert first == (whole.value.token, whole.value.layer) and 0 < first[0] < DIVERGING_LENGTH
 
 
 # ------------------------------------------------------------------------------ what cannot be split, refused
