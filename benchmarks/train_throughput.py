@@ -1,5 +1,6 @@
 """Tokens per second and peak memory of ``titans-compose train``: one against two data-parallel processes, with and
-without activation checkpointing, per precision; and, with CUDA, tokens/s and MFU on 1 and N GPUs.
+without activation checkpointing, per precision; one process against two splitting each long sequence
+(``--context-parallel 2``); and, with CUDA, tokens/s and MFU on 1 and N GPUs.
 
 Every configuration is a fresh ``titans-compose train`` run (``torchrun`` for several processes) of the MAC spec,
 each process running the command in-process through a small wrapper that records its peak resident memory
@@ -13,6 +14,10 @@ tensors but slows the steps several-fold with page faults). Ratios are of the me
 
 The precision axis is a list of ``train`` flags (:data:`PRECISIONS`); a precision whose flag ``train --help`` does
 not list is reported as not available rather than run.
+
+Context-parallel section: MAC (whose segments run one after another, each exchanged between the processes) and MAG
+(one exchange per sequence mixer and layer) on ``--long-seq-len`` tokens x ``--long-batch`` rows, one process
+against two with ``--context-parallel 2``, which take the same global batch (each process half of every sequence).
 
 GPU section (CUDA only): one process and one per GPU, bf16 where ``train`` offers it, at a larger width;
 MFU = 6 x parameters x tokens/s / (GPUs x a bf16 matmul's measured TFLOP/s), which leaves out attention scores
@@ -51,6 +56,10 @@ CPU_SETS = ["blocks.0.repeat=4"]
 GPU_SETS = ["model.dim=512", "memory.heads=8", "attention.heads=8", "blocks.0.repeat=4"]
 #: --dry-run: the tiniest model that runs every code path
 DRY_SETS = ["model.dim=32", "memory.head_dim=16", "memory.heads=1", "attention.heads=2", "blocks.0.repeat=1"]
+#: the context-parallel section's models: the shipped specs at 4 layers (memory heads 2, attention heads 4)
+LONG_SPECS = {"MAC": SPEC, "MAG": HERE.parent / "specs" / "titans_mag_small.yaml"}
+#: --dry-run of the context-parallel section: tiny, with heads that split over two processes
+LONG_DRY_SETS = ["model.dim=32", "memory.head_dim=16", "memory.heads=2", "attention.heads=2", "blocks.0.repeat=1"]
 
 
 # ------------------------------------------------------------------------------------------------ one process
@@ -92,11 +101,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def train_argv(args: argparse.Namespace, out: Path, sets: list[str], flags: list[str], device: str) -> list[str]:
+def train_argv(
+    args: argparse.Namespace, out: Path, sets: list[str], flags: list[str], device: str, spec: Path = SPEC
+) -> list[str]:
     sizes = ["--seq-len", str(args.seq_len), "--batch", str(args.batch), "--steps", str(args.steps)]
     quiet = ["--no-progress", "--eval-every", str(args.steps), "--eval-batches", "1", "--max-mb", "2"]
     return [
-        str(SPEC),
+        str(spec),
         "-o",
         str(out),
         "--device",
@@ -108,9 +119,12 @@ def train_argv(args: argparse.Namespace, out: Path, sets: list[str], flags: list
     ]
 
 
-def run_config(args: argparse.Namespace, ranks: int, flags: list[str], sets: list[str], device: str) -> dict:
-    """One ``train`` run on ``ranks`` processes (each with ``--batch`` rows: the global batch grows with the ranks):
-    median tokens/s after the warm-up steps and the largest per-rank memory, or ``status`` saying why not."""
+def run_config(
+    args: argparse.Namespace, ranks: int, flags: list[str], sets: list[str], device: str, spec: Path = SPEC
+) -> dict:
+    """One ``train`` run of ``spec`` on ``ranks`` processes (each with ``--batch`` rows: the global batch grows with
+    the data-parallel ranks): median tokens/s after the warm-up steps and the largest per-rank memory, or
+    ``status`` saying why not."""
     with tempfile.TemporaryDirectory(prefix="train-throughput-") as tmp:
         out, report = Path(tmp) / "run", Path(tmp) / "memory"
         launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", str(free_port())]
@@ -118,7 +132,7 @@ def run_config(args: argparse.Namespace, ranks: int, flags: list[str], sets: lis
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONWARNINGS": "ignore"}
         began = time.perf_counter()
         done = subprocess.run(
-            [*command, *train_argv(args, out, sets, flags, device)], capture_output=True, text=True, env=env
+            [*command, *train_argv(args, out, sets, flags, device, spec)], capture_output=True, text=True, env=env
         )
         if done.returncode != 0:
             tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
@@ -242,6 +256,46 @@ def cpu_table(args: argparse.Namespace, stats: dict[Config, dict]) -> str:
     return "\n".join(rows)
 
 
+LongConfig = tuple[str, int]  # model (a LONG_SPECS key), context-parallel processes (1: one plain process)
+
+
+def measure_long(args: argparse.Namespace, sets: list[str]) -> dict[LongConfig, list]:
+    """The context-parallel section's configurations, ``--repeats`` times, interleaved round by round, on
+    ``--long-seq-len`` x ``--long-batch``."""
+    long_args = argparse.Namespace(**{**vars(args), "seq_len": args.long_seq_len, "batch": args.long_batch})
+    configs = [(name, ranks) for name in LONG_SPECS for ranks in (1, 2)]
+    runs: dict[LongConfig, list] = {c: [] for c in configs}
+    for round_ in range(args.repeats):
+        for name, ranks in configs:
+            flags = ["--context-parallel", str(ranks)] if ranks > 1 else []
+            result = run_config(long_args, ranks, flags, sets, "cpu", LONG_SPECS[name])
+            runs[(name, ranks)].append(result)
+            print(f"round {round_ + 1}: {name}, {ranks} context-parallel process(es): {result}", flush=True)
+    return runs
+
+
+def long_table(stats: dict[LongConfig, dict]) -> str:
+    rows = [
+        "| model | processes | tokens/s | runs' range | peak RSS MB | train MB |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for (name, ranks), s in stats.items():
+        what = f"| {name} | {'1' if ranks == 1 else f'{ranks}, --context-parallel {ranks}'} |"
+        if s["status"] != "ok":
+            rows.append(f"{what} {s['status']} | | | |")
+            continue
+        low, high = s["range"]
+        rows.append(
+            f"{what} {s['tokens_per_s']:,.0f} | {low:,.0f}-{high:,.0f} | {s['peak_mb']:,.0f} | {s['train_mb']:,.0f} |"
+        )
+    rows += ["", "| ratio, context parallel 2 / 1 process | model | value |", "| --- | --- | --- |"]
+    for name in LONG_SPECS:
+        one, two = stats.get((name, 1), {}), stats.get((name, 2), {})
+        rows.append(f"| tokens/s | {name} | {ratio(two, one, 'tokens_per_s')} |")
+        rows.append(f"| train MB per process | {name} | {ratio(two, one, 'train_mb')} |")
+    return "\n".join(rows)
+
+
 def gpu_table(stats: dict[Config, dict], params: int, peak: float, tokens_flops: int) -> str:
     rows = ["| GPUs | precision | tokens/s | MFU | peak allocated MB |", "| --- | --- | --- | --- | --- |"]
     for (ranks, _, precision), s in stats.items():
@@ -267,15 +321,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs of each configuration")
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each process")
     parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS))
+    parser.add_argument("--long-seq-len", type=int, default=2048, help="the context-parallel section's sequences")
+    parser.add_argument("--long-batch", type=int, default=1, help="the context-parallel section's global batch")
+    parser.add_argument("--no-long", action="store_true", help="leave out the context-parallel section")
     parser.add_argument("--no-record", action="store_true", help="do not append to benchmarks/RESULTS.md")
     parser.add_argument("--dry-run", action="store_true", help="tiny model, 3 steps, 1 run: checks the code paths")
     args = parser.parse_args(argv)
     import torch
 
     cpu_sets, gpu_sets, gpu_device, matmul = CPU_SETS, GPU_SETS, "cuda", (8192, "bfloat16")
+    long_sets = CPU_SETS
     if args.dry_run:
         args.seq_len, args.batch, args.steps, args.warmup, args.repeats, args.no_record = 32, 2, 3, 1, 1, True
+        args.long_seq_len = 64
         cpu_sets = gpu_sets = DRY_SETS
+        long_sets = LONG_DRY_SETS
         gpu_device, matmul = "cpu", (128, "float32")  # the GPU section's code path, on the CPU
     missing = [p for p in args.precisions if not available(PRECISIONS[p])]
     for p in missing:
@@ -287,6 +347,15 @@ def main(argv: list[str] | None = None) -> None:
     report = cpu_table(args, stats)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     print(f"\nCPU ({machine}), torch {torch.__version__}, {args.threads} thread(s) per process\n\n{report}")
+
+    long_report = ""
+    if not args.no_long:
+        long_stats = {c: summary(rs) for c, rs in measure_long(args, long_sets).items()}
+        long_report = (
+            f"\n\nContext parallelism: {args.long_batch} x {args.long_seq_len} tokens per step (the global batch "
+            f"either way), {', '.join(long_sets)}\n\n{long_table(long_stats)}"
+        )
+        print(long_report)
 
     gpu_report = ""
     gpus = torch.cuda.device_count() if not args.dry_run else 2
@@ -308,7 +377,7 @@ def main(argv: list[str] | None = None) -> None:
         f"CPU: {machine}, torch {torch.__version__}, {args.threads} thread(s) per process; MAC spec "
         f"({', '.join(CPU_SETS)}), seq {args.seq_len}, batch {args.batch} per process, {args.steps} steps; tokens/s "
         f"is the median over steps {args.warmup + 1}-{args.steps} of each run, then over {args.repeats} runs "
-        f"interleaved round by round.\n\n{report}{gpu_report}"
+        f"interleaved round by round.\n\n{report}{long_report}{gpu_report}"
     )
     append_section("Training throughput and memory", __file__, body, argv)
 

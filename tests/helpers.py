@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import socket
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
@@ -44,6 +46,45 @@ def load_benchmark(script: str, name: str) -> ModuleType:
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     return module
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (for a process group's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _gloo_rank(rank: int, world: int, port: int, fn: Callable[..., None], args: tuple) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        fn(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def on_gloo_ranks(fn: Callable[..., None], world: int, *args: Any) -> None:
+    """``fn(rank, world, *args)`` in ``world`` fresh processes joined in one gloo process group, one intra-op thread
+    each (``fn``: a module-level function, which the processes import; results go through files). An exception in
+    a rank fails the call with that rank's traceback."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_gloo_rank, args=(world, free_port(), fn, args), nprocs=world, join=True)
+
+
+#: the shipped specs at a tiny width, keeping their heads (memory 2, attention 4), for the context-parallel tests:
+#: chunks of 4 and MAC segments of 8, which the halves of a sequence split
+TINY_SHIPPED = [
+    "model.dim=32",
+    "memory.head_dim=8",
+    "memory.expansion=2",
+    "memory.chunk_size=4",
+    "mac.segment=8",
+    "attention.window=8",
+]
 
 
 # ---------------------------------------------------------------- the memory op (tests/ops)

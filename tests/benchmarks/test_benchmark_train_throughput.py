@@ -1,5 +1,6 @@
-"""benchmarks/train_throughput.py: the table's ratios from synthetic runs, and a --dry-run of both sections (the
-CPU one and the GPU one's code path on the CPU) through real ``titans-compose train`` processes."""
+"""benchmarks/train_throughput.py: the tables' ratios from synthetic runs, and a --dry-run of every section (the
+CPU one, the context-parallel one and the GPU one's code path on the CPU) through real ``titans-compose train``
+processes."""
 
 from __future__ import annotations
 
@@ -33,6 +34,17 @@ def test_summaries_and_ratios(bench):
     assert "| tokens/s, 2 processes / 1 | fp32 | 1.80x |" in text
     assert "| train MB, checkpointing / without | fp32 | 0.60x |" in text
     assert "| 1 | off | bf16 | failed: no |" in text and "| tokens/s, bf16 / fp32 | 1 process | - |" in text
+    long = bench.long_table(
+        {
+            ("MAC", 1): bench.summary([run(100, 800)]),
+            ("MAC", 2): bench.summary([run(150, 500)]),
+            ("MAG", 1): bench.summary([run(200, 600)]),
+            ("MAG", 2): bench.summary([{"status": "failed: no"}]),
+        }
+    )
+    assert "| MAC | 2, --context-parallel 2 | 150 | 150-150 | 800 | 500 |" in long
+    assert "| tokens/s | MAC | 1.50x |" in long and "| train MB per process | MAC | 0.62x |" in long
+    assert "| MAG | 2, --context-parallel 2 | failed: no |" in long and "| tokens/s | MAG | - |" in long
 
 
 @pytest.mark.slow
@@ -43,5 +55,7 @@ def test_dry_run_measures_both_sections(bench, capsys):
         assert f"| 1 | off | {precision} |" in out and f"| 2 | off | {precision} |" in out
         assert f"| 1 | on | {precision} |" in out
     assert "| tokens/s, bf16 / fp32 | 1 process |" in out
+    for model in ("MAC", "MAG"):  # the context-parallel section
+        assert f"| {model} | 1 |" in out and f"| {model} | 2, --context-parallel 2 |" in out
     assert "failed" not in out
     assert "CPU (dry run): float32 matmul peak" in out and "| 2 | bf16 |" in out  # the GPU section, bf16 runs

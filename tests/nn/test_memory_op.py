@@ -75,9 +75,9 @@ def test_the_models_memory_layers_are_standalone_memories_of_their_ops(path, mon
         randomise_gates(layer)
         step = layer.step
 
-        def recorded(x, state=None, *, node=node, step=step):
+        def recorded(x, state=None, spread=None, *, node=node, step=step):
             leaf = x.detach().requires_grad_()
-            out, new, call = step(leaf, state)
+            out, new, call = step(leaf, state, spread)
             calls[node].append((leaf, out))
             return out, new, call
 

@@ -308,7 +308,8 @@ def test_an_interrupted_sweep_names_where_its_results_are(tmp_path, runner, monk
 
 def test_the_step_options_reach_training(tmp_path, runner):
     """accumulate, precision and the other step options of ``train`` are a sweep's too: two micro-batches of one
-    sequence take the step one batch of two takes; bf16 changes the losses; ``parallel`` is refused (one process)."""
+    sequence take the step one batch of two takes; bf16 changes the losses; ``parallel`` and ``context_parallel``
+    are refused (a sweep is one process)."""
 
     def losses(name: str, **train: object) -> list[float]:
         path = write_sweep(tmp_path, train={**TRAIN, **train})
@@ -322,6 +323,7 @@ def test_the_step_options_reach_training(tmp_path, runner):
     whole = losses("whole", batch=2)
     assert losses("micro", batch=1, accumulate=2, activation_checkpointing=True) == pytest.approx(whole, rel=1e-5)
     assert losses("bf16", batch=2, precision="bf16") != pytest.approx(whole, rel=1e-5)
-    with pytest.raises(SpecError) as exc:
-        load_plan(write_sweep(tmp_path, train={**TRAIN, "parallel": "fsdp"}), new_registry())
-    assert exc.value.codes == ["TC201"] and "train.parallel" in str(exc.value)
+    for key, value in (("parallel", "fsdp"), ("context_parallel", 2)):
+        with pytest.raises(SpecError) as exc:
+            load_plan(write_sweep(tmp_path, train={**TRAIN, key: value}), new_registry())
+        assert exc.value.codes == ["TC201"] and f"train.{key}" in str(exc.value)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,11 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor
 
-from tests.conftest import SPECS
+from tests.helpers import SPECS, free_port, on_gloo_ranks
 from titans_compose.builder import build
 from titans_compose.train import train
 from titans_compose.train.data import Batch, WindowSampler
@@ -79,50 +76,34 @@ def run(
     return [r.loss for r in result.history]
 
 
-def _worker(rank: int, world: int, port: int, args: tuple, options: dict, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        losses = run(*args, **options)
-        if rank == 0:
-            Path(out).write_text(json.dumps(losses))
-    finally:
-        dist.destroy_process_group()
+def _losses(rank: int, world: int, args: tuple, options: dict, out: str) -> None:
+    losses = run(*args, **options)
+    if rank == 0:
+        Path(out).write_text(json.dumps(losses))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _gathered_layers(rank: int, world: int, port: int, out: str) -> None:
+def _gathered_layers(rank: int, world: int, out: str) -> None:
     """Record which layers' parameters are gathered (plain tensors, not shards) as each layer starts, and after
     the backward pass, with FSDP over ``world`` ranks."""
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        model = build(SPECS / "titans_lmm_small.yaml", [*NARROW[:-1], "blocks.0.repeat=3"], seed=0, smoke=False).module
-        root = wrap(model, "fsdp", World(rank, world))
-        blocks = model.layer_runners
-        seen = []
+    model = build(SPECS / "titans_lmm_small.yaml", [*NARROW[:-1], "blocks.0.repeat=3"], seed=0, smoke=False).module
+    root = wrap(model, "fsdp", World(rank, world))
+    blocks = model.layer_runners
+    seen = []
 
-        def gathered() -> list[bool]:
-            return [not isinstance(next(b.parameters()), DTensor) for b in blocks]
+    def gathered() -> list[bool]:
+        return [not isinstance(next(b.parameters()), DTensor) for b in blocks]
 
-        for block in blocks:
-            block.register_forward_pre_hook(lambda *_: seen.append(gathered()))
-        root(torch.randint(256, (1, 24))).logits.sum().backward()
-        seen.append([*gathered(), not isinstance(model.nodes["embed"].embedding.weight, DTensor)])
-        if rank == 0:
-            Path(out).write_text(json.dumps(seen))
-    finally:
-        dist.destroy_process_group()
+    for block in blocks:
+        block.register_forward_pre_hook(lambda *_: seen.append(gathered()))
+    root(torch.randint(256, (1, 24))).logits.sum().backward()
+    seen.append([*gathered(), not isinstance(model.nodes["embed"].embedding.weight, DTensor)])
+    if rank == 0:
+        Path(out).write_text(json.dumps(seen))
 
 
 def test_fsdp_gathers_one_layer_at_a_time(tmp_path: Path) -> None:
     out = tmp_path / "gathered.json"
-    mp.spawn(_gathered_layers, args=(2, free_port(), str(out)), nprocs=2, join=True)
+    on_gloo_ranks(_gathered_layers, 2, str(out))
     on_entry = [[True, False, False], [False, True, False], [False, False, True]]
     assert json.loads(out.read_text()) == [*on_entry, [False, False, False, False]]
 
@@ -132,7 +113,7 @@ def on_ranks(world: int, tmp_path: Path, *args: object, **options: object) -> li
     if world == 1:
         return run(*args, **options)
     out = tmp_path / f"losses-{free_port()}.json"
-    mp.spawn(_worker, args=(world, free_port(), args, options, str(out)), nprocs=world, join=True)
+    on_gloo_ranks(_losses, world, args, options, str(out))
     return json.loads(out.read_text())
 
 

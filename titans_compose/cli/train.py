@@ -95,6 +95,7 @@ def train(ctx: click.Context, spec: str, sub_plugins: tuple[str, ...], sub_debug
             else:
                 barrier()
             from_checkpoint = resolve_run(ctx, out, options, world.size)
+            check_context_parallel(options, world.size)
             if options["overrides"] != given:  # resuming a run made with other --set values: rebuild its spec
                 loaded = load_spec(spec, options["overrides"], registry=registry)
             if world.writes:
@@ -104,9 +105,16 @@ def train(ctx: click.Context, spec: str, sub_plugins: tuple[str, ...], sub_debug
             if options["eval_every"] is None:
                 options["eval_every"] = max(1, options["steps"] // 5)
             options["world_size"] = world.size
-            options["global_batch"] = options["batch"] * options["accumulate"] * world.size
+            data_ranks = world.size // options["context_parallel"]  # each context group trains on the same rows
+            options["global_batch"] = options["batch"] * options["accumulate"] * data_ranks
             config = {k: v for k, v in options.items() if k not in ("out", "resume", "device", "no_progress")}
             source, val_batches, describe, top = make_task({**options, "batch": options["global_batch"]})
+            if options["context_parallel"] > 1 and any(b.cu_seqlens is not None for b in val_batches):
+                raise click.BadParameter(
+                    "the token file's documents are packed (it has a separator): each document restarts the memory "
+                    "inside the sequence, which context parallelism does not split; use --context-parallel 1",
+                    param_hint="'--context-parallel'",
+                )
             try:
                 if options["tokens"] is None:
                     check_vocabulary(loaded.spec.model.vocab_size, top, describe)
@@ -128,6 +136,10 @@ def train(ctx: click.Context, spec: str, sub_plugins: tuple[str, ...], sub_debug
                         barrier()
             except BuildError as exc:
                 raise click.ClickException(str(exc)) from None
+            if options["context_parallel"] > 1 and (
+                problems := built.module.context_parallel_problems(options["context_parallel"])
+            ):
+                raise click.BadParameter("; ".join(problems), param_hint="'--context-parallel'")
             status = run(built.module, source, val_batches, describe, options, config, out, from_checkpoint, world)
         shutdown()
         return status
@@ -135,7 +147,26 @@ def train(ctx: click.Context, spec: str, sub_plugins: tuple[str, ...], sub_debug
     guarded(ctx, debug, body)
 
 
-def resolve_run(ctx: click.Context, out: Path, options: dict[str, Any], ranks: int = 1) -> bool:
+def check_context_parallel(options: dict[str, Any], processes: int) -> None:
+    """Refuse a ``--context-parallel`` that the other options or the number of ``processes`` cannot take, naming
+    the option at fault. (Packed documents and the model's heads are checked once the task and the model exist.)"""
+    from titans_compose.train.context import check_processes
+
+    size = options["context_parallel"]
+    if size > 1 and options["compile"]:
+        raise click.BadParameter("context parallelism does not run under --compile", param_hint="'--context-parallel'")
+    if options["seq_len"] % size:
+        raise click.BadParameter(
+            f"{options['seq_len']} tokens do not split into --context-parallel {size} equal pieces",
+            param_hint="'--seq-len'",
+        )
+    try:
+        check_processes(processes, size)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--context-parallel'") from None
+
+
+def resolve_run(ctx: click.Context, out: Path, options: dict[str, Any], processes: int = 1) -> bool:
     """Check ``out`` against ``--resume`` and, when resuming, take the run's settings from its ``config.json``;
     return whether training continues from a checkpoint.
 
@@ -143,8 +174,9 @@ def resolve_run(ctx: click.Context, out: Path, options: dict[str, Any], ranks: i
     before its first checkpoint starts again from step 0 with its settings) or a checkpoint. A resumed run keeps the
     settings that decide its batches and model (:data:`FIXED_ON_RESUME`; one given with another value is an error);
     the others (``--steps``, ``--eval-every``, ``--eval-batches``...) may change. Settings not given are the run's.
-    ``--batch`` and ``--accumulate`` may change with the number of ``ranks`` only if the global batch (batch x
-    accumulate x ranks) stays the run's, so that the run goes on with the same samples.
+    ``--batch`` and ``--accumulate`` may change with the number of data-parallel ranks (``processes`` over
+    ``--context-parallel``) only if the global batch (batch x accumulate x ranks) stays the run's, so that the run
+    goes on with the same samples.
     """
     from titans_compose.train.checkpoint import LATEST
 
@@ -176,7 +208,8 @@ def resolve_run(ctx: click.Context, out: Path, options: dict[str, Any], ranks: i
     if changed:
         raise click.UsageError(f"--resume continues a run with its own settings; these differ: {', '.join(changed)}")
     run_global = saved.get("global_batch", saved.get("batch"))  # runs made before ranks and accumulation: batch
-    if options["batch"] * options["accumulate"] * ranks != run_global:
+    ranks, uneven = divmod(processes, options["context_parallel"])  # uneven: check_context_parallel refuses it
+    if not uneven and options["batch"] * options["accumulate"] * ranks != run_global:
         raise click.UsageError(
             f"--resume continues a run with its own global batch of {run_global} sequences (batch x accumulate x "
             f"ranks); --batch {options['batch']} x --accumulate {options['accumulate']} x {ranks} rank(s) is "
@@ -242,7 +275,8 @@ def run(
         raise click.BadParameter(str(exc), param_hint="'--device'") from None
     world = world or World()
     if world.writes:
-        ranks = f" x {world.size} ranks ({options['parallel']})" if world.size > 1 else ""
+        split = f", context parallel {options['context_parallel']}" if options["context_parallel"] > 1 else ""
+        ranks = f" x {world.size} ranks ({options['parallel']}{split})" if world.size > 1 else ""
         click.echo(f"training on {device}{ranks}: {describe}", err=True)
     try:
         result = run_training(module, source, val_batches, options, out, from_checkpoint)

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from titans_compose.nn.context import Spread, to_heads, to_sequence
+
 
 def rope(x: Tensor, positions: Tensor, theta: float) -> Tensor:
     """Rotary position embedding on the last axis of ``x`` [..., n, d] (d even) at integer ``positions`` [n]."""
@@ -111,22 +113,31 @@ class Attention(nn.Module):
         self.kv = nn.Linear(dim, 2 * heads * head_dim, bias=False)
         self.out = nn.Linear(heads * head_dim, dim, bias=False)
 
-    def _split(self, t: Tensor) -> Tensor:
-        b, n, _ = t.shape
-        return t.view(b, n, self.heads, self.head_dim).transpose(1, 2)
+    def share(self, spread: Spread | None) -> slice:
+        """The heads a call computes: all of them, or, with ``spread`` (context parallelism), this rank's share."""
+        return slice(0, self.heads) if spread is None else spread.context.heads(self.heads, "an attention")
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-        """Split-head q [B, h, n, d] against k, v [B, h, m, d] with a [n, m] mask -> [B, n, dim]."""
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.out(y.transpose(1, 2).reshape(q.shape[0], q.shape[2], y.shape[1] * y.shape[3]))
+    def _per_head(self, t: Tensor) -> Tensor:
+        """[..., n, heads * head_dim] -> [..., n, heads, head_dim]."""
+        return t.unflatten(-1, (self.heads, self.head_dim))
 
-    def _project(self, queries: Tensor, keys: Tensor, q_pos: Tensor, k_pos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Split-head q, k, v of query sources [B, n, dim] and key sources [B, m, dim], RoPE at the positions."""
-        q = self._split(self.q(queries))
-        k, v = (self._split(t) for t in self.kv(keys).chunk(2, dim=-1))
-        if self.use_rope:
-            q, k = rope(q, q_pos, self.rope_theta), rope(k, k_pos, self.rope_theta)
-        return q, k, v
+    def _keys_values(self, source: Tensor) -> tuple[Tensor, Tensor]:
+        """The keys and values of ``source`` [..., n, dim] per head, [..., n, heads, head_dim] each (token-wise)."""
+        k, v = self.kv(source).chunk(2, dim=-1)
+        return self._per_head(k), self._per_head(v)
+
+    def _prefix(self, persistent: Tensor, heads: slice, batch: int) -> tuple[Tensor, Tensor]:
+        """The keys and values of the persistent tokens [N_p, dim] for ``heads``, [B, h, N_p, d] each (no RoPE)."""
+        k, v = (t[:, heads].transpose(0, 1).expand(batch, -1, -1, -1) for t in self._keys_values(persistent))
+        return k, v
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, spread: Spread | None) -> Tensor:
+        """Split-head q [B, h, n, d] against k, v [B, h, m, d] with a [n, m] mask -> [B, n, dim]; with ``spread``
+        the heads' outputs go back to the ranks that hold the queries' tokens first ([B, n_rank, dim])."""
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)  # [B, n, h, d]
+        if spread is not None:
+            y = to_sequence(y, spread)
+        return self.out(y.flatten(2))
 
     def forward(self, x: Tensor, persistent: Tensor | None = None, memory: Tensor | None = None) -> Tensor:
         if self.kind != "segment":
@@ -142,27 +153,42 @@ class Attention(nn.Module):
         return torch.cat(outs, dim=1)
 
     def forward_cached(
-        self, x: Tensor, persistent: Tensor | None = None, cache: KVCache | None = None
+        self,
+        x: Tensor,
+        persistent: Tensor | None = None,
+        cache: KVCache | None = None,
+        spread: Spread | None = None,
     ) -> tuple[Tensor, KVCache]:
         """Sliding-window / full attention of ``x`` continuing after the tokens in ``cache``; returns the output and
-        the cache for the next call (the last ``window - 1`` tokens' keys and values: all a later query can see)."""
-        batch, length, _ = x.shape
+        the cache for the next call (the last ``window - 1`` tokens' keys and values: all a later query can see).
+        With ``spread`` (context parallelism: ``x`` holds this rank's tokens of a piece that starts the stream, with
+        no cache), the scores run over the whole piece for this rank's share of the heads, whose keys and values
+        the cache holds."""
+        if spread is not None and cache is not None:
+            raise ValueError("a context-parallel attention call starts the stream: it takes no cache")
+        heads = self.share(spread)
+        q, (k, v) = self._per_head(self.q(x)), self._keys_values(x)
+        if spread is not None:
+            q, k, v = to_heads([q, k, v], spread)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, h, n, d]
+        batch, length = q.shape[0], q.shape[2]
         n_p = 0 if persistent is None else persistent.shape[0]
         seen = 0 if cache is None else cache.seen
         positions = torch.arange(n_p + seen, n_p + seen + length, device=x.device)
-        q, k, v = self._project(x, x, positions, positions)
+        if self.use_rope:
+            q, k = rope(q, positions, self.rope_theta), rope(k, positions, self.rope_theta)
         if cache is not None:
             k, v = torch.cat([cache.keys, k], 2), torch.cat([cache.values, v], 2)
         past = k.shape[2] - length
         keep = k.shape[2] if self.window is None else min(self.window - 1, k.shape[2])
         new_cache = KVCache(k[:, :, k.shape[2] - keep :], v[:, :, v.shape[2] - keep :], seen + length)
         if persistent is not None:
-            prefix = persistent.unsqueeze(0)
-            _, pk, pv = self._project(prefix[:, :0], prefix, positions[:0], torch.arange(n_p, device=x.device))
-            k = torch.cat([pk.expand(batch, -1, -1, -1), k], 2)
-            v = torch.cat([pv.expand(batch, -1, -1, -1), v], 2)
+            pk, pv = self._prefix(persistent, heads, batch)
+            if self.use_rope:
+                pk = rope(pk, torch.arange(n_p, device=x.device), self.rope_theta)
+            k, v = torch.cat([pk, k], 2), torch.cat([pv, v], 2)
         mask = window_mask(length, n_p, self.window, x.device, past=past)
-        return self._attend(q, k, v, mask), new_cache
+        return self._attend(q, k, v, mask, spread), new_cache
 
     def forward_segment(
         self,
@@ -170,26 +196,38 @@ class Attention(nn.Module):
         persistent: Tensor | None,
         memory: Tensor,
         past: tuple[Tensor, Tensor] | None = None,
+        spread: Spread | None = None,
     ) -> Tensor:
         """MAC attention for tokens ``x`` (memory tokens ``memory``) of one segment whose earlier tokens and memory
-        tokens are ``past`` (None at the segment start): keys [persistent || memory || segment] in ``order``."""
-        batch, length, _ = x.shape
-        prefix = x.new_zeros(0, x.shape[-1]) if persistent is None else persistent
-        n_p = prefix.shape[0]
-        done = 0
-        if past is not None:
-            done = past[0].shape[1]
-            x_all, mem_all = torch.cat([past[0], x], 1), torch.cat([past[1], memory], 1)
+        tokens are ``past`` (None at the segment start): keys [persistent || memory || segment] in ``order``. With
+        ``spread`` (context parallelism: ``x`` and ``memory`` hold this rank's tokens of a whole segment, no
+        ``past``), the scores run over the whole segment for this rank's share of the heads."""
+        if spread is not None and past is not None:
+            raise ValueError("a context-parallel segment attention call takes whole segments: no past")
+        heads = self.share(spread)
+        done = 0 if past is None else past[0].shape[1]
+        x_all = x if past is None else torch.cat([past[0], x], 1)
+        mem_all = memory if past is None else torch.cat([past[1], memory], 1)
+        q, (kx, vx), (km, vm) = self._per_head(self.q(x)), self._keys_values(x_all), self._keys_values(mem_all)
+        if spread is not None:
+            q, kx, vx, km, vm = to_heads([q, kx, vx, km, vm], spread)
+        q, kx, vx, km, vm = (t.transpose(1, 2) for t in (q, kx, vx, km, vm))  # [B, h, n, d]
+        batch, length = q.shape[0], q.shape[2]
+        if persistent is None:
+            pk = pv = kx.new_zeros(batch, kx.shape[1], 0, self.head_dim)
         else:
-            x_all, mem_all = x, memory
-        parts = {"persistent": prefix.unsqueeze(0).expand(batch, -1, -1), "memory": mem_all, "segment": x_all}
-        keys = torch.cat([parts[name] for name in self.order], dim=1)
+            pk, pv = self._prefix(persistent, heads, batch)
+        parts = {"persistent": (pk, pv), "memory": (km, vm), "segment": (kx, vx)}
+        sizes = {name: part[0].shape[2] for name, part in parts.items()}
         offsets, pos = {}, 0
         for name in self.order:
             offsets[name] = pos
-            pos += self.segment if self.full_segment_positions and name != "persistent" else parts[name].shape[1]
-        k_pos = torch.cat([torch.arange(parts[name].shape[1], device=x.device) + offsets[name] for name in self.order])
-        q_pos = torch.arange(length, device=x.device) + offsets["segment"] + done
-        q, k, v = self._project(x, keys, q_pos, k_pos)
-        mask = segment_mask(length, n_p, self.causal_memory, self.order, x.device, past=done)
-        return self._attend(q, k, v, mask)
+            pos += self.segment if self.full_segment_positions and name != "persistent" else sizes[name]
+        k = torch.cat([parts[name][0] for name in self.order], 2)
+        v = torch.cat([parts[name][1] for name in self.order], 2)
+        if self.use_rope:
+            k_pos = torch.cat([torch.arange(sizes[name], device=x.device) + offsets[name] for name in self.order])
+            q_pos = torch.arange(length, device=x.device) + offsets["segment"] + done
+            q, k = rope(q, q_pos, self.rope_theta), rope(k, k_pos, self.rope_theta)
+        mask = segment_mask(length, sizes["persistent"], self.causal_memory, self.order, x.device, past=done)
+        return self._attend(q, k, v, mask, spread)

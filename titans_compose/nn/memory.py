@@ -5,6 +5,10 @@ Triton kernel, the chunked or the reference backend: ``choice`` says which ran a
 output gate -> output projection. The inner gates are computed in log space from logits (theta = max_lr * sigmoid,
 log eta = logsigmoid, log(1 - alpha) = logsigmoid(-z)), so extreme logits never produce inf or NaN; the forget
 gate's bias starts at the configured half-life.
+
+Under context parallelism (a :class:`~titans_compose.nn.context.Spread` given to a call) the projections, gate
+logits and readout run on the rank's tokens, and the convolution, gates and scan on every token of the rank's share
+of the heads, between the two exchanges of :mod:`titans_compose.nn.context`.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from titans_compose.graph.blocks import memory_op
+from titans_compose.nn.context import Spread, to_heads, to_sequence
 from titans_compose.ops.memory import mlp as memory_mlp
 from titans_compose.ops.memory.config import MemoryConfig
 from titans_compose.ops.memory.dispatch import BackendChoice, MemoryBackend
@@ -108,18 +113,19 @@ def inner_gates(
     gates: dict[str, _Gate | None],
     max_lr: float,
     chunk: int,
-    x: Tensor,
+    logits: dict[str, Tensor],
     memory: MemoryState,
     carried: dict[str, Tensor] | None,
 ) -> InnerGates:
-    """The gates ``{"lr", "momentum", "forget"}`` (None: off) for ``x`` [B, T, D] continuing ``memory``.
+    """The gates ``{"lr", "momentum", "forget"}`` (None: off) from their ``logits`` [B, T, H] (:meth:`_Gate.forward`
+    of a call's input, one entry per gate that is on) continuing ``memory``.
 
     A per-chunk gate is the mean over its chunk, whose earlier tokens may have come in earlier calls: their log
     values travel in ``carried`` (the previous call's :attr:`InnerGates.carry`), so the chunk's mean, and with it the
     pending tokens' gates folded when the chunk completes, are those of one call over the whole stream. A chunk that
     the stream has not completed yet averages the tokens seen so far (one call ending there does the same)."""
     pend = memory.pending_len
-    batch, length, _ = x.shape
+    batch, length, _ = next(iter(logits.values())).shape
     left = (pend + length) % chunk
     series: dict[str, Tensor | None] = {}
     pending: dict[str, Tensor] = {}
@@ -133,7 +139,7 @@ def inner_gates(
             series[name] = None
             continue
         log_fn, field = _GATE_LOGS[name]
-        logs = log_fn(gate(x))
+        logs = log_fn(logits[name])
         if gate.granularity == "per_chunk":
             if pend:
                 if carried is None or name not in carried:
@@ -219,27 +225,43 @@ class _MemoryReadout(nn.Module):
         self.gate_proj = nn.Linear(op.in_features, op.width, bias=False) if op.output_gate != "none" else None
         self.out_proj = nn.Linear(op.width, op.out_width, bias=False) if op.out_proj else None
 
-    def _project(
-        self, role: str, x: Tensor, conv_state: dict[str, Tensor] | None, new_conv: dict[str, Tensor]
-    ) -> Tensor:
-        """[B, T, D] -> [B*H, T, d]: the ``role`` projection, continuing its convolution from ``conv_state``."""
+    def share(self, spread: Spread | None) -> slice:
+        """The heads a call computes: all of them, or, with ``spread`` (context parallelism), this rank's share."""
+        return slice(0, self.heads) if spread is None else spread.context.heads(self.heads, "a memory")
+
+    def _features(self, role: str, x: Tensor) -> Tensor:
+        """The ``role`` projection of ``x`` [B, T, D] after its activation, per head: [B, T, H, d] (token-wise)."""
         h = self.proj_activation(getattr(self, f"{role}_proj")(x))
+        return h.unflatten(-1, (self.heads, self.head_dim))
+
+    def _mix(
+        self, role: str, h: Tensor, heads: slice, conv_state: dict[str, Tensor] | None, new_conv: dict[str, Tensor]
+    ) -> Tensor:
+        """The ``role`` features [B, T, h, d] of ``heads`` -> [B*h, T, d]: the convolution over time, continuing
+        from ``conv_state``, and the l2 norm of q and k."""
+        b, n, share, d = h.shape
+        h = h.flatten(2)
         if self.conv_kernel is not None:
             history = self.conv_kernel - 1
-            prev = h.new_zeros(h.shape[0], history, h.shape[2]) if conv_state is None else conv_state[role]
+            prev = h.new_zeros(b, history, h.shape[2]) if conv_state is None else conv_state[role]
             full = torch.cat([prev, h], 1)
             new_conv[role] = full[:, full.shape[1] - history :]
-            h = _depthwise_causal_conv(full, self.convs[role].weight[:, 0, :])
-        b, n, _ = h.shape
-        h = h.view(b, n, self.heads, self.head_dim).transpose(1, 2).reshape(b * self.heads, n, self.head_dim)
+            channels = slice(heads.start * d, heads.stop * d)
+            h = _depthwise_causal_conv(full, self.convs[role].weight[channels, 0, :])
+        h = h.reshape(b, n, share, d).transpose(1, 2).reshape(b * share, n, d)
         if self.qk_l2norm and role != "v":
             h = F.normalize(h, dim=-1, eps=1e-6)
         return h
 
+    def _returned(self, y: Tensor, batch: int, heads: slice, spread: Spread | None) -> Tensor:
+        """A call's retrieved values of ``heads``, [B*h, n, d] -> [B, n, h, d]; with ``spread``, sent back to the
+        ranks holding the tokens: [B, n_rank, H, d]."""
+        y = y.unflatten(0, (batch, heads.stop - heads.start)).transpose(1, 2)
+        return y if spread is None else to_sequence(y, spread)
+
     def _readout(self, y: Tensor, x: Tensor) -> Tensor:
-        """The retrieved values [B*H, T, d] of the queries of ``x`` [B, T, D] -> the layer's output [B, T, out]."""
+        """The retrieved values [B, T, H, d] of the queries of ``x`` [B, T, D] -> the layer's output [B, T, out]."""
         batch, length = x.shape[:2]
-        y = y.view(batch, self.heads, length, self.head_dim).transpose(1, 2)  # [B, T, H, d]
         if self.readout_norm is not None:
             y = y * torch.rsqrt(y.square().mean(-1, keepdim=True) + self.eps) * self.readout_norm
         y = y.reshape(batch, length, self.heads * self.head_dim)
@@ -330,32 +352,54 @@ class NeuralMemory(_MemoryReadout):
             f"chunk={self.config.chunk_size}, retrieval={self.config.retrieval}, backend={self.choice.name}"
         )
 
-    def initial_state(self, batch: int) -> NeuralMemoryState:
-        """The state before any token: M_0 for every batch row, zero momentum, empty convolution history."""
-        weights = [
-            w.unsqueeze(0).expand(batch, *w.shape).reshape(batch * self.heads, *w.shape[1:]) for w in self.init_weights
-        ]
-        return NeuralMemoryState(MemoryState.initial(weights, self.config.momentum), None)
+    def initial_state(self, batch: int, heads: slice | None = None) -> NeuralMemoryState:
+        """The state before any token: M_0 for every batch row, zero momentum, empty convolution history (of
+        ``heads`` only, a context-parallel rank's share; default: all)."""
+        weights = [w[heads or slice(None)] for w in self.init_weights]
+        rows = [w.unsqueeze(0).expand(batch, *w.shape).reshape(batch * w.shape[0], *w.shape[1:]) for w in weights]
+        return NeuralMemoryState(MemoryState.initial(rows, self.config.momentum), None)
+
+    @property
+    def _gates(self) -> dict[str, _Gate | None]:
+        return {"lr": self.lr_gate, "momentum": self.momentum_gate, "forget": self.forget_gate}
+
+    def _gate_logits(self, x: Tensor) -> dict[str, Tensor]:
+        """Every gate's logits [B, T, H] for ``x`` [B, T, D] (the gates that are on)."""
+        return {name: gate(x) for name, gate in self._gates.items() if gate is not None}
 
     def gates(self, x: Tensor, state: NeuralMemoryState | None = None) -> InnerGates:
         """theta, log eta, log(1 - alpha) [B*H, T] for the tokens of ``x`` continuing ``state`` (see
         :func:`inner_gates`)."""
         state = self.initial_state(x.shape[0]) if state is None else state
-        gates = {"lr": self.lr_gate, "momentum": self.momentum_gate, "forget": self.forget_gate}
-        return inner_gates(gates, self.max_lr, self.config.chunk_size, x, state.memory, state.gates)
+        logits = self._gate_logits(x)
+        return inner_gates(self._gates, self.max_lr, self.config.chunk_size, logits, state.memory, state.gates)
 
     # ------------------------------------------------------------------------------------------------ forward
 
-    def step(self, x: Tensor, state: NeuralMemoryState | None = None) -> tuple[Tensor, NeuralMemoryState, MemoryCall]:
+    def step(
+        self, x: Tensor, state: NeuralMemoryState | None = None, spread: Spread | None = None
+    ) -> tuple[Tensor, NeuralMemoryState, MemoryCall]:
         """One call without the finiteness check: (out, state, the scan's :class:`MemoryCall`) for ``x`` [B, T, D]
-        (T >= 1) continuing ``state``; a model checks the calls of all its layers at once."""
-        state = self.initial_state(x.shape[0]) if state is None else state
+        continuing ``state``; a model checks the calls of all its layers at once. With ``spread`` (context
+        parallelism: ``x`` holds this rank's tokens of the piece it describes), the projections, gate logits and
+        readout run on this rank's tokens and the convolution, gates and scan on the whole piece for this rank's
+        share of the heads, whose state ``state``, the returned state and the call hold."""
+        batch = x.shape[0]
+        heads = self.share(spread)
+        state = self.initial_state(batch, heads) if state is None else state
+        features = [self._features(role, x) for role in ("q", "k", "v")]
+        logits = self._gate_logits(x)
+        if spread is not None:
+            moved = to_heads([*features, *(t.unsqueeze(-1) for t in logits.values())], spread)
+            features = moved[:3]
+            logits = {name: t.squeeze(-1) for name, t in zip(logits, moved[3:], strict=True)}
         new_conv: dict[str, Tensor] = {}
-        q, k, v = (self._project(role, x, state.conv, new_conv) for role in ("q", "k", "v"))
-        gates = self.gates(x, state)
+        q, k, v = (self._mix(role, h, heads, state.conv, new_conv) for role, h in zip("qkv", features, strict=True))
+        gates = inner_gates(self._gates, self.max_lr, self.config.chunk_size, logits, state.memory, state.gates)
         y, memory_state = self.dispatch(q, k, v, gates.theta, gates.log_eta, gates.log_keep, gates.memory, self.config)
         call = MemoryCall(k, v, gates, y, memory_state, self.config)
-        return self._readout(y, x), NeuralMemoryState(memory_state, new_conv or None, gates.carry), call
+        out = self._readout(self._returned(y, batch, heads, spread), x)
+        return out, NeuralMemoryState(memory_state, new_conv or None, gates.carry), call
 
     def forward(
         self, x: Tensor, state: NeuralMemoryState | None = None, cu_seqlens: Tensor | list[int] | None = None
@@ -408,10 +452,20 @@ class MemoryContextRead(_MemoryReadout):
         self._add_readout()
 
     def read(
-        self, x: Tensor, weights: tuple[Tensor, ...], conv: dict[str, Tensor] | None
+        self,
+        x: Tensor,
+        weights: tuple[Tensor, ...],
+        conv: dict[str, Tensor] | None,
+        spread: Spread | None = None,
     ) -> tuple[Tensor, dict[str, Tensor] | None]:
         """M(q) for the queries of ``x`` [B, T, D] read with ``weights`` ([B*H, out, in] per layer), and the
-        convolution history after ``x``."""
+        convolution history after ``x``. With ``spread`` (context parallelism), ``weights`` and ``conv`` are this
+        rank's share of the heads, which it reads for the whole piece (:meth:`NeuralMemory.step`)."""
+        heads = self.share(spread)
+        q = self._features("q", x)
+        if spread is not None:
+            (q,) = to_heads([q], spread)
         new_conv: dict[str, Tensor] = {}
-        q = self._project("q", x, conv, new_conv)
-        return self._readout(memory_mlp.forward(weights, q, self.config), x), new_conv or None
+        q = self._mix("q", q, heads, conv, new_conv)
+        y = memory_mlp.forward(weights, q, self.config)
+        return self._readout(self._returned(y, x.shape[0], heads, spread), x), new_conv or None

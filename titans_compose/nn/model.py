@@ -9,13 +9,18 @@ node id, so a stream processed in pieces of any sizes computes what one call com
 MAC layers (those with a ``segment`` attention node) run segment by segment: the context read uses the memory as it
 was at the segment start (memory-math.md section 5), so every call is cut at the segment boundaries and the layer's
 nodes run once per piece, the memory state flowing from piece to piece.
+
+Split over a context group (:meth:`TitansLM.split_sequence`), each rank runs the token-wise nodes on its piece of
+the stream and the sequence mixers (memory, context read, attention) on the whole stream for its share of the
+heads (:mod:`titans_compose.nn.context`); MAC's segments then run one after another over the whole stream, each
+rank on its tokens of the segment.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import networkx as nx
@@ -23,8 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from titans_compose.graph.ir import dag_view, inputs_of
+from titans_compose.graph.ir import SymDim, dag_view, inputs_of
 from titans_compose.nn.attention import Attention
+from titans_compose.nn.context import ContextGroup, Spread
 from titans_compose.nn.legacy_keys import rename_legacy_keys
 from titans_compose.nn.memory import MemoryCall, MemoryContextRead, NeuralMemory, _depthwise_causal_conv
 from titans_compose.ops.memory.config import MemoryConfig
@@ -67,20 +73,22 @@ class ModelState:
 
 @dataclass
 class LMOutput:
-    """Logits [B, T, vocab] and the state after the last token."""
+    """Logits [B, T, vocab] and the state after the last token (None from a context-parallel call)."""
 
     logits: Tensor
-    state: ModelState
+    state: ModelState | None
 
 
 @dataclass(frozen=True)
 class Step:
     """Where a piece of the stream starts: ``position`` (tokens before it), ``batch`` rows and, in a MAC layer, the
-    position inside the segment."""
+    position inside the segment. Under context parallelism, ``spread`` says how the piece lies over the ranks and
+    ``position`` is where this rank's tokens of it start."""
 
     position: int
     batch: int
     segment_pos: int = 0
+    spread: Spread | None = None
 
 
 # --------------------------------------------------------------------------------------------- node modules
@@ -144,13 +152,16 @@ class Persistent(Node):
 
 
 class Concat(Node):
-    """Prepend the prefix, only at the very start of the stream (MAL's persistent tokens)."""
+    """Prepend the prefix, only at the very start of the stream (MAL's persistent tokens). Under context
+    parallelism a rank whose tokens come later prepends none of it, but through the prefix's autograd graph, so
+    that every rank has a gradient for it (zero there), as DDP and FSDP2 need."""
 
     def run(self, inputs: dict[str, Any], state: Any, step: Step) -> tuple[Tensor, Any]:
-        x = inputs["x"]
-        if step.position > 0:
+        x, prefix = inputs["x"], inputs["prefix"]
+        if step.position > 0 and step.spread is None:
             return x, None
-        return torch.cat([inputs["prefix"].expand(x.shape[0], -1, -1), x], 1), None
+        taken = prefix if step.position == 0 else prefix[:0]
+        return torch.cat([taken.expand(x.shape[0], -1, -1), x], 1), None
 
 
 class Slice(Node):
@@ -255,7 +266,7 @@ class MemoryReadNode(MemoryContextRead):
             if memory.pending is not None:
                 raise ValueError("a segment must start on a memory chunk boundary (segment a multiple of chunk_size)")
             weights = memory.weights
-        y, conv = self.read(inputs["queries"], weights, conv)
+        y, conv = self.read(inputs["queries"], weights, conv, step.spread)
         return y, (weights, conv)
 
 
@@ -284,7 +295,9 @@ class AttentionNode(Node):
     def run(self, inputs: dict[str, Any], state: Any, step: Step) -> tuple[Tensor, Any]:
         x, persistent = inputs["x"], inputs.get("persistent")
         if self.attention.kind != "segment":
-            return self.attention.forward_cached(x, persistent, state)
+            return self.attention.forward_cached(x, persistent, state, step.spread)
+        if step.spread is not None:  # whole segments, nothing carried
+            return self.attention.forward_segment(x, persistent, inputs["memory"], None, step.spread), None
         past = None if step.segment_pos == 0 else state
         if past is not None and not self.attention.causal_memory:
             raise ValueError(
@@ -366,6 +379,23 @@ def _key(node: str) -> str:
 # --------------------------------------------------------------------------------------------- layers and model
 
 
+#: graph ops that mix tokens and that context parallelism splits by heads (:mod:`titans_compose.nn.context`)
+HEAD_PARALLEL_OPS = frozenset({"memory", "memory_read", "attention"})
+#: graph ops that context parallelism runs as they are: token by token, or on the stream's first piece only
+#: (``concat`` and ``slice``: MAL's persistent prefix, which the first rank holds)
+CONTEXT_LOCAL_OPS = frozenset(
+    {"input", "output", "embed", "head", "persistent", "norm", "proj", "gate", "mlp", "add", "concat", "slice"}
+)
+
+
+def _prefix_tokens(graph: nx.DiGraph, ports: dict[str, str]) -> int:
+    """The tokens a node's sequence input (port ``x`` or ``queries``) carries before the stream's first token: the
+    offset of its inferred length (``T+4``: MAL's 4 persistent tokens)."""
+    source = ports.get("x", ports.get("queries"))
+    length = graph.nodes[source]["shape"][1]
+    return length.offset if isinstance(length, SymDim) else 0
+
+
 def _memory_read_source(graph: nx.DiGraph, read: str) -> str:
     """The memory node whose state the ``memory_read`` node ``read`` reads (its recurrent ``state`` edge)."""
     sources = [u for u, _, d in graph.in_edges(read, data=True) if d.get("recurrent") and d.get("port") == "state"]
@@ -383,6 +413,14 @@ class _LayerProgram:
         self.input, self.output, self.modules = record["input"], record["output"], modules
         nodes = [n for n in order if graph.nodes[n]["layer"] == record["index"]]
         self.program = [(n, inputs_of(graph, n)) for n in nodes]
+        #: per sequence mixer, the tokens its input carries before the stream's first (MAL's persistent prefix)
+        self.prefix = {
+            node: _prefix_tokens(graph, ports)
+            for node, ports in self.program
+            if graph.nodes[node]["op"] in HEAD_PARALLEL_OPS
+        }
+        #: the context group the layer's pieces are split over (None: this process holds the whole stream)
+        self.context: ContextGroup | None = None
         self.reads: dict[str, str] = {}  # context read -> the memory node whose state it reads
         self.segment: int | None = None
         for node, _ in self.program:
@@ -398,7 +436,10 @@ class _LayerProgram:
 
     def run(self, x: Tensor, cur: dict[str, Any], position: int, checks: list[_Check] | None) -> Tensor:
         """The layer's output for ``x`` [B, T, D] starting ``position`` tokens into the stream; updates ``cur`` and
-        appends each memory call's finiteness check to ``checks`` (None: no checks)."""
+        appends each memory call's finiteness check to ``checks`` (None: no checks). Under context parallelism
+        (:attr:`context`), ``x`` is this rank's piece of a stream from its start (:meth:`_run_spread`)."""
+        if self.context is not None:
+            return self._run_spread(x, cur, checks)
         if self.segment is None:
             return self._piece(x, cur, Step(position, x.shape[0]), checks)
         outs, start = [], 0
@@ -410,23 +451,46 @@ class _LayerProgram:
             start += n
         return torch.cat(outs, 1)
 
+    def _run_spread(self, x: Tensor, cur: dict[str, Any], checks: list[_Check] | None) -> Tensor:
+        """:meth:`run` under context parallelism: ``x`` [B, T / size, D] is this rank's contiguous piece of a
+        stream of T tokens from its start. The layer runs piece by piece over the whole stream (one piece, or a
+        MAC layer's segments, which may straddle ranks), each rank on its own tokens of the piece (possibly none)
+        and each sequence mixer on the whole piece for its share of the heads."""
+        context, mine = self.context, x.shape[1]
+        total, first = mine * context.size, mine * context.rank
+        size = self.segment or total
+        outs = []
+        for start in range(0, total, size):
+            stop = min(start + size, total)
+            lengths = tuple(max(0, min(stop, (i + 1) * mine) - max(start, i * mine)) for i in range(context.size))
+            begin = max(start, first)
+            local = x[:, begin - first : begin - first + lengths[context.rank]]
+            step = Step(begin, x.shape[0], 0, Spread(context, lengths, start))
+            outs.append(self._piece(local, cur, step, checks))
+        return torch.cat(outs, 1)
+
     def _piece(self, x: Tensor, cur: dict[str, Any], step: Step, checks: list[_Check] | None) -> Tensor:
         env: dict[str, Any] = {self.input: x}
         for node, ports in self.program:
             module = self.modules[_key(node)]
             inputs = {port: env[src] for port, src in ports.items()}
+            spread = None if step.spread is None else step.spread.with_prefix(self.prefix.get(node, 0))
             if isinstance(module, MemoryNode):
-                out, cur[node], call = module.step(inputs["x"], cur.get(node))
+                out, cur[node], call = module.step(inputs["x"], cur.get(node), spread)
                 if checks is not None:  # the memory sees x after any prefix (MAL's persistent tokens)
-                    first = step.position - (inputs["x"].shape[1] - x.shape[1])
+                    if spread is None:
+                        first = step.position - (inputs["x"].shape[1] - x.shape[1])
+                    else:
+                        first = spread.start - (sum(spread.lengths) - sum(step.spread.lengths))
                     checks.append(_Check(node, call, first, call.finite()))
                 env[node] = out
                 continue
             if node in self.reads:
-                memory = self.reads[node]
-                state = cur.get(memory)
-                inputs["state"] = self.modules[_key(memory)].initial_state(step.batch) if state is None else state
-            out, new = module.run(inputs, cur.get(node), step)
+                memory = self.modules[_key(self.reads[node])]
+                state = cur.get(self.reads[node])
+                inputs["state"] = memory.initial_state(step.batch, memory.share(spread)) if state is None else state
+            node_step = step if spread is step.spread else replace(step, spread=spread)
+            out, new = module.run(inputs, cur.get(node), node_step)
             env[node] = out
             if module.stateful:
                 cur[node] = new
@@ -449,6 +513,18 @@ class _Check:
         if token is not None and self.first + token < 0:  # MAL: one of the persistent tokens written first
             return MemoryDivergedError(self.node, token, "of the memory's input (a persistent token)", cause)
         return MemoryDivergedError(self.node, None if token is None else self.first + token, "of the stream", cause)
+
+
+def _earliest(checks: list[_Check], finite: Tensor) -> MemoryDivergedError:
+    """The error for the earliest failing memory call of a forward (``finite``: each call's flag, over every
+    context-parallel rank's heads): a layer fed by a diverged one fails too, later in the stream. A rank whose own
+    heads of a failing call are finite names the call without a token."""
+    errors = [
+        c.error() if not c.finite else MemoryDivergedError(c.node, None, "", "another rank's heads are not finite")
+        for c, ok in zip(checks, finite.tolist(), strict=True)
+        if not ok
+    ]
+    return min(errors, key=lambda e: (e.token is None, e.where == "of the stream", e.token or 0))
 
 
 def _component(node: str, data: dict) -> str:
@@ -504,6 +580,8 @@ class TitansLM(nn.Module):
         self.layers = [_LayerProgram(graph, rec, order, self.nodes) for rec in records]
         #: set by training to run each layer another way with ``program.run``'s signature (activation checkpointing)
         self.layer_runners: list[Callable[..., Tensor]] | None = None
+        #: the context group each call's sequence is split over (:meth:`split_sequence`); None: not split
+        self.context: ContextGroup | None = None
 
         def unit(n: str) -> Any:
             layer = graph.nodes[n]["layer"]
@@ -526,6 +604,34 @@ class TitansLM(nn.Module):
         """The state before any token; every node starts from its initial value when it first runs."""
         return ModelState(0, batch, {})
 
+    def context_parallel_problems(self, size: int) -> list[str]:
+        """Why the model cannot split its sequences over ``size`` context-parallel ranks: a sequence mixer whose
+        heads do not split evenly, or a node that mixes tokens without heads to split. Empty if it can."""
+        problems = []
+        for node, data in self._graph_info.items():
+            op = data["op"]
+            if op in HEAD_PARALLEL_OPS:
+                module = self.nodes[_key(node)]
+                heads = module.attention.heads if isinstance(module, AttentionNode) else module.heads
+                if heads % size:
+                    problems.append(f"{node} has {heads} heads, which do not split over {size} ranks")
+            elif op not in CONTEXT_LOCAL_OPS:
+                problems.append(f"{node} ({op}) mixes tokens and has no heads to split over the ranks")
+        return problems
+
+    def split_sequence(self, context: ContextGroup | None) -> None:
+        """Split every call's sequence over the ranks of ``context`` (None: stop splitting). Each rank then calls
+        the model with its contiguous 1/size of the same rows' tokens, from the stream's start, and gets the logits
+        of its tokens; token-wise work runs on its tokens, and each sequence mixer on the whole sequence for its
+        share of the heads (:mod:`titans_compose.nn.context`). The parameters must be the same on every rank; the
+        gradients of each rank's call are its share, to be summed over the ranks. Raises ValueError naming what
+        cannot be split (:meth:`context_parallel_problems`)."""
+        if context is not None and (problems := self.context_parallel_problems(context.size)):
+            raise ValueError(f"context parallelism over {context.size} ranks: {'; '.join(problems)}")
+        self.context = context
+        for program in self.layers:
+            program.context = context
+
     def _check(self, tokens: Tensor, state: ModelState | None) -> None:
         if not isinstance(tokens, Tensor) or tokens.dtype != torch.long or tokens.dim() != 2:
             what = (
@@ -547,6 +653,11 @@ class TitansLM(nn.Module):
         logits and the state unchanged. ``cu_seqlens`` (0 = b_0 < ... < b_n = T, a batch of one row, no ``state``):
         packed documents, each run as a stream of its own, so that no memory, convolution, attention or MAC segment
         crosses a boundary; the state returned is the last document's."""
+        if self.context is not None and (state is not None or cu_seqlens is not None):
+            raise ValueError(
+                "a context-parallel model takes each rank's piece of whole streams from their start: no state, no "
+                "cu_seqlens (call split_sequence(None) to continue a stream or pack documents)"
+            )
         if cu_seqlens is not None:
             return self._forward_documents(tokens, state, cu_seqlens)
         self._check(tokens, state)
@@ -573,10 +684,14 @@ class TitansLM(nn.Module):
             else:
                 inputs = {port: env[src] for port, src in self.ports[unit].items()}
                 env[unit] = self.nodes[_key(unit)].run(inputs, None, step)[0]
-        if checks and not torch.stack([c.finite for c in checks]).all():
-            # a layer fed by a diverged one fails too, later in the stream: report the earliest token
-            errors = [c.error() for c in checks if not c.finite]
-            raise min(errors, key=lambda e: (e.token is None, e.where == "of the stream", e.token or 0))
+        if checks:
+            finite = torch.stack([c.finite for c in checks])
+            if self.context is not None:  # every rank raises, or none does (each checked its own heads)
+                finite = self.context.all_finite(finite)
+            if not finite.all():
+                raise _earliest(checks, finite)
+        if self.context is not None:  # each rank's nodes hold its own heads: no state to continue
+            return LMOutput(env[self.output], None)
         return LMOutput(env[self.output], ModelState(position + tokens.shape[1], tokens.shape[0], cur))
 
     def _forward_documents(self, tokens: Tensor, state: ModelState | None, cu_seqlens: Tensor | list[int]) -> LMOutput:
@@ -613,6 +728,8 @@ class TitansLM(nn.Module):
                 f"max_new_tokens and temperature must be finite and >= 0 and top_k >= 1 "
                 f"(got {max_new_tokens}, {temperature}, {top_k})"
             )
+        if self.context is not None:
+            raise ValueError("generation continues a stream, which a context-parallel model does not carry")
         if prompt.dim() == 2 and prompt.shape[1] == 0 and max_new_tokens:
             raise ValueError("generate needs a prompt of at least one token: the first new token is predicted from it")
         out = self(prompt)

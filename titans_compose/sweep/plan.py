@@ -44,7 +44,7 @@ MAX_POINTS = 1000
 
 #: ``titans-compose train`` options a sweep's ``train`` section does not take: they concern one run's files, output
 #: or spec, or the sweep sets them itself (``seed``; evaluation once, after the last step; one process, so no
-#: ``parallel``)
+#: ``parallel`` or ``context_parallel``)
 NOT_TRAIN_KEYS = frozenset(
     {
         "out",
@@ -57,6 +57,7 @@ NOT_TRAIN_KEYS = frozenset(
         "sub_plugins",
         "sub_debug",
         "parallel",
+        "context_parallel",
     }
 )
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from titans_compose.ops.memory.finite import MemoryDivergedError
 from titans_compose.train.checkpoint import load_checkpoint, save_checkpoint
+from titans_compose.train.context import Piece, sequence_piece, split_world
 from titans_compose.train.data import Batch
 from titans_compose.train.distributed import Parallel, World, all_sum, full_tensor, gradient_sync, micro_batches
 from titans_compose.train.precision import MixedPrecision
@@ -37,6 +38,9 @@ EvalFn = Callable[[torch.nn.Module], dict[str, float]]
 class TrainingError(RuntimeError):
     """Training cannot go on (the loss, a gradient or a memory state is not finite); the message says at which step
     (and, for a memory, which layer and token)."""
+
+
+NO_TARGET = "the batch's loss mask selects no target token"
 
 
 @dataclass(frozen=True)
@@ -96,10 +100,12 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 
 
 def next_token_loss_sum(logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, int]:
-    """The summed next-token cross entropy (nats) of ``logits`` [B, T, V] on ``batch`` over the targets ``loss_mask``
-    selects (every token from position 1 on without a mask), and how many targets that is."""
+    """The summed next-token cross entropy (nats) of ``logits`` [B, T', V] on ``batch`` [B, T] over the targets
+    ``loss_mask`` selects (every token from position 1 on without a mask), and how many targets that is. The logits
+    are those of the batch's first T' >= T - 1 tokens: all T, or, for a context-parallel piece
+    (:func:`~titans_compose.train.context.sequence_piece`), all but the last, the next piece's first token."""
     tokens = batch.tokens.to(logits.device)
-    flat = logits[:, :-1].reshape(-1, logits.shape[-1])
+    flat = logits[:, : tokens.shape[1] - 1].reshape(-1, logits.shape[-1])
     flat = flat if flat.dtype == torch.float64 else flat.float()  # at least float32, float64 kept
     losses = F.cross_entropy(flat, tokens[:, 1:].reshape(-1), reduction="none")
     if batch.loss_mask is None:
@@ -113,7 +119,7 @@ def next_token_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     ``loss_mask`` selects (every token from position 1 on without a mask)."""
     total, count = next_token_loss_sum(logits, batch)
     if not count:
-        raise TrainingError("the batch's loss mask selects no target token")
+        raise TrainingError(NO_TARGET)
     return total / count
 
 
@@ -141,6 +147,14 @@ def batch_logits(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         pieces.append(model(flat[index]).logits.flatten(0, 1))
     order = torch.cat(positions).argsort()  # back to the tokens' order
     return torch.cat(pieces)[order].view(rows, length, -1)
+
+
+def piece_logits(model: torch.nn.Module, piece: Piece) -> torch.Tensor:
+    """The logits of ``model`` on a rank's ``piece`` of a batch: on its inputs (a context-parallel piece), or on the
+    whole batch (:func:`batch_logits`)."""
+    if piece.inputs is None:
+        return batch_logits(model, piece.batch)
+    return model(piece.inputs.to(next(model.parameters()).device)).logits
 
 
 def lm_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
@@ -184,6 +198,7 @@ def train(
     activation_checkpointing: bool = False,
     compile: bool = False,
     precision: str = "fp32",
+    context_parallel: int = 1,
 ) -> TrainResult:
     """Train ``model`` for ``steps`` optimisation steps on ``batches(step)`` (step 1, 2, ...) and return the history.
 
@@ -210,6 +225,12 @@ def train(
     ``precision`` (``fp32``, ``bf16``, ``fp16``; :mod:`~titans_compose.train.precision`) runs the forward passes
     under autocast on the model's device; with ``fp16`` a step whose gradients overflow is skipped by the gradient
     scaler instead of stopping the run.
+
+    ``context_parallel`` = C splits every sequence over C consecutive ranks (:mod:`~titans_compose.train.context`;
+    ``model`` must be a :class:`~titans_compose.nn.model.TitansLM`, which it leaves split): the N ranks form N / C
+    data-parallel groups, each taking its rows of the global batch, and each rank of a group its 1/C of their tokens.
+    ``eval_fn`` is then given the split model and must feed each rank's piece (as
+    :func:`~titans_compose.train.run.evaluate` does).
     """
     if steps < 1 or warmup < 0 or eval_every < 0 or checkpoint_every < 0 or lr <= 0 or accumulate < 1:
         raise ValueError(
@@ -219,7 +240,20 @@ def train(
         )
     if resume and checkpoint_dir is None:
         raise ValueError("resume needs a checkpoint_dir")
+    if context_parallel > 1:
+        if compile:
+            raise ValueError("context parallelism does not run under torch.compile: leave compile off")
+        if not hasattr(model, "split_sequence"):
+            raise ValueError(
+                f"context parallelism splits a titans_compose model's sequence mixers by heads; a "
+                f"{type(model).__name__} has none to split"
+            )
+        if problems := model.context_parallel_problems(context_parallel):
+            raise ValueError(f"context parallelism over {context_parallel} ranks: {'; '.join(problems)}")
     world = World.current()
+    data_world, context = split_world(world, context_parallel)
+    if context is not None:
+        model.split_sequence(context)
     runner, evaluated = prepare(
         model, world=world, parallel=parallel, activation_checkpointing=activation_checkpointing, compile=compile
     )
@@ -250,17 +284,18 @@ def train(
             result.evals.append((step, {k: float(v) for k, v in eval_fn(evaluated).items()}))
         evaluated.train()
 
-    def step_loss(step: int, parts: list[Batch]) -> float:
+    def step_loss(step: int, parts: list[Piece]) -> float:
         """Forward and backward of every micro-batch; the mean loss over the global batch's targets."""
-        total = float(all_sum(torch.tensor(float(sum(map(target_count, parts))), device=device), world))
+        count = sum(target_count(part.batch) for part in parts)
+        total = float(all_sum(torch.tensor(float(count), device=device), world))
         if not total:
-            raise TrainingError(f"step {step}: the batch's loss mask selects no target token")
+            raise TrainingError(f"step {step}: {NO_TARGET}")
         losses = []
         for i, part in enumerate(parts):
             with gradient_sync(runner, i == len(parts) - 1):
                 with amp.autocast():
-                    logits = _diverged_at(step, batch_logits, runner, part)
-                    loss, _ = next_token_loss_sum(logits, part)
+                    logits = _diverged_at(step, piece_logits, runner, part)
+                    loss, _ = next_token_loss_sum(logits, part.batch)
                 # the ranks' gradients are averaged, so each rank's share is scaled up by the number of ranks
                 amp.backward(loss / (total / world.size))
             losses.append(loss.detach())
@@ -279,7 +314,8 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = rate
             optimizer.zero_grad(set_to_none=True)
-            value = step_loss(step, micro_batches(batch, world, accumulate))
+            parts = [sequence_piece(part, context) for part in micro_batches(batch, data_world, accumulate)]
+            value = step_loss(step, parts)
             if not math.isfinite(value):
                 raise TrainingError(f"the training loss is {value} at step {step}: lower the learning rate")
             amp.unscale_(optimizer)  # the clip sees the true gradients

@@ -15,8 +15,8 @@ from titans_compose.click_types import SEED, FiniteFloat
 
 #: run options that must not change when a run is resumed (the batches and the model would differ). ``--batch`` and
 #: ``--accumulate`` may change, and so may the number of ranks, as long as batch x accumulate x ranks (the global
-#: batch) stays the run's; ``--parallel``, ``--activation-checkpointing``, ``--compile`` and ``--precision`` change
-#: how a step is computed, not what it computes, and may change too.
+#: batch) stays the run's; ``--parallel``, ``--context-parallel``, ``--activation-checkpointing``, ``--compile`` and
+#: ``--precision`` change how a step is computed, not what it computes, and may change too.
 FIXED_ON_RESUME = (
     "spec",
     "overrides",
@@ -149,6 +149,15 @@ def scaling_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                 is_flag=True,
                 help="Keep only each layer's input for the backward pass and recompute the rest (less memory, about "
                 "one more forward).",
+            ),
+            click.option(
+                "--context-parallel",
+                type=click.IntRange(min=1),
+                default=1,
+                show_default=True,
+                help="Under torchrun: split every sequence over N consecutive processes, each running the memory and "
+                "attention of 1/N of the heads over the whole sequence (needs heads and --seq-len divisible by N; "
+                "not with --compile or packed documents). The processes form processes/N data-parallel groups.",
             ),
             click.option("--compile", is_flag=True, help="Run the training step's model through torch.compile."),
             click.option(

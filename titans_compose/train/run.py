@@ -18,11 +18,21 @@ from typing import Any
 import torch
 
 from titans_compose.io import atomic_write
+from titans_compose.nn.context import ContextGroup
+from titans_compose.train.context import sequence_piece
 from titans_compose.train.data import Batch, DataError, WindowSampler, derive_seed, load_corpus
-from titans_compose.train.loop import BatchSource, TrainResult, batch_logits, next_token_loss, train
+from titans_compose.train.loop import (
+    NO_TARGET,
+    BatchSource,
+    TrainingError,
+    TrainResult,
+    next_token_loss_sum,
+    piece_logits,
+    train,
+)
 from titans_compose.train.tasks import (
     TaskBatch,
-    exact_match,
+    exact_match_of,
     max_token,
     mqar_batch,
     mqar_len,
@@ -153,15 +163,26 @@ def token_task(options: dict[str, Any]) -> tuple[BatchSource, list[Batch], str, 
     return train_src, [val_src(i) for i in range(options["eval_batches"])], describe, top
 
 
-def evaluate(model: torch.nn.Module, batches: list[Batch], unit: str = "byte") -> dict[str, float]:
+def evaluate(
+    model: torch.nn.Module, batches: list[Batch], unit: str = "byte", context: ContextGroup | None = None
+) -> dict[str, float]:
     """Mean validation loss over ``batches`` (with bits per ``unit``: byte or token) or, for task batches, the loss on
-    the answers and the exact-match accuracy."""
+    the answers and the exact-match accuracy. With ``context`` (the group ``model`` is split over), each rank
+    scores its piece of every batch: the loss sums and target counts are summed over the group, and the predicted
+    tokens (not the logits) gathered from it to score the answers."""
     loss = accuracy = 0.0
     for b in batches:
-        logits = batch_logits(model, b)
-        loss += float(next_token_loss(logits, b)) / len(batches)
+        piece = sequence_piece(b, context)
+        logits = piece_logits(model, piece)
+        total, count = next_token_loss_sum(logits, piece.batch)
+        if context is not None:
+            total, count = context.sum(torch.stack([total.double(), total.new_tensor(count, dtype=torch.float64)]))
+        if not count:
+            raise TrainingError(NO_TARGET)
+        loss += float(total / count) / len(batches)
         if isinstance(b, TaskBatch):
-            accuracy += exact_match(logits, b) / len(batches)
+            predicted = logits.argmax(-1)
+            accuracy += exact_match_of(predicted if context is None else context.gather(predicted), b) / len(batches)
     if isinstance(batches[0], TaskBatch):
         return {"val_answer_loss": loss, "val_accuracy": accuracy}
     return {"val_loss": loss, f"val_bits_per_{unit}": loss / math.log(2)}
@@ -180,6 +201,7 @@ def run_training(
     ``from_checkpoint``). Raises the loop's :class:`~titans_compose.train.loop.TrainingError` and
     :class:`~titans_compose.train.checkpoint.CheckpointError`."""
     torch.manual_seed(options["seed"])
+    unit = "byte" if options.get("tokens") is None else "token"
     return train(
         module,
         source,
@@ -189,7 +211,7 @@ def run_training(
         weight_decay=options["weight_decay"],
         grad_clip=options["grad_clip"] or None,
         eval_every=options["eval_every"],
-        eval_fn=lambda model: evaluate(model, val_batches, "byte" if options.get("tokens") is None else "token"),
+        eval_fn=lambda model: evaluate(model, val_batches, unit, getattr(module, "context", None)),
         checkpoint_dir=out / "checkpoints",
         checkpoint_every=options["eval_every"],
         resume=from_checkpoint,
@@ -199,6 +221,7 @@ def run_training(
         activation_checkpointing=options.get("activation_checkpointing", False),
         compile=options.get("compile", False),
         precision=options.get("precision", "fp32"),
+        context_parallel=options.get("context_parallel", 1),
     )
 
 

@@ -217,15 +217,21 @@ def exact_match(logits: torch.Tensor, batch: TaskBatch) -> float:
     match: greedy decoding emits exactly the teacher-forced argmaxes until its first wrong digit, so it gets the
     whole key right if and only if every teacher-forced argmax is right.
     """
+    return exact_match_of(logits.argmax(-1), batch)
+
+
+def exact_match_of(predicted: torch.Tensor, batch: TaskBatch) -> float:
+    """:func:`exact_match` from the predicted next token at every position, ``predicted`` [B, T] (the logits'
+    argmax: what a context-parallel evaluation gathers from its ranks instead of their logits)."""
     if batch.answer_group is None:
         raise ValueError("the batch has no answers to score")
-    group = batch.answer_group[:, 1:].to(logits.device)
-    wrong = (logits[:, :-1].argmax(-1) != batch.tokens[:, 1:].to(logits.device)) & (group >= 0)
+    group = batch.answer_group[:, 1:].to(predicted.device)
+    wrong = (predicted[:, :-1] != batch.tokens[:, 1:].to(predicted.device)) & (group >= 0)
     n_groups = int(group.max()) + 1
     if n_groups <= 0:
         raise ValueError("the batch has no answers to score")
     slot = torch.where(group >= 0, group, n_groups)  # non-answer positions go to a spare column, dropped below
-    errors = torch.zeros(group.shape[0], n_groups + 1, dtype=torch.long, device=logits.device)
+    errors = torch.zeros(group.shape[0], n_groups + 1, dtype=torch.long, device=predicted.device)
     errors.scatter_add_(1, slot, wrong.long())
     present = torch.zeros_like(errors, dtype=torch.bool).scatter_(1, slot, True)
     scored = present[:, :n_groups]
