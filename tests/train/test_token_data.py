@@ -240,3 +240,50 @@ def test_train_token_options_name_their_conflicts(runner, tmp_path):
     for args, message in cases:
         result = runner.invoke(cli, ["train", spec, "-o", str(tmp_path / "run"), "--no-progress", *args])
         assert result.exit_code == 2 and message in result.output, (args, result.output)
+
+
+class ReadRecorder:
+    """A token file's ids that record which windows are read."""
+
+    def __init__(self, ids: np.ndarray) -> None:
+        self.ids, self.reads = ids, []
+
+    def __getitem__(self, where: slice) -> np.ndarray:
+        self.reads.append((where.start, where.stop))
+        return self.ids[where]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@pytest.mark.parametrize("world_size, accumulate", [(1, 3), (2, 1), (3, 2)])
+def test_each_rank_reads_only_its_rows_and_gets_what_the_whole_batch_gives_it(tmp_path, world_size, accumulate):
+    """A token file's sampler asked for one rank's rows reads only those windows, and its micro-batches (documents'
+    boundaries included) equal the ones cut from the whole global batch; the same for text windows."""
+    from dataclasses import replace
+
+    from titans_compose.train.data import WindowSampler
+    from titans_compose.train.distributed import World, micro_batches, step_batches
+    from titans_compose.train.tokens import TokenSampler
+
+    ids = np.arange(500) % 50
+    ids[::23] = 0
+    file = write_tokens(tmp_path / "t.bin", ids, vocab_size=50, separator=0)
+    rows = 6 * world_size
+    train, _ = split_samplers(file, rows, 16, seed=3, val_percent=10, separator=0)
+    text = WindowSampler(torch.arange(400, dtype=torch.uint8), rows, 16, seed=3)
+    for rank in range(world_size):
+        world = World(rank, world_size)
+        recorder = ReadRecorder(file.ids)
+        reading = TokenSampler(
+            replace(file, ids=recorder), train.start, train.end, rows, 16, seed=3, stream="train", separator=0
+        )
+        for sampler, reference in ((reading, train), (text, text)):
+            mine = step_batches(sampler, 7, world, accumulate)
+            cut = micro_batches(reference(7), world, accumulate)
+            assert len(mine) == len(cut) == accumulate
+            for got, want in zip(mine, cut, strict=True):
+                assert torch.equal(got.tokens, want.tokens)
+                assert (got.cu_seqlens is None) == (want.cu_seqlens is None)
+                assert got.cu_seqlens is None or torch.equal(got.cu_seqlens, want.cu_seqlens)
+        assert len(recorder.reads) == rows // world_size  # only this rank's windows

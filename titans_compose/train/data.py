@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sysconfig
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -189,15 +190,30 @@ def decode(tokens: torch.Tensor) -> str:
     return bytes(tokens.to(torch.uint8).tolist()).decode("utf-8", errors="replace")
 
 
-def random_windows(data: torch.Tensor, batch: int, length: int, gen: torch.Generator) -> torch.Tensor:
-    """``batch`` windows of ``length`` consecutive bytes of ``data`` at random offsets, as a long tensor [B, length]."""
+def random_windows(
+    data: torch.Tensor, batch: int, length: int, gen: torch.Generator, rows: slice = slice(None)
+) -> torch.Tensor:
+    """``batch`` windows of ``length`` consecutive bytes of ``data`` at random offsets, as a long tensor [B, length];
+    with ``rows``, only those rows of them are read (the offsets are drawn for all ``batch``, so they are the same)."""
     if data.numel() < length:
         raise DataError(f"the text has {data.numel():,} bytes, fewer than one window of {length}")
-    starts = torch.randint(data.numel() - length + 1, (batch, 1), generator=gen)
+    starts = torch.randint(data.numel() - length + 1, (batch, 1), generator=gen)[rows]
     return data[starts + torch.arange(length)].long()
 
 
-class WindowSampler:
+class RowSampler(ABC):
+    """A batch source that reads any range of a step's rows alone: ``sampler(step, rows)`` is ``rows`` of
+    ``sampler(step)``, the step's whole batch of ``batch`` rows, so each training process reads only its own
+    (:func:`~titans_compose.train.distributed.step_batches`)."""
+
+    batch: int
+
+    @abstractmethod
+    def __call__(self, step: int, rows: slice = slice(None)) -> Batch:
+        """Rows ``rows`` of step ``step``'s batch."""
+
+
+class WindowSampler(RowSampler):
     """Language-modelling batches: random windows of a byte tensor, each step's batch a function of (seed, step).
 
     Deriving every batch from the step, not from a running generator, makes resumed training see exactly the
@@ -211,6 +227,6 @@ class WindowSampler:
             raise DataError(f"the {stream} text has {data.numel():,} bytes, fewer than one window of {seq_len}")
         self.data, self.batch, self.seq_len, self.seed, self.stream = data, batch, seq_len, seed, stream
 
-    def __call__(self, step: int) -> Batch:
+    def __call__(self, step: int, rows: slice = slice(None)) -> Batch:
         gen = generator(self.seed, self.stream, step)
-        return Batch(random_windows(self.data, self.batch, self.seq_len, gen))
+        return Batch(random_windows(self.data, self.batch, self.seq_len, gen, rows))

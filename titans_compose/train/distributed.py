@@ -1,8 +1,10 @@
 """Data-parallel training with torch.distributed: the process group from torchrun's environment, DDP or FSDP2
 wrapping, each rank's rows of a step's batch, and the sums the ranks share.
 
-Every rank draws the step's global batch from the same deterministic source and keeps its own contiguous rows, so
-``N`` ranks with ``B`` rows each see exactly the samples one process with ``N * B`` rows sees, in the same order.
+Every rank takes its own contiguous rows of the step's global batch, drawn from the same deterministic source, so
+``N`` ranks with ``B`` rows each see exactly the samples one process with ``N * B`` rows sees, in the same order. A
+:class:`~titans_compose.train.data.RowSampler` (text windows, token files) reads only the rank's rows; another
+source makes the whole batch, which is then cut.
 Nothing here runs without ``torch.distributed``: one process is a world of size 1 and every helper is the identity.
 """
 
@@ -17,7 +19,7 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
-from titans_compose.train.data import Batch
+from titans_compose.train.data import Batch, RowSampler
 
 Parallel = Literal["ddp", "fsdp"]
 
@@ -92,16 +94,31 @@ def rows(batch: Batch, start: int, stop: int) -> Batch:
     return replace(batch, **per_row)
 
 
-def micro_batches(batch: Batch, world: World, accumulate: int) -> list[Batch]:
-    """This rank's share of a step's global ``batch``, as ``accumulate`` micro-batches of equal size. Raises
-    ValueError if the rows do not split evenly."""
-    total = batch.tokens.shape[0]
+def micro_batch_rows(total: int, world: World, accumulate: int) -> tuple[int, int]:
+    """Where this rank's rows of a global batch of ``total`` rows start, and how many each of its ``accumulate``
+    micro-batches has. Raises ValueError if the rows do not split evenly."""
     parts = world.size * accumulate
     if total % parts:
         raise ValueError(f"a batch of {total} rows does not split into {world.size} ranks x {accumulate} micro-batches")
     size = total // parts
-    first = world.rank * accumulate * size
+    return world.rank * accumulate * size, size
+
+
+def micro_batches(batch: Batch, world: World, accumulate: int) -> list[Batch]:
+    """This rank's share of a step's global ``batch``, as ``accumulate`` micro-batches of equal size. Raises
+    ValueError if the rows do not split evenly."""
+    first, size = micro_batch_rows(batch.tokens.shape[0], world, accumulate)
     return [rows(batch, first + i * size, first + (i + 1) * size) for i in range(accumulate)]
+
+
+def step_batches(batches: Callable[[int], Batch], step: int, world: World, accumulate: int) -> list[Batch]:
+    """This rank's micro-batches of step ``step`` (:func:`micro_batches`): a :class:`RowSampler` (text windows, token
+    files) reads only this rank's rows; any other source makes the whole global batch, which is then cut."""
+    if not isinstance(batches, RowSampler):
+        return micro_batches(batches(step), world, accumulate)
+    first, size = micro_batch_rows(batches.batch, world, accumulate)
+    mine = batches(step, slice(first, first + accumulate * size))
+    return [rows(mine, i * size, (i + 1) * size) for i in range(accumulate)]
 
 
 def all_sum(value: torch.Tensor, world: World) -> torch.Tensor:

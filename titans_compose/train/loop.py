@@ -24,7 +24,7 @@ from titans_compose.ops.memory.finite import MemoryDivergedError
 from titans_compose.train.checkpoint import load_checkpoint, save_checkpoint
 from titans_compose.train.context import Piece, sequence_piece, split_world
 from titans_compose.train.data import Batch
-from titans_compose.train.distributed import Parallel, World, all_sum, full_tensor, gradient_sync, micro_batches
+from titans_compose.train.distributed import Parallel, World, all_sum, full_tensor, gradient_sync, step_batches
 from titans_compose.train.precision import MixedPrecision
 from titans_compose.train.prepare import prepare
 
@@ -213,7 +213,8 @@ def train(
     :class:`TrainingError` before any update from a non-finite loss or gradient, or when a memory layer diverges
     (the model's :class:`~titans_compose.ops.memory.finite.MemoryDivergedError`, naming the layer and token).
 
-    ``batches(step)`` is the step's whole (global) batch. In a torch.distributed process group of N ranks
+    ``batches(step)`` is the step's whole (global) batch; a :class:`~titans_compose.train.data.RowSampler` is asked
+    for this rank's rows only. In a torch.distributed process group of N ranks
     (torchrun), each rank trains on its 1/N of the rows with ``parallel`` "ddp" or "fsdp" (FSDP2, parameters
     sharded), only rank 0 writes checkpoints and shows progress, and every rank must call this. ``accumulate`` = K
     splits each rank's rows into K micro-batches whose gradients add up before the update. The loss is the mean
@@ -309,12 +310,12 @@ def train(
     try:
         for step in range(start + 1, steps + 1):
             began = time.perf_counter()
-            batch = batches(step)
+            mine = step_batches(batches, step, data_world, accumulate)
             rate = lr_at(step, lr=lr, warmup=warmup, steps=steps)
             for group in optimizer.param_groups:
                 group["lr"] = rate
             optimizer.zero_grad(set_to_none=True)
-            parts = [sequence_piece(part, context) for part in micro_batches(batch, data_world, accumulate)]
+            parts = [sequence_piece(part, context) for part in mine]
             value = step_loss(step, parts)
             if not math.isfinite(value):
                 raise TrainingError(f"the training loss is {value} at step {step}: lower the learning rate")
@@ -329,7 +330,8 @@ def train(
             amp.step(optimizer)
             if device.type == "cuda":  # kernels run asynchronously: wait for them, so the step's time is its own
                 torch.cuda.synchronize(device)
-            speed = batch.tokens.numel() / max(time.perf_counter() - began, 1e-9)
+            step_tokens = sum(part.tokens.numel() for part in mine) * data_world.size  # the global batch's
+            speed = step_tokens / max(time.perf_counter() - began, 1e-9)
             result.history.append(StepRecord(step, value, rate, speed))
             bar.update(1)
             bar.set_postfix(loss=f"{value:.4f}", tok_s=f"{speed:,.0f}")

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from titans_compose.io import atomic_write
-from titans_compose.train.data import Batch, DataError, generator
+from titans_compose.train.data import Batch, DataError, RowSampler, generator
 
 FORMAT = "titans_compose.tokens"
 #: the dtypes a token file may have, by name
@@ -169,7 +169,7 @@ def document_bounds(tokens: torch.Tensor, separator: int | None) -> torch.Tensor
     return cuts.unique(sorted=True)
 
 
-class TokenSampler:
+class TokenSampler(RowSampler):
     """Random windows of ``seq_len`` ids from ``ids[start:end]`` of a token file, each step's batch a function of
     (seed, stream, step); with ``separator`` the batch carries its document boundaries (:func:`document_bounds`)."""
 
@@ -192,10 +192,12 @@ class TokenSampler:
         self.tokens, self.start, self.end = tokens, start, end
         self.batch, self.seq_len, self.seed, self.stream, self.separator = batch, seq_len, seed, stream, separator
 
-    def __call__(self, step: int) -> Batch:
+    def __call__(self, step: int, rows: slice = slice(None)) -> Batch:
         np = numpy_module()
         gen = generator(self.seed, self.stream, step)
-        offsets = torch.randint(self.end - self.start - self.seq_len + 1, (self.batch,), generator=gen) + self.start
+        offsets = (
+            torch.randint(self.end - self.start - self.seq_len + 1, (self.batch,), generator=gen)[rows] + self.start
+        )
         rows = [np.asarray(self.tokens.ids[o : o + self.seq_len], dtype=np.int64) for o in offsets.tolist()]
         tokens = torch.from_numpy(np.stack(rows))
         return Batch(tokens, cu_seqlens=document_bounds(tokens, self.separator))
