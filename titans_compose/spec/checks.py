@@ -85,7 +85,7 @@ def _inner_divergence(memory: Any, update: Any, projections: Any) -> Iterator[Fi
     analysis is exact: a matrix memory without output LayerNorm (which bounds the output whatever the weights), the
     built-in l2 loss, momentum and decay rules, unit keys (qk_l2norm) and no gradient clip (a clip bounds every
     step, so growth is at most linear). The paper's momentum form is checked at the declared eta (its region shrinks
-    to nothing as eta -> 1); the EMA form over the gate's whole range, where the worst eta is 0 (section 2)."""
+    to nothing as eta -> 1); the EMA form over the gate's whole range, where the worst eta is 0 (section 5)."""
     if memory.depth != 1 or memory.output_norm or update.loss.name != "l2" or update.grad_clip is not None:
         return
     if projections is None or not projections.qk_l2norm:
