@@ -98,6 +98,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 # ---------------------------------------------------------------- the NeuralMemory module (tests/nn)
 
 SMALL = [
+    *("update.momentum.form=paper", "update.lr.scale=none"),  # the paper's step, whatever the spec ships
     "model.dim=24",
     "memory.heads=2",
     "memory.head_dim=6",
@@ -159,8 +160,9 @@ def assert_same_memory_state(a, b, tol=1e-12):
 
 
 #: a rule the spec admits whose recurrence diverges: a matrix memory (no output LayerNorm, which bounds the
-#: gradient) with momentum 0.9 and theta 5 on unit keys
+#: gradient) with momentum 0.9 and theta 5 on unit keys, in the paper's form
 DIVERGING = [
+    *("update.momentum.form=paper", "update.lr.scale=none"),
     *("memory.depth=1", "memory.residual=false", "memory.output_norm=false", "update.forget=off"),
     *("update.momentum.init=0.9", "update.lr.max_lr=10", "update.lr.init=5"),
 ]

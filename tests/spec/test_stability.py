@@ -34,8 +34,10 @@ from titans_compose.spec.stability import (
 )
 
 F64 = torch.float64
-#: the issue's example: a matrix memory with momentum 0.9 and theta 0.3 (max_lr 0.5 admits it)
+#: the issue's example: a matrix memory with momentum 0.9 and theta 0.3 (max_lr 0.5 admits it), in the paper's form
 ISSUE_RULE = [
+    "update.momentum.form=paper",
+    "update.lr.scale=none",
     "memory.depth=1",
     "memory.output_norm=false",
     "update.lr.max_lr=0.5",
@@ -196,7 +198,8 @@ def test_the_warning_fires_on_the_issues_rule_at_max_lr(tmp_path):
     spec = tmp_path / "spec.yaml"
     spec.write_text(
         f"extends: {LMM}\nmemory:\n  depth: 1\n  output_norm: false\n  chunk_size: 1\n"
-        "update:\n  lr:\n    max_lr: 0.5\n    init: 0.3\n  momentum: {init: 0.9}\n  forget: off\n"
+        "update:\n  lr:\n    max_lr: 0.5\n    init: 0.3\n    scale: none\n  momentum: {init: 0.9, form: paper}\n"
+        "  forget: off\n"
     )
     (found,) = [w for w in load_spec(spec, registry=new_registry()).warnings if w.code == "TCW04"]
     assert found.severity == "warning" and found.path == "update.lr.max_lr"

@@ -274,7 +274,7 @@ def build_spec_model(registry: Registry) -> type[BaseModel]:
         init: float = Field(0.9, gt=0, lt=1, description="initial momentum decay eta in (0, 1)")
         form: Literal["paper", "ema"] = Field(
             "paper",
-            description="paper: S = eta S - theta grad (eq. 10), one gradient moves the memory by theta / (1 - eta) "
+            description="paper: S = eta S - theta grad (eq. 14), one gradient moves the memory by theta / (1 - eta) "
             "in all, 10 theta at eta 0.9; ema: S = eta S - (1 - eta) theta grad, a moving average of the gradients "
             "whose cumulative step is theta whatever eta, so the stable range of theta hardly depends on eta "
             "(docs/stability.md)",
