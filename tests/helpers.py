@@ -139,6 +139,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 # ---------------------------------------------------------------- the NeuralMemory module (tests/nn)
 
 SMALL = [
+    *("update.momentum.form=paper", "update.lr.scale=none"),  # the paper's step, whatever the spec ships
     "model.dim=24",
     "memory.heads=2",
     "memory.head_dim=6",
@@ -174,9 +175,35 @@ def x_of(length, batch=2, dim=24, seed=1, dtype=F64):
     return torch.randn(batch, length, dim, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
+def stream(module, x, cuts, state=None):
+    """The outputs of ``x`` fed in pieces of the lengths ``cuts``, one list entry per piece, and the final state."""
+    outs, start = [], 0
+    for n in cuts:
+        y, state = module(x[:, start : start + n], state)
+        outs.append(y)
+        start += n
+    return outs, state
+
+
+def assert_same_memory_state(a, b, tol=1e-12):
+    """Two NeuralMemoryStates carry the same weights, momentum, pending tokens and per-chunk gate values."""
+    for x, y in zip(
+        a.memory.weights + (a.memory.momentum or ()), b.memory.weights + (b.memory.momentum or ()), strict=True
+    ):
+        assert rel(x, y) < tol
+    assert a.memory.pending_len == b.memory.pending_len
+    if a.memory.pending is not None:
+        for x, y in zip(vars(a.memory.pending).values(), vars(b.memory.pending).values(), strict=True):
+            assert (x is None) == (y is None) and (x is None or rel(x, y) < tol)
+    assert (a.gates is None) == (b.gates is None)
+    for name in a.gates or {}:
+        assert rel(a.gates[name], b.gates[name]) < tol
+
+
 #: a rule the spec admits whose recurrence diverges: a matrix memory (no output LayerNorm, which bounds the
-#: gradient) with momentum 0.9 and theta 5 on unit keys
+#: gradient) with momentum 0.9 and theta 5 on unit keys, in the paper's form
 DIVERGING = [
+    *("update.momentum.form=paper", "update.lr.scale=none"),
     *("memory.depth=1", "memory.residual=false", "memory.output_norm=false", "update.forget=off"),
     *("update.momentum.init=0.9", "update.lr.max_lr=10", "update.lr.init=5"),
 ]

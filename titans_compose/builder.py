@@ -286,10 +286,26 @@ def check_output_dir(path: Path, spec: Path) -> None:
     check_dir(path, FORMAT, "build", BuildError, BUILD_FILES, spec)
 
 
+#: spec fields added after builds were first written (paths inside a section set: the model-wide sections or a
+#: block), with the value that computes what builds before them computed: left out of the hash at that value, so
+#: those builds still verify, and hashes of specs that set them otherwise differ
+LATER_FIELDS: dict[tuple[str, ...], Any] = {
+    ("update", "lr", "scale"): "none",
+    ("update", "momentum", "form"): "paper",
+}
+
+
 def spec_hash(loaded: LoadedSpec) -> str:
     """The sha256 of the resolved spec as canonical JSON: equal for equal models, whatever file or layout they
-    were written in."""
+    were written in (:data:`LATER_FIELDS` at their older value left out)."""
     data = loaded.spec.model_dump(mode="json", exclude={"extends"})
+    for sections in [data, *data["blocks"]]:
+        for (*parents, name), older in LATER_FIELDS.items():
+            parent = sections
+            for key in parents:
+                parent = parent.get(key) if isinstance(parent, dict) else None
+            if isinstance(parent, dict) and parent.get(name) == older:
+                del parent[name]
     return sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode("utf-8"))
 
 

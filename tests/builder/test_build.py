@@ -376,3 +376,21 @@ def test_a_file_added_in_a_subdirectory_is_refused(stand_in, tmp_path):
     (out / "extra" / "planted.py").write_text("raise SystemExit")
     with pytest.raises(BuildError, match=r"holds extra/planted\.py, which manifest\.json does not list"):
         load_build(out)
+
+
+def test_fields_added_later_hash_as_before_at_their_older_value():
+    """A spec hashes alike with update.lr.scale / update.momentum.form unset or at their older values (none,
+    paper), model-wide or in a block, so builds written before the fields existed still verify (the golden build
+    tests/golden/build_v0 is loaded in tests/nn/test_memory_op.py); any other value changes the hash."""
+    from titans_compose.registry import new_registry
+    from titans_compose.spec import load_spec
+
+    spec = SPECS / "titans_mac_small.yaml"  # sets neither
+
+    def digest(*overrides):
+        return builder.spec_hash(load_spec(spec, list(overrides), registry=new_registry()))
+
+    plain = digest()
+    assert digest("update.lr.scale=none", "blocks.0.update.momentum.form=paper") == plain
+    for changed in ("update.lr.scale=head_dim", "update.momentum.form=ema", "blocks.0.update.momentum.form=ema"):
+        assert digest(changed) != plain, changed

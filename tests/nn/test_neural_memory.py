@@ -9,7 +9,17 @@ import dataclasses
 import pytest
 import torch
 
-from tests.helpers import DIVERGING, F64, SPECS, build_memory, randomise_gates, rel, x_of
+from tests.helpers import (
+    DIVERGING,
+    F64,
+    SPECS,
+    assert_same_memory_state,
+    build_memory,
+    randomise_gates,
+    rel,
+    stream,
+    x_of,
+)
 from titans_compose.nn import NeuralMemory
 from titans_compose.ops.memory.dispatch import ENV_VAR, choose_backend
 from titans_compose.ops.memory.finite import MemoryDivergedError
@@ -116,42 +126,22 @@ def test_streaming_equals_one_call(cuts):
     assert rel(torch.cat(outs, 1), whole) < 1e-10
 
 
-def stream(module, x, cuts, state=None):
-    """The outputs of ``x`` fed in pieces of the lengths ``cuts``, one list entry per piece, and the final state."""
-    outs, start = [], 0
-    for n in cuts:
-        y, state = module(x[:, start : start + n], state)
-        outs.append(y)
-        start += n
-    return outs, state
-
-
-def assert_same_memory_state(a, b, tol=1e-12):
-    """Two NeuralMemoryStates carry the same weights, momentum, pending tokens and per-chunk gate values."""
-    for x, y in zip(
-        a.memory.weights + (a.memory.momentum or ()), b.memory.weights + (b.memory.momentum or ()), strict=True
-    ):
-        assert rel(x, y) < tol
-    assert a.memory.pending_len == b.memory.pending_len
-    if a.memory.pending is not None:
-        for x, y in zip(vars(a.memory.pending).values(), vars(b.memory.pending).values(), strict=True):
-            assert (x is None) == (y is None) and (x is None or rel(x, y) < tol)
-    assert (a.gates is None) == (b.gates is None)
-    for name in a.gates or {}:
-        assert rel(a.gates[name], b.gates[name]) < tol
-
-
-@pytest.mark.parametrize("gate", ["lr", "momentum", "forget"])
+@pytest.mark.parametrize("form", ["paper", "ema"])
+@pytest.mark.parametrize("gate", ["lr", "momentum", "forget", "lr momentum"])
 @pytest.mark.parametrize("retrieval", ["per_chunk", "after", "before"])
-def test_streaming_with_a_per_chunk_gate(gate, retrieval):
+def test_streaming_with_a_per_chunk_gate(gate, retrieval, form):
     """A per-chunk gate is the mean over its chunk, which a call ending mid-chunk has only partly seen: the earlier
     tokens' gate values travel in the state, so a chunk completed in a later call is folded with the mean one call
     takes (the state equals one call's) and every piece's output equals one call's over the stream up to the
     piece's end. With per-chunk retrieval a token reads only completed chunks, so the pieces equal one call over the
     whole stream. With after / before, one call's output at a token already reads the mean over the later tokens of
     its chunk (the spec warns, TCW03); no stream can know those before they come, so only pieces ending on a chunk
-    boundary (8 and 16 here, chunk 4) match the whole stream's outputs. Float64; 1e-10 covers summation order."""
-    module = build_memory([f"update.{gate}.gate=per_chunk", f"memory.retrieval={retrieval}"])
+    boundary (8 and 16 here, chunk 4) match the whole stream's outputs, and with per-chunk retrieval the gates'
+    gradients through the pieces are one call's. In the EMA momentum form (update.momentum.form) a pending token's
+    theta carries its chunk's mean eta, so with a per-chunk momentum gate the lr gate's values travel too. Float64;
+    1e-10 covers summation order."""
+    overrides = [f"update.{g}.gate=per_chunk" for g in gate.split()]
+    module = build_memory([*overrides, f"memory.retrieval={retrieval}", f"update.momentum.form={form}"])
     randomise_gates(module)
     cuts = [6, 2, 3, 5, 3]
     x = x_of(sum(cuts))
@@ -166,6 +156,11 @@ def test_streaming_with_a_per_chunk_gate(gate, retrieval):
             assert rel(y, whole[:, end - n : end]) < 1e-10, end
     nxt = x_of(5, seed=7)  # the carried states continue alike
     assert rel(module(nxt, state)[0], module(nxt, whole_state)[0]) < 1e-10
+    if retrieval == "per_chunk":
+        weights = [g.proj.weight for g in (module.lr_gate, module.momentum_gate, module.forget_gate)]
+        grads = [torch.autograd.grad(y.square().sum(), weights) for y in (whole, torch.cat(outs, 1))]
+        for got, want in zip(*grads, strict=True):
+            assert want.abs().sum() > 0 and rel(got, want) < 1e-10
 
 
 def test_a_chunk_split_between_calls_takes_one_mean():

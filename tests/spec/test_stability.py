@@ -34,8 +34,10 @@ from titans_compose.spec.stability import (
 )
 
 F64 = torch.float64
-#: the issue's example: a matrix memory with momentum 0.9 and theta 0.3 (max_lr 0.5 admits it)
+#: the issue's example: a matrix memory with momentum 0.9 and theta 0.3 (max_lr 0.5 admits it), in the paper's form
 ISSUE_RULE = [
+    "update.momentum.form=paper",
+    "update.lr.scale=none",
     "memory.depth=1",
     "memory.output_norm=false",
     "update.lr.max_lr=0.5",
@@ -196,7 +198,8 @@ def test_the_warning_fires_on_the_issues_rule_at_max_lr(tmp_path):
     spec = tmp_path / "spec.yaml"
     spec.write_text(
         f"extends: {LMM}\nmemory:\n  depth: 1\n  output_norm: false\n  chunk_size: 1\n"
-        "update:\n  lr:\n    max_lr: 0.5\n    init: 0.3\n  momentum: {init: 0.9}\n  forget: off\n"
+        "update:\n  lr:\n    max_lr: 0.5\n    init: 0.3\n    scale: none\n  momentum: {init: 0.9, form: paper}\n"
+        "  forget: off\n"
     )
     (found,) = [w for w in load_spec(spec, registry=new_registry()).warnings if w.code == "TCW04"]
     assert found.severity == "warning" and found.path == "update.lr.max_lr"
@@ -217,6 +220,35 @@ def test_the_warning_uses_the_chunk_size_and_stays_quiet_inside_the_region():
     assert warnings_of([*ISSUE_RULE, "memory.output_norm=true"]) == []
     assert warnings_of([*ISSUE_RULE, "update.grad_clip=1.0"]) == []
     assert warnings_of([*ISSUE_RULE, "memory.depth=2"]) == []
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 4, 8, 16, 64])
+@pytest.mark.parametrize("half_life", [None, 2048.0])
+def test_the_ema_forms_worst_decay_is_no_momentum(chunk, half_life):
+    """In the EMA form the scan sees theta (1 - eta), so its region in theta is stable_theta(eta) / (1 - eta); over
+    eta in [0, 0.999] (steps of 0.01 and 0.99-0.999) it is smallest at eta = 0, where the form is the momentum-free
+    rule: what TCW04 checks for the EMA form, whatever the gate learns."""
+    alpha = 0.0 if half_life is None else -math.expm1(-math.log(2.0) / half_life)
+    at0 = stable_theta(0.0, alpha, chunk).theta
+    for eta in [i / 100 for i in range(1, 100)] + [0.995, 0.999]:
+        assert stable_theta(eta, alpha, chunk).theta / (1 - eta) >= at0 * (1 - 1e-9), eta
+
+
+def test_the_warning_for_the_ema_form_and_the_head_dim_scale():
+    """The EMA form is checked at eta -> 0: chunks of 16 bound theta at 0.0625 (1 / b), whatever momentum.init;
+    with lr.scale: head_dim, theta = max_lr / 64, so max_lr is bounded at 64 times that."""
+    ema = [*ISSUE_RULE, "update.momentum.form=ema"]
+    (found,) = warnings_of(ema)
+    assert "EMA momentum" in found.message and "theta <= 0.0625 when a key repeats" in found.message
+    assert "lower update.lr.max_lr to 0.062 and update.lr.init below it" in found.hint
+    assert "lower the momentum" not in found.hint
+    assert warnings_of([*ema, "update.lr.max_lr=0.06", "update.lr.init=0.01"]) == []
+    assert warnings_of([*ema, "update.lr.max_lr=0.06", "update.lr.init=0.01", "update.momentum.init=0.99"]) == []
+    assert warnings_of([*ISSUE_RULE, "update.lr.max_lr=0.06", "update.lr.init=0.01"]) != []  # the paper form
+    (scaled,) = warnings_of([*ISSUE_RULE, "update.lr.scale=head_dim", "update.lr.max_lr=4"])
+    assert "(theta = max_lr / 64 with lr.scale: head_dim)" in scaled.message
+    assert "lower update.lr.max_lr to 0.59," in scaled.hint  # 64 x 0.00933, rounded down
+    assert warnings_of([*ISSUE_RULE, "update.lr.scale=head_dim", "update.lr.max_lr=0.5"]) == []
 
 
 def test_no_shipped_spec_warns():

@@ -4,7 +4,8 @@ x -> q, k, v (linear, activation, depthwise causal conv, l2 norm on q and k) -> 
 Triton kernel, the chunked or the reference backend: ``choice`` says which ran and why) -> RMSNorm per head ->
 output gate -> output projection. The inner gates are computed in log space from logits (theta = max_lr * sigmoid,
 log eta = logsigmoid, log(1 - alpha) = logsigmoid(-z)), so extreme logits never produce inf or NaN; the forget
-gate's bias starts at the configured half-life.
+gate's bias starts at the configured half-life. The step's parametrisations (theta over the head dimension, the EMA
+momentum form's factor 1 - eta) are transforms of theta before the scan, so every backend runs them.
 
 Under context parallelism (a :class:`~titans_compose.nn.context.Spread` given to a call) the projections, gate
 logits and readout run on the rank's tokens, and the convolution, gates and scan on every token of the rank's share
@@ -116,17 +117,25 @@ def inner_gates(
     logits: dict[str, Tensor],
     memory: MemoryState,
     carried: dict[str, Tensor] | None,
+    *,
+    ema: bool = False,
 ) -> InnerGates:
     """The gates ``{"lr", "momentum", "forget"}`` (None: off) from their ``logits`` [B, T, H] (:meth:`_Gate.forward`
-    of a call's input, one entry per gate that is on) continuing ``memory``.
+    of a call's input, one entry per gate that is on) continuing ``memory``; theta is ``max_lr * sigmoid(z)``, times
+    ``1 - eta`` with ``ema`` (the EMA momentum form: the paper's recurrence with a transformed step, so every backend
+    runs it unchanged).
 
     A per-chunk gate is the mean over its chunk, whose earlier tokens may have come in earlier calls: their log
     values travel in ``carried`` (the previous call's :attr:`InnerGates.carry`), so the chunk's mean, and with it the
     pending tokens' gates folded when the chunk completes, are those of one call over the whole stream. A chunk that
-    the stream has not completed yet averages the tokens seen so far (one call ending there does the same)."""
+    the stream has not completed yet averages the tokens seen so far (one call ending there does the same). With
+    ``ema`` and a per-chunk momentum gate, the pending tokens' theta depends on their chunk's mean eta, so the lr
+    gate's log values travel too."""
     pend = memory.pending_len
     batch, length, _ = next(iter(logits.values())).shape
     left = (pend + length) % chunk
+    momentum = gates.get("momentum")
+    lr_follows_eta = ema and momentum is not None and momentum.granularity == "per_chunk"
     series: dict[str, Tensor | None] = {}
     pending: dict[str, Tensor] = {}
     carry: dict[str, Tensor] = {}
@@ -140,26 +149,33 @@ def inner_gates(
             continue
         log_fn, field = _GATE_LOGS[name]
         logs = log_fn(logits[name])
-        if gate.granularity == "per_chunk":
+        per_chunk = gate.granularity == "per_chunk"
+        if per_chunk or (name == "lr" and lr_follows_eta):
             if pend:
                 if carried is None or name not in carried:
                     raise ValueError(
-                        f"the state has {pend} pending tokens but not their per-chunk {name} gate values: continue a "
-                        "stream with the state this module returned"
+                        f"the state has {pend} pending tokens but not their {'per-chunk' if per_chunk else 'carried'} "
+                        f"{name} gate values: continue a stream with the state this module returned"
                     )
                 logs = torch.cat([carried[name], logs], 1)
             if left:
                 carry[name] = logs[:, logs.shape[1] - left :]
-            logs = _chunk_log_mean(logs, chunk)
+            if per_chunk:
+                logs = _chunk_log_mean(logs, chunk)
             if pend:
                 pending[field] = rows(logs[:, :pend])
                 logs = logs[:, pend:]
         series[name] = rows(logs)
+    theta = max_lr * series["lr"].exp()
+    if ema:
+        theta = theta * -torch.expm1(series["momentum"])
     if "theta" in pending:
         pending["theta"] = max_lr * pending["theta"].exp()
+        if ema:
+            log_eta = pending.get("log_eta", memory.pending.log_eta)
+            pending["theta"] = pending["theta"] * -torch.expm1(log_eta)
     if pending:
         memory = memory.with_pending_gates(**pending)
-    theta = max_lr * series["lr"].exp()
     return InnerGates(theta, series.get("momentum"), series.get("forget"), memory, carry or None)
 
 
@@ -319,6 +335,7 @@ class NeuralMemory(_MemoryReadout):
         self.check_finite = check_finite
         self.dispatch = MemoryBackend(op.backend if backend is None else backend)
         self.max_lr = op.lr.max_lr
+        self.lr_factor = op.lr.factor(op.head_dim)
         self.lr_gate = _Gate(op.in_features, op.heads, op.lr.granularity, op.lr.bias)
         momentum, forget = op.momentum, op.forget
         self.momentum_gate = (
@@ -371,8 +388,20 @@ class NeuralMemory(_MemoryReadout):
         """theta, log eta, log(1 - alpha) [B*H, T] for the tokens of ``x`` continuing ``state`` (see
         :func:`inner_gates`)."""
         state = self.initial_state(x.shape[0]) if state is None else state
-        logits = self._gate_logits(x)
-        return inner_gates(self._gates, self.max_lr, self.config.chunk_size, logits, state.memory, state.gates)
+        return self._inner_gates(self._gate_logits(x), state)
+
+    def _inner_gates(self, logits: dict[str, Tensor], state: NeuralMemoryState) -> InnerGates:
+        """:func:`inner_gates` of the gate ``logits`` continuing ``state``, in the op's step form (max_lr scaled,
+        EMA or paper momentum)."""
+        return inner_gates(
+            self._gates,
+            self.max_lr * self.lr_factor,
+            self.config.chunk_size,
+            logits,
+            state.memory,
+            state.gates,
+            ema=self.op.momentum.ema,
+        )
 
     # ------------------------------------------------------------------------------------------------ forward
 
@@ -395,7 +424,7 @@ class NeuralMemory(_MemoryReadout):
             logits = {name: t.squeeze(-1) for name, t in zip(logits, moved[3:], strict=True)}
         new_conv: dict[str, Tensor] = {}
         q, k, v = (self._mix(role, h, heads, state.conv, new_conv) for role, h in zip("qkv", features, strict=True))
-        gates = inner_gates(self._gates, self.max_lr, self.config.chunk_size, logits, state.memory, state.gates)
+        gates = self._inner_gates(logits, state)
         y, memory_state = self.dispatch(q, k, v, gates.theta, gates.log_eta, gates.log_keep, gates.memory, self.config)
         call = MemoryCall(k, v, gates, y, memory_state, self.config)
         out = self._readout(self._returned(y, batch, heads, spread), x)

@@ -80,10 +80,12 @@ def check_block(block: Any, model: Any) -> Iterator[Finding]:
 
 
 def _inner_divergence(memory: Any, update: Any, projections: Any) -> Iterator[Finding]:
-    """TCW04 when the largest theta the lr gate can produce (max_lr) leaves the depth-1 stability region at the
-    declared momentum and forget rate (docs/stability.md). Only where the analysis is exact: a matrix memory without
-    output LayerNorm (which bounds the output whatever the weights), the built-in l2 loss, momentum and decay
-    rules, unit keys (qk_l2norm) and no gradient clip (a clip bounds every step, so growth is at most linear)."""
+    """TCW04 when the largest theta the lr gate can produce (max_lr, over head_dim with ``lr.scale: head_dim``)
+    leaves the depth-1 stability region at the declared momentum and forget rate (docs/stability.md). Only where the
+    analysis is exact: a matrix memory without output LayerNorm (which bounds the output whatever the weights), the
+    built-in l2 loss, momentum and decay rules, unit keys (qk_l2norm) and no gradient clip (a clip bounds every
+    step, so growth is at most linear). The paper's momentum form is checked at the declared eta (its region shrinks
+    to nothing as eta -> 1); the EMA form over the gate's whole range, where the worst eta is 0 (section 5)."""
     if memory.depth != 1 or memory.output_norm or update.loss.name != "l2" or update.grad_clip is not None:
         return
     if projections is None or not projections.qk_l2norm:
@@ -91,27 +93,36 @@ def _inner_divergence(memory: Any, update: Any, projections: Any) -> Iterator[Fi
     momentum, forget = update.momentum, update.forget
     if (momentum.enabled and momentum.rule.name != "momentum") or (forget.enabled and forget.rule.name != "decay"):
         return
-    eta = momentum.init if momentum.enabled else 0.0
+    ema = momentum.enabled and momentum.form == "ema"
+    eta = momentum.init if momentum.enabled and not ema else 0.0
     alpha = -math.expm1(-math.log(2.0) / forget.half_life) if forget.enabled else 0.0
     bound = stable_theta(eta, alpha, memory.chunk_size)
+    factor = 1.0 / memory.head_dim if update.lr.scale == "head_dim" else 1.0
     max_lr = update.lr.max_lr
-    if max_lr <= bound.theta:
+    if max_lr * factor <= bound.theta:
         return
-    safe = _round_down(bound.theta)
-    rule = f"momentum eta = {eta:g} (update.momentum.init)" if momentum.enabled else "no momentum"
+    safe = _round_down(bound.theta / factor)
+    if ema:
+        rule = "EMA momentum (update.momentum.form: ema; checked at its worst decay, eta -> 0)"
+    elif momentum.enabled:
+        rule = f"momentum eta = {eta:g} (update.momentum.init)"
+    else:
+        rule = "no momentum"
     forgetting = f"forget rate alpha = {alpha:.2g} (half_life {forget.half_life:g})" if forget.enabled else "no forget"
     repeats = f" (a chunk's {memory.chunk_size} steps add up)" if memory.chunk_size > 1 else ""
+    scaled = f" (theta = max_lr / {memory.head_dim} with lr.scale: head_dim)" if factor != 1.0 else ""
     lower_init = f" and update.lr.init below it (now {update.lr.init:g})" if update.lr.init >= safe else ""
+    cumulative = "2 theta / (1 - eta)" if momentum.enabled and not ema else "2 theta"
+    others = "lower the chunk size" if ema else "lower the momentum or the chunk size"
     yield Finding(
         "TCW04",
         ("update", "lr", "max_lr"),
-        f"update.lr.max_lr = {max_lr:g} lets the inner update diverge: a depth-1 memory without output_norm, with "
-        f"{rule}, {forgetting} and memory.chunk_size = {memory.chunk_size}, stays bounded only for theta <= "
-        f"{bound.repeated:.3g} when a key repeats{repeats} and theta <= "
-        f"{bound.fresh:.3g} for keys that come back after their momentum has landed (the cumulative step "
-        f"2 theta / (1 - eta) must stay <= 2)",
-        f"lower update.lr.max_lr to {safe:g}{lower_init}, or lower the momentum or the chunk size, or set "
-        "memory.output_norm: true or update.grad_clip (see docs/stability.md)",
+        f"update.lr.max_lr = {max_lr:g} lets the inner update diverge{scaled}: a depth-1 memory without "
+        f"output_norm, with {rule}, {forgetting} and memory.chunk_size = {memory.chunk_size}, stays bounded only "
+        f"for theta <= {bound.repeated:.3g} when a key repeats{repeats} and theta <= {bound.fresh:.3g} for keys "
+        f"that come back after their momentum has landed (the cumulative step {cumulative} must stay <= 2)",
+        f"lower update.lr.max_lr to {safe:g}{lower_init}, or {others}, or set memory.output_norm: true or "
+        "update.grad_clip (see docs/stability.md)",
         severity="warning",
     )
 

@@ -260,12 +260,25 @@ def build_spec_model(registry: Registry) -> type[BaseModel]:
         )
         gate: Granularity = Field("per_token", description=GRANULARITY_HELP)
         init: float = Field(0.1, gt=0, description="initial theta (sets the gate bias); 0 < init < max_lr")
+        scale: Literal["none", "head_dim"] = Field(
+            "none",
+            description="none: theta as above (the paper's form); head_dim: theta divided by memory.head_dim d, as "
+            "titans-pytorch, which averages its inner loss over the d features (max_lr and init are then per "
+            "feature)",
+        )
 
     class MomentumSpec(Section):
         enabled: bool = Field(True, description="keep a momentum ('past surprise') state S; off means eta = 0")
         rule: optimizer = Field(default_factory=lambda: {"name": "momentum"}, description="registered optimiser")  # type: ignore[valid-type]
         gate: Granularity = Field("per_token", description=GRANULARITY_HELP)
         init: float = Field(0.9, gt=0, lt=1, description="initial momentum decay eta in (0, 1)")
+        form: Literal["paper", "ema"] = Field(
+            "paper",
+            description="paper: S = eta S - theta grad (eq. 14), one gradient moves the memory by theta / (1 - eta) "
+            "in all, 10 theta at eta 0.9; ema: S = eta S - (1 - eta) theta grad, a moving average of the gradients "
+            "whose cumulative step is theta whatever eta, so the stable range of theta hardly depends on eta "
+            "(docs/stability.md)",
+        )
 
     class ForgetSpec(Section):
         enabled: bool = Field(True, description="apply the forget gate alpha (weight decay of the memory)")

@@ -30,28 +30,57 @@ class LossOp:
     params: tuple[tuple[str, Any], ...] = ()
 
 
+#: ``LrGate.scale`` values: what theta is divided by ("none": 1, "head_dim": the key width d)
+LR_SCALES = ("none", "head_dim")
+#: ``MomentumGate.form`` values: "paper" S = eta S - theta g; "ema" S = eta S - (1 - eta) theta g
+MOMENTUM_FORMS = ("paper", "ema")
+
+
 @dataclass(frozen=True)
 class LrGate:
-    """theta_t = max_lr * sigmoid(z_t), z from a gate of ``granularity`` starting at ``init``."""
+    """theta_t = max_lr * sigmoid(z_t) / (d if ``scale`` is "head_dim" else 1), z from a gate of ``granularity``
+    starting at ``init`` (before the scale)."""
 
     granularity: str = "per_token"
     init: float = 0.1
     max_lr: float = 0.5
+    scale: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.scale not in LR_SCALES:
+            raise ValueError(f"lr scale must be one of {LR_SCALES}, got {self.scale!r}")
 
     @property
     def bias(self) -> float:
-        """The gate's initial logit: theta_0 = init."""
+        """The gate's initial logit: theta_0 = init (before the scale)."""
         return _logit(self.init / self.max_lr)
+
+    def factor(self, head_dim: int) -> float:
+        """What multiplies max_lr * sigmoid(z): 1, or 1 / d for the "head_dim" scale."""
+        return 1.0 / head_dim if self.scale == "head_dim" else 1.0
 
 
 @dataclass(frozen=True)
 class MomentumGate:
-    """The momentum decay eta_t = sigmoid(z_t) and the registered optimiser ``rule`` that uses it."""
+    """The momentum decay eta_t = sigmoid(z_t) and the registered optimiser ``rule`` that uses it. ``form``: "paper"
+    (S_t = eta_t S_{t-1} - theta_t g_t, one gradient's cumulative step theta / (1 - eta)) or "ema" (the same
+    recurrence with theta_t replaced by (1 - eta_t) theta_t: an exponential moving average of the gradients, whose
+    cumulative step is theta whatever eta)."""
 
     enabled: bool = True
     granularity: str = "per_token"
     init: float = 0.9
     rule: str = "momentum"
+    form: str = "paper"
+
+    def __post_init__(self) -> None:
+        if self.form not in MOMENTUM_FORMS:
+            raise ValueError(f"momentum form must be one of {MOMENTUM_FORMS}, got {self.form!r}")
+
+    @property
+    def ema(self) -> bool:
+        """Whether the step is scaled by (1 - eta): the EMA form with momentum on."""
+        return self.enabled and self.form == "ema"
 
     @property
     def bias(self) -> float:
@@ -182,8 +211,8 @@ class MemoryOp:
             residual=memory.residual,
             output_norm=memory.output_norm,
             loss=LossOp(update.loss.name, tuple(sorted(loss.items()))),
-            lr=LrGate(lr.gate, lr.init, lr.max_lr),
-            momentum=MomentumGate(momentum.enabled, momentum.gate, momentum.init, momentum.rule.name),
+            lr=LrGate(lr.gate, lr.init, lr.max_lr, lr.scale),
+            momentum=MomentumGate(momentum.enabled, momentum.gate, momentum.init, momentum.rule.name, momentum.form),
             forget=ForgetGate(forget.enabled, forget.gate, forget.half_life, forget.rule.name),
             grad_clip=update.grad_clip,
             chunk_size=memory.chunk_size,
