@@ -410,9 +410,9 @@ def test_shipped_mac_outer_gradient_is_bounded_at_initialisation():
     """The shipped MAC spec clips each token's inner gradient because without the clip its outer gradient explodes
     at initialisation: MAC writes attention outputs, which are alike within a chunk (mean key cosine 0.71 in a
     chunk against 0.18 for MAG's keys at the benchmark size), and the inner loop's transient amplifies the gradient
-    back through the memory state. Measured here (pass-key answer loss, 8 x 256 tokens, model seeds 0, 1, 2): 25, 20,
-    22 with the spec's clip; 215, 35, 52 with ``update.grad_clip=null`` (benchmarks/outer_gradients.py has the
-    table for every variant)."""
+    back through the memory state. Measured here (pass-key answer loss, 8 x 256 tokens, model seeds 0, 1, 2; module
+    order of 2026-12-04): 22, 24, 20 with the spec's clip; 53, 8009, 668 with ``update.grad_clip=null``
+    (benchmarks/outer_gradients.py has the table for every variant)."""
     from titans_compose.builder import build as build_spec
     from titans_compose.train.loop import next_token_loss
     from titans_compose.train.tasks import passkey_batch
