@@ -226,20 +226,22 @@ def ratio(a: dict, b: dict, key: str) -> str:
     return f"{a[key] / b[key]:.2f}x"
 
 
+def measured_row(what: str, s: dict) -> str:
+    """A table row: ``what`` (the configuration's cells), then tokens/s, the runs' range, peak RSS and train MB of
+    its :func:`summary` ``s``, or its status when it did not run."""
+    if s["status"] != "ok":
+        return f"{what} {s['status']} | | | |"
+    low, high = s["range"]
+    return f"{what} {s['tokens_per_s']:,.0f} | {low:,.0f}-{high:,.0f} | {s['peak_mb']:,.0f} | {s['train_mb']:,.0f} |"
+
+
 def cpu_table(args: argparse.Namespace, stats: dict[Config, dict]) -> str:
     rows = [
         "| processes | activation checkpointing | precision | tokens/s | runs' range | peak RSS MB | train MB |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for (ranks, ck, precision), s in stats.items():
-        what = f"| {ranks} | {'on' if ck else 'off'} | {precision} |"
-        if s["status"] != "ok":
-            rows.append(f"{what} {s['status']} | | | |")
-            continue
-        low, high = s["range"]
-        rows.append(
-            f"{what} {s['tokens_per_s']:,.0f} | {low:,.0f}-{high:,.0f} | {s['peak_mb']:,.0f} | {s['train_mb']:,.0f} |"
-        )
+        rows.append(measured_row(f"| {ranks} | {'on' if ck else 'off'} | {precision} |", s))
     rows += ["", "| ratio | precision | value |", "| --- | --- | --- |"]
     for precision in args.precisions:
         one, two = stats.get((1, False, precision), {}), stats.get((2, False, precision), {})
@@ -280,14 +282,7 @@ def long_table(stats: dict[LongConfig, dict]) -> str:
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for (name, ranks), s in stats.items():
-        what = f"| {name} | {'1' if ranks == 1 else f'{ranks}, --context-parallel {ranks}'} |"
-        if s["status"] != "ok":
-            rows.append(f"{what} {s['status']} | | | |")
-            continue
-        low, high = s["range"]
-        rows.append(
-            f"{what} {s['tokens_per_s']:,.0f} | {low:,.0f}-{high:,.0f} | {s['peak_mb']:,.0f} | {s['train_mb']:,.0f} |"
-        )
+        rows.append(measured_row(f"| {name} | {'1' if ranks == 1 else f'{ranks}, --context-parallel {ranks}'} |", s))
     rows += ["", "| ratio, context parallel 2 / 1 process | model | value |", "| --- | --- | --- |"]
     for name in LONG_SPECS:
         one, two = stats.get((name, 1), {}), stats.get((name, 2), {})
