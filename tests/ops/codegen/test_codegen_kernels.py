@@ -108,9 +108,9 @@ def f32(t):
 def objective(y, state, seed=7):
     """A random linear function of the outputs and the final state (float64, whatever their dtype)."""
     g = torch.Generator().manual_seed(seed)
-    total = (y.double() * torch.randn(y.shape, generator=g, dtype=torch.float64)).sum()
+    total = (y.double() * torch.randn(y.shape, generator=g, dtype=torch.float64).to(y.device)).sum()
     for w in (*state.weights, *(state.momentum or ())):
-        total = total + (w.double() * torch.randn(w.shape, generator=g, dtype=torch.float64)).sum()
+        total = total + (w.double() * torch.randn(w.shape, generator=g, dtype=torch.float64).to(w.device)).sum()
     return total
 
 
@@ -396,10 +396,11 @@ def test_zero_length_call_keeps_the_state():
 )
 def test_16_bit_inputs(dtype):
     """16-bit q, k, v and gates (float32 state and math): outputs and gradients in the inputs' dtypes, against the
-    float64 chunked path on the same rounded inputs. The errors are the rounding of the outputs: float16 measured
-    6.2e-4 in the interpreter (tolerance 2e-3). On a GPU the products are tf32 and bfloat16 keeps 8 bits: 2e-2
-    (not yet run on a GPU)."""
-    tol = 2e-3 if dtype == torch.float16 and not CUDA else 2e-2
+    float64 chunked path on the same rounded inputs. The errors are the rounding of the inputs and outputs: float16
+    measured 6.2e-4 in the interpreter and, on an H200 (three tf32 products), outputs 1.6e-4 and gradients 5-7e-4
+    (tolerance 2e-3); bfloat16 keeps 8 bits: outputs 2.1e-3 and gradients 0.8-1.0e-2 on the H200 (tolerance 2e-2).
+    With one tf32 product the H200 gave 2.8e-2 (float16) and 3.2e-2 (bfloat16) on the outputs and failed."""
+    tol = 2e-3 if dtype == torch.float16 else 2e-2
     cfg = config(depth=2, chunk_size=8)
     *series, weights = make_inputs(cfg, T=19, N=2)
     low = [None if t is None else t.to(DEVICE, dtype).requires_grad_() for t in series]
@@ -438,6 +439,7 @@ def test_ops_have_consistent_fake_implementations():
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(CUDA, reason="a CPU machine's set-up: on a GPU the kernels run compiled")
 def test_interpreter_switched_on_after_importing_triton(tmp_path):
     """The generated code calls no triton.language.standard @jit function (decorated for the GPU when triton is
     imported without TRITON_INTERPRET), so it runs under an interpreter switched on after triton's import."""

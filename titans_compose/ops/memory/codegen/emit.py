@@ -23,8 +23,9 @@ decay 1, c = e = 0), so the same code passes the final state's gradient through 
 The MLP depth is unrolled; the activation, its derivatives and the loss gradient come inline from the registry's
 Triton expressions (the ``triton_*`` fields of :mod:`titans_compose.registry.rules`). Blocks are padded to powers
 of two >= 16 (tl.dot's minimum) and masked. Products (``_dot``) run in full float32 for float32 inputs (the
-interpreter's and the chunked path's numerics) and in the GPU's default tf32 for 16-bit inputs, except the b x b
-gate-table products, always in full float32 (tf32 would put ~1e-3 errors into every coefficient). This generator
+interpreter's and the chunked path's numerics) and as three tf32 products for 16-bit inputs (one tf32 product put
+3% errors into the outputs on an H200; docs/kernels.md), except the b x b gate-table products, always in full
+float32 (tf32 would put ~1e-3 errors into every coefficient). This generator
 loads whole state matrices per chunk, within the sizes of :mod:`~titans_compose.ops.memory.codegen.tiling`;
 a depth-2 memory beyond them streams its hidden width in tiles
 (:mod:`~titans_compose.ops.memory.codegen.emit_tiled`); both build on
