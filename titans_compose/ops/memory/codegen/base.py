@@ -246,8 +246,8 @@ class Generator:
                 "",
                 "@triton.jit",
                 "def _dot(a, b):",
-                f'    """{key.dtype} inputs, float32 operands: three tf32 products (near float32 precision at tensor-core'
-                ' speed on a GPU)."""',
+                f'    """{key.dtype} inputs, float32 operands: three tf32 products (near float32 precision at'
+                ' tensor-core speed on a GPU)."""',
             )
             code('    return tl.dot(a, b, input_precision="tf32x3")', "")
         code.lines.extend(HELPERS.splitlines())
