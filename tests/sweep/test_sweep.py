@@ -327,3 +327,23 @@ def test_the_step_options_reach_training(tmp_path, runner):
         with pytest.raises(SpecError) as exc:
             load_plan(write_sweep(tmp_path, train={**TRAIN, key: value}), new_registry())
         assert exc.value.codes == ["TC201"] and f"train.{key}" in str(exc.value)
+
+
+def test_seed_option_replaces_the_files_seed(tmp_path, runner):
+    """`--seed 1` runs the points a file with `seed: 1` runs (same keys, same losses), and not the file's seed 0."""
+    plain = write_sweep(tmp_path)
+    seeded = tmp_path / "seeded.yaml"
+    seeded.write_text(plain.read_text() + "seed: 1\n")
+    keys = {
+        "option": [p.key for p in load_plan(plain, new_registry(), seed=1).points],
+        "file": [p.key for p in load_plan(seeded, new_registry()).points],
+        "default": [p.key for p in load_plan(plain, new_registry()).points],
+    }
+    assert keys["option"] == keys["file"] and keys["option"] != keys["default"]
+    losses = {}
+    for name, args in {"option": [str(plain), "--seed", "1"], "file": [str(seeded)], "default": [str(plain)]}.items():
+        out = tmp_path / name
+        result = runner.invoke(cli, ["sweep", *args, "-o", str(out), "--no-progress"])
+        assert result.exit_code == 0, result.output
+        losses[name] = [r["train_loss"] for r in json.loads((out / "results.json").read_text())["points"]]
+    assert losses["option"] == losses["file"] and losses["option"] != losses["default"]

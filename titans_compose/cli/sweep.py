@@ -26,6 +26,11 @@ from titans_compose.cli.main import (
 )
 @click.option("--retry-failed", is_flag=True, help="Run the points recorded as failed again.")
 @click.option("--dry-run", is_flag=True, help="Validate every point and list them; run nothing.")
+@click.option(
+    "--seed",
+    type=click.IntRange(-(2**63), 2**64 - 1),
+    help="The seed of every point's weights and batches, instead of the file's `seed` (one sweep, several seeds).",
+)
 @device_option
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @common_options
@@ -36,6 +41,7 @@ def sweep(
     out: Path | None,
     retry_failed: bool,
     dry_run: bool,
+    seed: int | None,
     device: str | None,
     no_progress: bool,
     sub_plugins: tuple[str, ...],
@@ -55,7 +61,7 @@ def sweep(
         registry = model_registry(plugins, debug)
         if registry is None:
             return 1
-        plan = load_plan(sweep_file, registry)
+        plan = load_plan(sweep_file, registry, seed)
         echo_diagnostics(plan.warnings)
         task = make_sweep_task(plan)
         what = "built only" if task is None else task.describe

@@ -298,10 +298,11 @@ def train_options(raw: dict[str, Any], doc: SourceDoc, source: Path) -> tuple[di
     return options, problems
 
 
-def load_plan(path: str | os.PathLike[str], registry: Registry) -> Plan:
+def load_plan(path: str | os.PathLike[str], registry: Registry, seed: int | None = None) -> Plan:
     """Read, expand and validate the sweep file at ``path``: the file itself, the ``train`` options and every point
-    (spec schema, cross-field rules and graph passes). Raises :class:`SpecError` with every problem at once; a
-    problem shared by several points is reported once, naming them."""
+    (spec schema, cross-field rules and graph passes). ``seed``, when given, replaces the file's ``seed`` (the same
+    sweep over several seeds without editing it). Raises :class:`SpecError` with every problem at once; a problem
+    shared by several points is reported once, naming them."""
     from titans_compose.graph import compile_graph
 
     source = Path(path)
@@ -316,6 +317,8 @@ def load_plan(path: str | os.PathLike[str], registry: Registry) -> Plan:
     problems += _structure_problems(sweep, doc)
     if problems:
         raise SpecError(dedupe(problems))
+    if seed is not None:
+        sweep = sweep.model_copy(update={"seed": seed})
     base = Path(os.path.normpath(source.parent / sweep.base))
     found: dict[tuple, tuple[Diagnostic, list[str]]] = {}  # each problem or warning once, with its points
     points = []
