@@ -269,7 +269,7 @@ def main() -> None:
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.jobs} variants at "
         f"once with {args.threads} thread(s) each.  \n"
         f"Models: width 64, 2 layers, attention window {WINDOW} (MAC segments {WINDOW}), memory 2 heads x 32, depth 2, "
-        f"chunk 8, each variant's inner step as its spec sets it (MAL, LMM: EMA momentum, theta / head_dim; MAC: "
+        f"chunk 8, each variant's inner step as its spec sets it (MAG, MAL, LMM: EMA momentum, theta / head_dim; MAC: "
         f"inner gradient clip 1, and no momentum); {args.steps} pass-key steps of "
         f"{args.batch} x {args.train_len} tokens ({args.digits}-digit keys, "
         f"needle anywhere, loss on the answer), lr {args.lr}. Accuracy: exact match over {args.samples} held-out "
