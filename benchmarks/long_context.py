@@ -44,7 +44,7 @@ from record import append_section, pyplot, save_figure
 from titans_compose.builder import build
 from titans_compose.train.data import WindowSampler, load_corpus
 from titans_compose.train.loop import lm_loss, train
-from titans_compose.train.tasks import exact_match, passkey_batch
+from titans_compose.train.tasks import Filler, exact_match, passkey_batch
 
 HERE = Path(__file__).resolve().parent
 SPECS = HERE.parent / "specs"
@@ -118,12 +118,25 @@ def build_model(name: str, args: argparse.Namespace) -> torch.nn.Module:
     return build(SPECS / spec, [*overrides, *args.set], seed=args.seed, smoke=False).module
 
 
-def passkey_accuracy(model: torch.nn.Module, seq_len: int, digits: int, samples: int, seed: int) -> float:
+def haystack(kind: str, split: str) -> Filler:
+    """The pass key's filler: ``repeat`` (the task's sentences over and over), ``digits`` (random digits, distractor
+    numbers) or ``text`` (random windows of the standard library's source, training or validation files by
+    ``split``): text's written keys do not come back with a short period, as the repeated sentences' do."""
+    if kind != "text":
+        return kind
+    corpus = load_corpus(max_bytes=2_000_000)
+    return corpus.train if split == "train" else corpus.val
+
+
+def passkey_accuracy(
+    model: torch.nn.Module, seq_len: int, digits: int, samples: int, seed: int, filler: Filler = "repeat"
+) -> float:
     """Exact-match accuracy with the needle at the start of a ``seq_len``-token context (held-out seeds)."""
     correct = 0.0
     batch = 32
     for i in range(math.ceil(samples / batch)):
-        task = passkey_batch(batch, seq_len, depth=0.0, digits=digits, seed=10_000 + seed * 1000 + i)
+        seed_i = 10_000 + seed * 1000 + i
+        task = passkey_batch(batch, seq_len, depth=0.0, digits=digits, filler=filler, seed=seed_i)
         with torch.no_grad():
             correct += exact_match(model(task.tokens).logits, task) * batch
     return correct / (math.ceil(samples / batch) * batch)
@@ -150,14 +163,18 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
     model = build_model(name, args)
     params = sum(p.numel() for p in model.parameters())
 
+    train_filler = haystack(args.filler, "train")
+
     def batches(step: int):
-        return passkey_batch(args.batch, args.train_len, digits=args.digits, seed=args.seed * 1_000_003 + step)
+        seed = args.seed * 1_000_003 + step
+        return passkey_batch(args.batch, args.train_len, digits=args.digits, filler=train_filler, seed=seed)
 
     started = time.perf_counter()
     result = train(model, batches, steps=args.steps, lr=args.lr, warmup=args.steps // 10, progress=progress)
     minutes = (time.perf_counter() - started) / 60
     model.eval()
-    accuracy = {n: passkey_accuracy(model, n, args.digits, args.samples, args.seed) for n in args.lengths}
+    val_filler = haystack(args.filler, "val")
+    accuracy = {n: passkey_accuracy(model, n, args.digits, args.samples, args.seed, val_filler) for n in args.lengths}
     curve = [(r.step, r.loss) for r in result.history]
 
     lm_model = build_model(name, args)
@@ -209,6 +226,12 @@ def main() -> None:
     parser.add_argument("--train-len", type=int, default=128, help="training context length")
     parser.add_argument("--lengths", type=int, nargs="+", default=[64, 128, 256], help="evaluated context lengths")
     parser.add_argument("--digits", type=int, default=2)
+    parser.add_argument(
+        "--filler",
+        choices=["repeat", "digits", "text"],
+        default="repeat",
+        help="the haystack: the repeated sentences, random digits, or source text (held-out files when scoring)",
+    )
     parser.add_argument("--samples", type=int, default=256, help="evaluation sequences per length")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
@@ -272,7 +295,8 @@ def main() -> None:
         f"chunk 8, each variant's inner step as its spec sets it (MAG, MAL, LMM: EMA momentum, theta / head_dim; MAC: "
         f"inner gradient clip 1, and no momentum); {args.steps} pass-key steps of "
         f"{args.batch} x {args.train_len} tokens ({args.digits}-digit keys, "
-        f"needle anywhere, loss on the answer), lr {args.lr}. Accuracy: exact match over {args.samples} held-out "
+        f"needle anywhere, loss on the answer, filler: {args.filler}), lr {args.lr}. "
+        f"Accuracy: exact match over {args.samples} held-out "
         f"sequences with the needle at the start (chance {10.0**-args.digits:g}). Val bits/byte: a separate copy "
         f"trained {args.lm_steps} steps on the standard library's source.{reference}\n\n{table}"
     )

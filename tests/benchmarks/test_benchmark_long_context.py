@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests.helpers import load_benchmark
+from titans_compose.train.tasks import passkey_batch
 
 long_context = load_benchmark("long_context.py", "long_context_under_test")
 
@@ -17,7 +18,7 @@ long_context = load_benchmark("long_context.py", "long_context_under_test")
 def tiny_args(**changes: object) -> argparse.Namespace:
     args = dict(
         steps=2, lm_steps=1, batch=2, train_len=64, lengths=[64], digits=2, samples=32, lr=3e-3, seed=0, threads=1,
-        jobs=1, set=[], no_record=True, titans_python=sys.executable, worker=None, worker_args=None,
+        jobs=1, set=[], no_record=True, titans_python=sys.executable, worker=None, worker_args=None, filler="repeat",
     )  # fmt: skip
     return argparse.Namespace(**{**args, **changes})
 
@@ -47,3 +48,16 @@ def test_titans_pytorch_mac_trains_behind_the_logits_interface() -> None:
     assert logits.shape == (2, 64, 256)
     logits.sum().backward()
     torch.optim.AdamW(model.parameters()).step()
+
+
+def test_the_text_haystack_trains_on_training_files_and_scores_on_held_out_ones() -> None:
+    """`--filler text`: training batches take their filler from the training files, the scored sequences from the
+    validation files (the corpus splits by file): a 48-byte run of each sequence's filler is found in that split."""
+    train, val = long_context.haystack("text", "train"), long_context.haystack("text", "val")
+    assert long_context.haystack("repeat", "val") == "repeat"
+    assert train.dtype == val.dtype == torch.uint8 and train.numel() > 10 * val.numel() > 0
+    for split in (train, val):
+        task = passkey_batch(4, 128, depth=0.0, digits=2, filler=split, seed=3)
+        for row in task.tokens:
+            run = bytes(row[40:88].tolist())  # past the needle at the start, before the query at the end
+            assert run in bytes(split.tolist())
