@@ -42,12 +42,10 @@ def build_on(backend: str, spec: str, overrides: list[str], device: str) -> tupl
     """The model of ``spec`` with every memory layer on ``backend`` (chunked or auto), seed 0, on ``device``, and
     its vocabulary size."""
     from titans_compose.builder import build
+    from titans_compose.ops.memory.dispatch import forced_backend
 
-    os.environ["TITANS_COMPOSE_BACKEND"] = backend
-    try:
+    with forced_backend(backend):
         built = build(SPECS / spec, overrides, smoke=False)
-    finally:
-        os.environ.pop("TITANS_COMPOSE_BACKEND")
     return built.module.to(device), built.loaded.spec.model.vocab_size
 
 

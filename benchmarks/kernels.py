@@ -81,18 +81,11 @@ def built_memory_layer(d: int, depth: int, heads: int, chunk: int) -> Any:
     the graph's backend pass into the layer's op. The layer is a NeuralMemory; it checks its own calls' finiteness,
     as the model checks them."""
     from titans_compose.builder import build
-    from titans_compose.ops.memory.dispatch import ENV_VAR
+    from titans_compose.ops.memory.dispatch import forced_backend
 
     overrides = [*size_overrides(d, depth, heads, chunk), "blocks.0.repeat=1"]
-    before = os.environ.get(ENV_VAR)
-    os.environ[ENV_VAR] = "triton"
-    try:
+    with forced_backend("triton"):
         module = build(SPEC, overrides, smoke=False).module
-    finally:
-        if before is None:
-            del os.environ[ENV_VAR]
-        else:
-            os.environ[ENV_VAR] = before
     layer = module.memory_layers()[0][1]
     layer.check_finite = True
     return layer

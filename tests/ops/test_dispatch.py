@@ -24,6 +24,7 @@ from titans_compose.ops.memory.dispatch import (
     BackendChoice,
     MemoryBackend,
     choose_backend,
+    forced_backend,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -209,3 +210,19 @@ def test_an_interpreter_switched_on_after_importing_triton_is_named(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr
     assert f"{INTERPRET_VAR}=1 was set after triton was imported" in out.stdout
+
+
+@pytest.mark.parametrize("before", [None, "reference"])
+def test_forced_backend_sets_the_variable_for_the_block_and_restores_it(monkeypatch, before):
+    """Inside the block choose_backend() reads the forced name; afterwards the variable is as it was, unset or set,
+    also when the block raises."""
+    if before is None:
+        monkeypatch.delenv(ENV_VAR, raising=False)
+    else:
+        monkeypatch.setenv(ENV_VAR, before)
+    with forced_backend("chunked"):
+        assert choose_backend().name == "chunked"
+    assert os.environ.get(ENV_VAR) == before
+    with pytest.raises(RuntimeError), forced_backend("triton"):
+        raise RuntimeError("inside")
+    assert os.environ.get(ENV_VAR) == before

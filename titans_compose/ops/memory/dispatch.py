@@ -18,7 +18,8 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -80,6 +81,21 @@ def choose_backend(requested: str | None = None) -> BackendChoice:
         names = ", ".join([*sorted(BACKENDS), AUTO])
         raise ValueError(f"unknown memory backend {requested!r}; available: {names}")
     return BackendChoice(requested, source)
+
+
+@contextmanager
+def forced_backend(name: str) -> Iterator[None]:
+    """``TITANS_COMPOSE_BACKEND=name`` while the block runs, so models built inside it record that backend on their
+    graphs (the way a user forces one), and the variable as it was (set or not) afterwards."""
+    before = os.environ.get(ENV_VAR)
+    os.environ[ENV_VAR] = name
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[ENV_VAR]
+        else:
+            os.environ[ENV_VAR] = before
 
 
 class MemoryBackend:
