@@ -118,14 +118,11 @@ def build_model(name: str, args: argparse.Namespace) -> torch.nn.Module:
     return build(SPECS / spec, [*overrides, *args.set], seed=args.seed, smoke=False).module
 
 
-def haystack(kind: str, split: str) -> Filler:
+def haystack(kind: str, text: torch.Tensor) -> Filler:
     """The pass key's filler: ``repeat`` (the task's sentences over and over), ``digits`` (random digits, distractor
-    numbers) or ``text`` (random windows of the standard library's source, training or validation files by
-    ``split``): text's written keys do not come back with a short period, as the repeated sentences' do."""
-    if kind != "text":
-        return kind
-    corpus = load_corpus(max_bytes=2_000_000)
-    return corpus.train if split == "train" else corpus.val
+    numbers) or ``text`` (random windows of ``text``, the corpus's training or validation bytes): text's written keys
+    do not come back with a short period, as the repeated sentences' do."""
+    return text if kind == "text" else kind
 
 
 def passkey_accuracy(
@@ -162,8 +159,8 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
     progress = args.jobs == 1 and not args.worker
     model = build_model(name, args)
     params = sum(p.numel() for p in model.parameters())
-
-    train_filler = haystack(args.filler, "train")
+    corpus = load_corpus(max_bytes=2_000_000)  # the text haystack's and the real-text copy's bytes
+    train_filler = haystack(args.filler, corpus.train)
 
     def batches(step: int):
         seed = args.seed * 1_000_003 + step
@@ -173,12 +170,11 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
     result = train(model, batches, steps=args.steps, lr=args.lr, warmup=args.steps // 10, progress=progress)
     minutes = (time.perf_counter() - started) / 60
     model.eval()
-    val_filler = haystack(args.filler, "val")
+    val_filler = haystack(args.filler, corpus.val)
     accuracy = {n: passkey_accuracy(model, n, args.digits, args.samples, args.seed, val_filler) for n in args.lengths}
     curve = [(r.step, r.loss) for r in result.history]
 
     lm_model = build_model(name, args)
-    corpus = load_corpus(max_bytes=2_000_000)
     sampler = WindowSampler(corpus.train, args.batch, args.train_len, seed=args.seed)
     train(lm_model, sampler, steps=args.lm_steps, lr=args.lr, warmup=args.lm_steps // 10, progress=progress)
     val = WindowSampler(corpus.val, args.batch, args.train_len, seed=args.seed, stream="val")

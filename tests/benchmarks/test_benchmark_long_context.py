@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests.helpers import load_benchmark
+from titans_compose.train.data import load_corpus
 from titans_compose.train.tasks import passkey_batch
 
 long_context = load_benchmark("long_context.py", "long_context_under_test")
@@ -50,13 +51,24 @@ def test_titans_pytorch_mac_trains_behind_the_logits_interface() -> None:
     torch.optim.AdamW(model.parameters()).step()
 
 
-def test_the_text_haystack_trains_on_training_files_and_scores_on_held_out_ones() -> None:
-    """`--filler text`: training batches take their filler from the training files, the scored sequences from the
-    validation files (the corpus splits by file): a 48-byte run of each sequence's filler is found in that split."""
-    train, val = long_context.haystack("text", "train"), long_context.haystack("text", "val")
-    assert long_context.haystack("repeat", "val") == "repeat"
-    assert train.dtype == val.dtype == torch.uint8 and train.numel() > 10 * val.numel() > 0
-    for split in (train, val):
+def test_the_text_haystack_trains_on_training_files_and_scores_on_held_out_ones(monkeypatch) -> None:
+    """`--filler text`: run_variant's training batches take their filler from the corpus's training files and the
+    scored sequences from its validation files (the corpus splits by file); a 48-byte run of each sequence's filler
+    is found in that split."""
+    corpus = load_corpus(max_bytes=2_000_000)  # as run_variant loads it
+    assert long_context.haystack("repeat", corpus.val) == "repeat"
+    fillers = []
+
+    def recording(*args, filler, **kwargs):
+        fillers.append((kwargs.get("depth") is None, filler))  # training draws a depth per row; scoring puts it at 0
+        return passkey_batch(*args, filler=filler, **kwargs)
+
+    monkeypatch.setattr(long_context, "passkey_batch", recording)
+    long_context.run_variant("SWA", tiny_args(filler="text"))
+    for training, filler in fillers:
+        assert torch.equal(filler, corpus.train if training else corpus.val)
+    assert {training for training, _ in fillers} == {True, False}
+    for split in (corpus.train, corpus.val):
         task = passkey_batch(4, 128, depth=0.0, digits=2, filler=split, seed=3)
         for row in task.tokens:
             run = bytes(row[40:88].tolist())  # past the needle at the start, before the query at the end
