@@ -27,12 +27,12 @@ import time
 from pathlib import Path
 
 import torch
-from long_context import VARIANTS, WINDOW
+from long_context import VARIANTS, WINDOW, validation_bits_per_byte
 from record import append_section, pyplot, save_figure
 
 from titans_compose.builder import build
 from titans_compose.train.data import WindowSampler, load_corpus
-from titans_compose.train.loop import lm_loss, train
+from titans_compose.train.loop import train
 
 HERE = Path(__file__).resolve().parent
 SPECS = HERE.parent / "specs"
@@ -43,14 +43,6 @@ MODELS: dict[str, tuple[str, list[str]]] = {
     **{name: VARIANTS[name] for name in ("MAC", "MAG", "MAL", "LMM", "SWA")},
     MATCHED: (VARIANTS["SWA"][0], [*VARIANTS["SWA"][1], "blocks.0.repeat=4"]),
 }
-
-
-def validation_bits_per_byte(model: torch.nn.Module, val: WindowSampler, batches: int) -> float:
-    """Mean next-byte loss over ``batches`` held-out batches, in bits per byte."""
-    model.eval()
-    with torch.no_grad():
-        nats = sum(float(lm_loss(model, val(i))) for i in range(1, batches + 1)) / batches
-    return nats / math.log(2)
 
 
 def run(name: str, seed: int, args: argparse.Namespace) -> dict:

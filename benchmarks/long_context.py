@@ -43,7 +43,8 @@ from record import append_section, pyplot, save_figure
 
 from titans_compose.builder import build
 from titans_compose.train.data import WindowSampler, load_corpus
-from titans_compose.train.loop import lm_loss, train
+from titans_compose.train.loop import train
+from titans_compose.train.run import evaluate
 from titans_compose.train.tasks import Filler, exact_match, passkey_batch
 
 HERE = Path(__file__).resolve().parent
@@ -125,6 +126,14 @@ def haystack(kind: str, text: torch.Tensor) -> Filler:
     return text if kind == "text" else kind
 
 
+def validation_bits_per_byte(model: torch.nn.Module, val: WindowSampler, batches: int) -> float:
+    """The mean next-byte loss of ``model`` over held-out batches 1..``batches`` of ``val``, in bits per byte: the
+    validation ``titans-compose train`` reports (:func:`titans_compose.train.run.evaluate`)."""
+    model.eval()
+    with torch.no_grad():
+        return evaluate(model, [val(i) for i in range(1, batches + 1)])["val_bits_per_byte"]
+
+
 def passkey_accuracy(
     model: torch.nn.Module, seq_len: int, digits: int, samples: int, seed: int, filler: Filler = "repeat"
 ) -> float:
@@ -178,15 +187,12 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
     sampler = WindowSampler(corpus.train, args.batch, args.train_len, seed=args.seed)
     train(lm_model, sampler, steps=args.lm_steps, lr=args.lr, warmup=args.lm_steps // 10, progress=progress)
     val = WindowSampler(corpus.val, args.batch, args.train_len, seed=args.seed, stream="val")
-    lm_model.eval()
-    with torch.no_grad():
-        nats = sum(float(lm_loss(lm_model, val(i))) for i in range(1, 9)) / 8
     return {
         "params": params,
         "minutes": minutes,
         "accuracy": accuracy,
         "curve": curve,
-        "bpb": nats / math.log(2),
+        "bpb": validation_bits_per_byte(lm_model, val, 8),
     }
 
 
