@@ -15,6 +15,7 @@ from titans_compose.cli.main import (
     out_option,
     settings,
 )
+from titans_compose.click_types import SEED
 
 
 @click.command()
@@ -28,7 +29,7 @@ from titans_compose.cli.main import (
 @click.option("--dry-run", is_flag=True, help="Validate every point and list them; run nothing.")
 @click.option(
     "--seed",
-    type=click.IntRange(-(2**63), 2**64 - 1),
+    type=SEED,
     help="The seed of every point's weights and batches, instead of the file's `seed` (one sweep, several seeds).",
 )
 @device_option

@@ -31,6 +31,7 @@ import click
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from titans_compose.click_types import SEED
 from titans_compose.errors import Diagnostic, Location, SpecError, dedupe, did_you_mean
 from titans_compose.registry import Registry
 from titans_compose.spec import LoadedSpec, load_spec
@@ -78,7 +79,7 @@ class SweepFile(BaseModel):
     )
     description: str | None = None
     seed: int = Field(
-        0, ge=-(2**63), le=2**64 - 1, description="seed for every point's weights and batches (torch's range)"
+        0, ge=SEED.min, le=SEED.max, description="seed for every point's weights and batches (torch's range)"
     )
     set: dict[str, Any] = Field(default_factory=dict, description="overrides for every point")
     variants: list[Variant] = Field(default_factory=list, description="named sets of overrides")
