@@ -90,7 +90,7 @@ def run_point(
 
     from titans_compose.builder import build
     from titans_compose.train.loop import train
-    from titans_compose.train.run import evaluate
+    from titans_compose.train.run import eval_unit, evaluate, loop_options
     from titans_compose.train.tasks import check_vocabulary
     from titans_compose.train.tokens import check_token_vocabulary
 
@@ -109,20 +109,13 @@ def run_point(
     options = plan.train
     module = built.module.to(device)
     torch.manual_seed(plan.seed)
+    unit = eval_unit(options)
     result = train(
         module,
         task.source,
-        steps=options["steps"],
-        lr=options["lr"],
-        warmup=options["warmup"],
-        weight_decay=options["weight_decay"],
-        grad_clip=options["grad_clip"] or None,
-        eval_fn=lambda model: evaluate(model, task.val_batches, "byte" if tokens is None else "token"),
+        **loop_options(options),
+        eval_fn=lambda model: evaluate(model, task.val_batches, unit),
         progress=False,
-        precision=options["precision"],
-        accumulate=options["accumulate"],
-        activation_checkpointing=options["activation_checkpointing"],
-        compile=options["compile"],
         time_limit=None if options["minutes"] is None else 60 * options["minutes"],
     )
     loss, speed = result.recent(10)

@@ -188,6 +188,30 @@ def evaluate(
     return {"val_loss": loss, f"val_bits_per_{unit}": loss / math.log(2)}
 
 
+def eval_unit(options: dict[str, Any]) -> str:
+    """What validation bits are counted per: ``byte`` for text, ``token`` for a token file."""
+    return "byte" if options.get("tokens") is None else "token"
+
+
+def loop_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of :func:`~titans_compose.train.loop.train` that a run's ``options`` set, the command
+    line's or a sweep file's ``train`` section's (which name no ranks: one process): the schedule, the
+    regularisation and how each step is computed."""
+    return {
+        "steps": options["steps"],
+        "lr": options["lr"],
+        "warmup": options["warmup"],
+        "weight_decay": options["weight_decay"],
+        "grad_clip": options["grad_clip"] or None,
+        "accumulate": options.get("accumulate", 1),
+        "parallel": options.get("parallel", "ddp"),
+        "activation_checkpointing": options.get("activation_checkpointing", False),
+        "compile": options.get("compile", False),
+        "precision": options.get("precision", "fp32"),
+        "context_parallel": options.get("context_parallel", 1),
+    }
+
+
 def run_training(
     module: torch.nn.Module,
     source: BatchSource,
@@ -201,27 +225,17 @@ def run_training(
     ``from_checkpoint``). Raises the loop's :class:`~titans_compose.train.loop.TrainingError` and
     :class:`~titans_compose.train.checkpoint.CheckpointError`."""
     torch.manual_seed(options["seed"])
-    unit = "byte" if options.get("tokens") is None else "token"
+    unit = eval_unit(options)
     return train(
         module,
         source,
-        steps=options["steps"],
-        lr=options["lr"],
-        warmup=options["warmup"],
-        weight_decay=options["weight_decay"],
-        grad_clip=options["grad_clip"] or None,
+        **loop_options(options),
         eval_every=options["eval_every"],
         eval_fn=lambda model: evaluate(model, val_batches, unit, getattr(module, "context", None)),
         checkpoint_dir=out / "checkpoints",
         checkpoint_every=options["eval_every"],
         resume=from_checkpoint,
         progress=not options["no_progress"],
-        accumulate=options.get("accumulate", 1),
-        parallel=options.get("parallel", "ddp"),
-        activation_checkpointing=options.get("activation_checkpointing", False),
-        compile=options.get("compile", False),
-        precision=options.get("precision", "fp32"),
-        context_parallel=options.get("context_parallel", 1),
     )
 
 
