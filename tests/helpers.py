@@ -58,12 +58,18 @@ def free_port() -> int:
 def _gloo_rank(rank: int, world: int, port: int, fn: Callable[..., None], args: tuple) -> None:
     import torch.distributed as dist
 
+    from titans_compose.train.distributed import shutdown
+
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         fn(rank, world, *args)
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        dist.destroy_process_group()  # no barrier: the other ranks may never reach it
+        raise
+    # a barrier before leaving, as the CLI's training does: without one, a rank that finished first tore the group
+    # down while rank 0 still wrote its last checkpoint, and once (a CI run) that rank aborted at exit
+    shutdown()
 
 
 def on_gloo_ranks(fn: Callable[..., None], world: int, *args: Any) -> None:
