@@ -7,10 +7,14 @@ memory 2 heads x 32 of depth 2), trained on the same batches of bytes (the Pytho
 two layers without memory, and ``SWA-matched``, four layers of it, with as many parameters as the largest memory
 variant (0.5% fewer than MAC, 11% more than MAG and MAL, 32% more than LMM), so a memory variant that beats it
 does not do so by being larger. Validation bits per byte are measured on held-out files every ``--eval-every``
-steps and at the end (on ``--val-batches`` batches), for every seed.
+steps and at the end (on ``--val-batches`` batches), for every seed. At the end they are also split by how far into
+the sequence the predicted byte lies (``SPANS``: within the first window, then 1-2, 2-4, 4-8 and 8-16 windows in),
+which shows where a memory's gain or loss comes from: two layers of attention see about 2 windows back, four about
+4, so what a model gains beyond that is the memory's.
 
-Prints a table (per seed, then the mean over seeds with the difference from the matched baseline); unless
-``--no-record``, writes benchmarks/language_model.png (needs matplotlib) and appends the table to RESULTS.md.
+Prints the tables (per seed, the mean over seeds with the difference from the matched baseline, and bits per byte
+by position); unless ``--no-record``, writes benchmarks/language_model.png (needs matplotlib) and appends the tables
+to RESULTS.md.
 
     python benchmarks/language_model.py                            # the recorded run: 2 seeds, 1000 steps
     python benchmarks/language_model.py --steps 20 --eval-every 10 --val-batches 2 --seeds 0 --no-record
@@ -27,12 +31,13 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from long_context import VARIANTS, WINDOW, validation_bits_per_byte
 from record import append_section, pyplot, save_figure
 
 from titans_compose.builder import build
 from titans_compose.train.data import WindowSampler, load_corpus
-from titans_compose.train.loop import train
+from titans_compose.train.loop import batch_logits, train
 
 HERE = Path(__file__).resolve().parent
 SPECS = HERE.parent / "specs"
@@ -43,6 +48,27 @@ MODELS: dict[str, tuple[str, list[str]]] = {
     **{name: VARIANTS[name] for name in ("MAC", "MAG", "MAL", "LMM", "SWA")},
     MATCHED: (VARIANTS["SWA"][0], [*VARIANTS["SWA"][1], "blocks.0.repeat=4"]),
 }
+#: positions of the predicted bytes, in windows from the start of the sequence: [start, stop) in bytes
+SPANS = [(1, WINDOW), *((k * WINDOW, 2 * k * WINDOW) for k in (1, 2, 4, 8))]
+#: the spans as the table and the plot name them: the positions of the bytes, first and last
+SPAN_NAMES = [f"{start}-{stop - 1}" for start, stop in SPANS]
+
+
+def bits_by_position(model: torch.nn.Module, val: WindowSampler, batches: int) -> list[float]:
+    """Held-out bits per byte of the bytes at positions in each of ``SPANS``, over batches 1..``batches`` of ``val``
+    (the batches :func:`validation_bits_per_byte` scores): where in the sequence a model predicts well."""
+    model.eval()
+    total = torch.zeros(val.seq_len - 1, dtype=torch.float64)
+    count = 0
+    with torch.no_grad():
+        for i in range(1, batches + 1):
+            batch = val(i)
+            logits = batch_logits(model, batch)[:, :-1].float()
+            targets = batch.tokens[:, 1:]
+            total += F.cross_entropy(logits.transpose(1, 2), targets, reduction="none").double().sum(0)
+            count += targets.shape[0]
+    per_byte = total / count / math.log(2)  # per_byte[p - 1]: the byte at position p
+    return [float(per_byte[start - 1 : stop - 1].mean()) for start, stop in SPANS]
 
 
 def run(name: str, seed: int, args: argparse.Namespace) -> dict:
@@ -72,6 +98,7 @@ def run(name: str, seed: int, args: argparse.Namespace) -> dict:
         "minutes": minutes,
         "curve": [(step, metrics["val_bpb"]) for step, metrics in result.evals],
         "val_bpb": validation_bits_per_byte(model, val, args.val_batches),
+        "by_position": bits_by_position(model, val, args.val_batches),
         "train_loss": statistics.fmean(r.loss for r in result.history[-20:]) / math.log(2),
     }
 
@@ -96,26 +123,46 @@ def tables(results: dict[tuple[str, int], dict], names: list[str], seeds: list[i
             )
         else:
             summary.append(f"| {name} | {mean[name]:.3f} | | |")
-    return "\n".join(rows) + "\n\n" + "\n".join(summary)
+    return "\n".join(rows) + "\n\n" + "\n".join(summary) + "\n\n" + position_table(results)
+
+
+def position_table(results: dict[tuple[str, int], dict]) -> str:
+    """Held-out bits per byte of each run by the predicted byte's position (``SPANS``)."""
+    rows = ["| variant | seed | " + " | ".join(f"bytes {name}" for name in SPAN_NAMES) + " |"]
+    rows.append("|---" * (2 + len(SPANS)) + "|")
+    for (name, seed), r in results.items():
+        rows.append(f"| {name} | {seed} | " + " | ".join(f"{bpb:.3f}" for bpb in r["by_position"]) + " |")
+    return "\n".join(rows)
 
 
 def plot(results: dict[tuple[str, int], dict]) -> str:
+    """Validation bits per byte over training (left) and, at the end, by position in the sequence (right, the mean
+    over seeds)."""
     plt = pyplot()
     if plt is None:
         return "no plot: matplotlib is not installed (pip install matplotlib)"
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, (curves, positions) = plt.subplots(1, 2, figsize=(12, 4))
     colours: dict[str, str] = {}
+    first_seed = min(s for _, s in results)
     for (name, seed), r in results.items():
         steps, bpb = zip(*r["curve"], strict=True)
-        (line,) = ax.plot(
-            steps, bpb, color=colours.get(name), linestyle="-" if seed == min(s for _, s in results) else "--"
-        )
+        (line,) = curves.plot(steps, bpb, color=colours.get(name), linestyle="-" if seed == first_seed else "--")
         if name not in colours:
             colours[name] = line.get_color()
             line.set_label(name)
-    ax.set(xlabel="training step", ylabel="validation bits/byte", title="held-out bytes, sequences 16x the window")
-    ax.legend()
-    ax.grid(alpha=0.3)
+    curves.set(xlabel="training step", ylabel="validation bits/byte", title="held-out bytes, sequences 16x the window")
+    for name, colour in colours.items():
+        runs = [r["by_position"] for (n, _), r in results.items() if n == name]
+        mean = [statistics.fmean(span) for span in zip(*runs, strict=True)]
+        positions.plot(SPAN_NAMES, mean, "o-", color=colour, label=name)
+    positions.set(
+        xlabel=f"position of the predicted byte (the window is {WINDOW})",
+        ylabel="validation bits/byte",
+        title="at the end, by position (mean over seeds)",
+    )
+    for ax in (curves, positions):
+        ax.legend()
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     return save_figure(fig, PLOT)
 

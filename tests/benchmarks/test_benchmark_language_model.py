@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+import pytest
+
 from tests.helpers import load_benchmark
 from titans_compose.builder import build
 
@@ -31,11 +33,17 @@ def test_a_run_reports_its_curve_and_final_bits_per_byte(tmp_path) -> None:
     result = language_model.run("SWA", 0, args)
     assert [step for step, _ in result["curve"]] == [1, 2]
     assert 0 < result["val_bpb"] < 9 and result["params"] > 0
+    # the spans cover every predicted byte once, so weighted by their lengths they average to the validation value
+    # (float32 per-batch means there, float64 sums here: 1e-5 relative)
+    lengths = [stop - start for start, stop in language_model.SPANS]
+    assert sum(lengths) == args.seq_len - 1
+    weighted = sum(b * n for b, n in zip(result["by_position"], lengths, strict=True)) / sum(lengths)
+    assert weighted == pytest.approx(result["val_bpb"], rel=1e-5)
 
 
 def test_the_summary_says_whether_a_variant_beats_the_baseline_in_every_seed() -> None:
     def r(bpb: float) -> dict:
-        return {"params": 1, "minutes": 0.0, "train_loss": 0.0, "val_bpb": bpb, "curve": []}
+        return {"params": 1, "minutes": 0.0, "train_loss": 0.0, "val_bpb": bpb, "curve": [], "by_position": [bpb] * 5}
 
     results = {
         ("MAC", 0): r(2.0), ("MAC", 1): r(2.0),
@@ -45,3 +53,10 @@ def test_the_summary_says_whether_a_variant_beats_the_baseline_in_every_seed() -
     summary = language_model.tables(results, ["MAC", "MAG", "SWA-matched"], [0, 1]).split("\n\n")[1]
     assert "| MAC | 2.000 | -0.500 | yes |" in summary
     assert "| MAG | 2.300 | -0.200 | no |" in summary
+
+
+def test_the_position_table_names_each_span_by_its_first_and_last_byte() -> None:
+    results = {("MAG", 0): {"by_position": [3.0, 2.5, 2.25, 2.125, 2.0]}}
+    table = language_model.position_table(results).split("\n")
+    assert table[0] == "| variant | seed | bytes 1-15 | bytes 16-31 | bytes 32-63 | bytes 64-127 | bytes 128-255 |"
+    assert table[2] == "| MAG | 0 | 3.000 | 2.500 | 2.250 | 2.125 | 2.000 |"
