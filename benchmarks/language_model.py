@@ -5,7 +5,7 @@ Every variant is the pass-key benchmark's tiny model (benchmarks/long_context.py
 memory 2 heads x 32 of depth 2), trained on the same batches of bytes (the Python standard library's source, or
 ``--data``) for the same number of steps, so every variant sees the same tokens. Two baselines: ``SWA``, the same
 two layers without memory, and ``SWA-matched``, four layers of it, with as many parameters as the largest memory
-variant (0.5% fewer than MAC, 11% more than MAG and MAL, 32% more than LMM), so a memory variant that beats it
+variant (0.6% fewer than MAC, 11% more than MAG and MAL, 32% more than LMM), so a memory variant that beats it
 does not do so by being larger. Validation bits per byte are measured on held-out files every ``--eval-every``
 steps and at the end (on ``--val-batches`` batches), for every seed. At the end they are also split by how far into
 the sequence the predicted byte lies (``SPANS``: within the first window, then 1-2, 2-4, 4-8 and 8-16 windows in),
