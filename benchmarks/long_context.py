@@ -131,6 +131,11 @@ def validation_bits_per_byte(model: torch.nn.Module, val: WindowSampler, batches
         return evaluate(model, [val(i) for i in range(1, batches + 1)])["val_bits_per_byte"]
 
 
+def pass_key_warmup(args: argparse.Namespace) -> int:
+    """The pass-key run's warm-up steps: ``--warmup``, or a tenth of ``--steps``."""
+    return args.steps // 10 if args.warmup is None else args.warmup
+
+
 def passkey_accuracy(
     model: torch.nn.Module, seq_len: int, digits: int, samples: int, seed: int, filler: Filler = "repeat"
 ) -> float:
@@ -173,7 +178,7 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
         return passkey_batch(args.batch, args.train_len, digits=args.digits, filler=train_filler, seed=seed)
 
     started = time.perf_counter()
-    result = train(model, batches, steps=args.steps, lr=args.lr, warmup=args.steps // 10, progress=progress)
+    result = train(model, batches, steps=args.steps, lr=args.lr, warmup=pass_key_warmup(args), progress=progress)
     minutes = (time.perf_counter() - started) / 60
     model.eval()
     val_filler = haystack(args.filler, corpus.val)
@@ -233,6 +238,7 @@ def main() -> None:
     )
     parser.add_argument("--samples", type=int, default=256, help="evaluation sequences per length")
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--warmup", type=int, help="pass-key warm-up steps (default: a tenth of --steps)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per variant")
     parser.add_argument("--jobs", type=int, default=2, help="variants trained at once, each in its own process")
@@ -294,7 +300,8 @@ def main() -> None:
         f"chunk 8, each variant's inner step as its spec sets it (MAG, MAL, LMM: EMA momentum, theta / head_dim; MAC: "
         f"the paper's momentum from eta 0.5, inner gradient clip 1); {args.steps} pass-key steps of "
         f"{args.batch} x {args.train_len} tokens ({args.digits}-digit keys, "
-        f"needle anywhere, loss on the answer, filler: {args.filler}), lr {args.lr}. "
+        f"needle anywhere, loss on the answer, filler: {args.filler}), lr {args.lr}, warm-up "
+        f"{pass_key_warmup(args)} steps. "
         f"Accuracy: exact match over {args.samples} held-out "
         f"sequences with the needle at the start (chance {10.0**-args.digits:g}). Val bits/byte: a separate copy "
         f"trained {args.lm_steps} steps on the standard library's source.{reference}\n\n{table}"

@@ -20,6 +20,7 @@ def tiny_args(**changes: object) -> argparse.Namespace:
     args = dict(
         steps=2, lm_steps=1, batch=2, train_len=64, lengths=[64], digits=2, samples=32, lr=3e-3, seed=0, threads=1,
         jobs=1, set=[], no_record=True, titans_python=sys.executable, worker=None, worker_args=None, filler="repeat",
+        warmup=None,
     )  # fmt: skip
     return argparse.Namespace(**{**args, **changes})
 
@@ -73,3 +74,17 @@ def test_the_text_haystack_trains_on_training_files_and_scores_on_held_out_ones(
         for row in task.tokens:
             run = bytes(row[40:88].tolist())  # past the needle at the start, before the query at the end
             assert run in bytes(split.tolist())
+
+
+@pytest.mark.parametrize(("warmup", "expected"), [(None, 2), (7, 7)])
+def test_the_pass_key_warm_up_is_a_tenth_of_the_steps_unless_given(monkeypatch, warmup, expected) -> None:
+    warmups = []
+    real_train = long_context.train
+
+    def recording(*args, **kwargs):
+        warmups.append(kwargs["warmup"])
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(long_context, "train", recording)
+    long_context.run_variant("SWA", tiny_args(steps=20, warmup=warmup))
+    assert warmups[0] == expected  # the pass-key run; the real-text copy's schedule follows --lm-steps
