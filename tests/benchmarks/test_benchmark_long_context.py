@@ -76,8 +76,8 @@ def test_the_text_haystack_trains_on_training_files_and_scores_on_held_out_ones(
             assert run in bytes(split.tolist())
 
 
-@pytest.mark.parametrize(("warmup", "expected"), [(None, 2), (7, 7)])
-def test_the_pass_key_warm_up_is_a_tenth_of_the_steps_unless_given(monkeypatch, warmup, expected) -> None:
+@pytest.mark.parametrize(("warmup", "expected"), [(None, 4), (7, 7)])
+def test_the_pass_key_warm_up_is_a_fifth_of_the_steps_unless_given(monkeypatch, warmup, expected) -> None:
     warmups = []
     real_train = long_context.train
 
