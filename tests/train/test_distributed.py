@@ -4,6 +4,7 @@ ranks and goes on as the uninterrupted run."""
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import signal
@@ -221,3 +222,22 @@ def test_a_killed_torchrun_run_resumes_in_one_process(tmp_path: Path) -> None:
     resumed = cli_train(out, 1, "--resume", "--batch", "4")
     assert resumed.returncode == 0, resumed.stderr
     assert history(out) == pytest.approx(history(tmp_path / "whole"), rel=RTOL)
+
+
+def _record_exit(out: str, rank: int) -> None:
+    Path(out, f"exit-{rank}").write_text(repr(time.time()))
+
+
+def _rank_0_finishes_late(rank: int, world: int, out: str) -> None:
+    atexit.register(_record_exit, out, rank)
+    if rank == 0:  # as rank 0 writing the last checkpoint while the others are done
+        time.sleep(1.0)
+        Path(out, "rank-0-done").write_text(repr(time.time()))
+
+
+def test_no_rank_leaves_the_group_before_the_others_are_done(tmp_path: Path) -> None:
+    """The spawned ranks leave through a barrier: rank 1, done at once, exits only after rank 0's late work (without
+    the barrier it left a second early, tearing the group down under rank 0, and in one CI run aborted)."""
+    on_gloo_ranks(_rank_0_finishes_late, 2, str(tmp_path))
+    done = float((tmp_path / "rank-0-done").read_text())
+    assert float((tmp_path / "exit-1").read_text()) >= done
